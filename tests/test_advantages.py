@@ -1,0 +1,96 @@
+"""group_advantages: hand-computed cases, properties, and bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grpo_core.advantages import group_advantages, group_reward_std
+
+
+def test_group_scale_by_hand():
+    # group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(((.5²)·4)/3) = sqrt(1/3)
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0])
+    a = group_advantages(r, 4, scale="group", eps=0.0)
+    s1 = math.sqrt(1 / 3)
+    s2 = math.sqrt((9 + 1 + 1 + 9) / 3)  # group [2,4,6,8]: mean 5
+    want = torch.tensor([0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1, -3 / s2, -1 / s2, 1 / s2, 3 / s2])
+    torch.testing.assert_close(a, want)
+
+
+def test_eps_is_added_to_std():
+    r = torch.tensor([0.0, 1.0])
+    a = group_advantages(r, 2, scale="group", eps=0.5)
+    s = math.sqrt(0.5)  # unbiased std of [0, 1]
+    torch.testing.assert_close(a, torch.tensor([-0.5 / (s + 0.5), 0.5 / (s + 0.5)]))
+
+
+def test_batch_scale_by_hand():
+    r = torch.tensor([0.0, 2.0, 4.0, 4.0])
+    a = group_advantages(r, 2, scale="batch", eps=0.0)
+    mean = 2.5
+    std = math.sqrt(((2.5**2) + 0.25 + 2.25 + 2.25) / 3)
+    del mean
+    torch.testing.assert_close(a, torch.tensor([-1 / std, 1 / std, 0.0, 0.0]))
+
+
+def test_none_scale_is_dr_grpo():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    a = group_advantages(r, 4, scale="none")
+    torch.testing.assert_close(a, torch.tensor([0.75, -0.25, -0.25, -0.25]))
+
+
+def test_identical_rewards_give_zero_not_nan():
+    r = torch.tensor([0.7] * 8)
+    for scale in ("group", "batch", "none"):
+        a = group_advantages(r, 4, scale=scale)
+        assert torch.equal(a, torch.zeros(8)), scale
+
+
+def test_group_size_one_gives_zero():
+    a = group_advantages(torch.tensor([1.0, 3.0]), 1)
+    assert torch.equal(a, torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "rewards,g,match",
+    [
+        (torch.ones(5), 2, "multiple of group_size"),
+        (torch.tensor([1.0, float("nan")]), 2, "NaN"),
+        (torch.tensor([1.0, float("inf")]), 2, "NaN/inf"),
+        (torch.ones(2, 2), 2, "1-D"),
+        (torch.ones(4), 0, "positive int"),
+    ],
+)
+def test_bad_input(rewards, g, match):
+    with pytest.raises(ValueError, match=match):
+        group_advantages(rewards, g)
+
+
+def test_bad_scale():
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(torch.ones(4), 2, scale="std")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.integers(1, 8),
+    st.sampled_from(["group", "batch", "none"]),
+    st.data(),
+)
+def test_groups_sum_to_zero(b, g, scale, data):
+    vals = data.draw(st.lists(st.floats(-100, 100), min_size=b * g, max_size=b * g))
+    a = group_advantages(torch.tensor(vals, dtype=torch.float64).float(), g, scale=scale)
+    assert torch.isfinite(a).all()
+    sums = a.view(b, g).sum(1)
+    # centred within each group: sums vanish up to fp32 rounding of values scaled by ≤ 1/eps
+    tol = 1e-3 * (1 + a.abs().max().item())
+    assert sums.abs().max().item() <= tol
+
+
+def test_group_reward_std():
+    std = group_reward_std(torch.tensor([1.0, 1.0, 0.0, 2.0]), 2)
+    torch.testing.assert_close(std, torch.tensor([0.0, math.sqrt(2.0)]))
