@@ -1,0 +1,187 @@
+"""Rollout engine: G completions per prompt, each prompt prefilled once.
+
+    encode B prompts once ──► for each chunk of whole groups (≤ max_batch_sequences rows):
+        prefill the chunk's b prompts ONCE           → logits (b, V), state for b rows
+        expand(state, G)                             → state for n = b·G rows, prompt-major
+        repeat: sample_next(logits) → token per row  → decode_step(state, tokens) → logits (n, V)
+        until every row has emitted an EOS or max_new_tokens is reached
+
+Why prefill once: with images, the prompt (vision tower + hundreds of image tokens) is most of
+the forward cost; HF ``generate(num_return_sequences=G)`` copies the inputs G times *before*
+prefill, so it pays it G times. Sharing it removes (G − 1)/G of the prefill.
+
+Row order is prompt-major (row i belongs to prompt i // G), the order ``generate`` uses for
+``num_return_sequences`` and the order ``group_advantages`` expects.
+
+Deviations / choices, stated once:
+  - Finished rows stay in the batch and are fed ``pad_token_id`` (the protocol has no way to
+    drop rows from a decode state; the rows after EOS are masked out and cost one row of compute).
+  - The recorded log-prob is the one of ``grpo_core.sampling.sample_next``: log_softmax of
+    (logits + lm_head_bias) / T before top-k / top-p / min-p, i.e. what the trainer recomputes.
+  - No forward is run after the last sampled token: the logits it would give are never used.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from grpo_core.policy import Encoded, Policy, Prompt
+from grpo_core.sampling import SamplingConfig, make_generator, sample_next
+
+
+@dataclass
+class Rollout:
+    encoded: Any                   # the policy's Encoded for the B prompts (reused by the trainer)
+    prompt_ids: torch.Tensor       # (B, P) int64, left-padded
+    prompt_mask: torch.Tensor      # (B, P) int64, 0 on left padding
+    completion_ids: torch.Tensor   # (N, C) int64, right-padded with pad_token_id
+    completion_mask: torch.Tensor  # (N, C) int64, 1 on generated tokens up to and including EOS
+    logprobs: torch.Tensor         # (N, C) fp32, sampling log-probs (0 on padding)
+    finished: torch.Tensor         # (N,) bool, emitted an EOS token
+    truncated: torch.Tensor        # (N,) bool, hit max_new_tokens without EOS
+    texts: list[str]               # (N) decoded completions (special tokens removed)
+    group_index: torch.Tensor      # (N,) int64, prompt of each row: i // G
+    group_size: int = 1            # G
+    stats: dict = field(default_factory=dict)  # prefill_s, decode_s, tokens, tokens_per_s, steps, ...
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(N,) number of completion tokens that count (EOS included)."""
+        return self.completion_mask.sum(-1)
+
+
+@dataclass
+class _Chunk:
+    ids: torch.Tensor       # (n, c) int64
+    mask: torch.Tensor      # (n, c) bool
+    logprobs: torch.Tensor  # (n, c) fp32
+    finished: torch.Tensor  # (n,) bool
+    steps: int              # decode steps taken (= c)
+    prefill_s: float
+    decode_s: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _decode_chunk(
+    policy: Policy, enc: Encoded, G: int, cfg: SamplingConfig, generator, bias, eos, progress
+) -> _Chunk:
+    """Prefill b prompts once, fan out to n = b·G rows, sample until all EOS or the budget."""
+    device, pad, T_max = policy.device, policy.pad_token_id, cfg.max_new_tokens
+    t0 = time.perf_counter()
+    logits, state = policy.prefill(enc)                                  # (b, V), b-row state
+    state = policy.expand(state, G)                                      # n-row state; b-row one freed
+    logits = logits.repeat_interleave(G, dim=0)                          # (n, V)
+    _sync(device)
+    t1 = time.perf_counter()
+
+    n = logits.shape[0]
+    ids = torch.full((n, T_max), pad, dtype=torch.long, device=device)   # (n, T_max)
+    logps = torch.zeros((n, T_max), dtype=torch.float32, device=device)  # (n, T_max)
+    alive_at = torch.zeros((n, T_max), dtype=torch.bool, device=device)  # (n, T_max) row open at step t
+    alive = torch.ones(n, dtype=torch.bool, device=device)               # (n,)
+    # On a GPU, `alive.any()` is a host sync that stalls the launch queue: test it every few steps.
+    check_every = 1 if device.type == "cpu" else 8
+    steps = 0
+    for t in range(T_max):
+        tok, lp = sample_next(logits, cfg, generator, bias)              # (n,), (n,)
+        tok = tok.masked_fill_(~alive, pad)                              # finished rows feed pad
+        ids[:, t] = tok
+        logps[:, t] = lp
+        alive_at[:, t] = alive
+        alive &= ~torch.isin(tok, eos)                                   # EOS closes the row after it
+        steps = t + 1
+        if progress is not None:
+            progress(t + 1, T_max)
+        if steps == T_max or (steps % check_every == 0 and not bool(alive.any())):
+            break
+        logits, state = policy.decode_step(state, tok)                   # (n, V)
+    del state, logits
+    _sync(device)
+    t2 = time.perf_counter()
+    # On a GPU the loop may run a few all-finished steps past the last EOS: crop them. Columns of
+    # alive_at are monotone (a closed row never reopens), so open columns form a prefix.
+    steps = int(alive_at[:, :steps].any(0).sum())
+    mask = alive_at[:, :steps]                                           # (n, c)
+    logps = logps[:, :steps].masked_fill_(~mask, 0.0)                    # (n, c)
+    return _Chunk(ids[:, :steps], mask, logps, ~alive, steps, t1 - t0, t2 - t1)
+
+
+def _right_pad(x: torch.Tensor, width: int, value) -> torch.Tensor:
+    """(n, c) → (n, width) padded on the right with ``value``."""
+    if x.shape[1] == width:
+        return x
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def generate_groups(
+    policy: Policy,
+    prompts: Sequence[Prompt] | Encoded,
+    group_size: int,
+    sampling: SamplingConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Rollout:
+    """Sample ``group_size`` completions for each of B prompts → Rollout with N = B·G rows.
+
+    ``prompts`` is a list of ``Prompt`` (encoded here, once) or an already encoded batch.
+    ``progress(step, max_new_tokens)`` is called after every decode step of every chunk.
+    """
+    cfg = sampling if sampling is not None else SamplingConfig()
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"generate_groups: group_size must be a positive int, got {group_size!r}")
+    enc = prompts if isinstance(prompts, Encoded) else policy.encode(list(prompts))
+    B, G = enc.input_ids.shape[0], group_size
+    if B == 0:
+        raise ValueError("generate_groups: got no prompts; pass at least one Prompt")
+    device = policy.device
+    bias = policy.lm_head_bias
+    bias = None if bias is None else bias.to(device=device, dtype=torch.float32)  # (V,)
+    eos = torch.tensor(sorted(set(policy.eos_token_ids)), dtype=torch.long, device=device)
+    generator = make_generator(cfg, device)
+    per_chunk = max(1, cfg.max_batch_sequences // G)                     # prompts per chunk
+
+    chunks = []
+    with torch.no_grad():
+        for s in range(0, B, per_chunk):
+            sub = enc if per_chunk >= B else enc.select(list(range(s, min(B, s + per_chunk))))
+            chunks.append(_decode_chunk(policy, sub, G, cfg, generator, bias, eos, progress))
+
+    C = max(c.steps for c in chunks)
+    ids = torch.cat([_right_pad(c.ids, C, policy.pad_token_id) for c in chunks])       # (N, C)
+    mask = torch.cat([_right_pad(c.mask, C, False) for c in chunks]).long()           # (N, C)
+    logps = torch.cat([_right_pad(c.logprobs, C, 0.0) for c in chunks])               # (N, C)
+    finished = torch.cat([c.finished for c in chunks])                                # (N,)
+    prefill_s = sum(c.prefill_s for c in chunks)
+    decode_s = sum(c.decode_s for c in chunks)
+    tokens = int(mask.sum())
+    stats = {
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(prefill_s + decode_s, 1e-9),
+        "steps": sum(c.steps for c in chunks),
+        "decode_ms_per_step": 1e3 * decode_s / max(sum(c.steps for c in chunks), 1),
+        "chunks": len(chunks),
+        "sequences": B * G,
+    }
+    return Rollout(
+        encoded=enc,
+        prompt_ids=enc.input_ids,
+        prompt_mask=enc.attention_mask,
+        completion_ids=ids,
+        completion_mask=mask,
+        logprobs=logps,
+        finished=finished,
+        truncated=~finished,
+        texts=policy.decode(ids, mask),
+        group_index=torch.arange(B, device=ids.device).repeat_interleave(G),
+        group_size=G,
+        stats=stats,
+    )

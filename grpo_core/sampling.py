@@ -1,0 +1,151 @@
+"""Next-token sampling: logits processors as small pure functions, composed in ``sample_next``.
+
+One decode step turns the policy's next-token logits z (N, V) fp32 into tokens (N,) and the
+log-probability the trainer will later recompute for them:
+
+    s       = (z + b) / T                       b: the policy's additive mask (−inf on vision ids)
+    logp(y) = log_softmax(s)[y]                 ← recorded, BEFORE any filtering
+    s'      = min_p(top_p(top_k(s)))            filters only set entries to −inf
+    y       ~ softmax(s')                       (greedy: y = argmax s)
+
+Why record the unfiltered log-prob: the trainer scores completions with
+``log_softmax((hidden @ W.T + lm_head_bias) / T)`` (the fused kernels know nothing about top-k /
+top-p / min-p), so old/new/ref log-probs and the rollout's log-probs all live on the same
+distribution. With every filter off (the GRPO default: T = 1, top_k = 0, top_p = 1, min_p = 0)
+it is exactly the sampling distribution.
+
+Deviations / choices, stated once:
+  - Filters run in the order temperature → top-k → top-p → min-p, as in HF ``generate``; ties at
+    the top-k threshold are all kept (same as HF).
+  - Greedy ignores the filters (argmax is inside every one of them) but still records the
+    log-prob at temperature T.
+  - ``seed=None`` draws from torch's global RNG (so ``torch.manual_seed`` makes a run, and HF
+    ``generate`` with the same processors, reproducible); a seed gives a private generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256          # completion budget; rows still open at the end are "truncated"
+    temperature: float = 1.0           # T: logits are divided by T before softmax (and for log-probs)
+    top_p: float = 1.0                 # nucleus: keep the smallest set with mass ≥ top_p (1.0 = off)
+    top_k: int = 0                     # keep the k highest logits (0 = off)
+    min_p: float = 0.0                 # drop tokens with p < min_p · p_max (0.0 = off)
+    greedy: bool = False               # argmax instead of sampling (evaluation, tests)
+    seed: int | None = None            # private torch.Generator seed; None = global RNG
+    max_batch_sequences: int = 256     # cap on sequences decoded together; chunks are whole groups
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig: max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingConfig: temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig: top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig: top_k must be ≥ 0 (0 = off), got {self.top_k}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"SamplingConfig: min_p must be in [0, 1), got {self.min_p}")
+        if self.max_batch_sequences < 1:
+            raise ValueError(f"SamplingConfig: max_batch_sequences must be ≥ 1, got {self.max_batch_sequences}")
+
+    @property
+    def filters_on(self) -> bool:
+        """True when top-k, top-p or min-p changes the sampling distribution."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+def make_generator(cfg: SamplingConfig, device) -> torch.Generator | None:
+    """A seeded generator on ``device`` when cfg.seed is set, else None (global RNG)."""
+    if cfg.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(int(cfg.seed))
+
+
+# ── processors: scores (N, V) fp32 in, scores out; filters write −inf, never renormalise ──────────
+
+def apply_bias(scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """z + b: b (V,) is 0 or −inf (never-sampled ids). Returns a new tensor."""
+    return scores.clone() if bias is None else scores + bias               # (N, V)
+
+
+def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """s / T (in place; T = 1 is a no-op)."""
+    return scores if temperature == 1.0 else scores.div_(temperature)
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep entries ≥ the k-th largest per row (ties kept), −inf elsewhere (in place)."""
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    kth = torch.topk(scores, k, dim=-1).values[:, -1:]                    # (N, 1)
+    return scores.masked_fill_(scores < kth, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the highest-probability tokens until their mass reaches p (in place).
+
+    A token is dropped when the mass of tokens strictly more likely than it already reaches p,
+    so the most likely token is always kept.
+    """
+    if p >= 1.0:
+        return scores
+    sorted_s, order = torch.sort(scores, dim=-1, descending=True)          # (N, V)
+    probs = torch.softmax(sorted_s, dim=-1)                               # (N, V)
+    mass_before = probs.cumsum(-1) - probs                                # (N, V) mass of better tokens
+    drop_sorted = mass_before >= p                                        # (N, V)
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return scores.masked_fill_(drop, float("-inf"))
+
+
+def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens with p < min_p · max p, i.e. s < s_max + log(min_p) (in place)."""
+    if min_p <= 0.0:
+        return scores
+    thresh = scores.amax(-1, keepdim=True) + math.log(min_p)  # (N, 1)
+    return scores.masked_fill_(scores < thresh, float("-inf"))
+
+
+# ── one decode step ───────────────────────────────────────────────────────────────────────────────
+
+def sample_next(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V) fp32 → (tokens (N,) int64, logprobs (N,) fp32).
+
+    ``logprobs`` = log_softmax((logits + bias) / T)[token], taken before top-k/top-p/min-p
+    (see module docstring). ``logits`` is not modified. Tokens where ``bias`` is −inf are never
+    returned (they have probability 0 under every processor here).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"sample_next: logits must be (N, V), got shape {tuple(logits.shape)}")
+    scores = apply_temperature(apply_bias(logits.float(), bias), cfg.temperature)  # (N, V)
+    lse = torch.logsumexp(scores, dim=-1)                                 # (N,)
+    if cfg.greedy:
+        tokens = scores.argmax(dim=-1)                                    # (N,)
+    else:
+        tokens = _draw(scores, cfg, lse, generator)                       # (N,)
+    picked = scores.gather(-1, tokens[:, None]).squeeze(-1)               # (N,)
+    return tokens, picked - lse
+
+
+def _draw(scores: torch.Tensor, cfg: SamplingConfig, lse: torch.Tensor, generator) -> torch.Tensor:
+    """Sample one id per row from softmax(filtered scores); ``scores`` is left unchanged."""
+    if cfg.filters_on:
+        # Filters work in place; run them on a copy so the caller's gather still reads the
+        # unfiltered scores (the recorded log-prob is taken before filtering).
+        filtered = min_p_filter(top_p_filter(top_k_filter(scores.clone(), cfg.top_k), cfg.top_p), cfg.min_p)
+        probs = torch.softmax(filtered, dim=-1)                           # (N, V)
+    else:
+        probs = (scores - lse[:, None]).exp_()                            # (N, V) softmax, lse reused
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (N,)
