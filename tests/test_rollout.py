@@ -1,0 +1,207 @@
+"""generate_groups against a tiny fake policy (fast, exact) and the real tiny Qwen2-VL.
+
+The fake policy is a position-aware bigram LM that implements the full Policy protocol:
+hidden(prev token, position) = E[prev] + P[position], logits = hidden @ W.T. Its decode state is
+just each row's position, so prefill / expand / decode_step / completion_hidden are exact and
+cheap, and every rollout property (layout, masks, EOS, log-probs, chunking, seeds) can be
+checked without a transformer.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from grpo_core.policy import Prompt
+from grpo_core.rollout import Rollout, generate_groups
+from grpo_core.sampling import SamplingConfig
+
+NEG = float("-inf")
+
+
+# ── fake policy ──────────────────────────────────────────────────────────────────────────────────
+
+@dataclass
+class FakeEncoded:
+    input_ids: torch.Tensor       # (B, P) left-padded
+    attention_mask: torch.Tensor  # (B, P)
+
+    def select(self, prompt_idx):
+        idx = torch.as_tensor(list(prompt_idx), dtype=torch.long)
+        return FakeEncoded(self.input_ids[idx], self.attention_mask[idx])
+
+    def to(self, device):
+        return FakeEncoded(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+class FakePolicy:
+    """Bigram LM over V ids: 0 = pad, 1 = EOS, ``suppressed`` ids get −inf bias (and are likely)."""
+
+    def __init__(self, V=40, H=16, eos_logit=0.0, suppressed=(38, 39), seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.model = torch.nn.Module()
+        self.model.E = torch.nn.Parameter(torch.randn(V, H, generator=g))
+        self.model.P = torch.nn.Parameter(torch.randn(256, H, generator=g) * 0.5)
+        self.model.W = torch.nn.Parameter(torch.randn(V, H, generator=g) * 0.7)
+        self.eos_token_ids, self.pad_token_id, self.vocab_size = (1,), 0, V
+        self.eos_logit = eos_logit    # added to the EOS logit (tunes how often rows stop)
+        self.suppressed = list(suppressed)
+        self.prefill_rows = []        # rows of every prefill call (checks "prefill once")
+
+    device = torch.device("cpu")
+
+    @property
+    def lm_head_weight(self):
+        return self.model.W
+
+    @property
+    def lm_head_bias(self):
+        b = torch.zeros(self.vocab_size)
+        b[self.suppressed] = NEG
+        return b
+
+    def _logits(self, prev, pos):                                    # (n,), (n,) → (n, V)
+        return self._head(self.model.E[prev] + self.model.P[pos])
+
+    def _head(self, h):
+        z = h @ self.model.W.T
+        z[..., 1] += self.eos_logit
+        z[..., self.suppressed] += 8.0  # would dominate without the bias
+        return z.float()
+
+    def encode(self, prompts):
+        seqs = [[2 + (ord(c) % 30) for c in p.text] for p in prompts]
+        P = max(map(len, seqs))
+        ids = torch.tensor([[0] * (P - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (P - len(s)) + [1] * len(s) for s in seqs])
+        return FakeEncoded(ids, mask)
+
+    def prefill(self, enc):
+        self.prefill_rows.append(enc.input_ids.shape[0])
+        pos = enc.attention_mask.sum(-1) - 1                           # (b,) position of last token
+        return self._logits(enc.input_ids[:, -1], pos), pos
+
+    def expand(self, state, group_size):
+        return state.repeat_interleave(group_size)
+
+    def decode_step(self, state, tokens):
+        pos = state + 1
+        return self._logits(tokens, pos), pos
+
+    def completion_hidden(self, enc, completion_ids, completion_mask, group_size):
+        last = enc.input_ids[:, -1].repeat_interleave(group_size)      # (N,)
+        pos0 = (enc.attention_mask.sum(-1) - 1).repeat_interleave(group_size)
+        prev = torch.cat([last[:, None], completion_ids[:, :-1]], 1)  # (N, C) token predicting j
+        pos = pos0[:, None] + torch.arange(completion_ids.shape[1])   # (N, C)
+        return self.model.E[prev] + self.model.P[pos]                  # (N, C, H)
+
+    def decode(self, ids, mask=None):
+        mask = torch.ones_like(ids) if mask is None else mask
+        return [" ".join(str(int(t)) for t, m in zip(r, mr) if m and t > 1) for r, mr in zip(ids, mask)]
+
+
+PROMPTS = [Prompt("what is shown?"), Prompt("a"), Prompt("which lobe is affected here"), Prompt("ct or mri")]
+
+
+def recompute_logprobs(policy, ro: Rollout, T: float) -> torch.Tensor:
+    """Teacher-forced log_softmax((hidden @ W.T + bias) / T)[c_j] (what the trainer computes)."""
+    with torch.no_grad():
+        h = policy.completion_hidden(ro.encoded, ro.completion_ids, ro.completion_mask, ro.group_size)
+        z = policy._head(h) if hasattr(policy, "_head") else h.float() @ policy.lm_head_weight.float().T
+        if policy.lm_head_bias is not None:
+            z = z + policy.lm_head_bias.to(z.device)
+        lp = torch.log_softmax(z / T, -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+    return lp * ro.completion_mask
+
+
+def check_layout(policy, ro: Rollout, B: int, G: int, max_new: int):
+    """Invariants every rollout must satisfy: shapes, EOS/pad/mask, finished/truncated."""
+    N, C = ro.completion_ids.shape
+    assert N == B * G and C <= max_new and ro.logprobs.shape == (N, C) and ro.completion_mask.shape == (N, C)
+    assert ro.group_index.tolist() == [i // G for i in range(N)]
+    assert ro.prompt_ids.shape[0] == B and len(ro.texts) == N
+    eos = torch.tensor(policy.eos_token_ids)
+    is_eos = torch.isin(ro.completion_ids, eos) & ro.completion_mask.bool()
+    assert (is_eos.sum(-1) <= 1).all(), "a row counts tokens after its EOS"
+    for i in range(N):
+        m, ids = ro.completion_mask[i].bool(), ro.completion_ids[i]
+        n_tok = int(m.sum())
+        assert m[:n_tok].all() and not m[n_tok:].any(), f"row {i}: mask is not a prefix"
+        assert (ids[n_tok:] == policy.pad_token_id).all(), f"row {i}: not pad after the end"
+        assert (ro.logprobs[i, n_tok:] == 0).all() and (ro.logprobs[i, :n_tok] <= 0).all()
+        if ro.finished[i]:
+            assert int(ids[n_tok - 1]) in policy.eos_token_ids, f"row {i}: finished but last token is not EOS"
+            assert not ro.truncated[i]
+        else:
+            assert ro.truncated[i] and n_tok == max_new and not is_eos[i].any()
+    assert ro.stats["tokens"] == int(ro.completion_mask.sum())
+    assert not torch.isin(ro.completion_ids, torch.tensor(getattr(policy, "suppressed", []), dtype=torch.long)).any()
+
+
+# ── fake-policy tests ────────────────────────────────────────────────────────────────────────────
+
+def test_prefill_once_per_prompt_and_layout():
+    pol = FakePolicy(eos_logit=2.0)
+    ro = generate_groups(pol, PROMPTS, 5, SamplingConfig(max_new_tokens=12, seed=0))
+    assert pol.prefill_rows == [4], "each prompt must be prefilled once, not G times"
+    check_layout(pol, ro, 4, 5, 12)
+    assert ro.finished.any() and ro.truncated.any(), "eos_logit should give a mix of stopped and truncated rows"
+    for b in range(4):  # the G samples of a group differ
+        rows = ro.completion_ids[b * 5:(b + 1) * 5]
+        assert len({tuple(r.tolist()) for r in rows}) > 1
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(max_new_tokens=10, seed=1), SamplingConfig(max_new_tokens=10, seed=1, temperature=0.6),
+                                 SamplingConfig(max_new_tokens=10, seed=1, temperature=1.3, top_k=5, top_p=0.9)])
+def test_logprobs_match_teacher_forced_recomputation(cfg):
+    pol = FakePolicy(eos_logit=1.0)
+    ro = generate_groups(pol, PROMPTS, 3, cfg)
+    want = recompute_logprobs(pol, ro, cfg.temperature)
+    torch.testing.assert_close(ro.logprobs, want, atol=1e-5, rtol=1e-5)
+
+
+def test_seed_reproducible_and_seed_sensitive():
+    pol = FakePolicy(eos_logit=1.0)
+    a = generate_groups(pol, PROMPTS, 4, SamplingConfig(max_new_tokens=8, seed=3))
+    b = generate_groups(pol, PROMPTS, 4, SamplingConfig(max_new_tokens=8, seed=3))
+    c = generate_groups(pol, PROMPTS, 4, SamplingConfig(max_new_tokens=8, seed=4))
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_all_rows_stop_early_when_eos_is_certain():
+    pol = FakePolicy(eos_logit=60.0)
+    ro = generate_groups(pol, PROMPTS, 2, SamplingConfig(max_new_tokens=16, seed=0))
+    assert ro.completion_ids.shape[1] == 1 and ro.finished.all() and ro.completion_ids.eq(1).all()
+    assert ro.stats["steps"] == 1 and ro.texts == [""] * 8
+    pol = FakePolicy(eos_logit=-60.0)  # never stops: every row truncated at the budget
+    ro = generate_groups(pol, PROMPTS, 2, SamplingConfig(max_new_tokens=7, seed=0))
+    assert ro.completion_ids.shape[1] == 7 and ro.truncated.all() and ro.completion_mask.all()
+
+
+@pytest.mark.parametrize("cap", [1, 3, 4, 7])
+def test_chunking_matches_one_batch_for_greedy(cap):
+    pol = FakePolicy(eos_logit=3.0)
+    cfg = SamplingConfig(max_new_tokens=12, greedy=True)
+    one = generate_groups(pol, PROMPTS, 3, cfg)
+    pol.prefill_rows.clear()
+    many = generate_groups(pol, PROMPTS, 3, SamplingConfig(max_new_tokens=12, greedy=True, max_batch_sequences=cap))
+    assert sum(pol.prefill_rows) == 4 and max(pol.prefill_rows) == max(1, cap // 3)
+    for f in ("completion_ids", "completion_mask", "finished", "truncated"):
+        assert torch.equal(getattr(one, f), getattr(many, f)), f
+    # matmuls of different batch sizes may round differently: log-probs agree to fp32 tolerance
+    torch.testing.assert_close(one.logprobs, many.logprobs, atol=1e-5, rtol=1e-5)
+    assert one.texts == many.texts and many.stats["chunks"] == len(pol.prefill_rows)
+
+
+def test_accepts_encoded_and_progress_hook():
+    pol = FakePolicy()
+    enc = pol.encode(PROMPTS[:2])
+    seen = []
+    ro = generate_groups(pol, enc, 2, SamplingConfig(max_new_tokens=5, seed=0), progress=lambda s, t: seen.append((s, t)))
+    assert ro.encoded is enc and seen[-1][1] == 5 and [s for s, _ in seen] == list(range(1, len(seen) + 1))
+
+
+def test_bad_group_size_is_rejected():
+    with pytest.raises(ValueError, match="group_size"):
+        generate_groups(FakePolicy(), PROMPTS, 0, SamplingConfig(max_new_tokens=2))
