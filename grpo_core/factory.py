@@ -1,0 +1,64 @@
+"""Build a policy from a ModelConfig without grpo_core importing ``models`` statically.
+
+``model.kind`` names a policy class: a short name from POLICY_CLASSES or any "module:Class"
+whose ``from_pretrained(path, **options)`` returns an object satisfying grpo_core.policy.Policy.
+That keeps the dependency arrow one way (models → grpo_core) and makes policies pluggable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .config import ModelConfig
+
+POLICY_CLASSES = {"qwen2_vl": "models.qwen2_vl:Qwen2VLPolicy", "text": "models.text_lm:TextLMPolicy"}
+TINY_BUILDERS = {"qwen2_vl": "models.tiny:build_tiny_qwen2_vl", "text": "models.tiny:build_tiny_qwen2"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def import_object(spec: str):
+    """'package.module:Name' → the object, with an error that says what to install or fix."""
+    if ":" not in spec:
+        raise ValueError(f"expected 'module:Name', got {spec!r}")
+    mod, name = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"cannot import {spec!r} ({e}); is the package installed (pip install -e .)?") from e
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def load_policy(cfg: ModelConfig, seed: int = 0):
+    """Load (or, with ``cfg.tiny``, first build) the policy described by ``cfg``."""
+    kind = cfg.kind
+    if not cfg.path:
+        raise ValueError("model.path is empty: point it at a local checkpoint directory (or set model.tiny=true)")
+    if cfg.tiny and not os.path.exists(os.path.join(cfg.path, "config.json")):
+        if kind not in TINY_BUILDERS:
+            raise ValueError(f"model.tiny=true is only supported for kinds {sorted(TINY_BUILDERS)}, got {kind!r}")
+        import_object(TINY_BUILDERS[kind])(cfg.path, seed=seed)
+    if not os.path.exists(os.path.join(cfg.path, "config.json")):
+        raise FileNotFoundError(f"model.path={cfg.path!r} has no config.json: not a checkpoint directory")
+    cls = import_object(POLICY_CLASSES.get(kind, kind))
+    device = resolve_device(cfg.device)
+    opts = dict(dtype=resolve_dtype(cfg.dtype, device), device=device, template=cfg.template,
+                gradient_checkpointing=cfg.gradient_checkpointing)
+    if kind != "text":
+        opts.update(freeze_vision=cfg.freeze_vision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    if cfg.lora_rank > 0:
+        opts["lora"] = {"r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+    return cls.from_pretrained(cfg.path, **{k: v for k, v in opts.items() if v is not None})

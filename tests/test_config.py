@@ -1,0 +1,47 @@
+"""Config loading: YAML + overrides, and clear errors for unknown keys and bad values."""
+
+import pytest
+
+from grpo_core.config import load_config
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = _write(tmp_path, "grpo:\n  beta: 0.0\n  agg: constant\nrollout:\n  group_size: 4\n")
+    cfg = load_config(path, ["optim.lr=3e-4", "grpo.dual_clip=3", "model.template=plain"])
+    assert cfg.grpo.beta == 0.0 and cfg.grpo.agg == "constant" and cfg.rollout.group_size == 4
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.grpo.dual_clip == 3.0
+    assert cfg.model.template == "plain"
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("grpo:\n  betta: 0.1\n", r"unknown key 'grpo.betta' \(did you mean 'beta'\?\)"),
+        ("grpoo:\n  beta: 0.1\n", "unknown key 'grpoo'"),
+        ("grpo:\n  agg: mean\n", "grpo.agg='mean' is not one of"),
+        ("rollout:\n  group_size: two\n", "rollout.group_size must be an integer"),
+        ("rollout:\n  group_size: 0\n", "rollout.group_size must be > 0"),
+        ("grpo:\n  dual_clip: 0.5\n", "dual_clip must be > 1"),
+        ("run:\n  progress: 3\n", "run.progress must be true/false"),
+        ("grpo:\n  kl_placement: reward\n  beta: 0\n", "needs grpo.beta > 0"),
+        ("grpo: 3\n", "grpo must be a mapping"),
+    ],
+)
+def test_bad_config_errors_name_the_key(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(_write(tmp_path, text))
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["grpo.beta"])
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(None, ["grpo.nope=1"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
