@@ -1,0 +1,16 @@
+"""Medical VQA data: one record type, loaders for the public formats, prompt templates, and a
+synthetic task whose answers can only be read off the image.
+
+    from grpo_core.data import load_dataset, record_to_prompt, make_synthetic_vqa
+"""
+
+from .loaders import FORMATS, detect_format, load_dataset
+from .record import BadRowError, LoadReport, RecordList, VQARecord, load_image, yes_no
+from .synthetic import make_synthetic_vqa, oracle_answer
+from .templates import TEMPLATES, record_to_prompt, records_to_prompts, render_options, render_text, shuffle_record_options
+
+__all__ = [
+    "FORMATS", "TEMPLATES", "BadRowError", "LoadReport", "RecordList", "VQARecord", "detect_format",
+    "load_dataset", "load_image", "make_synthetic_vqa", "oracle_answer", "record_to_prompt",
+    "records_to_prompts", "render_options", "render_text", "shuffle_record_options", "yes_no",
+]
