@@ -1,0 +1,145 @@
+"""Pieces shared by the HF-backed policies (Qwen2-VL and text-only): decode state, attention
+backend choice, LoRA wrapping and merged saving, completion decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class DecodeState:
+    """KV cache plus what a decode step needs to place the next token (N rows).
+
+    ``decode_step`` extends the cache in place: after a step, only the returned state is valid.
+    """
+
+    cache: Any                      # transformers Cache (DynamicCache) holding N rows
+    attention_mask: torch.Tensor    # (N, T) int64: prompt mask (0 on left pad) + one 1-column per step
+    next_position: torch.Tensor     # (N,) int64 rope position of the next token: real length + step + rope delta
+    rope_deltas: torch.Tensor       # (N, 1) int64 mRoPE delta (0 for text models)
+
+    def __len__(self) -> int:
+        return self.attention_mask.shape[0]
+
+
+def expand_state(state: DecodeState, group_size: int) -> DecodeState:
+    """B rows → B·G rows, prompt-major (row i comes from prompt i // G). The cache is repeated in place."""
+    if group_size == 1:
+        return state
+    state.cache.batch_repeat_interleave(group_size)
+    return DecodeState(
+        cache=state.cache,
+        attention_mask=state.attention_mask.repeat_interleave(group_size, 0),  # (N, T)
+        next_position=state.next_position.repeat_interleave(group_size, 0),    # (N,)
+        rope_deltas=state.rope_deltas.repeat_interleave(group_size, 0),        # (N, 1)
+    )
+
+
+def pick_attn_implementation(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """flash_attention_2 on CUDA in 16-bit when flash_attn imports, else sdpa (or what was asked)."""
+    if requested is not None:
+        return requested
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def default_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def apply_lora(model: torch.nn.Module, lora: dict | Any, include_vision: bool = False) -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA. ``lora`` is a LoraConfig or its kwargs.
+
+    Target module names become a regex that skips any module path containing ``visual`` (the
+    vision tower shares names such as ``gate_proj`` in Qwen2.5-VL) unless ``include_vision``.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("lora=... needs peft: pip install 'grpo_core[lora]'") from exc
+    cfg = dict(lora) if isinstance(lora, dict) else lora.to_dict()
+    include_vision = cfg.pop("include_vision", include_vision)
+    targets = cfg.get("target_modules") or DEFAULT_LORA_TARGETS
+    if not isinstance(targets, str):  # a list of names: restrict to the language model
+        names = "|".join(re.escape(t) for t in targets)
+        targets = rf".*\.({names})$" if include_vision else rf"^(?!.*visual).*\.({names})$"
+    cfg["target_modules"] = targets
+    cfg.setdefault("task_type", "CAUSAL_LM")
+    keep = set(LoraConfig.__dataclass_fields__)
+    config = LoraConfig(**{k: v for k, v in cfg.items() if k in keep})
+    return get_peft_model(model, config)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "get_base_model") and hasattr(model, "disable_adapter")
+
+
+def disable_adapters(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    if not is_peft(model):
+        raise NotImplementedError("this policy has no LoRA adapters; keep a frozen reference copy instead")
+    return model.disable_adapter()
+
+
+@torch.no_grad()
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """Base-model state dict with every LoRA delta added (out of place: the live weights are untouched)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    deltas = {}
+    for name, mod in base.named_modules():
+        if isinstance(mod, LoraLayer):
+            for adapter in mod.active_adapters:
+                if adapter in mod.lora_A:
+                    d = mod.get_delta_weight(adapter)
+                    deltas[name] = deltas.get(name, 0) + d
+    out = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    for name, delta in deltas.items():
+        key = f"{name}.weight"
+        out[key] = (out[key].float() + delta.float()).to(out[key].dtype)
+    return out
+
+
+def save_model(model: torch.nn.Module, path: str) -> None:
+    """save_pretrained as plain transformers safetensors (LoRA merged into the weights)."""
+    os.makedirs(path, exist_ok=True)
+    if is_peft(model):
+        base = model.get_base_model()
+        base.save_pretrained(path, state_dict=merged_state_dict(model))
+    else:
+        model.save_pretrained(path)
+
+
+def decode_completions(tokenizer, ids: torch.Tensor, mask: torch.Tensor | None, eos_ids) -> list[str]:
+    """(N, C) ids → N strings: tokens where mask is 1 (or up to the first EOS), special tokens dropped."""
+    ids_l = ids.tolist()
+    if mask is not None:
+        rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(ids_l, mask.tolist())]
+    else:
+        eos = set(eos_ids)
+        rows = []
+        for r in ids_l:
+            cut = next((j for j, t in enumerate(r) if t in eos), len(r))
+            rows.append(r[:cut])
+    vocab = len(tokenizer)
+    rows = [[t for t in r if 0 <= t < vocab] for r in rows]  # lm_head padding rows have no text
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
