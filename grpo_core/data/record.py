@@ -220,3 +220,22 @@ def load_image(img: Any) -> Image.Image:
         return img if img.mode == "RGB" else img.convert("RGB")
     with Image.open(str(img)) as im:
         return im.convert("RGB")
+
+
+def swap_images(records, seed: int = 0) -> list:
+    """Copies of the records with their images permuted among items (a derangement when n ≥ 2).
+
+    Answers stay with their questions, so a model that really reads the image drops to chance:
+    the check that the image is needed.
+    """
+    import dataclasses
+    import random
+
+    n = len(records)
+    perm = list(range(n))
+    if n >= 2:
+        rng = random.Random(seed)
+        while any(i == p for i, p in enumerate(perm)):
+            rng.shuffle(perm)
+    return [dataclasses.replace(r, images=list(records[p].images), extra=dict(r.extra, image_from=records[p].id))
+            for r, p in zip(records, perm)]
