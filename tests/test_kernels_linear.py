@@ -1,0 +1,172 @@
+"""Fused linear log-probs (hidden × Wᵀ never materialised) vs matmul-then-reference.
+
+Value, d hidden and d weight; with and without a bias holding −inf (masked vocab ids); fp32 and
+bf16 (≤ 2× torch's own bf16 error); odd shapes and masks; the GRPO loss on top; and the memory
+promise of the torch backend, checked against the naive path (which must fail the same check).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from grpo_core.kernels import dispatch, fused_linear_grpo_loss, linear_token_logprobs, torch_backend  # noqa: E402
+from grpo_core.logprobs import token_entropy  # noqa: E402
+from grpo_core.logprobs import token_logprobs as ref_logprobs  # noqa: E402
+from grpo_core.loss import grpo_loss  # noqa: E402
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    dispatch.why_unavailable("triton", torch.device("cpu")) is not None,
+    reason="Triton on CPU needs TRITON_INTERPRET=1 set before grpo_core.kernels' Triton modules load"))]
+
+
+def close(name, got, want, atol, rtol=0.0):
+    """assert_close that reports max / mean difference on failure."""
+    got, want = got.double(), want.double()
+    diff = (got - want).abs().nan_to_num(float("inf"))
+    bad = diff > atol + rtol * want.abs()
+    if bad.any():
+        raise AssertionError(f"{name}: {int(bad.sum())} of {diff.numel()} off; max diff {diff.max():.3e}, "
+                             f"mean {diff.mean():.3e}")
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def make_case(N, T, H, V, seed=0, with_bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, T, H, generator=g)                              # (N, T, H)
+    weight = torch.randn(V, H, generator=g) / H ** 0.5 * 2                   # (V, H)
+    labels = torch.randint(0, V, (N, T), generator=g)                       # (N, T)
+    mask = torch.rand(N, T, generator=g) > 0.3
+    if N >= 2:
+        mask[0] = False                                                     # fully masked row
+        mask[1] = False
+        mask[1, 0] = True                                                   # one valid token
+    bias = None
+    if with_bias:
+        bias = torch.zeros(V)
+        banned = torch.tensor([0, 7, V // 2, V - 1])                         # e.g. vision special ids
+        bias[banned] = -float("inf")
+        labels[torch.isin(labels, banned)] = 3
+    labels[~mask] = -100
+    upstream = torch.randn(N, T, generator=g)
+    return hidden, weight, labels, mask, bias, upstream
+
+
+def ref_linear(hidden, weight, labels, temperature, mask, bias=None):
+    """The naive path: full logits, then the reference log-probs."""
+    logits = hidden @ weight.t()                                            # (N, T, V) materialised
+    if bias is not None:
+        logits = logits + bias
+    return ref_logprobs(logits, labels, temperature, mask), logits
+
+
+def grads(fn, hidden, weight, up, *args, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    out = fn(h, w, *args, **kw)
+    lp = out[0] if isinstance(out, tuple) else out
+    (lp * up).sum().backward()
+    return out, h.grad, w.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,T,H,V,with_bias,temperature", [
+    (3, 5, 32, 1000, False, 1.0),
+    (3, 5, 40, 1000, True, 0.7),      # H not a multiple of BLOCK_K, −inf bias
+    (2, 1, 16, 4231, True, 1.0),      # T = 1, V not a tile multiple
+])
+def test_fp32_value_and_grads(backend, N, T, H, V, with_bias, temperature):
+    hidden, weight, labels, mask, bias, up = make_case(N, T, H, V, with_bias=with_bias)
+    (lp, ent), dh, dw = grads(linear_token_logprobs, hidden, weight, up, labels, temperature, mask,
+                              bias=bias, return_entropy=True, backend=backend)
+    (want, logits), rdh, rdw = grads(ref_linear, hidden, weight, up, labels, temperature, mask, bias)
+    close("logp", lp, want, 3e-5)
+    close("d hidden", dh, rdh, 2e-5)
+    close("d weight", dw, rdw, 2e-5)
+    assert (dh[~mask] == 0).all() and (lp[~mask] == 0).all()
+    close("entropy", ent, token_entropy(logits.detach(), temperature) * mask, 2e-4)
+    assert torch.isfinite(ent).all() and torch.isfinite(dw).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_error_at_most_twice_torch_bf16(backend):
+    hidden, weight, labels, mask, bias, up = make_case(3, 5, 32, 1000, seed=1, with_bias=True)
+    hb, wb = hidden.bfloat16(), weight.bfloat16()
+    lp, dh, dw = grads(linear_token_logprobs, hb, wb, up, labels, 0.7, mask, bias=bias, backend=backend)
+    (want, _), rdh, rdw = grads(ref_linear, hb.float(), wb.float(), up, labels, 0.7, mask, bias)
+
+    def torch_bf16(h, w):                                                   # the same computation in bf16
+        lsm = torch.log_softmax((h @ w.t() + bias.bfloat16()) / 0.7, dim=-1)
+        lp = lsm.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).float()
+        return torch.where(mask, lp, 0.0)
+    lpt, tdh, tdw = grads(torch_bf16, hb, wb, up)
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    assert max_err(lp, want) <= 2 * max_err(lpt, want) + 1e-6
+    assert max_err(dh, rdh) <= 2 * max_err(tdh, rdh) + 1e-6
+    assert max_err(dw, rdw) <= 2 * max_err(tdw, rdw) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_grpo_loss_matches_reference(backend):
+    hidden, weight, labels, mask, bias, _ = make_case(4, 4, 32, 1000, seed=2, with_bias=True)
+    g = torch.Generator().manual_seed(5)
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    with torch.no_grad():
+        base, _ = ref_linear(hidden, weight, labels, 1.0, mask, bias)
+    old = base + 0.4 * torch.randn(4, 4, generator=g)                       # ratios on both clip sides
+    ref = base + 0.2 * torch.randn(4, 4, generator=g)
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, beta=0.04, kl="k3", agg="seq_mean")
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = fused_linear_grpo_loss(h1, w1, labels, old, ref, adv, mask, bias=bias, backend=backend, **kw)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, _ = ref_linear(h2, w2, labels, 1.0, mask, bias)
+    want, want_m = grpo_loss(lp, old, ref, adv, mask, **kw)
+    want.backward()
+    close("loss", loss, want, 1e-5)
+    close("d hidden", h1.grad, h2.grad, 1e-6)
+    close("d weight", w1.grad, w2.grad, 1e-6)
+    for k, v in want_m.items():
+        close(f"metric {k}", metrics[k], v, 1e-5)
+    assert "entropy" in metrics and torch.isfinite(metrics["entropy"])
+
+
+def test_bias_needing_grad_is_rejected():
+    hidden, weight, labels, mask, _, _ = make_case(2, 3, 16, 100)
+    with pytest.raises(ValueError, match="bias"):
+        linear_token_logprobs(hidden, weight, labels, mask=mask, bias=torch.zeros(100, requires_grad=True))
+
+
+class Largest(TorchDispatchMode):
+    """Records the byte size of the largest tensor any op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.biggest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.biggest = max(self.biggest, t.numel() * t.element_size())
+        return out
+
+
+def test_torch_backend_never_materialises_logits(monkeypatch):
+    """Largest tensor of forward + backward ≪ N·T·V·4 bytes; the naive matmul path exceeds it."""
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 4 * 2048)             # 4-token chunks
+    N, T, H, V = 4, 16, 8, 2048
+    hidden, weight, labels, mask, _, up = make_case(N, T, H, V, seed=3)
+    full_logits_bytes = N * T * V * 4
+    with Largest() as ours:
+        grads(linear_token_logprobs, hidden, weight, up, labels, 1.0, mask, backend="torch")
+    with Largest() as naive:
+        grads(ref_linear, hidden, weight, up, labels, 1.0, mask)
+    assert ours.biggest <= full_logits_bytes / 4, f"largest tensor {ours.biggest} B vs logits {full_logits_bytes} B"
+    assert naive.biggest >= full_logits_bytes                                # the check can fail

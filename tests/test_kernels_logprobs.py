@@ -1,0 +1,193 @@
+"""Fused token log-probs (torch chunked + Triton under the interpreter) vs the fp32 reference.
+
+Values, gradients and entropy; fp32 tight, bf16 held to ≤ 2× the error of torch doing the same
+computation in bf16. Odd vocab sizes (not tile multiples), T = 1, fully masked rows, a single
+valid token, N·T odd, extreme and −inf logits, boundary and invalid labels, non-contiguous views,
+in-place backward.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from grpo_core.kernels import dispatch, token_logprobs  # noqa: E402
+from grpo_core.logprobs import token_entropy  # noqa: E402
+from grpo_core.logprobs import token_logprobs as ref_logprobs  # noqa: E402
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    dispatch.why_unavailable("triton", torch.device("cpu")) is not None,
+    reason="Triton on CPU needs TRITON_INTERPRET=1 set before grpo_core.kernels' Triton modules load"))]
+
+
+def close(name, got, want, atol, rtol=0.0):
+    """assert_close that reports max / mean difference and where the worst one is."""
+    got, want = got.double(), want.double()
+    diff = (got - want).abs().nan_to_num(float("inf"))
+    bad = diff > atol + rtol * want.abs()
+    if bad.any():
+        i = int(diff.flatten().argmax())
+        raise AssertionError(f"{name}: {int(bad.sum())} of {diff.numel()} off; max diff {diff.max():.3e} at flat "
+                             f"index {i} (got {got.flatten()[i]:.6g}, want {want.flatten()[i]:.6g}), mean {diff.mean():.3e}")
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def make_case(N, T, V, seed=0, scale=3.0):
+    """Random logits/labels and a mask with one fully masked row and one single-token row."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, T, V, generator=g) * scale                      # (N, T, V)
+    labels = torch.randint(0, V, (N, T), generator=g)                       # (N, T)
+    mask = torch.rand(N, T, generator=g) > 0.3                              # (N, T)
+    if N >= 2:
+        mask[0] = False                                                     # fully masked row
+        mask[1] = False
+        mask[1, T - 1] = True                                               # exactly one valid token
+    labels[~mask] = -100                                                    # padding ids, never read
+    upstream = torch.randn(N, T, generator=g)                               # dLoss/dlogp
+    return logits, labels, mask, upstream
+
+
+def run(fn, logits, *args, **kw):
+    """Value and d(Σ upstream·logp)/d logits of fn(logits, ...)."""
+    x = logits.detach().clone().requires_grad_()
+    out = fn(x, *args, **kw)
+    return out, x
+
+
+SHAPES = [(3, 5, 1000), (3, 3, 4231), (2, 1, 1000)]  # N·T odd, V not a tile multiple, T = 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,T,V", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fp32_values_grads_entropy(backend, N, T, V, temperature):
+    logits, labels, mask, up = make_case(N, T, V)
+    (lp, ent), x = run(token_logprobs, logits, labels, temperature, mask, return_entropy=True, backend=backend)
+    (lp * up).sum().backward()
+    want, xr = run(ref_logprobs, logits, labels, temperature, mask)
+    (want * up).sum().backward()
+    close("logp", lp, want, 2e-5)
+    close("dlogits", x.grad, xr.grad, 1e-6)
+    assert (x.grad[~mask] == 0).all() and (lp[~mask] == 0).all()
+    close("entropy", ent, token_entropy(logits, temperature) * mask, 2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_error_at_most_twice_torch_bf16(backend):
+    logits, labels, mask, up = make_case(3, 5, 1000, seed=1)
+    xb = logits.bfloat16()
+    (lp, x) = run(token_logprobs, xb, labels, 0.7, mask, backend=backend)
+    (lp * up).sum().backward()
+    want, xr = run(ref_logprobs, xb.float(), labels, 0.7, mask)             # fp32 math on the same inputs
+    (want * up).sum().backward()
+
+    def torch_bf16(x):                                                      # the same computation in bf16
+        lsm = torch.log_softmax(x / 0.7, dim=-1)                            # bf16 (N, T, V)
+        return lsm.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).float() * mask
+    lpt, xt = run(torch_bf16, xb)
+    (lpt * up).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert max_err(lp, want) <= 2 * max_err(lpt, want) + 1e-6
+    assert max_err(x.grad, xr.grad) <= 2 * max_err(xt.grad, xr.grad) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_and_inf_logits_boundary_labels(backend):
+    N, T, V = 2, 3, 1000
+    logits, labels, _, up = make_case(N, T, V, seed=2)
+    mask = torch.ones(N, T, dtype=torch.bool)
+    labels = labels.clamp(min=0)
+    logits[0, 0, :] = 1e4 * torch.sign(logits[0, 0, :])                     # ±1e4
+    logits[0, 1, ::3] = -float("inf")                                        # −inf entries, not at the label
+    labels[0, 1] = 1
+    logits[0, 2, 1:] = -float("inf")                                         # only the label survives
+    labels[0, 2] = 0
+    labels[1, 0], labels[1, 1] = 0, V - 1
+    (lp, ent), x = run(token_logprobs, logits, labels, 1.0, mask, return_entropy=True, backend=backend)
+    (lp * up).sum().backward()
+    want, xr = run(ref_logprobs, logits, labels, 1.0, mask)
+    (want * up).sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(x.grad).all() and torch.isfinite(ent).all()
+    close("logp", lp, want, 1e-4)
+    close("dlogits", x.grad, xr.grad, 1e-6)
+    assert lp[0, 2].item() == 0.0 and ent[0, 2].item() == 0.0               # a certain token
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_invalid_label_raises_only_where_counted(backend):
+    logits, labels, mask, _ = make_case(3, 4, 1000)
+    token_logprobs(logits, labels, mask=mask, backend=backend)               # −100 under mask=0 is fine
+    bad = labels.clone()
+    n, t = mask.nonzero()[0].tolist()
+    for value in (1000, -1):
+        bad[n, t] = value
+        with pytest.raises(ValueError, match="label ids must be in"):
+            token_logprobs(logits, bad, mask=mask, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_mask_noncontiguous_view_and_empty(backend):
+    logits, labels, _, up = make_case(2, 4, 1000, seed=3)
+    labels = labels.clamp(min=0)
+    full = logits.detach().clone().requires_grad_()
+    view = full[:, :-1]                                                      # (N, T−1, V), not contiguous
+    lp = token_logprobs(view, labels[:, 1:], backend=backend)
+    (lp * up[:, 1:]).sum().backward()
+    want, xr = run(ref_logprobs, logits[:, :-1], labels[:, 1:])
+    (want * up[:, 1:]).sum().backward()
+    close("logp", lp, want, 2e-5)
+    close("dlogits", full.grad[:, :-1], xr.grad, 1e-6)
+    assert (full.grad[:, -1] == 0).all()
+    none = torch.zeros(2, 4, dtype=torch.bool)                               # nothing counts
+    lp0, x0 = run(token_logprobs, logits, labels, 1.0, none, backend=backend)
+    lp0.sum().backward()
+    assert (lp0 == 0).all() and (x0.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_writes_grad_into_logits(backend):
+    logits, labels, mask, up = make_case(3, 3, 1000, seed=4)
+    base = logits.detach().clone().requires_grad_()
+    buf = base * 1.0                                                         # non-leaf logits buffer
+    lp = token_logprobs(buf, labels, 0.7, mask, inplace_backward=True, backend=backend)
+    (lp * up).sum().backward()
+    want, xr = run(ref_logprobs, logits, labels, 0.7, mask)
+    (want * up).sum().backward()
+    close("dlogits", base.grad, xr.grad, 1e-6)
+    close("buffer", buf.detach(), xr.grad, 1e-6)                             # logits overwritten by d logits
+
+
+def test_forward_never_upcasts_whole_bf16_logits(monkeypatch):
+    """Forward-only (old/ref log-probs): no tensor as large as an fp32 copy of the logits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from grpo_core.kernels import torch_backend
+
+    class Largest(TorchDispatchMode):
+        """Records the byte size of the largest tensor any op returns while active."""
+
+        def __init__(self):
+            super().__init__()
+            self.biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.biggest = max(self.biggest, t.numel() * t.element_size())
+            return out
+
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 8 * 1000)
+    logits, labels, mask, _ = make_case(4, 16, 1000)
+    xb = logits.bfloat16()
+    with torch.no_grad(), Largest() as ours:
+        token_logprobs(xb, labels, mask=mask, backend="torch")
+    assert ours.biggest < xb.numel() * 4 / 4                                 # ≪ an fp32 copy (N·T·V·4 B)
+    with torch.no_grad(), Largest() as naive:
+        ref_logprobs(xb.float(), labels, mask=mask)                          # the naive path trips it
+    assert naive.biggest >= xb.numel() * 4

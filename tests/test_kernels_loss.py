@@ -1,0 +1,136 @@
+"""fused_grpo_loss vs grpo_loss(reference log-probs): loss, d logits and every metric.
+
+Every aggregation, every KL estimator, β = 0 and > 0, dual clip on/off, temperature ≠ 1, ratios
+clipped on both sides (checked), on-policy (old = None), total_tokens/total_seqs overrides, and
+bf16 held to ≤ 2× torch's own bf16 error.
+"""
+
+import itertools
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from grpo_core.kernels import dispatch, fused_grpo_loss  # noqa: E402
+from grpo_core.logprobs import token_entropy  # noqa: E402
+from grpo_core.logprobs import token_logprobs as ref_logprobs  # noqa: E402
+from grpo_core.loss import grpo_loss  # noqa: E402
+
+TRITON_OK = dispatch.why_unavailable("triton", torch.device("cpu")) is None
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton on CPU needs TRITON_INTERPRET=1")
+
+
+def close(name, got, want, atol, rtol=0.0):
+    """assert_close that reports max / mean difference on failure."""
+    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    diff = (got - want).abs().nan_to_num(float("inf"))
+    if (diff > atol + rtol * want.abs()).any():
+        raise AssertionError(f"{name}: max diff {diff.max():.3e}, mean {diff.mean():.3e}")
+
+
+def make_case(N=4, T=5, V=1000, temperature=1.0, seed=0):
+    """Logits plus old/ref log-probs placed around the current ones so that, with A = ±1, some
+    ratios are clipped from above (A > 0, r > 1 + ε) and some from below (A < 0, r < 1 − ε)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, T, V, generator=g) * 2                          # (N, T, V)
+    labels = torch.randint(0, V, (N, T), generator=g)
+    mask = torch.rand(N, T, generator=g) > 0.25
+    mask[0] = False                                                         # an empty completion
+    mask[1] = False
+    mask[1, 2] = True                                                       # a one-token completion
+    labels[~mask] = -100
+    with torch.no_grad():
+        logp = ref_logprobs(logits, labels, temperature, mask)              # (N, T)
+    shift = torch.tensor([-0.6, -0.1, 0.0, 0.1, 0.6])[torch.arange(T) % 5]  # log r per position
+    old = logp - shift                                                      # r = e^shift: 0.55 … 1.82
+    ref = logp + 0.3 * torch.randn(N, T, generator=g)
+    adv = torch.tensor([0.5, -1.0, 1.0, -1.5])[:N]                          # (N,) both signs
+    return logits, labels, mask, old, ref, adv
+
+
+def check(backend, dtype=torch.float32, temperature=1.0, old_none=False, **kw):
+    logits, labels, mask, old, ref, adv = make_case(temperature=temperature)
+    old = None if old_none else old
+    x = logits.to(dtype).clone().requires_grad_()
+    loss, metrics = fused_grpo_loss(x, labels, old, ref, adv, mask, temperature=temperature, backend=backend, **kw)
+    loss.backward()
+    xr = logits.to(dtype).float().clone().requires_grad_()
+    want, want_m = grpo_loss(ref_logprobs(xr, labels, temperature, mask), old, ref, adv, mask, **kw)
+    want.backward()
+    close("loss", loss, want, 1e-5)
+    close("d logits", x.grad, xr.grad, 1e-5 * xr.grad.abs().max())          # relative: grads are ~1/tokens
+    for k, v in want_m.items():
+        close(f"metric {k}", metrics[k], v, 1e-5)
+    ent = (token_entropy(xr.detach(), temperature) * mask).sum() / mask.sum()
+    close("metric entropy", metrics["entropy"], ent, 1e-4)
+    return want_m
+
+
+ALL = [dict(agg=a, kl=k, beta=b, dual_clip=d, temperature=t)
+       for a, k, b, d, t in itertools.product(["token_mean", "seq_mean", "constant"], ["k1", "k2", "k3"],
+                                              [0.0, 0.04], [None, 3.0], [1.0, 0.7])]
+# a small set for the interpreter that still uses every option value at least once
+TRITON_SET = [
+    dict(agg="token_mean", kl="k3", beta=0.04, dual_clip=None, temperature=1.0),
+    dict(agg="seq_mean", kl="k1", beta=0.04, dual_clip=3.0, temperature=0.7),
+    dict(agg="constant", kl="k2", beta=0.1, dual_clip=None, temperature=0.7, max_len=8),
+    dict(agg="token_mean", kl="k3", beta=0.0, dual_clip=3.0, temperature=1.0, clip_high=0.28),
+]
+
+
+def test_case_clips_on_both_sides():
+    m = check("torch", beta=0.0)
+    assert m["clip_low_frac"] > 0 and m["clip_high_frac"] > 0
+
+
+@pytest.mark.parametrize("opts", ALL, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_torch_backend_all_options(opts):
+    check("torch", **opts)
+
+
+@needs_triton
+@pytest.mark.parametrize("opts", TRITON_SET, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_triton_backend(opts):
+    check("triton", **opts)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_on_policy_and_global_denominators(backend):
+    check(backend, old_none=True, beta=0.04, agg="token_mean")
+    check(backend, beta=0.04, agg="token_mean", total_tokens=40.0)
+    check(backend, beta=0.04, agg="seq_mean", total_seqs=8)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_bf16_error_at_most_twice_torch_bf16(backend):
+    logits, labels, mask, old, ref, adv = make_case(temperature=0.7, seed=1)
+    kw = dict(beta=0.04, kl="k3", agg="seq_mean", dual_clip=3.0)
+    xb = logits.bfloat16()
+
+    def loss_and_grad(fn, x):
+        x = x.detach().clone().requires_grad_()
+        loss = fn(x)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    def torch_bf16(x):                                                      # reference math, logits in bf16
+        lp = torch.log_softmax(x / 0.7, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).float()
+        return grpo_loss(torch.where(mask, lp, 0.0), old, ref, adv, mask, **kw)[0]
+
+    ours = loss_and_grad(lambda x: fused_grpo_loss(x, labels, old, ref, adv, mask, temperature=0.7,
+                                                   backend=backend, **kw)[0], xb)
+    want = loss_and_grad(lambda x: grpo_loss(ref_logprobs(x, labels, 0.7, mask), old, ref, adv, mask, **kw)[0],
+                         xb.float())
+    theirs = loss_and_grad(torch_bf16, xb)
+    for i, name in enumerate(["loss", "d logits"]):
+        err = (ours[i].double() - want[i].double()).abs().max().item()
+        torch_err = (theirs[i].double() - want[i].double()).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6, f"{name}: bf16 error {err:.3e} > 2 × torch bf16 error {torch_err:.3e}"
+
+
+def test_unknown_option_is_rejected():
+    logits, labels, mask, old, ref, adv = make_case()
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fused_grpo_loss(logits, labels, old, ref, adv, mask, clip=0.2)
