@@ -63,6 +63,20 @@ def _corpus() -> list[str]:
         lines.append(f"<think>The lesion appears in the {q} quadrant of the scan.</think><answer>{letter}</answer>")
         lines.append(f"The answer is {letter}. The correct option is {letter}. Answer: {letter}")
         lines.append(f"Yes, the reasoning is clinically sound. No, it is not. Score: {i % 2}")
+    terms = ("pneumonia pneumothorax atelectasis cardiomegaly consolidation opacity infiltrate emphysema "
+             "glioma meningioma aneurysm stenosis thrombosis embolism carcinoma adenoma metastasis lymphoma "
+             "hepatomegaly splenomegaly cirrhosis steatosis hydronephrosis nephrolithiasis appendicitis "
+             "diverticulitis cholecystitis pancreatitis osteoporosis osteomyelitis arthritis scoliosis "
+             "melanoma nevus keratosis psoriasis eczema retinopathy glaucoma cataract macular degeneration "
+             "histopathology biopsy staining nucleus cytoplasm mitosis necrosis inflammation fibrosis "
+             "axial coronal sagittal contrast enhanced weighted hyperintense hypointense hyperdense hypodense "
+             "anterior posterior medial lateral superior inferior proximal distal bilateral unilateral "
+             "diagnosis treatment patient clinical finding likely most least which following shown "
+             "ventricle atrium aorta artery vein trachea bronchus diaphragm pleura pericardium colon "
+             "stomach bladder prostate uterus ovary thyroid pancreas spleen gallbladder femur tibia skull").split()
+    for a, b in zip(terms, terms[7:] + terms[:7]):
+        lines.append(f"The scan shows {a} with {b}; the most likely diagnosis is {a}.")
+        lines.append(f"Which of the following is seen? A. {a} B. {b} C. normal D. artifact")
     lines += [
         "Answer with the option's letter from the given choices directly.",
         "Think step by step inside <think> tags and give the final letter inside <answer> tags.",

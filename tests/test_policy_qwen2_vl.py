@@ -1,0 +1,323 @@
+"""Qwen2VLPolicy and TextLMPolicy against the HF models' own forward (tiny random models, CPU, fp32).
+
+The reference everywhere is ``model(input_ids=prompt+completion, attention_mask, pixel_values,
+image_grid_thw, mm_token_type_ids)`` — HF computes mRoPE itself — so these tests check our
+positions, padding, image expansion, shared vision features and KV cache handling.
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from grpo_core.policy import Policy, Prompt
+from models.qwen2_vl import Qwen2VLPolicy
+from models.text_lm import TextLMPolicy
+
+
+def _img(w, h, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode) if mode != "RGB" else Image.fromarray(arr)
+
+
+def assert_close(a, b, atol, what=""):
+    diff = (a.float() - b.float()).abs()
+    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean {diff.mean():.3g} (atol {atol})"
+
+
+def _prompts():
+    """Different image sizes and counts (4, 12 + 4, 0 and 9 image tokens) → ragged left padding."""
+    return [
+        Prompt("What is shown? A. CT B. MRI", [_img(56, 56, 1)]),
+        Prompt("Where is the lesion located?", [_img(84, 112, 2), _img(56, 56, 3)], system="You are a radiologist."),
+        Prompt("No image in this one.", []),
+        Prompt("Which organ?", [_img(90, 70, 4)]),
+    ]
+
+
+def _hf_logits(policy, enc, ids):
+    """HF full forward on enc's prompts (one row per completion row) + ids → logits (N, P+C, V)."""
+    full = torch.cat([enc.input_ids, ids], 1)
+    mask = torch.cat([enc.attention_mask, torch.ones_like(ids)], 1)
+    return policy._hf(input_ids=full, attention_mask=mask, pixel_values=enc.pixel_values,
+                      image_grid_thw=enc.image_grid_thw,
+                      mm_token_type_ids=(full == policy.image_token_id).int()).logits.float()
+
+
+# ------------------------------------------------------------------ encode
+
+def test_protocol_and_special_ids(tiny_vlm_policy):
+    pol = tiny_vlm_policy
+    assert isinstance(pol, Policy)
+    tok = pol.tokenizer
+    assert set(pol.eos_token_ids) == {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+    bias = pol.lm_head_bias
+    assert bias.shape == (pol.vocab_size,) and bias.dtype == torch.float32
+    never = {tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    assert set(torch.nonzero(torch.isinf(bias)).flatten().tolist()) == never
+    assert (bias[torch.isfinite(bias)] == 0).all()
+    assert pol.vocab_size == pol.lm_head_weight.shape[0] >= len(tok)
+
+
+def test_image_tokens_match_grid_and_left_padding(tiny_vlm_policy):
+    pol = tiny_vlm_policy
+    enc = pol.encode(_prompts())
+    assert enc.num_images.tolist() == [1, 2, 0, 1]
+    assert enc.image_grid_thw.shape == (4, 3) and enc.pixel_values.shape[0] == int(enc.image_grid_thw.prod(-1).sum())
+    per_image = (enc.image_grid_thw.prod(-1) // 4).tolist()
+    assert per_image[0] == 4 and per_image[2] == 4                        # 56×56 → 2×2 merged tokens
+    n_tok = (enc.input_ids == pol.image_token_id).sum(-1).tolist()
+    assert n_tok == [per_image[0], per_image[1] + per_image[2], 0, per_image[3]]
+    lengths = enc.attention_mask.sum(-1)
+    for row, n in zip(range(len(enc)), lengths.tolist()):
+        m = enc.attention_mask[row]
+        assert m[-n:].all() and not m[:-n].any()                          # padding on the left only
+        assert (enc.input_ids[row, :-n] == pol.pad_token_id).all()
+    last = pol.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    assert (enc.input_ids[:, -len(last):] == torch.tensor(last)).all()    # all rows end the same way
+
+
+def test_templates_chat_vs_plain(tiny_vlm_path):
+    chat = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", template="chat")
+    plain = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", template="plain")
+    p = [Prompt("Which organ?", [_img(56, 56)], system="Be brief.")]
+    c_text = chat.tokenizer.decode(chat.encode(p).input_ids[0])
+    p_text = plain.tokenizer.decode(plain.encode(p).input_ids[0])
+    assert c_text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and c_text.endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>" not in p_text and "<|im_end|>" not in p_text
+    assert p_text == "Be brief.\n<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>Which organ?\n"
+    with pytest.raises(ValueError, match="template"):
+        Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", template="base").encode(p)
+
+
+def test_select_with_repeats_keeps_images_with_their_prompts(tiny_vlm_policy):
+    pol = tiny_vlm_policy
+    prompts = _prompts()
+    enc = pol.encode(prompts)
+    order = [3, 1, 1, 2, 0]
+    sel = enc.select(order)
+    direct = pol.encode([prompts[i] for i in order])
+    assert torch.equal(sel.pixel_values, direct.pixel_values)
+    assert torch.equal(sel.image_grid_thw, direct.image_grid_thw)
+    assert sel.num_images.tolist() == direct.num_images.tolist() and sel.prompt_index.tolist() == order
+    for r in range(len(order)):   # same real tokens and positions (padding width may differ)
+        n = int(direct.attention_mask[r].sum())
+        assert torch.equal(sel.input_ids[r, -n:], direct.input_ids[r, -n:])
+        assert torch.equal(sel.position_ids[:, r, -n:], direct.position_ids[:, r, -n:])
+    assert_close(pol.prefill(sel)[0], pol.prefill(direct)[0], 1e-5, "prefill after select")
+    assert enc.select([2]).pixel_values is None
+
+
+def test_bad_and_odd_images(tiny_vlm_policy, tmp_path):
+    pol = tiny_vlm_policy
+    with pytest.raises(ValueError, match=r"prompt 0 image 1 \('.*missing\.png'\).*no such image file"):
+        pol.encode([Prompt("x", [_img(56, 56), str(tmp_path / "missing.png")])])
+    bad = tmp_path / "corrupt.png"
+    buf = io.BytesIO()
+    _img(64, 64).save(buf, format="PNG")
+    bad.write_bytes(buf.getvalue()[:100])                                 # truncated PNG
+    with pytest.raises(ValueError, match=r"prompt 1 image 0 \('.*corrupt\.png'\): cannot load"):
+        pol.encode([Prompt("ok", []), Prompt("x", [str(bad)])])
+    with pytest.raises(ValueError, match="cannot load"):
+        pol.encode([Prompt("x", [b"not an image at all"])])
+    with pytest.raises(ValueError, match="aspect ratio"):
+        pol.encode([Prompt("x", [_img(900, 3)])])
+
+    rgb = _img(56, 56, 7)
+    ref = pol.encode([Prompt("x", [rgb])]).pixel_values
+    as_png = io.BytesIO()
+    rgb.save(as_png, format="PNG")
+    assert torch.equal(pol.encode([Prompt("x", [as_png.getvalue()])]).pixel_values, ref)   # bytes input
+    gray = rgb.convert("L")
+    assert torch.equal(pol.encode([Prompt("x", [gray])]).pixel_values,
+                       pol.encode([Prompt("x", [gray.convert("RGB")])]).pixel_values)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(0)                                                      # fully transparent → white
+    white = pol.encode([Prompt("x", [Image.new("RGB", (56, 56), "white")])]).pixel_values
+    assert torch.equal(pol.encode([Prompt("x", [rgba])]).pixel_values, white)
+    pal = rgb.convert("P")
+    assert pol.encode([Prompt("x", [pal])]).pixel_values.shape == ref.shape
+    deep = Image.fromarray((np.arange(56 * 56).reshape(56, 56) * 20).astype(np.uint16))   # 16-bit greyscale
+    pv = pol.encode([Prompt("x", [deep])]).pixel_values
+    assert torch.isfinite(pv).all() and pv.std() > 0.1                   # scaled, not clipped to white
+
+    tiny = pol.encode([Prompt("x", [_img(3, 5)])])
+    assert int(tiny.image_grid_thw.prod()) * 14 * 14 >= pol.image_processor.size["shortest_edge"]
+    huge = pol.encode([Prompt("x", [_img(3000, 2000)])])
+    assert int(huge.image_grid_thw.prod()) * 14 * 14 <= pol.image_processor.size["longest_edge"]
+
+
+def test_long_prompt_error_or_skip(tiny_vlm_path):
+    err = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", max_prompt_len=40)
+    prompts = [Prompt("short", [_img(56, 56)]), Prompt("long", [_img(224, 224)]), Prompt("also short", [])]
+    with pytest.raises(ValueError, match="prompt 1 is .* tokens after image expansion > max_prompt_len=40"):
+        err.encode(prompts)
+    skip = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", max_prompt_len=40, on_long_prompt="skip")
+    enc = skip.encode(prompts)
+    assert enc.prompt_index.tolist() == [0, 2] and skip.skipped_long_prompts == 1
+    assert enc.num_images.tolist() == [1, 0] and enc.image_grid_thw.tolist() == [[1, 4, 4]]
+    assert enc.attention_mask[:, 0].any()                                # no all-padding column left
+    full = skip.encode([prompts[0], prompts[2]])
+    assert torch.equal(enc.input_ids, full.input_ids)
+
+
+# ------------------------------------------------------------------ completion_hidden
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_completion_hidden_matches_hf_forward(tiny_vlm_policy, group_size):
+    pol = tiny_vlm_policy
+    enc = pol.encode(_prompts())
+    n, c = len(enc) * group_size, 7
+    g = torch.Generator().manual_seed(group_size)
+    ids = torch.randint(10, len(pol.tokenizer) - 20, (n, c), generator=g)
+    ids[ids == pol.image_token_id] = 11
+    mask = torch.ones(n, c, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[-1] = 0                                                          # fully masked row
+    with torch.no_grad():
+        hidden = pol.completion_hidden(enc, ids, mask, group_size)        # (N, C, H)
+        logp = torch.log_softmax(hidden @ pol.lm_head_weight.T, -1)
+        rows = enc.select(torch.arange(len(enc)).repeat_interleave(group_size))
+        ref = torch.log_softmax(_hf_logits(pol, rows, ids)[:, enc.input_ids.shape[1] - 1:-1], -1)
+    assert hidden.shape == (n, c, pol.lm_head_weight.shape[1])
+    assert_close(logp, ref, 2e-5, "completion log-probs vs HF")
+
+
+def test_shared_vision_gradients_equal_unshared(tiny_vlm_path):
+    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32)
+    enc = pol.encode(_prompts()[:2])
+    g, c = 3, 5
+    ids = torch.randint(10, 500, (2 * g, c), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    w = torch.randn(2 * g, c, pol.lm_head_weight.shape[1], generator=torch.Generator().manual_seed(1))
+
+    def grads(e, group):
+        pol.model.zero_grad()
+        (pol.completion_hidden(e, ids, mask, group) * w).sum().backward()
+        return {k: p.grad.clone() for k, p in pol.model.named_parameters() if p.grad is not None}
+
+    shared = grads(enc, g)
+    unshared = grads(enc.select(torch.arange(2).repeat_interleave(g)), 1)   # vision tower run per row
+    vision = [k for k in shared if ".visual." in k]
+    assert vision and shared.keys() == unshared.keys()
+    for k in shared:
+        assert_close(shared[k], unshared[k], 1e-5 * (1 + unshared[k].abs().max()), k)
+
+
+def test_completion_hidden_bf16_close_to_fp32(tiny_vlm_path, tiny_vlm_policy):
+    enc = tiny_vlm_policy.encode(_prompts()[:2])
+    ids = torch.randint(10, 500, (4, 6), generator=torch.Generator().manual_seed(0))
+    bf = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny_vlm_policy.completion_hidden(enc, ids, torch.ones_like(ids), 2)
+                                @ tiny_vlm_policy.lm_head_weight.T, -1)
+        h = bf.completion_hidden(enc, ids, torch.ones_like(ids), 2)
+        out = torch.log_softmax(h.float() @ bf.lm_head_weight.float().T, -1)
+    assert h.dtype == torch.bfloat16
+    assert_close(out, ref, 0.1, "bf16 vs fp32 log-probs")
+
+
+# ------------------------------------------------------------------ rollout path
+
+def _check_kv_against_full_forward(pol, enc, group_size, steps, hf_logits):
+    n = len(enc) * group_size
+    ids = torch.randint(10, len(pol.tokenizer) - 20, (n, steps), generator=torch.Generator().manual_seed(3))
+    ids[ids == getattr(pol, "image_token_id", -1)] = 11
+    rows = enc.select(torch.arange(len(enc)).repeat_interleave(group_size))
+    logits, state = pol.prefill(enc)
+    state = pol.expand(state, group_size)
+    logits = logits.repeat_interleave(group_size, 0)
+    for j in range(steps):
+        ref = hf_logits(rows, ids[:, :j])[:, -1]
+        assert logits.dtype == torch.float32 and logits.shape == (n, pol.vocab_size)
+        assert_close(logits, ref, 1e-4, f"step {j}")
+        logits, state = pol.decode_step(state, ids[:, j])
+        assert state.attention_mask.shape == (n, enc.input_ids.shape[1] + j + 1)
+
+
+def test_prefill_expand_decode_matches_full_forward(tiny_vlm_policy):
+    pol = tiny_vlm_policy
+    with torch.no_grad():
+        _check_kv_against_full_forward(pol, pol.encode(_prompts()), 2, 4, lambda e, ids: _hf_logits(pol, e, ids))
+
+
+def test_text_lm_policy_matches_hf(tiny_text_policy):
+    pol = tiny_text_policy
+    assert isinstance(pol, Policy) and pol.lm_head_bias is None
+    enc = pol.encode([Prompt("Is the reasoning sound?"), Prompt("A much longer question about the lung scan?",
+                                                               system="You are a judge.")])
+    assert enc.attention_mask[0, 0] == 0 and enc.pixel_values is None
+
+    def hf(e, ids):
+        full = torch.cat([e.input_ids, ids], 1)
+        mask = torch.cat([e.attention_mask, torch.ones_like(ids)], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return pol._hf(input_ids=full, attention_mask=mask, position_ids=pos).logits.float()
+
+    with torch.no_grad():
+        _check_kv_against_full_forward(pol, enc, 3, 3, hf)
+        ids = torch.randint(10, 500, (6, 5), generator=torch.Generator().manual_seed(0))
+        h = pol.completion_hidden(enc, ids, torch.ones_like(ids), 3)
+        rows = enc.select(torch.arange(2).repeat_interleave(3))
+        ref = torch.log_softmax(hf(rows, ids)[:, enc.input_ids.shape[1] - 1:-1], -1)
+        assert_close(torch.log_softmax(h @ pol.lm_head_weight.T, -1), ref, 2e-5, "text completion log-probs")
+    with pytest.raises(ValueError, match="prompt 0 has 1 images but TextLMPolicy is text-only"):
+        pol.encode([Prompt("x", [_img(56, 56)])])
+
+
+# ------------------------------------------------------------------ decode, save/load, LoRA
+
+def test_decode_stops_at_mask_or_eos(tiny_vlm_policy):
+    pol = tiny_vlm_policy
+    tok = pol.tokenizer
+    a = tok.encode("<think>lesion upper left</think><answer> A</answer>", add_special_tokens=False)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = torch.tensor([a + [eos, a[0]], [a[0]] * (len(a) + 2)])
+    mask = torch.zeros_like(ids)
+    mask[0, :len(a) + 1] = 1
+    mask[1, :2] = 1
+    assert pol.decode(ids, mask) == ["<think>lesion upper left</think><answer> A</answer>", "<think><think>"]
+    assert pol.decode(ids)[0] == "<think>lesion upper left</think><answer> A</answer>"
+
+
+def test_save_load_round_trip(tiny_vlm_policy, tmp_path):
+    pol = tiny_vlm_policy
+    pol.save_pretrained(str(tmp_path / "p"))
+    again = Qwen2VLPolicy.from_pretrained(str(tmp_path / "p"), device="cpu", dtype=torch.float32)
+    enc = pol.encode(_prompts())
+    enc2 = again.encode(_prompts())
+    assert torch.equal(enc.input_ids, enc2.input_ids) and torch.equal(enc.pixel_values, enc2.pixel_values)
+    assert torch.equal(pol.prefill(enc)[0], again.prefill(enc2)[0])
+    with pytest.raises(NotImplementedError):
+        pol.disable_adapters()
+
+
+def test_lora_adapters_disable_and_merged_save(tiny_vlm_path, tmp_path):
+    pytest.importorskip("peft")
+    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32,
+                                        lora={"r": 4, "lora_alpha": 8, "init_lora_weights": False})
+    names = [k for k, p in pol.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in k and ".visual." not in k for k in names)
+    enc = pol.encode(_prompts()[:2])
+    base = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        tuned = pol.prefill(enc)[0]
+        with pol.disable_adapters():
+            off = pol.prefill(enc)[0]
+        assert_close(off, base.prefill(enc)[0], 1e-5, "adapters off = base model")
+        assert (tuned - off).abs().max() > 1e-3                          # the adapters do something
+        pol.save_pretrained(str(tmp_path / "merged"))
+        merged = Qwen2VLPolicy.from_pretrained(str(tmp_path / "merged"), device="cpu", dtype=torch.float32)
+        assert_close(merged.prefill(enc)[0], tuned, 1e-4, "merged save = LoRA model")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_kv_cache_and_hidden(tiny_vlm_path):
+    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cuda", dtype=torch.bfloat16)
+    enc = pol.encode(_prompts())
+    with torch.no_grad():
+        _check_kv_against_full_forward(pol, enc.to("cuda"), 2, 3, lambda e, ids: _hf_logits(pol, e, ids.cuda()))
