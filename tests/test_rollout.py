@@ -205,3 +205,127 @@ def test_accepts_encoded_and_progress_hook():
 def test_bad_group_size_is_rejected():
     with pytest.raises(ValueError, match="group_size"):
         generate_groups(FakePolicy(), PROMPTS, 0, SamplingConfig(max_new_tokens=2))
+
+
+# ── real tiny Qwen2-VL (random weights, images, CPU fp32) ───────────────────────────────────────
+
+def _img(w, h, seed):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _vlm_prompts():
+    """Different image sizes (4, 12, 6 image tokens) and text lengths → ragged left padding."""
+    return [
+        Prompt("What is shown in this scan? A. CT B. MRI C. X-ray D. PET", [_img(56, 56, 1)]),
+        Prompt("Where is the lesion?", [_img(84, 112, 2)]),
+        Prompt("Which organ?", [_img(90, 70, 3)]),
+    ]
+
+
+def _hf_generate(policy, enc, max_new, num_return_sequences=1):
+    """HF ``generate`` on exactly our encoded tensors, greedy, vision tokens suppressed.
+
+    Our sampler never emits the vision special tokens (lm_head_bias = −inf there); a random model
+    happily would, so HF gets the same suppression via ``suppress_tokens`` (its processor sets those
+    logits to −inf) — otherwise the two would legitimately differ at the first such token.
+    ``min_new_tokens`` is not set: both sides stop at EOS and pad after it. HF refuses
+    ``num_return_sequences > 1`` with do_sample=False, so for G > 1 it samples with top_k=1, which
+    is argmax too but goes through generate's input expansion (what our fan-out must equal).
+    """
+    never = torch.isinf(policy.lm_head_bias).nonzero().flatten().tolist()
+    greedy = {"do_sample": False} if num_return_sequences == 1 else {"do_sample": True, "top_k": 1}
+    out = policy.model.generate(
+        input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=enc.pixel_values,
+        image_grid_thw=enc.image_grid_thw, mm_token_type_ids=(enc.input_ids == policy.image_token_id).int(),
+        **greedy, max_new_tokens=max_new, num_return_sequences=num_return_sequences,
+        suppress_tokens=never, eos_token_id=list(policy.eos_token_ids), pad_token_id=policy.pad_token_id,
+    )
+    return out[:, enc.input_ids.shape[1]:]                                # (N, ≤ max_new) completions
+
+
+def _check_vlm_layout(policy, ro, B, G, max_new):
+    check_layout(policy, ro, B, G, max_new)
+    never = torch.isinf(policy.lm_head_bias).nonzero().flatten()
+    assert not torch.isin(ro.completion_ids, never).any(), "sampled a suppressed vision token"
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_vlm_greedy_matches_hf_generate(tiny_vlm_policy, G):
+    pol = tiny_vlm_policy
+    enc = pol.encode(_vlm_prompts())
+    assert len(set(enc.attention_mask.sum(-1).tolist())) == 3, "prompts should need different left padding"
+    ro = generate_groups(pol, enc, G, SamplingConfig(max_new_tokens=10, greedy=True))
+    _check_vlm_layout(pol, ro, 3, G, 10)
+    with torch.no_grad():
+        want = _hf_generate(pol, enc, 10, num_return_sequences=G)
+    C = max(want.shape[1], ro.completion_ids.shape[1])
+    got = torch.nn.functional.pad(ro.completion_ids, (0, C - ro.completion_ids.shape[1]), value=pol.pad_token_id)
+    want = torch.nn.functional.pad(want, (0, C - want.shape[1]), value=pol.pad_token_id)
+    assert torch.equal(got, want), f"greedy differs from HF generate:\nours {got}\nhf   {want}"
+
+
+def test_vlm_sampled_groups_differ_and_logprobs_match_teacher_forcing(tiny_vlm_policy):
+    pol = tiny_vlm_policy
+    enc = pol.encode(_vlm_prompts())
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.8, seed=0)
+    ro = generate_groups(pol, enc, 4, cfg)
+    _check_vlm_layout(pol, ro, 3, 4, 8)
+    assert ro.encoded is enc and ro.stats["tokens"] > 0 and ro.stats["prefill_s"] > 0
+    for b in range(3):
+        rows = ro.completion_ids[b * 4:(b + 1) * 4]
+        assert len({tuple(r.tolist()) for r in rows}) > 1, f"group {b}: all G samples identical"
+    want = recompute_logprobs(pol, ro, cfg.temperature)
+    diff = (ro.logprobs - want).abs()
+    assert diff.max() < 1e-4, f"rollout log-probs vs teacher forcing: max {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+def test_vlm_seed_reproducible(tiny_vlm_policy):
+    pol = tiny_vlm_policy
+    enc = pol.encode(_vlm_prompts()[:2])
+    run = lambda seed: generate_groups(pol, enc, 3, SamplingConfig(max_new_tokens=6, seed=seed))  # noqa: E731
+    a, b, c = run(5), run(5), run(6)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+class EosLeaning:
+    """Wraps a policy and adds ``shift`` to its EOS logits, so real-model rows stop early."""
+
+    def __init__(self, policy, shift):
+        self._p, self._shift = policy, shift
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    def _lean(self, logits):
+        logits[:, list(self._p.eos_token_ids)] += self._shift
+        return logits
+
+    def prefill(self, enc):
+        logits, state = self._p.prefill(enc)
+        return self._lean(logits), state
+
+    def decode_step(self, state, tokens):
+        logits, state = self._p.decode_step(state, tokens)
+        return self._lean(logits), state
+
+
+def test_vlm_eos_stops_rows_and_chunking_matches(tiny_vlm_policy):
+    pol = EosLeaning(tiny_vlm_policy, shift=4.0)
+    enc = pol.encode(_vlm_prompts())
+    ro = generate_groups(pol, enc, 4, SamplingConfig(max_new_tokens=12, seed=2))
+    _check_vlm_layout(pol, ro, 3, 4, 12)
+    assert ro.finished.any() and ro.truncated.any(), "expected both early-stopped and truncated rows"
+    assert ro.lengths[ro.finished].min() < 12
+    for text, ids, m in zip(ro.texts, ro.completion_ids, ro.completion_mask):
+        assert text == tiny_vlm_policy.decode(ids[None], m[None])[0]
+    # greedy, one prompt per chunk (cap 5 // G 4 = 1) == one batch
+    greedy = SamplingConfig(max_new_tokens=12, greedy=True)
+    one = generate_groups(pol, enc, 4, greedy)
+    many = generate_groups(pol, enc, 4, SamplingConfig(max_new_tokens=12, greedy=True, max_batch_sequences=5))
+    assert many.stats["chunks"] == 3
+    assert torch.equal(one.completion_ids, many.completion_ids) and torch.equal(one.completion_mask, many.completion_mask)
+    torch.testing.assert_close(one.logprobs, many.logprobs, atol=1e-4, rtol=1e-4)
