@@ -106,7 +106,7 @@ def format_nothink_reward(completions: Sequence[str], records=None) -> list[floa
 # Accuracy
 # ---------------------------------------------------------------------------------------------
 
-_DIRECT_LETTER = re.compile(r"[(\[]?\s*([A-Ja-j])\s*[)\].:]?")
+_DIRECT_LETTER = re.compile(r"[(\[]?\s*([A-Ja-j])\s*[)\]]?\s*[.:]?")
 
 
 def letter_score(answer: str | None, gold: str | None, graded: bool = False, lenient: bool = False) -> float:

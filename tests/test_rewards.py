@@ -1,0 +1,301 @@
+"""Rewards: parsers (with hypothesis properties), format, accuracy, length rewards, judge, combiner."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grpo_core.data import VQARecord
+from grpo_core.rewards import (
+    REWARDS,
+    RewardSpec,
+    accuracy_graded_reward,
+    accuracy_reward,
+    combine_rewards,
+    cosine_length_reward,
+    cwr_reward,
+    ecr_reward,
+    extract_answer,
+    extract_think,
+    format_nothink_reward,
+    format_reward,
+    get_reward,
+    normalize_open,
+    reasoning_length,
+    token_f1,
+)
+
+
+def mc(gold="B"):
+    return VQARecord(id="m", images=[], question="Where?", options={L: L.lower() for L in "ABCD"}, answer_letter=gold)
+
+
+def yn(ans="Yes"):
+    return VQARecord(id="y", images=[], question="Is it?", answer_text=ans, answer_type="yesno")
+
+
+def op(ans="left lung"):
+    return VQARecord(id="o", images=[], question="Which?", answer_text=ans, answer_type="open")
+
+
+def fmt(think, answer):
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("<answer> B </answer>", "B"),
+    ("<ANSWER>b</Answer>", "b"),                                   # tags case-insensitive
+    ("<think>x</think>\n<answer>\n C \n</answer>", "C"),            # spans newlines, stripped
+    ("<answer>A</answer><answer>B</answer>", "A"),                  # repeated: the first pair
+    ("<answer><answer>A</answer></answer>", "A"),                   # nested: the inner pair
+    ("<answer>A", None), ("A</answer>", None), ("plain B", None),    # incomplete / missing
+    ("<answer></answer>", ""),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_answer_fallback_and_think():
+    assert extract_answer("  B. ", require_tag=False) == "B."
+    assert extract_answer("<answer>C</answer> tail", require_tag=False) == "C"
+    assert extract_think("<think> a b </think><answer>A</answer>") == " a b "
+    assert extract_think("<answer>A</answer>") is None
+    assert reasoning_length(fmt("one two  three\nfour", "A")) == 4
+    assert reasoning_length("<answer>A</answer>") == 0 and reasoning_length(fmt("   ", "A")) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_parsers_never_crash_on_arbitrary_text(s):
+    a = extract_answer(s)
+    assert a is None or (isinstance(a, str) and a == a.strip())
+    assert extract_answer(s, require_tag=False) is not None
+    assert reasoning_length(s) >= 0
+    assert format_reward([s]) [0] in (0.0, 1.0) and format_nothink_reward([s])[0] in (0.0, 1.0)
+    for r in (mc(), yn(), op()):
+        v = accuracy_reward([s], [r])[0]
+        assert 0.0 <= v <= 1.0
+        assert accuracy_graded_reward([s], [r])[0] in (0.0, 0.5, 1.0) or r.answer_type != "mc"
+
+
+_tagless = st.text(alphabet=st.characters(blacklist_characters="<>"), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_tagless, _tagless, st.text(alphabet=" \n\t", max_size=3), st.text(alphabet=" \n\t", max_size=3))
+def test_format_accepts_any_tag_free_content_with_surrounding_whitespace(think, answer, pre, post):
+    text = pre + fmt(think, answer) + post
+    assert format_reward([text]) == [1.0]
+    assert extract_answer(text) == answer.strip()
+    assert extract_think(text) == think
+    assert format_nothink_reward([pre + f"<answer>{answer}</answer>" + post]) == [1.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(_tagless, _tagless, _tagless.filter(lambda s: s.strip() != ""))
+def test_format_rejects_text_outside_tags(think, answer, junk):
+    assert format_reward([junk + fmt(think, answer)]) == [0.0]
+    assert format_reward([fmt(think, answer) + junk]) == [0.0]
+
+
+@pytest.mark.parametrize("text", [
+    "<think>a</think><answer>B</answer><answer>C</answer>",      # repeated answer block
+    "<think>a</think><think>b</think><answer>B</answer>",        # repeated think block
+    "<think>a <think>b</think></think><answer>B</answer>",       # nested think
+    "<think>a</think><answer><answer>B</answer></answer>",       # nested answer
+    "<answer>B</answer><think>a</think>",                        # wrong order
+    "<think>a</think>x<answer>B</answer>",                       # text between blocks
+    "<THINK>a</THINK><ANSWER>B</ANSWER>",                        # format tags are case-sensitive
+    "<think>a</think>", "<answer>B</answer>", "",
+])
+def test_format_reward_rejects(text):
+    assert format_reward([text]) == [0.0]
+
+
+def test_format_nothink():
+    assert format_nothink_reward(["<answer>B</answer>", " <answer> B </answer>\n", fmt("a", "B"),
+                                  "<answer>A</answer><answer>B</answer>"]) == [1.0, 1.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy
+# ---------------------------------------------------------------------------------------------
+
+def test_accuracy_mc_strict_and_graded():
+    texts = [fmt("x", "B"), fmt("x", " b "), fmt("x", "B) b"), fmt("x", "A"), fmt("x", "B or C"), "B", fmt("x", "(B)")]
+    recs = [mc("B")] * len(texts)
+    assert accuracy_reward(texts, recs) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    # MedVLM-R1: capital letters A-J; one and equal to gold; 1.0 alone, 0.5 with extra text
+    # (lowercase "b" has no capital letter: 0 in the graded variant, as in MedVLM-R1)
+    assert accuracy_graded_reward(texts, recs) == [1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.5]
+    assert accuracy_reward(["B", "(b).", " b)"], [mc("B")] * 3, require_tag=False) == [1.0, 1.0, 1.0]
+
+
+def test_accuracy_yesno_normalised():
+    texts = ["<answer>yes</answer>", "<answer> YES. </answer>", "<answer>No</answer>", "<answer>Yes, there is</answer>", "yes"]
+    assert accuracy_reward(texts, [yn("Yes")] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert accuracy_reward(["<answer>是的</answer>", "<answer>no</answer>"], [yn("yes"), yn("不是")]) == [1.0, 1.0]
+
+
+def test_accuracy_open_exact_and_f1():
+    texts = ["<answer>The Left Lung.</answer>", "<answer>left</answer>", "<answer>right kidney</answer>"]
+    assert accuracy_reward(texts, [op()] * 3) == [1.0, 0.0, 0.0]
+    f1 = accuracy_reward(texts, [op()] * 3, open_metric="f1")
+    assert f1[0] == 1.0 and f1[1] == pytest.approx(2 * 1 * 0.5 / 1.5) and f1[2] == 0.0
+    assert normalize_open("  The  Left, lung! ") == "left lung"
+    assert token_f1("腹部", "腹部") == 1.0 and token_f1("胸部", "腹部") == pytest.approx(0.5)
+
+
+def test_accuracy_needs_matching_lengths_and_known_type():
+    with pytest.raises(ValueError, match="2 completions but 1 records"):
+        accuracy_reward(["a", "b"], [mc()])
+    bad = VQARecord(id="z", images=[], question="q", answer_type="essay")
+    with pytest.raises(ValueError, match="unknown answer_type"):
+        accuracy_reward(["<answer>x</answer>"], [bad])
+
+
+# ---------------------------------------------------------------------------------------------
+# Length rewards
+# ---------------------------------------------------------------------------------------------
+
+def words(n):
+    return " ".join(["w"] * n)
+
+
+def test_ecr_and_cwr():
+    texts = [fmt(words(5), "B"), fmt(words(20), "B"), fmt(words(5), "A"), "<answer>B</answer>"]
+    recs = [mc("B")] * 4
+    assert ecr_reward(texts, recs, target_len=10) == [0.5, 1.0, 0.5, 0.0]      # capped at 1, answer ignored
+    assert cwr_reward(texts, recs, target_len=10) == [0.5, 1.0, 0.0, 0.0]      # only when correct
+    with pytest.raises(ValueError, match="target_len"):
+        ecr_reward(texts, recs, target_len=0)
+
+
+class WordPieces:
+    """A stand-in tokenizer: each character is a token."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text)))}
+
+
+def test_length_with_tokenizer_and_completion_measure():
+    t = fmt("ab cd", "B")
+    assert ecr_reward([t], [mc()], target_len=10, tokenizer=WordPieces()) == [0.5]   # "ab cd" = 5 chars
+    assert ecr_reward(["a b c " + t], [mc()], target_len=100, measure="completion") == [5 / 100]
+
+
+def test_cosine_length_matches_formula():
+    L = 100
+    def expect(t, a, b):
+        return b + 0.5 * (a - b) * (1 + math.cos(math.pi * t / L))
+    texts = [fmt(words(0), "B"), fmt(words(50), "B"), fmt(words(50), "A"), fmt(words(99), "A"), fmt(words(100), "B")]
+    got = cosine_length_reward(texts, [mc("B")] * 5, max_len=L)
+    assert got == pytest.approx([2.0, expect(50, 2, 1), expect(50, -10, 0), expect(99, -10, 0), -10.0])
+    # shorter correct answers earn more; longer wrong answers are punished less
+    assert got[0] > got[1] and got[3] > got[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Combiner and registry
+# ---------------------------------------------------------------------------------------------
+
+def test_combine_rewards_weighted_sum_and_columns():
+    texts = [fmt("a", "B"), fmt("a", "A"), "B"]
+    recs = [mc("B")] * 3
+    specs = [RewardSpec("format", format_reward, 0.5), RewardSpec("accuracy", accuracy_reward, 1.0)]
+    total, cols = combine_rewards(specs, texts, recs)
+    assert total.dtype == torch.float32 and total.shape == (3,)
+    assert torch.equal(cols["format"], torch.tensor([1.0, 1.0, 0.0]))
+    assert torch.equal(cols["accuracy"], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(total, 0.5 * cols["format"] + cols["accuracy"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_combine_rewards_rejects_non_finite_naming_the_reward(bad):
+    spec = RewardSpec("broken", lambda c, r: [1.0, bad], 1.0)
+    with pytest.raises(ValueError, match=r"reward 'broken' returned NaN/inf at completions \[1\]"):
+        combine_rewards([spec], ["a", "b"], [mc(), mc()])
+
+
+def test_combine_rewards_wrong_length_and_duplicate_names():
+    with pytest.raises(ValueError, match="returned 1 values for 2"):
+        combine_rewards([RewardSpec("short", lambda c, r: [1.0], 1.0)], ["a", "b"], [mc(), mc()])
+    with pytest.raises(ValueError, match="unique"):
+        combine_rewards([RewardSpec("f", format_reward), RewardSpec("f", format_reward)], ["a"], [mc()])
+
+
+def test_registry_names_and_options():
+    assert set(REWARDS) == {"format", "format_nothink", "accuracy", "accuracy_graded", "ecr", "cwr",
+                            "cosine_length", "semantic_judge"}
+    t = [fmt(words(5), "B) b")]
+    assert get_reward("accuracy")(t, [mc()]) == [0.0]
+    assert get_reward("accuracy_graded")(t, [mc()]) == [0.5]
+    assert get_reward("ecr", target_len=20)(t, [mc()]) == [0.25]
+    assert get_reward("format")(t, [mc()]) == [1.0]
+    with pytest.raises(ValueError, match="known rewards"):
+        get_reward("bleu")
+    with pytest.raises(ValueError, match="model_path"):
+        get_reward("semantic_judge")
+
+
+# ---------------------------------------------------------------------------------------------
+# LLM judge (tiny random Qwen2 from models.tiny)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def judge_parts(tiny_text_lm_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_text_lm_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_text_lm_path, dtype=torch.float32)
+    return model, tok
+
+
+def test_judge_prob_matches_unbatched_reference(judge_parts):
+    from grpo_core.rewards_judge import LLMJudgeReward
+
+    model, tok = judge_parts
+    judge = LLMJudgeReward(model, tok, mode="prob", batch_size=3, yes_token="Yes", no_token="No")
+    texts = [fmt("the lesion is bright in the upper left", "A"), fmt("x", "B"), "<answer>A</answer>",
+             fmt("a much longer chain of reasoning about the chest image and the lung " * 3, "C"), fmt("  ", "A")]
+    recs = [mc("A")] * len(texts)
+    got = judge(texts, recs)
+    assert got[2] == 0.0 and got[4] == 0.0                               # no / empty reasoning: no judge call
+    yes, no = tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]
+    for i in (0, 1, 3):                                                  # one prompt at a time, no padding
+        ids = torch.tensor([tok.encode(judge.build_prompt(texts[i], recs[i]), add_special_tokens=False)])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]
+        p = torch.softmax(logits[[yes, no]], dim=0)[0].item()
+        assert got[i] == pytest.approx(p, abs=1e-5), f"row {i}: batched {got[i]} vs single {p}"
+    binary = LLMJudgeReward(model, tok, mode="binary", batch_size=2, yes_token="Yes", no_token="No")(texts, recs)
+    assert binary == [float(g > 0.5) if i not in (2, 4) else 0.0 for i, g in enumerate(got)]
+
+
+def test_judge_prompt_holds_question_options_reasoning(judge_parts):
+    from grpo_core.rewards_judge import LLMJudgeReward
+
+    model, tok = judge_parts
+    judge = LLMJudgeReward(model, tok, yes_token="Yes", no_token="No")
+    p = judge.build_prompt(fmt("bright spot top left", "A"), mc("A"))
+    assert "Where?" in p and "A) a\nB) b" in p and "bright spot top left" in p and p.endswith("Reply:")
+
+
+def test_judge_multi_token_word_is_a_clear_error(judge_parts):
+    from grpo_core.rewards_judge import LLMJudgeReward
+
+    model, tok = judge_parts
+    with pytest.raises(ValueError, match=r"' yes' is \d+ tokens"):
+        LLMJudgeReward(model, tok, yes_token=" yes", no_token="No")
+
+
+def test_judge_through_registry_from_local_path(tiny_text_lm_path):
+    fn = get_reward("semantic_judge", model_path=tiny_text_lm_path, yes_token="Yes", no_token="No", mode="prob")
+    out = fn([fmt("reasoning here", "A")], [mc("A")])
+    assert len(out) == 1 and 0.0 < out[0] < 1.0
