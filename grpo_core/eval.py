@@ -25,9 +25,9 @@ from typing import Callable, Sequence
 from .data.record import swap_images, yes_no
 from .data.templates import TEMPLATES, records_to_prompts
 from .rewards import (
+    _DIRECT_LETTER,
     FORMAT_NOTHINK_RE,
     FORMAT_RE,
-    _DIRECT_LETTER,
     extract_answer,
     reasoning_length,
     score_one,

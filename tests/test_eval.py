@@ -38,7 +38,9 @@ def test_oracle_scores_perfectly_and_swapped_images_drop_to_chance(template):
 def test_groups_format_rate_and_lengths():
     recs = make_synthetic_vqa(12, seed=2)
     # right answers on even items only; malformed format on every third item
-    def gen(prompts, state={"i": 0}):
+    state = {"i": 0}
+
+    def gen(prompts):
         texts = []
         for p in prompts:
             i = state["i"]

@@ -3,7 +3,13 @@
 import pytest
 from PIL import Image
 
-from grpo_core.data import VQARecord, record_to_prompt, records_to_prompts, render_options, shuffle_record_options
+from grpo_core.data import (
+    VQARecord,
+    record_to_prompt,
+    records_to_prompts,
+    render_options,
+    shuffle_record_options,
+)
 from grpo_core.policy import Prompt
 
 

@@ -7,7 +7,14 @@ synthetic task whose answers can only be read off the image.
 from .loaders import FORMATS, detect_format, load_dataset
 from .record import BadRowError, LoadReport, RecordList, VQARecord, load_image, swap_images, yes_no
 from .synthetic import make_synthetic_vqa, oracle_answer
-from .templates import TEMPLATES, record_to_prompt, records_to_prompts, render_options, render_text, shuffle_record_options
+from .templates import (
+    TEMPLATES,
+    record_to_prompt,
+    records_to_prompts,
+    render_options,
+    render_text,
+    shuffle_record_options,
+)
 
 __all__ = [
     "FORMATS", "TEMPLATES", "BadRowError", "LoadReport", "RecordList", "VQARecord", "detect_format",

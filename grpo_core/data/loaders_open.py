@@ -16,7 +16,15 @@ import os
 from functools import partial
 
 from .loaders_mc import _pick_files, _split_of, read_json_list
-from .record import Filtered, RowProblem, VQARecord, clean_cell, open_image_bytes, resolve_image, yes_no
+from .record import (
+    Filtered,
+    RowProblem,
+    VQARecord,
+    clean_cell,
+    open_image_bytes,
+    resolve_image,
+    yes_no,
+)
 
 
 def _answer_type(answer: str, closed: bool | None) -> str:
