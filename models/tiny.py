@@ -10,6 +10,7 @@ Everything here is built from code (no hub download), deterministic by seed, and
 - ``build_tiny_qwen2_vl(path, ...)``: ``Qwen2VLForConditionalGeneration`` with a small vision
   tower (patch 14, merge 2: a 56×56 image is 4×4 patches → 2×2 = 4 image tokens) + tokenizer +
   ``Qwen2VLImageProcessorPil`` config.
+- ``build_tiny_qwen2_5_vl(path, ...)``: the same at Qwen2.5-VL (windowed vision attention).
 - ``build_tiny_qwen2(path, ...)``: text-only ``Qwen2ForCausalLM`` with the same tokenizer (a tiny
   LLM judge in reward tests, and a text policy).
 - ``qwen2_vl_2b_config()``: the real Qwen2-VL-2B shapes (for GPU benches with random weights).
@@ -173,6 +174,38 @@ def build_tiny_qwen2_vl(path: str, seed: int = 0, hidden: int = 64, layers: int 
         model = Qwen2VLForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    _image_processor(min_pixels, max_pixels).save_pretrained(path)
+    return path
+
+
+def build_tiny_qwen2_5_vl(path: str, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
+                          kv_heads: int = 2, vision_depth: int = 2, vision_dim: int = 32, vision_heads: int = 2,
+                          min_pixels: int = 56 * 56, max_pixels: int = 224 * 224) -> str:
+    """Random-weight Qwen2.5-VL (windowed vision attention, SwiGLU vision MLP) saved at ``path``.
+
+    Same tokenizer and image processor as ``build_tiny_qwen2_vl``; the last vision block uses full
+    attention, the others 56-pixel windows (real model: 112-pixel windows, full at 7/15/23/31).
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_tiny_tokenizer(path)
+    base = tiny_qwen2_vl_config(tokenizer, hidden, layers, heads, kv_heads, vision_depth, vision_dim, vision_heads)
+    text = {k: getattr(base.text_config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rope_parameters", "bos_token_id", "eos_token_id",
+        "pad_token_id", "tie_word_embeddings")}
+    vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_heads=vision_heads,
+                  out_hidden_size=hidden, window_size=56, fullatt_block_indexes=[vision_depth - 1], patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=base.image_token_id, video_token_id=base.video_token_id,
+        vision_start_token_id=base.vision_start_token_id, vision_end_token_id=base.vision_end_token_id,
+        tie_word_embeddings=base.tie_word_embeddings,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.save_pretrained(path)
     _image_processor(min_pixels, max_pixels).save_pretrained(path)
     return path

@@ -321,3 +321,38 @@ def test_gpu_bf16_kv_cache_and_hidden(tiny_vlm_path):
     enc = pol.encode(_prompts())
     with torch.no_grad():
         _check_kv_against_full_forward(pol, enc.to("cuda"), 2, 3, lambda e, ids: _hf_logits(pol, e, ids.cuda()))
+
+
+def test_qwen2_5_vl_checkpoint_works(tmp_path):
+    from models.tiny import build_tiny_qwen2_5_vl
+
+    pol = Qwen2VLPolicy.from_pretrained(build_tiny_qwen2_5_vl(str(tmp_path / "q25")), device="cpu",
+                                        dtype=torch.float32)
+    assert type(pol._hf).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    enc = pol.encode(_prompts()[:2])
+    ids = torch.randint(10, 500, (4, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rows = enc.select([0, 0, 1, 1])
+        ref = _hf_logits(pol, rows, ids)
+        h = pol.completion_hidden(enc, ids, torch.ones_like(ids), 2)
+        p = enc.input_ids.shape[1]
+        assert_close(torch.log_softmax(h @ pol.lm_head_weight.T, -1), torch.log_softmax(ref[:, p - 1:-1], -1),
+                     2e-5, "Qwen2.5-VL completion log-probs")
+        _check_kv_against_full_forward(pol, enc, 2, 2, lambda e, x: _hf_logits(pol, e, x))
+
+
+def test_gradient_checkpointing_same_values_and_grads(tiny_vlm_path):
+    enc_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32)
+    gc_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32,
+                                           gradient_checkpointing=True)
+    enc = enc_pol.encode(_prompts()[:2])
+    ids = torch.randint(10, 500, (4, 5), generator=torch.Generator().manual_seed(0))
+    out = []
+    for pol in (enc_pol, gc_pol):
+        pol.model.train()
+        h = pol.completion_hidden(enc, ids, torch.ones_like(ids), 2)
+        h.pow(2).mean().backward()
+        out.append((h.detach(), {k: p.grad for k, p in pol.model.named_parameters()}))
+    assert_close(out[0][0], out[1][0], 1e-6, "hidden with checkpointing")
+    for k, g in out[0][1].items():
+        assert_close(g, out[1][1][k], 1e-5 * (1 + g.abs().max()), k)
