@@ -16,6 +16,13 @@ C completion length, H hidden size, V vocab size):
         position for j = 0, completion token j − 1 after that), so
         log p(c_j) = log_softmax((hidden[:, j] @ lm_head_weight.T + lm_head_bias) / T)[c_j].
 
+Decode state: opaque to the engine. ``models`` uses ``models.policy_utils.DecodeState`` (cache: a
+transformers ``DynamicCache``; attention_mask (N, T) growing one 1-column per step; next_position
+(N,) = real prompt length + steps so far + mRoPE delta; rope_deltas (N, 1)). ``expand`` and
+``decode_step`` update the cache in place: after a call, only the returned state is valid.
+``prefill`` / ``decode_step`` run without autograd and return raw logits (``lm_head_bias`` not
+added); ``completion_hidden`` is differentiable (it is the training forward).
+
 ``lm_head_bias`` is (V,) fp32 with −inf at token ids the sampler must never emit (a VLM's
 vision special tokens) and 0 elsewhere, or None. The sampler adds it to the decode logits and
 the trainer passes it to the fused loss, so sampling and training score the same distribution.
@@ -50,7 +57,7 @@ class Encoded(Protocol):
     attention_mask: torch.Tensor   # (B, P) int64, 0 on left padding
 
     def select(self, prompt_idx: Sequence[int]) -> "Encoded":
-        """Sub-batch of prompts, keeping every per-image tensor aligned with its prompt."""
+        """Sub-batch of prompts (repeats allowed), keeping every per-image tensor aligned with its prompt."""
         ...
 
     def to(self, device) -> "Encoded": ...
@@ -77,7 +84,11 @@ class Policy(Protocol):
         ...
 
     def encode(self, prompts: Sequence[Prompt]) -> Encoded:
-        """Template, tokenize and preprocess images for B prompts → Encoded (B rows)."""
+        """Template, tokenize and preprocess images for B prompts → Encoded (B rows, on CPU).
+
+        A policy may drop over-long prompts (``on_long_prompt="skip"``); its Encoded then says
+        which survived (``Qwen2VLEncoded.prompt_index``). Otherwise row b is prompts[b].
+        """
         ...
 
     def prefill(self, enc: Encoded) -> tuple[torch.Tensor, Any]:
