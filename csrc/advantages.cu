@@ -12,7 +12,7 @@
 // "batch" needs a grid-wide reduction: kernel 1 writes each group's (mean, M2) to a workspace,
 // kernel 2 (one block) merges them (Chan et al.: M2 = Σ M2_g + G Σ (mean_g − mean)^2),
 // kernel 3 writes (r − mean_g) / (s + eps). Traffic: read N floats (twice), write N floats.
-#include "common.cuh"
+#include "group_stats.cuh"
 
 namespace grpo {
 namespace {
@@ -56,9 +56,7 @@ group_kernel(const float* __restrict__ r, float* __restrict__ adv, double* __res
       continue;
     }
     // group: (std + eps); none: 1. A group of one has no spread: std 0, centered 0 → A = 0.
-    const double denom = scale == GRPO_SCALE_GROUP
-                             ? (G > 1 ? sqrt(m2 / double(G - 1)) : 0.0) + double(eps)
-                             : 1.0;
+    const double denom = scale_denominator(m2, G, scale, eps);
     for (int64_t i = rank; i < G; i += team_size)
       adv[g * G + i] = float((double(rg[i]) - mean) / denom);
   }
@@ -72,13 +70,9 @@ batch_std_kernel(double* __restrict__ ws, int64_t B, int64_t G, float eps) {
   for (int64_t g = threadIdx.x; g < B; g += blockDim.x) s += ws[g];
   const double mu = block_sum(s, smem) / double(B);  // equal group sizes: mean of the means
   double m2 = 0.0;
-  for (int64_t g = threadIdx.x; g < B; g += blockDim.x) {
-    const double d = ws[g] - mu;
-    m2 += ws[B + g] + double(G) * d * d;
-  }
+  for (int64_t g = threadIdx.x; g < B; g += blockDim.x) m2 += chan_term(ws[g], ws[B + g], mu, G);
   m2 = block_sum(m2, smem);
-  const int64_t n = B * G;
-  if (threadIdx.x == 0) ws[2 * B] = (n > 1 ? sqrt(m2 / double(n - 1)) : 0.0) + double(eps);
+  if (threadIdx.x == 0) ws[2 * B] = scale_denominator(m2, B * G, GRPO_SCALE_BATCH, eps);
 }
 
 __global__ void __launch_bounds__(kThreads)

@@ -13,10 +13,14 @@ Used by setup.py (``build(out_dir, quiet=...)``), by ``make cuda`` and by the te
   (libcuda), not a libcudart.so of a matching major version, so it sits next to any torch build.
   The driver must be at least as new as the nvcc that built it (the probe checks this at run time).
 - Symbols are hidden except the ``GRPO_API`` launchers (-fvisibility=hidden).
-- Cache: the build is skipped when the .so is newer than every source (csrc/*.cu, *.cuh, *.h and
-  this file) and the stamp file next to it records the same command line. The .so is written to a
-  temporary name and renamed, so a half-written library is never loaded.
-- Time (2-core CI box, nvcc 13.0): about a minute per architecture; the CPU test builds sm_80 only.
+- Cache: the build is skipped when the .so is newer than every source (csrc/*.cu, *.cuh, *.h,
+  emulate/*.cu and this file) and the stamp file next to it (<lib>.stamp.json) records the same
+  compiler and flags. The .so is written to a temporary name and renamed, so a half-written
+  library is never loaded (and concurrent builds cannot clash).
+- ``build_emulator`` compiles csrc/emulate/emulate.cu, a host-only twin of the kernels' per-thread
+  arithmetic, which the CPU tests run against the PyTorch reference (no GPU needed).
+- Time (shared 2-core box, nvcc 13.0): default 3 archs ≈ 52 s; one arch (sm_80, what the CPU
+  test builds) ≈ 10–22 s; the emulator ≈ 8 s; an up-to-date check ≈ 0.3 s.
 """
 
 import argparse
@@ -30,7 +34,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIB_NAME = "libgrpo_core_cuda.so"
-STAMP_NAME = LIB_NAME + ".stamp.json"
+EMULATOR_NAME = "libgrpo_core_cuda_emulate.so"
+STAMP_SUFFIX = ".stamp.json"
 DEFAULT_ARCHS = "80;90;90a"
 
 
@@ -85,7 +90,7 @@ def sources() -> list[str]:
 
 def _inputs() -> list[str]:
     """Every file whose change must trigger a rebuild."""
-    pats = ("*.cu", "*.cuh", "*.h")
+    pats = ("*.cu", "*.cuh", "*.h", "emulate/*.cu")
     return sorted(sum((glob.glob(os.path.join(HERE, p)) for p in pats), [])) + [os.path.abspath(__file__)]
 
 
@@ -97,12 +102,8 @@ def nvcc_flags(archs: list[str]) -> list[str]:
     ]
 
 
-def _stamp_key(nvcc: str, flags: list[str]) -> dict:
-    return {"nvcc": nvcc, "flags": flags, "sources": [os.path.basename(s) for s in sources()]}
-
-
 def is_up_to_date(lib_path: str, key: dict) -> bool:
-    stamp_path = os.path.join(os.path.dirname(lib_path), STAMP_NAME)
+    stamp_path = lib_path + STAMP_SUFFIX
     if not (os.path.isfile(lib_path) and os.path.isfile(stamp_path)):
         return False
     try:
@@ -115,6 +116,43 @@ def is_up_to_date(lib_path: str, key: dict) -> bool:
     return all(os.path.getmtime(p) <= built for p in _inputs())
 
 
+def _compile(name: str, nvcc: str, flags: list[str], srcs: list[str], out_dir: str, quiet: bool,
+             force: bool, what: str) -> str:
+    """nvcc flags srcs -o out_dir/name, unless the stamp and mtimes say it is up to date."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    lib_path = os.path.join(out_dir, name)
+    key = {"nvcc": nvcc, "flags": flags, "sources": [os.path.relpath(s, HERE) for s in srcs]}
+    if not force and is_up_to_date(lib_path, key):
+        return lib_path
+    if not quiet:
+        print(f"grpo_core: building {name} ({what}) with {nvcc} ...", file=sys.stderr)
+    tmp_path = os.path.join(out_dir, f".{name}.{os.getpid()}.tmp")
+    threads = ["--threads", str(min(8, os.cpu_count() or 1))]  # parallel over -gencode targets
+    cmd = [nvcc, *flags, *threads, *srcs, "-o", tmp_path]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise RuntimeError(f"nvcc failed (exit {proc.returncode}) building {name}:\n"
+                           f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    os.replace(tmp_path, lib_path)  # atomic: a process that loaded the old file keeps its inode
+    with open(lib_path + STAMP_SUFFIX, "w") as f:
+        json.dump(key, f, indent=1)
+    if not quiet:
+        print(f"grpo_core: built {lib_path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return lib_path
+
+
+def _nvcc_or_warn() -> str | None:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        print("grpo_core: warning: nvcc not found (set NVCC or CUDA_HOME); CUDA library not built",
+              file=sys.stderr)
+    return nvcc
+
+
 def build(out_dir: str, quiet: bool = False, archs: list[str] | str | None = None,
           force: bool = False) -> str | None:
     """Compile csrc/*.cu into out_dir/libgrpo_core_cuda.so; return its path, or None without nvcc.
@@ -122,37 +160,23 @@ def build(out_dir: str, quiet: bool = False, archs: list[str] | str | None = Non
     archs: list like ["80"] or a spec string; default $GRPO_CORE_CUDA_ARCHS or "80;90;90a".
     Raises RuntimeError (with nvcc's output) when the compiler fails.
     """
-    nvcc = find_nvcc()
+    nvcc = _nvcc_or_warn()
     if nvcc is None:
-        print("grpo_core: warning: nvcc not found (set NVCC or CUDA_HOME); CUDA library not built",
-              file=sys.stderr)
         return None
-    archs = parse_archs(archs) if not isinstance(archs, list) else parse_archs(";".join(archs))
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    lib_path = os.path.join(out_dir, LIB_NAME)
-    tmp_path = os.path.join(out_dir, f".{LIB_NAME}.{os.getpid()}.tmp")
-    flags = nvcc_flags(archs)
-    key = _stamp_key(nvcc, flags)
-    if not force and is_up_to_date(lib_path, key):
-        return lib_path
-    if not quiet:
-        print(f"grpo_core: building {LIB_NAME} for sm_{', sm_'.join(archs)} with {nvcc} ...", file=sys.stderr)
-    threads = ["--threads", str(min(8, os.cpu_count() or 1))]  # parallel over -gencode targets
-    cmd = [nvcc, *flags, *threads, *sources(), "-o", tmp_path]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise RuntimeError(f"nvcc failed (exit {proc.returncode}) building {LIB_NAME}:\n"
-                           f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-    os.replace(tmp_path, lib_path)  # atomic: a loaded old copy keeps its own inode
-    with open(os.path.join(out_dir, STAMP_NAME), "w") as f:
-        json.dump(key, f, indent=1)
-    if not quiet:
-        print(f"grpo_core: built {lib_path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return lib_path
+    archs = parse_archs(";".join(archs) if isinstance(archs, list) else archs)
+    return _compile(LIB_NAME, nvcc, nvcc_flags(archs), sources(), out_dir, quiet, force,
+                    "sm_" + ", sm_".join(archs))
+
+
+def build_emulator(out_dir: str, quiet: bool = True, force: bool = False) -> str | None:
+    """Host-only emulation of the kernels' per-thread arithmetic (csrc/emulate/emulate.cu), for
+    CPU tests: same sources and math, no GPU needed. None without nvcc."""
+    nvcc = _nvcc_or_warn()
+    if nvcc is None:
+        return None
+    flags = ["-O2", "--std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-I{HERE}"]
+    src = [os.path.join(HERE, "emulate", "emulate.cu")]
+    return _compile(EMULATOR_NAME, nvcc, flags, src, out_dir, quiet, force, "host emulator")
 
 
 def main(argv=None) -> int:

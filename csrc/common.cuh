@@ -17,16 +17,18 @@ constexpr int kWarp = 32;
 constexpr int kVecBytes = 16;  // one 128-bit load/store per thread per step
 
 // ---- element conversions (all math is fp32; storage may be bf16/fp16) -------------------------
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+// __host__ __device__ pieces also compile into the host emulator (csrc/emulate/), which the
+// CPU tests use to check the kernels' per-thread arithmetic without a GPU.
+__host__ __device__ __forceinline__ float to_float(float x) { return x; }
+__host__ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__host__ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+template <typename T> __host__ __device__ __forceinline__ T from_float(float x);
+template <> __host__ __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);  // round to nearest even, like torch's .to(bfloat16)
 }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __host__ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 // 16 bytes of T: 4 fp32 or 8 bf16/fp16, loaded and stored as one ld/st.global.v4.
 template <typename T>
@@ -43,7 +45,7 @@ struct RowSplit {
 };
 
 template <typename T>
-__device__ __forceinline__ RowSplit split_row(const void* row, int64_t V, const void* other = nullptr) {
+__host__ __device__ __forceinline__ RowSplit split_row(const void* row, int64_t V, const void* other = nullptr) {
   constexpr int kN = Vec<T>::kN;
   const uintptr_t mis = reinterpret_cast<uintptr_t>(row) % kVecBytes;
   const bool same = other == nullptr || reinterpret_cast<uintptr_t>(other) % kVecBytes == mis;

@@ -15,70 +15,16 @@
 //
 // Deviation from the reference: exp is computed as exp2f((z − m) · log2 e) (one MUFU op); the
 // reference uses torch's expf. Differences are at the fp32 rounding level (tests hold them).
-#include "common.cuh"
+#include "softmax.cuh"
 
 namespace grpo {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
-constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ float fast_exp(float d) { return exp2f(d * kLog2e); }
-
-// Where row p = n·T + t of an (N, T, V) tensor with strides (stride_n, stride_t, 1) starts.
 struct Layout {
   int64_t T, V, stride_n, stride_t;
-  __device__ __forceinline__ int64_t offset(int64_t p) const {
-    return (p / T) * stride_n + (p % T) * stride_t;
-  }
 };
-
-// Online softmax state over some z values:  m = max z,  s = Σ e^(z − m),
-// u = Σ e^(z − m) (z − m)  (entropy only).  Then lse = m + log s and H = log s − u / s.
-struct State {
-  float m, s, u;
-};
-
-// Fold K more values into the state; one rescale per call, not per element.
-template <bool kEntropy, int K>
-__device__ __forceinline__ void absorb(State& st, const float (&z)[K]) {
-  float cm = z[0];
-#pragma unroll
-  for (int k = 1; k < K; ++k) cm = fmaxf(cm, z[k]);
-  if (cm != cm) st.s = NAN;  // all-NaN chunk: fmaxf would hide it
-  if (cm > st.m) {           // new max: s·e^(m_old − m_new); u shifts by (m_old − m_new)·s too
-    if (st.m != -INFINITY) {
-      const float c = fast_exp(st.m - cm);
-      if (kEntropy) st.u = c * (st.u + (st.m - cm) * st.s);
-      st.s *= c;
-    }
-    st.m = cm;
-  }
-  if (st.m == -INFINITY) return;  // only −inf logits so far: they add nothing
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const float d = z[k] - st.m;
-    const float e = fast_exp(d);
-    st.s += e;
-    if (kEntropy) st.u += e > 0.f ? e * d : 0.f;  // e = 0 for z = −inf: 0·(−inf) would be NaN
-  }
-}
-
-template <bool kEntropy>
-__device__ __forceinline__ void merge(State& a, const State& b) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return;  // both empty
-  const float ca = a.m == -INFINITY ? 0.f : fast_exp(a.m - m);
-  const float cb = b.m == -INFINITY ? 0.f : fast_exp(b.m - m);
-  if (kEntropy) {
-    const float ua = a.m == -INFINITY ? 0.f : ca * (a.u + (a.m - m) * a.s);
-    const float ub = b.m == -INFINITY ? 0.f : cb * (b.u + (b.m - m) * b.s);
-    a.u = ua + ub;
-  }
-  a.s = a.s * ca + b.s * cb;
-  a.m = m;
-}
 
 template <bool kEntropy>
 __device__ __forceinline__ void warp_merge(State& st) {
@@ -101,67 +47,27 @@ __device__ __forceinline__ State block_merge(State st, State* smem) {
   if (lane == 0) smem[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    st = lane < int(blockDim.x / kWarp) ? smem[lane] : State{-INFINITY, 0.f, 0.f};
+    st = lane < int(blockDim.x / kWarp) ? smem[lane] : empty_state();
     warp_merge<kEntropy>(st);
   }
   return st;
 }
 
+// One block per valid token k (grid-stride over the K tokens).
 template <typename T, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
 logprobs_fwd_kernel(const T* __restrict__ logits, Layout lay, const int64_t* __restrict__ rows,
                     const int64_t* __restrict__ labels, int64_t K, float inv_temp,
                     float* __restrict__ logp, float* __restrict__ lse, float* __restrict__ entropy) {
   __shared__ State smem[kWarp];
-  constexpr int kN = Vec<T>::kN;
   for (int64_t k = blockIdx.x; k < K; k += gridDim.x) {
-    const T* row = logits + lay.offset(rows[k]);
-    const RowSplit sp = split_row<T>(row, lay.V);
-    State st{-INFINITY, 0.f, 0.f};
-    for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x) {
-      const float z[1] = {to_float(row[j]) * inv_temp};
-      absorb<kEntropy>(st, z);
-    }
-    for (int64_t j = sp.tail + threadIdx.x; j < lay.V; j += blockDim.x) {
-      const float z[1] = {to_float(row[j]) * inv_temp};
-      absorb<kEntropy>(st, z);
-    }
-    const Vec<T>* vrow = reinterpret_cast<const Vec<T>*>(row + sp.head);
-    for (int64_t i = threadIdx.x; i < sp.nvec; i += int64_t(kUnroll) * blockDim.x) {
-      Vec<T> v[kUnroll];  // issue all loads first, then compute: kUnroll × 16 B in flight
-#pragma unroll
-      for (int r = 0; r < kUnroll; ++r)
-        if (i + r * blockDim.x < sp.nvec) v[r] = vrow[i + r * blockDim.x];
-#pragma unroll
-      for (int r = 0; r < kUnroll; ++r) {
-        if (i + r * blockDim.x >= sp.nvec) break;
-        float z[kN];
-#pragma unroll
-        for (int e = 0; e < kN; ++e) z[e] = to_float(v[r].v[e]) * inv_temp;
-        absorb<kEntropy>(st, z);
-      }
-    }
+    const T* row = logits + row_offset(rows[k], lay.T, lay.stride_n, lay.stride_t);
+    State st = thread_state<T, kEntropy>(row, lay.V, inv_temp, threadIdx.x, blockDim.x);
     st = block_merge<kEntropy>(st, smem);
-    if (threadIdx.x == 0) {
-      const float log_s = logf(st.s);
-      const float l = st.m + log_s;  // lse = m + log Σ e^(z − m)
-      lse[k] = l;
-      const int64_t y = labels[k];
-      logp[k] = (y >= 0 && y < lay.V) ? to_float(row[y]) * inv_temp - l : NAN;
-      if (kEntropy) entropy[k] = log_s - st.u / st.s;  // H = log s − Σ p (z − m)
-    }
+    if (threadIdx.x == 0)
+      finish_token<T, kEntropy>(st, row, lay.V, labels[k], inv_temp, logp + k, lse + k,
+                                kEntropy ? entropy + k : nullptr);
   }
-}
-
-// d x_j for one element; g and gh are already divided by temp.
-template <bool kEntropy>
-__device__ __forceinline__ float dlogit(float x, bool is_label, float inv_temp, float lse, float g,
-                                        float gh, float H) {
-  const float logp = x * inv_temp - lse;  // log p_j
-  const float p = fast_exp(logp);
-  float d = (is_label ? g : 0.f) - g * p;  // g (1[j = y] − p_j)
-  if (kEntropy && p > 0.f) d -= gh * p * (logp + H);  // − g_H p_j (log p_j + H)
-  return d;
 }
 
 template <typename T, bool kEntropy>
@@ -171,41 +77,15 @@ logprobs_bwd_kernel(const T* logits, Layout lay, const int64_t* __restrict__ row
                     const float* __restrict__ grad_logp, const float* __restrict__ entropy,
                     const float* __restrict__ grad_entropy, int64_t K, float inv_temp, T* grad,
                     int64_t gstride_n, int64_t gstride_t) {
-  // logits and grad may alias (in-place backward): every element is read, then written, by the
-  // same thread, so no __restrict__ on them and no hazard.
-  constexpr int kN = Vec<T>::kN;
+  // logits and grad may alias (in-place backward), hence no __restrict__ on them.
   for (int64_t k = blockIdx.x; k < K; k += gridDim.x) {
     const int64_t p = rows[k];
-    const T* row = logits + lay.offset(p);
-    T* grow = grad + (p / lay.T) * gstride_n + (p % lay.T) * gstride_t;
-    const int64_t y = labels[k];
-    const float l = lse[k], g = grad_logp[k] * inv_temp;
+    const T* row = logits + row_offset(p, lay.T, lay.stride_n, lay.stride_t);
+    T* grow = grad + row_offset(p, lay.T, gstride_n, gstride_t);
     const float gh = kEntropy ? grad_entropy[k] * inv_temp : 0.f;
     const float H = kEntropy ? entropy[k] : 0.f;
-    const RowSplit sp = split_row<T>(row, lay.V, grow);
-    for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x)
-      grow[j] = from_float<T>(dlogit<kEntropy>(to_float(row[j]), j == y, inv_temp, l, g, gh, H));
-    for (int64_t j = sp.tail + threadIdx.x; j < lay.V; j += blockDim.x)
-      grow[j] = from_float<T>(dlogit<kEntropy>(to_float(row[j]), j == y, inv_temp, l, g, gh, H));
-    const Vec<T>* vrow = reinterpret_cast<const Vec<T>*>(row + sp.head);
-    Vec<T>* vgrow = reinterpret_cast<Vec<T>*>(grow + sp.head);
-    for (int64_t i = threadIdx.x; i < sp.nvec; i += int64_t(kUnroll) * blockDim.x) {
-      Vec<T> v[kUnroll];
-#pragma unroll
-      for (int r = 0; r < kUnroll; ++r)
-        if (i + r * blockDim.x < sp.nvec) v[r] = vrow[i + r * blockDim.x];
-#pragma unroll
-      for (int r = 0; r < kUnroll; ++r) {
-        const int64_t vi = i + r * blockDim.x;
-        if (vi >= sp.nvec) break;
-        const int64_t j0 = sp.head + vi * kN;  // column of the first element of this vector
-#pragma unroll
-        for (int e = 0; e < kN; ++e)
-          v[r].v[e] = from_float<T>(
-              dlogit<kEntropy>(to_float(v[r].v[e]), j0 + e == y, inv_temp, l, g, gh, H));
-        vgrow[vi] = v[r];
-      }
-    }
+    thread_grad<T, kEntropy>(row, grow, lay.V, labels[k], inv_temp, lse[k], grad_logp[k] * inv_temp,
+                             gh, H, threadIdx.x, blockDim.x);
   }
 }
 

@@ -83,11 +83,12 @@ def _open(path: str) -> ctypes.CDLL:
     return lib
 
 
-def load_library(path: str | None = None) -> ctypes.CDLL | None:
-    """The loaded library, or None (then ``library_error()`` says why). ``path`` forces a file."""
+def load_library(path: str | None = None, reload: bool = False) -> ctypes.CDLL | None:
+    """The loaded library, or None (then ``library_error()`` says why). ``path`` forces a file;
+    ``reload`` searches the default places again (tests)."""
     global _lib, _lib_error, _tried
     with _lock:
-        if _tried and path is None:
+        if _tried and path is None and not reload:
             return _lib
         candidates = [path] if path else library_candidates()
         found = [p for p in candidates if os.path.isfile(p)]
