@@ -29,7 +29,13 @@ import torch
 from grpo_core.policy import Prompt
 from models import policy_utils as pu
 from models.qwen2_vl_encode import (
-    VISION_TOKENS, Qwen2VLEncoded, expand_image_pads, left_pad, load_image, process_images, render_prompt,
+    VISION_TOKENS,
+    Qwen2VLEncoded,
+    expand_image_pads,
+    left_pad,
+    load_image,
+    process_images,
+    render_prompt,
 )
 
 
@@ -76,7 +82,11 @@ class Qwen2VLPolicy:
         flash_attn imports (CUDA, 16-bit), else sdpa. lora: peft LoraConfig kwargs (vision tower
         excluded unless ``include_vision=True``). min/max_pixels override the image processor.
         """
-        from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
+        from transformers import (
+            AutoModelForImageTextToText,
+            AutoTokenizer,
+            Qwen2VLImageProcessorPil,
+        )
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dt = pu.default_dtype(dtype, dev)

@@ -60,7 +60,7 @@ def _corpus() -> list[str]:
         lines.append(f"What abnormality is seen in this {mod} image of the {organ}? The image shows {finding}.")
         lines.append(f"Question: Which modality is used? Options: A. {mod} B. MRI C. CT D. X-ray")
     for i, (q, letter) in enumerate(itertools.product(quadrants, "ABCD")):
-        lines.append(f"Where is the lesion located? A. upper left B. upper right C. lower left D. lower right")
+        lines.append("Where is the lesion located? A. upper left B. upper right C. lower left D. lower right")
         lines.append(f"<think>The lesion appears in the {q} quadrant of the scan.</think><answer>{letter}</answer>")
         lines.append(f"The answer is {letter}. The correct option is {letter}. Answer: {letter}")
         lines.append(f"Yes, the reasoning is clinically sound. No, it is not. Score: {i % 2}")

@@ -14,7 +14,6 @@ from PIL import Image
 
 from grpo_core.policy import Policy, Prompt
 from models.qwen2_vl import Qwen2VLPolicy
-from models.text_lm import TextLMPolicy
 
 
 def _img(w, h, seed=0, mode="RGB"):
@@ -356,3 +355,17 @@ def test_gradient_checkpointing_same_values_and_grads(tiny_vlm_path):
     assert_close(out[0][0], out[1][0], 1e-6, "hidden with checkpointing")
     for k, g in out[0][1].items():
         assert_close(g, out[1][1][k], 1e-5 * (1 + g.abs().max()), k)
+
+
+def test_freeze_vision_and_pixel_overrides(tiny_vlm_path, tmp_path):
+    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", freeze_vision=True, max_pixels=112 * 112,
+                                        min_pixels=84 * 84)
+    enc = pol.encode([Prompt("x", [_img(224, 224)]), Prompt("y", [_img(20, 20)])])
+    assert enc.image_grid_thw.tolist() == [[1, 8, 8], [1, 6, 6]]       # capped at 112², raised to 84²
+    ids = torch.randint(10, 500, (2, 3), generator=torch.Generator().manual_seed(0))
+    pol.completion_hidden(enc, ids, torch.ones_like(ids), 1).sum().backward()
+    grads = {k: p.grad for k, p in pol.model.named_parameters()}
+    assert all(g is None for k, g in grads.items() if ".visual." in k)
+    assert all(g is not None for k, g in grads.items() if ".language_model.layers." in k)
+    pol.save_pretrained(str(tmp_path / "p"))                            # the overrides are saved too
+    assert Qwen2VLPolicy.from_pretrained(str(tmp_path / "p"), device="cpu").image_processor.size["longest_edge"] == 112 * 112
