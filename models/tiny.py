@@ -64,6 +64,7 @@ def _corpus() -> list[str]:
         lines.append(f"<think>The lesion appears in the {q} quadrant of the scan.</think><answer>{letter}</answer>")
         lines.append(f"The answer is {letter}. The correct option is {letter}. Answer: {letter}")
         lines.append(f"Yes, the reasoning is clinically sound. No, it is not. Score: {i % 2}")
+        lines.append("Is the reasoning clinically sound? Yes. Is the answer wrong? No. Judge: Yes No")
     terms = ("pneumonia pneumothorax atelectasis cardiomegaly consolidation opacity infiltrate emphysema "
              "glioma meningioma aneurysm stenosis thrombosis embolism carcinoma adenoma metastasis lymphoma "
              "hepatomegaly splenomegaly cirrhosis steatosis hydronephrosis nephrolithiasis appendicitis "

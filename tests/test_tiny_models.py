@@ -13,7 +13,7 @@ def tok(tiny_vlm_path):
 
 
 def test_special_tags_and_letters_are_single_tokens(tok):
-    for t in SPECIAL_TOKENS + TAG_TOKENS + ["A", "B", "C", "D", " A", " B", " C", " D"]:
+    for t in SPECIAL_TOKENS + TAG_TOKENS + ["A", "B", "C", "D", " A", " B", " C", " D", "Yes", "No", " Yes", " No"]:
         ids = tok.encode(t, add_special_tokens=False)
         assert len(ids) == 1, f"{t!r} → {tok.convert_ids_to_tokens(ids)}"
     assert 400 <= len(tok) <= 2048
