@@ -32,5 +32,18 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check grpo_core models bench tests examples
 
+# The CUDA library (csrc/) into build/cuda/, where grpo_core/kernels/cuda.py finds it. Plain
+# Python + nvcc; GRPO_CORE_CUDA_ARCHS="80;90a" picks architectures (default 80;90;90a).
+cuda:
+	$(PYTHON) csrc/build_cuda.py --out build/cuda
+
+# GPU tier of the CUDA kernels under compute-sanitizer memcheck (needs a GPU and the CUDA toolkit's
+# compute-sanitizer; COMPUTE_SANITIZER=/path overrides). No caching allocator: every tensor is
+# its own allocation, so an out-of-bounds access cannot hide inside a cached block.
+memcheck: cuda $(STAMP)
+	GRPO_CORE_CUDA_LIB=build/cuda/libgrpo_core_cuda.so PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+	$${COMPUTE_SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 \
+	$(PY) -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py
+
 clean:
 	rm -rf build grpo_core/kernels/_lib *.egg-info
