@@ -1,0 +1,134 @@
+"""`grpo train|sft|eval|demo`: the command line over configs, data, policy, trainers and eval.
+
+    grpo train --config examples/configs/pmc_vqa_grpo_instruct.yaml run.steps=500
+    grpo sft   --config examples/configs/synthetic_sft.yaml
+    grpo eval  --config examples/configs/synthetic_grpo.yaml model.path=runs/grpo/ckpt-000100/policy
+    grpo demo  [--seed 0] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .config import TrainConfig, load_config
+
+
+def build_records(cfg: TrainConfig):
+    """(train records, held-out records) for ``cfg.data``."""
+    from . import data as D
+
+    d, seed = cfg.data, cfg.run.seed
+    if d.source == "synthetic":
+        train = D.make_synthetic_vqa(d.train_size, seed=seed, image_size=d.image_size, task=d.synthetic_task)
+        held = D.make_synthetic_vqa(d.eval_size, seed=seed + 1_000_000, image_size=d.image_size, task=d.synthetic_task)
+        return train, held
+    records = list(D.load_dataset(d.source, format=d.format, split=d.split, skip_bad=d.skip_bad))
+    if d.limit:
+        records = records[: d.limit]
+    if d.eval_source:
+        held = list(D.load_dataset(d.eval_source, format=d.format, skip_bad=d.skip_bad))
+        return records, held
+    if len(records) <= d.eval_size:
+        raise ValueError(f"data: {len(records)} records cannot spare data.eval_size={d.eval_size} for held-out eval; "
+                         "set data.eval_source or a smaller data.eval_size")
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = [records[i] for i in perm[: d.eval_size]]
+    train = [records[i] for i in perm[d.eval_size:]]
+    return train, held
+
+
+def make_eval_fn(cfg: TrainConfig, records, progress=False):
+    from .eval import evaluate
+
+    def fn(policy):
+        res = evaluate(policy, records[: cfg.run.eval_size or len(records)], template=cfg.data.prompt,
+                       max_new_tokens=cfg.rollout.max_new_tokens, progress=progress)
+        return {"accuracy": res.accuracy, "format_rate": res.format_rate}
+    return fn
+
+
+def cmd_train(cfg: TrainConfig) -> int:
+    from .factory import load_policy
+    from .plotting import plot_history
+    from .trainer import GRPOTrainer
+
+    torch.manual_seed(cfg.run.seed)
+    policy = load_policy(cfg.model, seed=cfg.run.seed)
+    train, held = build_records(cfg)
+    eval_fn = make_eval_fn(cfg, held)
+    trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn)
+    history = trainer.train()
+    trainer.save()
+    final = make_eval_fn(cfg, held, progress=cfg.run.progress)(policy)
+    print(json.dumps({"final_eval": final}, indent=2))
+    if history:
+        plot_history(history, os.path.join(cfg.run.output_dir, "curves.png"))
+    return 0
+
+
+def cmd_sft(cfg: TrainConfig) -> int:
+    from .factory import load_policy
+    from .sft import SFTTrainer
+    from .trainer import _default_prompt_fn
+
+    torch.manual_seed(cfg.run.seed)
+    policy = load_policy(cfg.model, seed=cfg.run.seed)
+    train, held = build_records(cfg)
+    SFTTrainer(policy, train, cfg.sft, _default_prompt_fn(cfg), cfg.data.prompt, cfg.run.seed).train(progress=cfg.run.progress)
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    policy.save_pretrained(os.path.join(cfg.run.output_dir, "policy"))
+    print(json.dumps({"final_eval": make_eval_fn(cfg, held, progress=cfg.run.progress)(policy)}, indent=2))
+    return 0
+
+
+def cmd_eval(cfg: TrainConfig, out: str | None) -> int:
+    from .eval import evaluate
+    from .factory import load_policy
+
+    policy = load_policy(cfg.model, seed=cfg.run.seed)
+    _, held = build_records(cfg)
+    res = evaluate(policy, held[: cfg.run.eval_size or len(held)], template=cfg.data.prompt,
+                   max_new_tokens=cfg.rollout.max_new_tokens, progress=cfg.run.progress)
+    print(res.table())
+    if out:
+        res.to_json(out)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="grpo", description="GRPO for medical VQA on vision-language models")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("train", "sft", "eval"):
+        p = sub.add_parser(name)
+        p.add_argument("--config", help="YAML config (see examples/configs/)")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        if name == "eval":
+            p.add_argument("--out", help="write the eval result JSON here")
+    p = sub.add_parser("demo", help="the CPU demo: tiny Qwen2-VL learns the synthetic scan task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--grpo-seconds", type=float, default=None, help="GRPO wall-time budget")
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "demo":
+            from .demo import run_demo
+            return run_demo(seed=args.seed, out=args.out, grpo_seconds=args.grpo_seconds, quick=args.quick)
+        cfg = load_config(args.config, args.overrides)
+        if args.cmd == "train":
+            return cmd_train(cfg)
+        if args.cmd == "sft":
+            return cmd_sft(cfg)
+        return cmd_eval(cfg, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"grpo {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

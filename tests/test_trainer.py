@@ -1,0 +1,189 @@
+"""GRPO trainer on the tiny Qwen2-VL: a few real steps, μ > 1, β = 0, resume, crash-safe saves."""
+
+import os
+
+import pytest
+import torch
+
+import grpo_core.checkpoint as ckpt_mod
+import grpo_core.trainer as trainer_mod
+from grpo_core.checkpoint import latest_checkpoint, load_checkpoint
+from grpo_core.config import TrainConfig
+from grpo_core.data import make_synthetic_vqa
+from grpo_core.rewards import RewardSpec
+from grpo_core.trainer import GRPOTrainer
+
+
+def _cfg(tmp_path, **grpo):
+    cfg = TrainConfig()
+    cfg.data.prompt = "nothink"
+    cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens = 4, 2, 4
+    cfg.grpo.beta = 0.0
+    for k, v in grpo.items():
+        setattr(cfg.grpo, k, v)
+    cfg.optim.lr = 1e-3
+    cfg.run.steps, cfg.run.output_dir, cfg.run.progress, cfg.run.resume = 3, str(tmp_path / "run"), False, False
+    return cfg
+
+
+def _policy(path):
+    from models.qwen2_vl import Qwen2VLPolicy
+
+    return Qwen2VLPolicy.from_pretrained(path, dtype=torch.float32, device="cpu")
+
+
+def vowel_reward(completions, records):
+    """Toy reward: 1 when the completion text starts with a vowel (decided by the first token)."""
+    return [float(t[:1].lower() in "aeiou") for t in completions]
+
+
+def expected_vowel_reward(policy, records):
+    """Exact E[vowel_reward] under the policy: first-token probability mass on vowel-initial tokens."""
+    from grpo_core.data import record_to_prompt
+
+    tok = policy.tokenizer
+    starts = torch.tensor([tok.decode([i])[:1].lower() in "aeiou" for i in range(policy.vocab_size)])
+    enc = policy.encode([record_to_prompt(r, template="nothink")[0] for r in records])
+    with torch.no_grad():
+        logits, _ = policy.prefill(enc)                                     # (B, V)
+        probs = torch.softmax(logits + policy.lm_head_bias, -1)
+    return probs[:, starts].sum(-1).mean().item()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return make_synthetic_vqa(24, seed=3)
+
+
+def test_steps_run_and_learn_a_toy_reward(tiny_vlm_path, records, tmp_path):
+    policy = _policy(tiny_vlm_path)
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    start = expected_vowel_reward(policy, records[-6:])
+    cfg = _cfg(tmp_path)
+    cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens = 8, 4, 2
+    cfg.run.steps, cfg.optim.lr = 8, 2e-2
+    tr = GRPOTrainer(policy, records[:-6], cfg, reward_specs=[RewardSpec("vowels", vowel_reward, 1.0)])
+    hist = tr.train()
+    assert len(hist) == 8
+    for key in ("loss", "reward", "reward/vowels", "kl", "clip_low_frac", "clip_high_frac", "entropy",
+                "completion_len", "completion_len_max", "truncated_frac", "zero_std_frac", "tokens_per_s",
+                "time_rollout", "time_scoring", "time_update", "grad_norm", "lr"):
+        assert key in hist[-1], key
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in hist)
+    assert any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+    # learning, measured exactly (no sampling noise) on held-out prompts
+    after = expected_vowel_reward(policy, records[-6:])
+    assert after > start + 0.05, (start, after)
+    lines = open(os.path.join(cfg.run.output_dir, "metrics.jsonl")).read().splitlines()
+    assert len(lines) == 8
+
+
+def test_mu_gt_1_uses_old_logprobs(tiny_vlm_path, records, tmp_path, monkeypatch):
+    seen = []
+    real = trainer_mod.fused_linear_grpo_loss
+
+    def spy(*args, **kw):
+        loss, m = real(*args, **kw)
+        seen.append((args[3] is not None, m["ratio_mean"].item()))
+        return loss, m
+
+    monkeypatch.setattr(trainer_mod, "fused_linear_grpo_loss", spy)
+    cfg = _cfg(tmp_path, mu=2)
+    cfg.run.steps = 1
+    GRPOTrainer(_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)]).train()
+    assert len(seen) == 2 and all(has_old for has_old, _ in seen)
+    assert seen[0][1] == pytest.approx(1.0, abs=1e-5)      # first pass: π = π_old
+    assert abs(seen[1][1] - 1.0) > 1e-6                     # after one optimizer step the ratio moved
+
+
+def test_beta_zero_builds_no_reference(tiny_vlm_path, records, tmp_path, monkeypatch):
+    calls = []
+    policy = _policy(tiny_vlm_path)
+    monkeypatch.setattr(trainer_mod.copy, "deepcopy", lambda *a, **k: calls.append(1))
+    tr = GRPOTrainer(policy, records, _cfg(tmp_path, beta=0.0))
+    assert tr.ref_policy is None and not calls
+
+
+def test_beta_positive_reference_is_frozen_copy(tiny_vlm_path, records, tmp_path):
+    policy = _policy(tiny_vlm_path)
+    cfg = _cfg(tmp_path, beta=0.1)
+    cfg.run.steps = 2
+    tr = GRPOTrainer(policy, records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    ref_before = {k: v.clone() for k, v in tr.ref_policy.model.state_dict().items()}
+    hist = tr.train()
+    assert all(not p.requires_grad for p in tr.ref_policy.model.parameters())
+    assert all(torch.equal(ref_before[k], v) for k, v in tr.ref_policy.model.state_dict().items())
+    assert hist[-1]["kl"] > 0  # the policy moved away from its frozen reference
+
+
+def _weights(policy):
+    return {k: v.clone() for k, v in policy.model.state_dict().items()}
+
+
+def test_resume_equals_uninterrupted(tiny_vlm_path, records, tmp_path):
+    specs = [RewardSpec("v", vowel_reward, 1.0)]
+    cfg = _cfg(tmp_path / "a", mu=2)
+    cfg.run.steps = 4
+    full = GRPOTrainer(_policy(tiny_vlm_path), records, cfg, reward_specs=specs)
+    hist_full = full.train()
+
+    cfg2 = _cfg(tmp_path / "b", mu=2)
+    cfg2.run.steps = 2
+    part = GRPOTrainer(_policy(tiny_vlm_path), records, cfg2, reward_specs=specs)
+    part.train()
+    part.save()
+    cfg2.run.steps, cfg2.run.resume = 4, True
+    resumed = GRPOTrainer(_policy(tiny_vlm_path), records, cfg2, reward_specs=specs)
+    hist_res = resumed.train()            # finds ckpt-000002 and continues at step 3
+    assert [m["step"] for m in hist_res] == [3, 4]
+    for a, b in zip(hist_full[2:], hist_res):
+        assert a["reward"] == b["reward"] and a["loss"] == pytest.approx(b["loss"], abs=1e-7)
+    wa, wb = _weights(full.policy), _weights(resumed.policy)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tiny_vlm_path, records, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    cfg.run.steps = 1
+    tr = GRPOTrainer(_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    tr.train()
+    good = tr.save()
+    saved = _weights(tr.policy)
+    tr.step_idx += 1
+    with torch.no_grad():
+        for p in tr.policy.model.parameters():
+            p.add_(1.0)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("killed while writing trainer_state.pt")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    monkeypatch.undo()
+    assert latest_checkpoint(cfg.run.output_dir) == good          # the half-written one is ignored
+    fresh = _policy(tiny_vlm_path)
+    state = load_checkpoint(good, fresh)
+    assert state["step"] == 1
+    w = _weights(fresh)
+    assert all(torch.equal(w[k], saved[k]) for k in w)
+
+
+def test_checkpoint_policy_loads_with_transformers(tiny_vlm_path, records, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    cfg = _cfg(tmp_path)
+    cfg.run.steps = 1
+    tr = GRPOTrainer(_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    tr.train()
+    path = tr.save()
+    hf = AutoModelForImageTextToText.from_pretrained(os.path.join(path, "policy"))
+    ours = tr.policy.model.state_dict()
+    theirs = hf.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k in theirs)
+    assert len(set(ours) & set(theirs)) >= len(ours) - 1
+
+
+def test_too_few_records_is_an_error(tiny_vlm_path, tmp_path):
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        GRPOTrainer(_policy(tiny_vlm_path), make_synthetic_vqa(1, seed=0), _cfg(tmp_path))
