@@ -19,8 +19,15 @@ Deviations / choices, stated once:
     the top-k threshold are all kept (same as HF).
   - Greedy ignores the filters (argmax is inside every one of them) but still records the
     log-prob at temperature T.
-  - ``seed=None`` draws from torch's global RNG (so ``torch.manual_seed`` makes a run, and HF
-    ``generate`` with the same processors, reproducible); a seed gives a private generator.
+  - Draws use the inverse CDF: one uniform u per row, y = first id whose cumulative probability
+    exceeds u·total. That needs N random numbers per step, where ``torch.multinomial`` (an
+    exponential race) draws N·V of them: ~13× cheaper at V = 1k and ~20× at V = 152k on CPU,
+    the largest per-step cost of the sampler. Consequence: the same seed does not reproduce HF
+    ``generate``'s sample stream (greedy still matches token for token). The fp32 cumulative sum
+    gives a token a zero-width interval only when its probability is below ~1e-7 of the row's
+    mass; tokens of probability 0 (−inf scores) are never drawn.
+  - ``seed=None`` draws from torch's global RNG (``torch.manual_seed`` makes a run reproducible);
+    a seed gives a private generator.
 """
 
 from __future__ import annotations
@@ -148,4 +155,17 @@ def _draw(scores: torch.Tensor, cfg: SamplingConfig, lse: torch.Tensor, generato
         probs = torch.softmax(filtered, dim=-1)                           # (N, V)
     else:
         probs = (scores - lse[:, None]).exp_()                            # (N, V) softmax, lse reused
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (N,)
+    return draw_inverse_cdf(probs, generator)                              # (N,)
+
+
+def draw_inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row with P(j) ∝ weights[:, j] ≥ 0 (need not sum to 1; consumed in place).
+
+    cdf_j = Σ_{i≤j} w_i,  u ~ U[0, cdf_V),  y = min{j : cdf_j > u}.  A zero-weight id j has
+    cdf_j = cdf_{j−1}, so it is never the first to exceed u.
+    """
+    cdf = weights.cumsum_(-1)                                             # (N, V) in place
+    total = cdf[:, -1:]                                                   # (N, 1)
+    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # rounding: keep u < total
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)             # (N,)

@@ -8,6 +8,7 @@ import torch
 from grpo_core.sampling import (
     SamplingConfig,
     apply_temperature,
+    draw_inverse_cdf,
     make_generator,
     min_p_filter,
     sample_next,
@@ -160,3 +161,14 @@ def test_logprob_of_certain_token_is_zero():
     logits[:, 3] = 0.0
     tok, lp = sample_next(logits, SamplingConfig(seed=0), make_generator(SamplingConfig(seed=0), "cpu"))
     assert tok.tolist() == [3, 3] and lp.abs().max() < 1e-6 and not math.isnan(lp.sum())
+
+
+def test_inverse_cdf_never_draws_zero_weight_ids_and_follows_weights():
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([[0.0, 2.0, 0.0, 6.0, 0.0],     # unnormalised, zeros between and at both ends
+                      [0.0, 0.0, 0.0, 0.0, 1e-3],    # all mass on the last id
+                      [5.0, 0.0, 0.0, 0.0, 0.0]])    # all mass on the first id
+    draws = torch.stack([draw_inverse_cdf(w.clone(), g) for _ in range(4000)])  # (4000, 3)
+    assert set(draws[:, 0].tolist()) == {1, 3}
+    assert (draws[:, 1] == 4).all() and (draws[:, 2] == 0).all()
+    assert abs((draws[:, 0] == 3).float().mean().item() - 0.75) < 0.03
