@@ -229,15 +229,13 @@ class _TokenLogprobsCuda(torch.autograd.Function):
         g_k = (grad_logp.reshape(-1)[rows].float().contiguous() if grad_logp is not None
                else lse_k.new_zeros(K))                               # (K,) dLoss/dlogp
         g_ent_k = grad_ent.reshape(-1)[rows].float().contiguous() if grad_ent is not None else None
-        if ctx.inplace:
-            grad = logits  # rows not in `rows` must read 0: clear them first
+        # (N, T, V): the logits buffer itself, or a new one; the kernel writes the K counted rows,
+        # the others are zeroed here (only they: no full memset under the kernel's writes).
+        grad = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        if K < N * T:
             skip = torch.ones(N * T, dtype=torch.bool, device=logits.device)
             skip[rows] = False
             grad[skip.view(N, T)] = 0
-        elif K == N * T:
-            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # every row written
-        else:
-            grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
         _launch_bwd(logits, rows, ys, lse_k, g_k, ent_k if g_ent_k is not None else None, g_ent_k,
                     ctx.temperature, grad)
         return grad, None, None, None, None, None
