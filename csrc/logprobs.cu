@@ -13,6 +13,10 @@
 // Cost per valid token: forward reads V elements, writes 2–3 floats; backward reads V and writes
 // V elements (ideal fused traffic: 6 bytes per bf16 logit for forward + backward).
 //
+// What one thread does with its share of a row (split, vectors, online softmax, backward formula)
+// lives in softmax.cuh, shared with the host emulator the CPU tests run; this file adds the block
+// merge, the kernels and the C launchers.
+//
 // Deviation from the reference: exp is computed as exp2f((z − m) · log2 e) (one MUFU op); the
 // reference uses torch's expf. Differences are at the fp32 rounding level (tests hold them).
 #include "softmax.cuh"
