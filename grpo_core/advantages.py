@@ -47,15 +47,18 @@ def group_advantages(
     _check_rewards(rewards, group_size)
     if scale not in SCALES:
         raise ValueError(f"group_advantages: scale must be one of {SCALES}, got {scale!r}")
-    r = rewards.float().view(-1, group_size)                      # (B, G)
+    # fp64 inside: an fp32 mean of equal values can be an ulp off, which 1/eps would magnify
+    r = rewards.double().view(-1, group_size)                     # (B, G)
     centered = r - r.mean(dim=1, keepdim=True)                     # (B, G)
+    flat = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    centered = centered.masked_fill(flat, 0.0)                     # equal rewards → exactly 0
     if scale == "none":
-        return centered.view(-1)
+        return centered.view(-1).float()
     if scale == "group":
         std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])  # (B, 1)
     else:
-        std = r.std() if r.numel() > 1 else torch.zeros((), device=r.device)               # ()
-    return (centered / (std + eps)).view(-1)                       # (N,)
+        std = r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype, device=r.device)  # ()
+    return (centered / (std + eps)).view(-1).float()               # (N,) fp32
 
 
 def group_reward_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

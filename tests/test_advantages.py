@@ -94,3 +94,12 @@ def test_groups_sum_to_zero(b, g, scale, data):
 def test_group_reward_std():
     std = group_reward_std(torch.tensor([1.0, 1.0, 0.0, 2.0]), 2)
     torch.testing.assert_close(std, torch.tensor([0.0, math.sqrt(2.0)]))
+
+
+def test_equal_rewards_exactly_zero_where_fp32_mean_is_inexact():
+    # 33 × 0.7 in fp32: the fp32 mean is an ulp off 0.7, and /eps would turn that into ~6e-4
+    r = torch.full((33,), 0.7)
+    assert torch.equal(group_advantages(r, 33), torch.zeros(33))
+    mixed = torch.cat([torch.full((33,), 0.7), torch.arange(33.0)])
+    a = group_advantages(mixed, 33)
+    assert torch.equal(a[:33], torch.zeros(33)) and a[33:].abs().max() > 1
