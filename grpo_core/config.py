@@ -103,6 +103,14 @@ class RunConfig:
 
 
 @dataclass
+class DistConfig:
+    mode: str = "none"                  # "none" | "ddp" (replicated model) | "fsdp2" (fully_shard; models that don't fit one GPU)
+    backend: str = "auto"               # "auto" = nccl on GPU, gloo on CPU | "nccl" | "gloo"
+    timeout_s: float = 600.0            # collective timeout: a dead or stalled rank ends the job after this
+    reshard_after_forward: bool = True  # fsdp2: free gathered params after forward (False = more memory, less comm)
+
+
+@dataclass
 class SFTConfig:
     target: str = "answer"              # "answer" (<answer>X</answer>) or "reasoning" (needs record.extra["reasoning"])
     steps: int = 100
@@ -122,6 +130,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> "TrainConfig":
         choices = {
@@ -132,6 +141,7 @@ class TrainConfig:
             "grpo.ref": ("auto", "copy", "adapters"), "grpo.backend": ("auto", "torch", "triton", "cuda"),
             "optim.schedule": ("constant", "cosine", "linear"), "data.prompt": ("think", "nothink", "direct"),
             "sft.target": ("answer", "reasoning"),
+            "dist.mode": ("none", "ddp", "fsdp2"), "dist.backend": ("auto", "nccl", "gloo"),
         }
         for key, allowed in choices.items():
             sec, name = key.split(".")
@@ -150,6 +160,8 @@ class TrainConfig:
             raise ValueError(f"config: rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
         if self.grpo.kl_placement == "reward" and self.grpo.beta == 0:
             raise ValueError("config: grpo.kl_placement='reward' needs grpo.beta > 0")
+        if self.dist.timeout_s <= 0:
+            raise ValueError(f"config: dist.timeout_s must be > 0, got {self.dist.timeout_s}")
         if not self.grpo.rewards:
             raise ValueError("config: grpo.rewards is empty; name at least one reward (e.g. accuracy)")
         return self

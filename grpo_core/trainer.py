@@ -18,6 +18,10 @@ How this departs from the GRPO paper (DeepSeekMath), one line each:
   - Groups whose G rewards are all equal carry zero advantage; they are always counted, and
     dropped from the update when ``grpo.skip_zero_std_groups`` (saves compute, same gradient
     except through the KL term).
+  - Data parallel (``dist.mode`` ddp / fsdp2, see grpo_core.distributed): each rank rolls out its
+    own B/W prompts, rewards are all-gathered for the advantages, the loss denominators are the
+    all-reduced counts of the step and each rank back-propagates W·loss, so W ranks give exactly
+    the single-process gradient of the concatenated batch. Only rank 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from contextlib import nullcontext
 
 import torch
 
+from . import distributed as D
 from .advantages import group_advantages, group_reward_std
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .kernels import fused_linear_grpo_loss, linear_token_logprobs
 from .loss import kl_penalized_rewards
@@ -98,6 +103,12 @@ class GRPOTrainer:
         self.prompt_fn = prompt_fn or _default_prompt_fn(cfg)
         self.specs = reward_specs or rewards_from_config(cfg.grpo.rewards)
         self.ref_policy = self._make_reference(ref_policy)
+        if cfg.rollout.prompts_per_step % D.world():
+            raise ValueError(f"GRPOTrainer: rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not a multiple "
+                             f"of the {D.world()} ranks; each rank takes an equal share of whole groups")
+        # data parallelism: wrap (DDP / FSDP2 or nothing) before the optimizer sees the parameters
+        self.par = D.Parallel(policy, D.mode(), reshard_after_forward=cfg.dist.reshard_after_forward)
+        self.ref_par = D.Parallel(self.ref_policy, D.mode(), trainable=False) if hasattr(self.ref_policy, "model") else None
         total_opt_steps = cfg.run.steps * cfg.grpo.mu
         self.optimizer = make_optimizer(policy.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, total_opt_steps, cfg.optim.schedule)
@@ -142,15 +153,15 @@ class GRPOTrainer:
         t0 = time.perf_counter()
 
         # 1. rollout: B prompts, G completions each, prompt prefilled once per group
-        records = self._next_records()
+        records = D.shard(self._next_records())          # this rank's B/W prompts of the step's batch
         prompts, records = self.prompt_fn(records)
         sampling = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                                   top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                                   max_batch_sequences=cfg.rollout.max_batch_sequences,
-                                  seed=int(self._generator(1).initial_seed()))
+                                  seed=int(self._generator(1 + 1000 * D.rank()).initial_seed()))   # (seed, step, rank)
         self.policy.model.eval()
-        with torch.no_grad(), self.autocast:
-            ro = generate_groups(self.policy, prompts, G, sampling)
+        with self.autocast:
+            ro = self.par.infer(generate_groups, self.policy, prompts, G, sampling, gather_all=True)
         enc, ids, mask = ro.encoded, ro.completion_ids, ro.completion_mask.to(torch.float32)   # (N, C)
         t1 = time.perf_counter()
 
@@ -160,10 +171,14 @@ class GRPOTrainer:
         total = total.to(self.device)
         ref_lp = self._ref_logprobs(enc, ids, mask, G)                                         # (N, C) | None
         if g.kl_placement == "reward":
-            cur_lp = completion_logprobs(self.policy, enc, ids, mask, G, cfg.rollout.temperature, g.backend, g.micro_batch_prompts)
+            with self.autocast:
+                cur_lp = self.par.infer(completion_logprobs, self.policy, enc, ids, mask, G, cfg.rollout.temperature,
+                                        g.backend, g.micro_batch_prompts)
             total = kl_penalized_rewards(total, cur_lp, ref_lp, mask, g.beta, g.kl)
-        adv = group_advantages(total, G, scale=g.adv_scale)                                    # (N,)
-        zero_std = group_reward_std(total, G) == 0                                             # (B,)
+        total_all, own = D.gather_rows(total)            # (N_all,) every rank's rewards, rank order
+        adv = group_advantages(total_all, G, scale=g.adv_scale)[own]                           # (N,)
+        zero_std_all = group_reward_std(total_all, G) == 0                                     # (B_all,)
+        zero_std = zero_std_all[own.start // G: own.stop // G]                                 # (B,)
         t2 = time.perf_counter()
 
         # 3. update: μ optimizer steps over the same rollouts
@@ -172,16 +187,19 @@ class GRPOTrainer:
         t3 = time.perf_counter()
 
         self.step_idx += 1
+        # per-row statistics of every rank (N_all, 2 + R): metrics of the whole batch
+        rows, _ = D.gather_rows(torch.stack([ro.completion_mask.sum(1).float(), ro.truncated.float(),
+                                             *[c.float() for c in columns.values()]], 1))
+        lens = rows[:, 0]
         m = {"step": self.step_idx, "lr": self.scheduler.get_last_lr()[0], **upd,
-             "reward": total.mean().item(), "reward_std": total.std().item() if total.numel() > 1 else 0.0,
-             "zero_std_frac": zero_std.float().mean().item(),
-             "completion_len": ro.completion_mask.sum(1).float().mean().item(),
-             "completion_len_max": ro.completion_mask.sum(1).max().item(),
-             "truncated_frac": ro.truncated.float().mean().item(),
-             "tokens_per_s": ro.stats.get("tokens_per_s", 0.0),
-             "time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_update": t3 - t2}
-        for name, col in columns.items():
-            m[f"reward/{name}"] = col.float().mean().item()
+             "reward": total_all.mean().item(), "reward_std": total_all.std().item() if total_all.numel() > 1 else 0.0,
+             "zero_std_frac": zero_std_all.float().mean().item(),
+             "completion_len": lens.mean().item(), "completion_len_max": lens.max().item(),
+             "truncated_frac": rows[:, 1].mean().item(),
+             "tokens_per_s": D.all_reduce(float(ro.stats.get("tokens_per_s", 0.0))),   # all ranks together
+             "time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_update": t3 - t2}   # this rank's
+        for j, name in enumerate(columns):
+            m[f"reward/{name}"] = rows[:, 2 + j].mean().item()
         m["accuracy"] = m.get("reward/accuracy", m.get("reward/accuracy_graded", float("nan")))
         m["format_rate"] = m.get("reward/format", m.get("reward/format_nothink", float("nan")))
         return m
@@ -192,57 +210,70 @@ class GRPOTrainer:
         g, T = self.cfg.grpo, self.cfg.rollout.temperature
         if self.ref_policy == "adapters":
             with self.policy.disable_adapters(), self.autocast:
-                return completion_logprobs(self.policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
+                return self.par.infer(completion_logprobs, self.policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
+        par = self.ref_par or D.Parallel(self.ref_policy)
         with self.autocast:
-            return completion_logprobs(self.ref_policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
+            return par.infer(completion_logprobs, self.ref_policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
 
     def _update(self, enc, ids, mask, adv, ref_lp, keep, G) -> dict:
         cfg, g = self.cfg, self.cfg.grpo
         T = cfg.rollout.temperature
         sums: dict[str, float] = {}
-        if not keep:                          # every group had equal rewards and is skipped
-            return {"loss": 0.0, "grad_norm": 0.0, "skipped_groups": len(adv) // G}
+        if D.all_reduce(len(keep)) == 0:      # every group (on every rank) had equal rewards: skipped
+            return {"loss": 0.0, "grad_norm": 0.0, "skipped_groups": D.all_reduce(len(adv) // G)}
         self.policy.model.train()
         old_lp = None
         if g.mu > 1:                          # π_old = the policy that sampled, frozen for μ passes
             with self.autocast:
-                old_lp = completion_logprobs(self.policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
+                old_lp = self.par.infer(completion_logprobs, self.policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
         rows_of = lambda ps: torch.cat([torch.arange(p * G, (p + 1) * G) for p in ps])      # noqa: E731
-        keep_rows = rows_of(keep)
-        total_tokens, total_seqs = mask[keep_rows].sum(), len(keep_rows)
-        max_len = g.max_len or cfg.rollout.max_new_tokens
-        mb = g.micro_batch_prompts or len(keep)
-        n_mb = 0
+        keep_rows = rows_of(keep) if keep else torch.zeros(0, dtype=torch.long)
+        # denominators of the whole optimizer step: all micro-batches of all ranks (see distributed.py)
+        total_tokens = D.all_reduce(mask[keep_rows].sum())
+        total_seqs = int(D.all_reduce(len(keep_rows)))
+        mb = g.micro_batch_prompts or max(len(keep), 1)
         for it in range(g.mu):
             order = torch.randperm(len(keep), generator=self._generator(100 + it)).tolist()
+            chunks = [[keep[j] for j in order[s:s + mb]] for s in range(0, len(order), mb)]
+            n_chunks = int(D.all_reduce(len(chunks), "max"))   # every rank runs as many micro-batches
             self.optimizer.zero_grad(set_to_none=True)
-            for s in range(0, len(order), mb):
-                pidx = [keep[j] for j in order[s:s + mb]]
+            for c in range(n_chunks):
+                pidx, weight = (chunks[c], 1.0) if c < len(chunks) else ([0], 0.0)   # 0.0: a filler for sync
                 rows = rows_of(pidx)
-                with self.autocast:
-                    h = self.policy.completion_hidden(enc.select(pidx), ids[rows], mask[rows], G)   # (n, C, H)
-                    loss, m = fused_linear_grpo_loss(
-                        h, self.policy.lm_head_weight.to(h.dtype), ids[rows],   # autocast: bf16 h
-                        None if old_lp is None else old_lp[rows], None if ref_lp is None else ref_lp[rows],
-                        adv[rows], mask[rows], bias=self.policy.lm_head_bias, temperature=T,
-                        clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip,
-                        beta=g.beta if ref_lp is not None else 0.0, kl=g.kl, agg=g.agg, max_len=max_len,
-                        total_tokens=total_tokens, total_seqs=total_seqs, backend=g.backend)
-                loss.backward()
+                with self.par.accumulate(sync=c == n_chunks - 1):
+                    with self.autocast:
+                        loss, m = self.par.forward(
+                            self._micro_loss, enc.select(pidx), ids[rows], mask[rows], adv[rows],
+                            None if old_lp is None else old_lp[rows], None if ref_lp is None else ref_lp[rows],
+                            total_tokens, total_seqs)
+                    (loss * (weight * self.par.grad_scale)).backward()   # × W: DDP/FSDP average over ranks
+                if weight == 0.0:
+                    continue
                 w = m["tokens"].item() / max(total_tokens.item(), 1.0)   # token-weighted metric average
                 for k, v in m.items():
                     if k != "tokens":
                         sums[k] = sums.get(k, 0.0) + w * float(v) / g.mu
                 sums["loss"] = sums.get("loss", 0.0) + loss.item() / g.mu
-                n_mb += 1
             params = [p for p in self.policy.model.parameters() if p.grad is not None]
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf"))
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + gn.item() / g.mu
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + D.local_value(gn) / g.mu
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["skipped_groups"] = len(adv) // G - len(keep)
-        return sums
+        return D.reduce_sums(sums, same=("grad_norm",))   # local shares of global means → global
+
+    def _micro_loss(self, enc, ids, mask, adv, old_lp, ref_lp, total_tokens, total_seqs):
+        """GRPO loss of one micro-batch of whole groups, divided by the step's global denominators."""
+        cfg, g, G = self.cfg, self.cfg.grpo, self.cfg.rollout.group_size
+        h = self.policy.completion_hidden(enc, ids, mask, G)                                  # (n, C, H)
+        return fused_linear_grpo_loss(
+            h, self.policy.lm_head_weight.to(h.dtype), ids,                  # autocast: bf16 h
+            old_lp, ref_lp, adv, mask, bias=self.policy.lm_head_bias, temperature=cfg.rollout.temperature,
+            clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip,
+            beta=g.beta if ref_lp is not None else 0.0, kl=g.kl, agg=g.agg,
+            max_len=g.max_len or cfg.rollout.max_new_tokens,
+            total_tokens=total_tokens, total_seqs=total_seqs, backend=g.backend)
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> list[dict]:
@@ -251,16 +282,18 @@ class GRPOTrainer:
         if cfg.run.resume and (ck := latest_checkpoint(cfg.run.output_dir)):
             self.resume(ck)
         log_path = os.path.join(cfg.run.output_dir, "metrics.jsonl")
-        writer = _tensorboard(cfg.run.output_dir)
-        bar = _progress(cfg.run.steps, self.step_idx, cfg.run.progress)
+        main = D.is_main()                    # only rank 0 logs, draws and writes
+        writer = _tensorboard(cfg.run.output_dir) if main else None
+        bar = _progress(cfg.run.steps, self.step_idx, cfg.run.progress and main)
         t_start = time.perf_counter()
         while self.step_idx < cfg.run.steps:
             m = self.step()
             if self.eval_fn and cfg.run.eval_every and self.step_idx % cfg.run.eval_every == 0:
-                m.update({f"eval/{k}": v for k, v in self.eval_fn(self.policy).items()})
+                m.update({f"eval/{k}": v for k, v in self.par.infer(self.eval_fn, self.policy, gather_all=True).items()})
             self.history.append(m)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
+            if main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
             if writer:
                 for k, v in m.items():
                     if isinstance(v, (int, float)):
@@ -280,9 +313,16 @@ class GRPOTrainer:
         return self.history
 
     def save(self) -> str:
+        """Call on every rank: FSDP2 gathers the full state to rank 0, which alone writes."""
         state = {"data_pos": self.data_pos, "config": json.dumps(to_dict(self.cfg))}
-        return save_checkpoint(self.cfg.run.output_dir, self.step_idx, self.policy, self.optimizer,
-                               self.scheduler, state, keep_last=self.cfg.run.keep_last)
+        model_state, optim_state = self.par.full_state(self.optimizer)   # (None, None) unless fsdp2
+        path = None
+        if D.is_main():
+            path = save_checkpoint(self.cfg.run.output_dir, self.step_idx, self.policy, self.optimizer,
+                                   self.scheduler, state, keep_last=self.cfg.run.keep_last,
+                                   model_state=model_state, optim_state=optim_state)
+        D.barrier()                           # no rank reads a checkpoint before it is whole
+        return path or checkpoint_path(self.cfg.run.output_dir, self.step_idx)
 
     def resume(self, path: str) -> None:
         state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
