@@ -137,6 +137,22 @@ def test_fused_linear_grpo_loss_matches_reference(backend):
     assert "entropy" in metrics and torch.isfinite(metrics["entropy"])
 
 
+def test_torch_backend_many_tiles(monkeypatch):
+    """Small tiles: several token chunks × vocab chunks, one vocab chunk entirely −inf."""
+    monkeypatch.setattr(torch_backend, "ROW_CHUNK", 4)
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 4 * 150)              # 4 tokens × 150 ids
+    hidden, weight, labels, mask, bias, up = make_case(3, 5, 24, 1000, seed=6, with_bias=True)
+    bias[300:450] = -float("inf")                                            # a whole tile banned
+    labels[(labels >= 300) & (labels < 450)] = 3
+    (lp, ent), dh, dw = grads(linear_token_logprobs, hidden, weight, up, labels, 0.7, mask,
+                              bias=bias, return_entropy=True, backend="torch")
+    (want, logits), rdh, rdw = grads(ref_linear, hidden, weight, up, labels, 0.7, mask, bias)
+    close("logp", lp, want, 3e-5)
+    close("d hidden", dh, rdh, 2e-5)
+    close("d weight", dw, rdw, 2e-5)
+    close("entropy", ent, token_entropy(logits.detach(), 0.7) * mask, 2e-4)
+
+
 def test_bias_needing_grad_is_rejected():
     hidden, weight, labels, mask, _, _ = make_case(2, 3, 16, 100)
     with pytest.raises(ValueError, match="bias"):

@@ -162,6 +162,20 @@ def test_inplace_backward_writes_grad_into_logits(backend):
     close("buffer", buf.detach(), xr.grad, 1e-6)                             # logits overwritten by d logits
 
 
+def test_torch_backend_many_chunks(monkeypatch):
+    from grpo_core.kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 2 * 1000)              # 2-token chunks
+    logits, labels, mask, up = make_case(3, 5, 1000, seed=5)
+    (lp, ent), x = run(token_logprobs, logits, labels, 0.7, mask, return_entropy=True, backend="torch")
+    (lp * up).sum().backward()
+    want, xr = run(ref_logprobs, logits, labels, 0.7, mask)
+    (want * up).sum().backward()
+    close("logp", lp, want, 2e-5)
+    close("dlogits", x.grad, xr.grad, 1e-6)
+    close("entropy", ent, token_entropy(logits, 0.7) * mask, 2e-4)
+
+
 def test_forward_never_upcasts_whole_bf16_logits(monkeypatch):
     """Forward-only (old/ref log-probs): no tensor as large as an fp32 copy of the logits."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -1,4 +1,4 @@
-"""Chunked pure-PyTorch backend: the same algorithm as the Triton kernels, in token chunks.
+"""Chunked pure-PyTorch backend: the same algorithm as the Triton kernels, in bounded blocks.
 
 This is the path the trainer takes on CPU (and the GPU fallback). It works on the *compacted*
 valid tokens only (the caller gathers them). The logits path walks them in chunks of
