@@ -4,6 +4,7 @@ backend choice, LoRA wrapping and merged saving, completion decoding."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -30,11 +31,69 @@ class DecodeState:
         return self.attention_mask.shape[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _growing_layer_class():
+    """``GrowingLayer`` is built lazily so importing this module does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys/values are views of a buffer with spare columns.
+
+        ``DynamicLayer.update`` re-concatenates the whole cache every decode step (an O(T) copy per
+        token: the largest cost of a small model's decode step on CPU). Here a step writes its new
+        column in place; a full buffer grows by ×1.25 (≥ 64 columns), so copies are amortised.
+        """
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int = 1):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self._adopt(keys, values, repeats)
+
+        def _adopt(self, keys, values, repeats=1):
+            """Content := (B, h, T, d) keys/values with each row repeated ``repeats``× (prompt-major)."""
+            b, h, t, d = keys.shape
+            cap = t + max(64, t // 4)
+            self._kbuf = keys.new_empty(b * repeats, h, cap, d)                  # (N, h, cap, d)
+            self._vbuf = values.new_empty(b * repeats, h, cap, d)
+            self._kbuf.view(b, repeats, h, cap, d)[:, :, :, :t] = keys[:, None]  # one copy fans out
+            self._vbuf.view(b, repeats, h, cap, d)[:, :, :, :t] = values[:, None]
+            self._set_len(t)
+
+        def _set_len(self, t):
+            self._len = t
+            self.keys, self.values = self._kbuf[:, :, :t], self._vbuf[:, :, :t]  # views, no copy
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self.keys.data_ptr() != self._kbuf.data_ptr() or self.keys.shape[-2] != self._len:
+                self._adopt(self.keys, self.values)       # replaced by crop / select / reorder
+            end = self._len + key_states.shape[-2]
+            if end > self._kbuf.shape[-2]:
+                self._adopt(self.keys, self.values)       # full: fresh buffer with spare columns
+            self._kbuf[:, :, self._len:end] = key_states
+            self._vbuf[:, :, self._len:end] = value_states
+            self._set_len(end)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.keys.shape[-2]
+
+    return GrowingLayer
+
+
 def expand_state(state: DecodeState, group_size: int) -> DecodeState:
-    """B rows → B·G rows, prompt-major (row i comes from prompt i // G). The cache is repeated in place."""
+    """B rows → B·G rows, prompt-major (row i comes from prompt i // G). The cache is repeated in place.
+
+    Plain (non-sliding) DynamicCache layers are swapped for growing ones, so decode steps append in
+    place; any other cache type falls back to ``batch_repeat_interleave``.
+    """
+    layers = getattr(state.cache, "layers", None)
+    if layers and all(type(l).__name__ == "DynamicLayer" and l.keys is not None and l.keys.dim() == 4 for l in layers):
+        grow = _growing_layer_class()
+        state.cache.layers = [grow(l.keys, l.values, group_size) for l in layers]
+    elif group_size > 1:
+        state.cache.batch_repeat_interleave(group_size)
     if group_size == 1:
         return state
-    state.cache.batch_repeat_interleave(group_size)
     return DecodeState(
         cache=state.cache,
         attention_mask=state.attention_mask.repeat_interleave(group_size, 0),  # (N, T)
