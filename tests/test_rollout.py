@@ -225,7 +225,7 @@ def _vlm_prompts():
     ]
 
 
-def _hf_generate(policy, enc, max_new, num_return_sequences=1):
+def _hf_generate(policy, enc, max_new, num_return_sequences=1, also_suppress=()):
     """HF ``generate`` on exactly our encoded tensors, greedy, vision tokens suppressed.
 
     Our sampler never emits the vision special tokens (lm_head_bias = −inf there); a random model
@@ -235,7 +235,7 @@ def _hf_generate(policy, enc, max_new, num_return_sequences=1):
     ``num_return_sequences > 1`` with do_sample=False, so for G > 1 it samples with top_k=1, which
     is argmax too but goes through generate's input expansion (what our fan-out must equal).
     """
-    never = torch.isinf(policy.lm_head_bias).nonzero().flatten().tolist()
+    never = torch.isinf(policy.lm_head_bias).nonzero().flatten().tolist() + list(also_suppress)
     greedy = {"do_sample": False} if num_return_sequences == 1 else {"do_sample": True, "top_k": 1}
     out = policy.model.generate(
         input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=enc.pixel_values,
@@ -329,3 +329,15 @@ def test_vlm_eos_stops_rows_and_chunking_matches(tiny_vlm_policy):
     assert many.stats["chunks"] == 3
     assert torch.equal(one.completion_ids, many.completion_ids) and torch.equal(one.completion_mask, many.completion_mask)
     torch.testing.assert_close(one.logprobs, many.logprobs, atol=1e-4, rtol=1e-4)
+
+
+def test_vlm_long_greedy_outgrows_the_kv_buffer(tiny_vlm_policy):
+    """60+ steps on a ~30-token prompt pass the KV buffer's first capacity (T + 64): still == HF."""
+    pol = tiny_vlm_policy
+    enc = pol.encode([Prompt("Short.", [_img(56, 56, 7)])])
+    no_eos = EosLeaning(pol, shift=-1e4)  # HF side: EOS suppressed as well, so both run 60 steps
+    ro = generate_groups(no_eos, enc, 1, SamplingConfig(max_new_tokens=60 + enc.input_ids.shape[1], greedy=True))
+    assert ro.truncated.all() and ro.completion_ids.shape[1] > 64
+    with torch.no_grad():
+        want = _hf_generate(pol, enc, ro.completion_ids.shape[1], also_suppress=pol.eos_token_ids)
+    assert torch.equal(ro.completion_ids, want)
