@@ -1,0 +1,351 @@
+"""One full GRPO training step: grpo_core's GRPOTrainer vs TRL's GRPOTrainer (when trl imports).
+
+    python -m bench.bench_step [--quick] [--image-size 448] [--prompts 2] [--group 8] [--new-tokens 32]
+                               [--beta 0.04] [--mu 1] [--steps 5] [--providers ours,trl] [--out DIR]
+
+A step = rollout (B prompts × G samples, up to `new_tokens` each) → rewards → advantages →
+reference log-probs (β > 0) → μ optimizer steps. Both trainers get the same saved tiny random
+Qwen2-VL (same weights), the same prompts and images (synthetic scans), the same chat template,
+G, completion budget, β, μ, ε = 0.2, learning rate, rewards (accuracy + 0.5 · format), sampling
+(T = 1, no top-k/top-p), fp32 on CPU (bf16 weights + autocast on GPU), no gradient checkpointing.
+
+What each engine does with that step, for the reader of the ratio:
+  ours  prefill each prompt once and fan its KV cache out to G samples; vision tower once per
+        prompt in the loss forward; fused-linear GRPO loss (no full logits).
+  trl   HF `generate` on B·G rows (each row re-encodes its prompt and image); full-logit loss.
+
+Each provider runs in its own subprocess (clean peak-memory numbers, no shared threads/state).
+Timing: `warmup` untimed steps, then `steps` timed steps (wall clock, CUDA synchronised), median
+and 20/80 % quantiles. Peak memory: CUDA max allocated, or the process's peak RSS on CPU.
+Deviations from TRL's own defaults, on purpose: gradient checkpointing off (TRL defaults it on),
+bf16 off on CPU. TRL needs a processor; transformers' Qwen2VLProcessor insists on a video
+processor that needs torchvision, so we hand TRL an image-only subclass (same tokenizer, same
+PIL image processor, same chat template): `_image_only_processor`.
+Writes <out>/step_<cpu|cuda>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+PROVIDERS = ("ours", "trl")
+REFERENCE = "trl"
+EXTERNAL_TRL_CPU = {"s": 1.8, "what": "TRL 1.16 GRPOTrainer, CPU, tiny Qwen2-VL (hidden 64, 2 layers), "
+                    "2 prompts × G=8, 448² images, 32 new tokens, β=0.04, μ=1 (issue 8; not this run)"}
+
+
+@dataclass
+class StepShape:
+    image_size: int = 448         # square synthetic scans, px (448² = 256 image tokens after merge)
+    prompts: int = 2              # B prompts per step
+    group: int = 8                # G samples per prompt
+    new_tokens: int = 32          # completion budget
+    beta: float = 0.04            # KL coefficient (reference model on)
+    mu: int = 1                   # optimizer steps per batch of rollouts
+    hidden: int = 64              # tiny Qwen2-VL text hidden size
+    layers: int = 2               # tiny Qwen2-VL text layers
+    steps: int = 5                # timed steps
+    warmup: int = 1               # untimed steps first
+    seed: int = 0
+    lr: float = 1e-6
+
+
+QUICK = dict(image_size=112, prompts=1, group=4, new_tokens=8, steps=2, warmup=1)
+
+
+# ---- shared set-up -------------------------------------------------------------------------
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(path: str, shape: StepShape) -> str:
+    from models.tiny import build_tiny_qwen2_vl
+
+    px = max(shape.image_size, 56) ** 2
+    return build_tiny_qwen2_vl(path, seed=shape.seed, hidden=shape.hidden, layers=shape.layers,
+                               min_pixels=min(56 * 56, px), max_pixels=px)
+
+
+def make_records(shape: StepShape):
+    from grpo_core.data import make_synthetic_vqa
+
+    return make_synthetic_vqa(shape.prompts * (shape.warmup + shape.steps), seed=shape.seed, image_size=shape.image_size)
+
+
+REWARDS = [{"name": "accuracy", "weight": 1.0}, {"name": "format_nothink", "weight": 0.5}]
+TEMPLATE = "nothink"
+
+
+def peak_memory_mb(dev: torch.device) -> tuple[float, str]:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20, "cuda max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"   # Linux: KiB
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# ---- ours ------------------------------------------------------------------------------------
+
+
+def run_ours(path: str, shape: StepShape) -> dict:
+    from grpo_core.config import TrainConfig
+    from grpo_core.factory import load_policy
+    from grpo_core.trainer import GRPOTrainer
+
+    cfg = TrainConfig()
+    cfg.model.path, cfg.model.device = path, "auto"
+    cfg.data.prompt = TEMPLATE
+    cfg.rollout.group_size, cfg.rollout.prompts_per_step = shape.group, shape.prompts
+    cfg.rollout.max_new_tokens, cfg.rollout.temperature = shape.new_tokens, 1.0
+    cfg.grpo.beta, cfg.grpo.mu, cfg.grpo.rewards = shape.beta, shape.mu, REWARDS
+    cfg.grpo.agg, cfg.grpo.adv_scale = "token_mean", "group"          # = TRL loss_type="dapo", scale_rewards="group"
+    cfg.optim.lr = shape.lr
+    cfg.run.steps, cfg.run.seed, cfg.run.progress = shape.warmup + shape.steps, shape.seed, False
+    policy = load_policy(cfg.model, seed=shape.seed)
+    trainer = GRPOTrainer(policy, make_records(shape), cfg)
+    dev = policy.device
+    times, lengths = [], []
+    for i in range(shape.warmup + shape.steps):
+        if i == shape.warmup and dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        m = trainer.step()
+        _sync(dev)
+        if i >= shape.warmup:
+            times.append(time.perf_counter() - t0)
+            lengths.append(m["completion_len"])
+    return {"times": times, "completion_len": sum(lengths) / len(lengths)}
+
+
+# ---- TRL -------------------------------------------------------------------------------------
+
+
+def _image_only_processor(path: str):
+    """Qwen2VLProcessor without the video processor (which needs torchvision): what TRL needs."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return ImageOnlyQwen2VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), tok, chat_template=tok.chat_template)
+
+
+def _trl_rewards(records):
+    """Our reward functions in TRL's calling convention (completions + dataset columns)."""
+    from grpo_core.rewards import get_reward
+
+    def wrap(name):
+        fn = get_reward(name)
+
+        def reward(prompts, completions, record_idx, **_):
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            return [float(x) for x in fn(texts, [records[i] for i in record_idx])]
+        reward.__name__ = name
+        return reward
+    return [wrap(r["name"]) for r in REWARDS], [r["weight"] for r in REWARDS]
+
+
+def run_trl(path: str, shape: StepShape) -> dict:
+    from datasets import Dataset
+    from transformers import Qwen2VLForConditionalGeneration, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo_core.data.templates import render_text
+
+    dev = device()
+    records = make_records(shape)
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": render_text(r, TEMPLATE)}]}],
+             "image": r.images[0].convert("RGB"), "record_idx": i} for i, r in enumerate(records)]
+    funcs, weights = _trl_rewards(records)
+    out = tempfile.mkdtemp(prefix="trl-step-")
+    args = GRPOConfig(
+        output_dir=out, per_device_train_batch_size=shape.prompts * shape.group, num_generations=shape.group,
+        max_completion_length=shape.new_tokens, beta=shape.beta, num_iterations=shape.mu, learning_rate=shape.lr,
+        temperature=1.0, top_k=0, top_p=1.0, loss_type="dapo", scale_rewards="group", reward_weights=weights,
+        max_steps=shape.warmup + shape.steps, logging_steps=1, save_strategy="no", report_to="none",
+        gradient_checkpointing=False, bf16=dev.type == "cuda", use_cpu=dev.type == "cpu", seed=shape.seed,
+        dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True,
+    )
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    stamps: list[tuple[float, float]] = []
+    lengths: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            _sync(dev)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            _sync(dev)
+            stamps.append((self.t0, time.perf_counter()))
+            if len(stamps) == shape.warmup and dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=_image_only_processor(path), callbacks=[Clock()])
+    trainer.train()
+    times = [b - a for a, b in stamps[shape.warmup:]]
+    timed_lengths = lengths[shape.warmup:] or lengths
+    return {"times": times, "completion_len": sum(timed_lengths) / max(len(timed_lengths), 1)}
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+
+def trl_available() -> str | None:
+    """None if TRL imports, else why not (one line)."""
+    try:
+        import trl
+        return None if trl.__version__ else "trl has no version"
+    except Exception as e:  # not installed, or broken against this transformers
+        return f"trl not importable ({type(e).__name__}: {e}); pip install trl to compare"
+
+
+def child(provider: str, path: str, shape: StepShape, out_json: str) -> None:
+    torch.manual_seed(shape.seed)
+    res = run_ours(path, shape) if provider == "ours" else run_trl(path, shape)
+    res["peak_mem_mb"], res["mem_kind"] = peak_memory_mb(device())
+    with open(out_json, "w") as f:
+        json.dump(res, f)
+
+
+def run_provider(provider: str, path: str, shape: StepShape, timeout: float, isolate: bool = True) -> dict:
+    """Run one provider (in a fresh interpreter if ``isolate``); returns its result dict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if not isolate:
+            child(provider, path, shape, os.path.join(tmp, "res.json"))
+            with open(os.path.join(tmp, "res.json")) as f:
+                return json.load(f)
+        res_path = os.path.join(tmp, "res.json")
+        cmd = [sys.executable, "-m", "bench.bench_step", "--child", provider, "--model-dir", path,
+               "--shape", json.dumps(asdict(shape)), "--child-out", res_path]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"bench_step: provider {provider!r} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+        with open(res_path) as f:
+            return json.load(f)
+
+
+def summarise(provider: str, res: dict, shape: StepShape) -> dict:
+    t = torch.tensor(res["times"], dtype=torch.float64)
+    q = t.quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return {"provider": provider, "image_px": shape.image_size, "B": shape.prompts, "G": shape.group,
+            "new_tokens": shape.new_tokens, "s": q[0], "s_p20": q[1], "s_p80": q[2], "s_min": t.min().item(), "steps": len(res["times"]),
+            "completion_len": res["completion_len"], "peak_mem_mb": res["peak_mem_mb"]}
+
+
+def device_label(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def write(out_dir: str, meta: dict, rows: list[dict]) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"step_{'cuda' if device().type == 'cuda' else 'cpu'}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    cols = ["provider", "image_px", "B", "G", "new_tokens", "s", "s_p20", "s_p80", "s_min", "speedup_vs_trl",
+            "completion_len", "peak_mem_mb"]
+    lines = [f"# {meta['title']}", "", f"device: {meta['device']}  ", f"command: `{meta['command']}`", ""]
+    lines += [f"note: {n}  " for n in meta["notes"]] + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |"
+              for r in rows]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return stem
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny step (112 px, 1×4, 8 tokens, 2 timed steps): CI smoke")
+    for name, default in asdict(StepShape()).items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=None)
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per provider subprocess")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="one subprocess per provider (default: on, off with --quick)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.model_dir, StepShape(**json.loads(args.shape)), args.child_out)
+        return 0
+
+    given = {k: v for k in asdict(StepShape()) if (v := getattr(args, k)) is not None}
+    shape = StepShape(**{**(QUICK if args.quick else {}), **given})
+    providers, notes = [p for p in args.providers.split(",") if p], []
+    if "trl" in providers and (why := trl_available()):
+        providers.remove("trl")
+        notes.append(f"TRL skipped: {why}")
+    isolate = (not args.quick) if args.isolate is None else args.isolate
+    if not isolate:
+        notes.append("in-process run: peak RSS is the whole process's so far, not the step's alone")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_model(os.path.join(tmp, "tiny-qwen2-vl"), shape)
+        for p in providers:
+            res = run_provider(p, path, shape, args.timeout, isolate)
+            rows.append(summarise(p, res, shape))
+            print(f"{p:5s} {rows[-1]['s']:.3f} s/step (p20 {rows[-1]['s_p20']:.3f}, p80 {rows[-1]['s_p80']:.3f}), "
+                  f"completion {rows[-1]['completion_len']:.1f} tokens, peak {rows[-1]['peak_mem_mb']:.0f} MB")
+    ref = next((r["s"] for r in rows if r["provider"] == REFERENCE), None)
+    for r in rows:
+        r["speedup_vs_trl"] = ref / r["s"] if ref else ""
+    if ref is None:
+        notes.append(f"no same-run TRL number; external reference only: {EXTERNAL_TRL_CPU['s']} s/step for "
+                     f"{EXTERNAL_TRL_CPU['what']}")
+    import shlex
+    cmd = "python -m bench.bench_step " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    dev = device()
+    meta = {"title": "one GRPO training step: grpo_core vs TRL GRPOTrainer", "device": device_label(dev),
+            "torch": torch.__version__, "command": cmd.strip(), "shape": asdict(shape), "notes": notes,
+            "reference": REFERENCE, "time_unit": "s", "memory": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
+            "trl": _version("trl"), "transformers": _version("transformers")}
+    stem = write(args.out, meta, rows)
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
