@@ -38,15 +38,18 @@ def _chunk_rows(V: int) -> int:
 
 
 def _softmax_stats(z: torch.Tensor, ys: torch.Tensor, want_entropy: bool):
-    """z (C, V) fp32 → (logp, lse, entropy or None), each (C,)."""
-    lse = torch.logsumexp(z, dim=-1)                                    # (C,)
-    logp = z.gather(-1, ys[:, None]).squeeze(-1) - lse                  # (C,)
-    ent = None
-    if want_entropy:
-        logq = z - lse[:, None]                                         # (C, V) log p
-        # −Σ p log p; p = 0 (z = −inf) contributes 0, xlogy-style, never 0 · −inf = NaN
-        ent = -torch.where(logq > -float("inf"), logq.exp() * logq, 0.0).sum(-1)
-    return logp, lse, ent
+    """z (C, V) fp32 (clobbered) → (logp, lse, entropy or None), each (C,)."""
+    z_y = z.gather(-1, ys[:, None]).squeeze(-1)                         # (C,)
+    if not want_entropy:
+        lse = torch.logsumexp(z, dim=-1)                                # (C,)
+        return z_y - lse, lse, None
+    # one set of passes for both: m = max z, e = e^(z − m), lse = m + log Σe, H = lse − Σ e·z / Σ e
+    m = z.amax(-1).clamp_(min=-1e38)                                    # (C,) finite even if all −inf
+    e = (z - m[:, None]).exp_()                                         # (C, V), 0 where z = −inf
+    l = e.sum(-1)                                                       # (C,)
+    lse = m + l.log()
+    s = torch.linalg.vecdot(e, z.clamp_(min=-1e38))                     # Σ e·z; clamp: no 0·(−inf)
+    return z_y - lse, lse, lse - s / l
 
 
 def _dz_(z: torch.Tensor, ys: torch.Tensor, lse: torch.Tensor, g_over_t: torch.Tensor) -> torch.Tensor:
@@ -134,14 +137,14 @@ def linear_forward(h, weight, bias, ys, temperature, want_entropy):
         z_y = torch.zeros_like(m)                                        # label logit
         for vs in vslices:
             z = _tile_logits(h[rs], weight, bias, vs, temperature)      # (R, Vc), never (M, V)
-            m_new = torch.maximum(m, z.amax(-1))
-            alpha = torch.exp(m - m_new)
-            e = torch.exp(z - m_new[:, None])                            # (R, Vc), 0 where z = −inf
-            l = l * alpha + e.sum(-1)
-            if want_entropy:
-                s = s * alpha + (e * z.nan_to_num(neginf=0.0)).sum(-1)   # no 0·(−inf)
             inside, col = _label_in_tile(y, vs)
             z_y = torch.where(inside, z.gather(-1, col[:, None]).squeeze(-1), z_y)
+            m_new = torch.maximum(m, z.amax(-1))
+            alpha = torch.exp(m - m_new)
+            e = (z - m_new[:, None]).exp_()                              # (R, Vc), 0 where z = −inf
+            l = l * alpha + e.sum(-1)
+            if want_entropy:
+                s = s * alpha + torch.linalg.vecdot(e, z.clamp_(min=_NEG_BIG))  # clamp: no 0·(−inf)
             m = m_new
         lse[rs] = m + torch.log(l)
         logp[rs] = z_y - lse[rs]
