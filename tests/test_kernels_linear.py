@@ -7,10 +7,11 @@ promise of the torch backend, checked against the naive path (which must fail th
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from grpo_core.kernels import dispatch, fused_linear_grpo_loss, linear_token_logprobs, torch_backend  # noqa: E402

@@ -8,10 +8,11 @@ in-place backward.
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
 
 from grpo_core.kernels import dispatch, token_logprobs  # noqa: E402
 from grpo_core.logprobs import token_entropy  # noqa: E402
