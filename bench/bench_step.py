@@ -16,7 +16,7 @@ What each engine does with that step, for the reader of the ratio:
 
 Each provider runs in its own subprocess (clean peak-memory numbers, no shared threads/state).
 Timing: `warmup` untimed steps, then `steps` timed steps (wall clock, CUDA synchronised), median
-and 20/80 % quantiles. Peak memory: CUDA max allocated, or the process's peak RSS on CPU.
+and 20/80 % quantiles; on CPU also the process CPU time per step (a second, load-robust measure). Peak memory: CUDA max allocated, or the process's peak RSS on CPU.
 Deviations from TRL's own defaults, on purpose: gradient checkpointing off (TRL defaults it on),
 bf16 off on CPU. TRL needs a processor; transformers' Qwen2VLProcessor insists on a video
 processor that needs torchvision, so we hand TRL an image-only subclass (same tokenizer, same
@@ -120,18 +120,19 @@ def run_ours(path: str, shape: StepShape) -> dict:
     policy = load_policy(cfg.model, seed=shape.seed)
     trainer = GRPOTrainer(policy, make_records(shape), cfg)
     dev = policy.device
-    times, lengths = [], []
+    times, cpu, lengths = [], [], []
     for i in range(shape.warmup + shape.steps):
         if i == shape.warmup and dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         _sync(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = trainer.step()
         _sync(dev)
         if i >= shape.warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             lengths.append(m["completion_len"])
-    return {"times": times, "completion_len": sum(lengths) / len(lengths)}
+    return {"times": times, "cpu_times": cpu, "completion_len": sum(lengths) / len(lengths)}
 
 
 # ---- TRL -------------------------------------------------------------------------------------
@@ -191,17 +192,17 @@ def run_trl(path: str, shape: StepShape) -> dict:
     )
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    stamps: list[tuple[float, float]] = []
+    stamps: list[tuple[float, float, float]] = []
     lengths: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             _sync(dev)
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
             _sync(dev)
-            stamps.append((self.t0, time.perf_counter()))
+            stamps.append((time.perf_counter() - self.t0, time.process_time() - self.c0))
             if len(stamps) == shape.warmup and dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
 
@@ -212,9 +213,9 @@ def run_trl(path: str, shape: StepShape) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=_image_only_processor(path), callbacks=[Clock()])
     trainer.train()
-    times = [b - a for a, b in stamps[shape.warmup:]]
     timed_lengths = lengths[shape.warmup:] or lengths
-    return {"times": times, "completion_len": sum(timed_lengths) / max(len(timed_lengths), 1)}
+    return {"times": [w for w, _ in stamps[shape.warmup:]], "cpu_times": [c for _, c in stamps[shape.warmup:]],
+            "completion_len": sum(timed_lengths) / max(len(timed_lengths), 1)}
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -258,8 +259,9 @@ def run_provider(provider: str, path: str, shape: StepShape, timeout: float, iso
 def summarise(provider: str, res: dict, shape: StepShape) -> dict:
     t = torch.tensor(res["times"], dtype=torch.float64)
     q = t.quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    cpu = torch.tensor(res["cpu_times"], dtype=torch.float64).median().item() if device().type == "cpu" else None
     return {"provider": provider, "image_px": shape.image_size, "B": shape.prompts, "G": shape.group,
-            "new_tokens": shape.new_tokens, "s": q[0], "s_p20": q[1], "s_p80": q[2], "s_min": t.min().item(), "steps": len(res["times"]),
+            "new_tokens": shape.new_tokens, "s": q[0], "s_p20": q[1], "s_p80": q[2], "s_min": t.min().item(), "cpu_s": cpu, "steps": len(res["times"]),
             "completion_len": res["completion_len"], "peak_mem_mb": res["peak_mem_mb"]}
 
 
@@ -274,11 +276,11 @@ def write(out_dir: str, meta: dict, rows: list[dict]) -> str:
     stem = os.path.join(out_dir, f"step_{'cuda' if device().type == 'cuda' else 'cpu'}")
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    cols = ["provider", "image_px", "B", "G", "new_tokens", "s", "s_p20", "s_p80", "s_min", "speedup_vs_trl",
+    cols = ["provider", "image_px", "B", "G", "new_tokens", "s", "s_p20", "s_p80", "s_min", "speedup_vs_trl", "cpu_s", "cpu_speedup_vs_trl",
             "completion_len", "peak_mem_mb"]
     lines = [f"# {meta['title']}", "", f"device: {meta['device']}  ", f"command: `{meta['command']}`", ""]
     lines += [f"note: {n}  " for n in meta["notes"]] + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |"
+    lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c) if r.get(c) is not None else "") for c in cols) + " |"
               for r in rows]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -321,9 +323,12 @@ def main(argv=None) -> int:
             rows.append(summarise(p, res, shape))
             print(f"{p:5s} {rows[-1]['s']:.3f} s/step (p20 {rows[-1]['s_p20']:.3f}, p80 {rows[-1]['s_p80']:.3f}), "
                   f"completion {rows[-1]['completion_len']:.1f} tokens, peak {rows[-1]['peak_mem_mb']:.0f} MB")
-    ref = next((r["s"] for r in rows if r["provider"] == REFERENCE), None)
+    ref = next((r for r in rows if r["provider"] == REFERENCE), None)
     for r in rows:
-        r["speedup_vs_trl"] = ref / r["s"] if ref else ""
+        r["speedup_vs_trl"] = ref["s"] / r["s"] if ref else None
+        r["cpu_speedup_vs_trl"] = ref["cpu_s"] / r["cpu_s"] if ref and r["cpu_s"] else None
+    if device().type == "cpu":
+        notes.append("cpu_s: median process CPU time per step (all threads): robust to other processes on the cores")
     if ref is None:
         notes.append(f"no same-run TRL number; external reference only: {EXTERNAL_TRL_CPU['s']} s/step for "
                      f"{EXTERNAL_TRL_CPU['what']}")
