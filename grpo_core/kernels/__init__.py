@@ -109,12 +109,11 @@ def token_logprobs(logits, labels, temperature=1.0, mask=None, *, return_entropy
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()  # kernels read rows as contiguous vocab vectors
-    n_idx, t_idx, ys = _valid_tokens(labels, mask, logits.shape[-1], "token_logprobs")
     name = dispatch.resolve(backend, logits.device)
-    if name == "cuda" and (return_entropy or inplace_backward):
-        name = "triton" if dispatch.why_unavailable("triton", logits.device) is None else "torch"
-    if name == "cuda":
-        return _cuda.token_logprobs_cuda(logits, labels, temperature, mask)
+    if name == "cuda":  # the plain-CUDA kernel (csrc/), same contract; it compacts and checks itself
+        return _cuda.token_logprobs_cuda(logits, labels, temperature, mask, return_entropy=return_entropy,
+                                         inplace_backward=inplace_backward)
+    n_idx, t_idx, ys = _valid_tokens(labels, mask, logits.shape[-1], "token_logprobs")
     logp, ent = TokenLogprobsFn.apply(logits, n_idx, t_idx, ys, float(temperature),
                                       return_entropy, inplace_backward, _impl(name))
     return (logp, ent) if return_entropy else logp
@@ -154,7 +153,7 @@ def linear_token_logprobs(hidden, weight, labels, temperature=1.0, mask=None, *,
 def _with_entropy(loss_and_metrics, ent, mask):
     loss, metrics = loss_and_metrics
     if ent is not None:
-        m = mask.float()
+        m = mask.float()                                                       # (N, T)
         metrics["entropy"] = (ent * m).sum() / m.sum().clamp(min=1.0)        # masked mean, detached
     return loss, metrics
 
@@ -172,14 +171,10 @@ def fused_grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask
     """= grpo_loss(token_logprobs(logits, labels, T, mask), ...) → (loss, metrics).
 
     loss_kw: clip_low, clip_high, dual_clip, beta, kl, agg, max_len, total_tokens, total_seqs
-    (see grpo_core.loss.grpo_loss). metrics gains "entropy" when the backend computes it for free
-    (torch, triton; not the CUDA library).
+    (see grpo_core.loss.grpo_loss). metrics gains "entropy" (masked mean, from the same pass).
     """
     loss_kw = _loss_kwargs(loss_kw)
-    name = dispatch.resolve(backend, logits.device)
-    want_ent = name != "cuda"
-    out = token_logprobs(logits, labels, temperature, mask, return_entropy=want_ent, backend=name)
-    logp, ent = out if want_ent else (out, None)
+    logp, ent = token_logprobs(logits, labels, temperature, mask, return_entropy=True, backend=backend)
     return _with_entropy(grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, **loss_kw), ent, mask)
 
 
