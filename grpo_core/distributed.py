@@ -240,7 +240,7 @@ class Parallel:
         if mode == "ddp" and trainable:
             from torch.nn.parallel import DistributedDataParallel as DDP
             # broadcasts rank 0's weights at construction: all ranks start identical
-            self._ddp = DDP(_Call(policy.model), device_ids=None, broadcast_buffers=False)
+            self._ddp = DDP(_Call(policy.model), device_ids=None, forward_sync_buffers=False)
         elif mode == "fsdp2":
             _fully_shard(policy.model, reshard_after_forward)
 

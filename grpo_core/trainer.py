@@ -247,13 +247,11 @@ class GRPOTrainer:
                             None if old_lp is None else old_lp[rows], None if ref_lp is None else ref_lp[rows],
                             total_tokens, total_seqs)
                     (loss * (weight * self.par.grad_scale)).backward()   # × W: DDP/FSDP average over ranks
-                if weight == 0.0:
-                    continue
-                w = m["tokens"].item() / max(total_tokens.item(), 1.0)   # token-weighted metric average
+                w = weight * m["tokens"].item() / max(total_tokens.item(), 1.0)   # token-weighted metric average
                 for k, v in m.items():
                     if k != "tokens":
                         sums[k] = sums.get(k, 0.0) + w * float(v) / g.mu
-                sums["loss"] = sums.get("loss", 0.0) + loss.item() / g.mu
+                sums["loss"] = sums.get("loss", 0.0) + weight * loss.item() / g.mu
             params = [p for p in self.policy.model.parameters() if p.grad is not None]
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf"))
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + D.local_value(gn) / g.mu
