@@ -1,0 +1,133 @@
+"""Decode with each prompt's KV cache shared by the G samples of its group (decode-only path).
+
+After prefill the prompt keys/values stay as B rows; the N = B·G sampled rows append their own
+tokens to per-row buffers. A decode token's attention over [its prompt ; its own completion] is
+one softmax over both score blocks:
+
+    s_pre = q · K_prompt(b)ᵀ · scale      the G·r queries of group b against its prompt keys: one matmul
+    s_own = q · K_own(i)ᵀ · scale         (r = query heads per KV head, GQA)
+    p = softmax([s_pre ; s_own]),   out = p_pre · V_prompt(b) + p_own · V_own(i)
+
+This is the attention over a fanned-out cache, computed differently (Hydragen-style shared
+prefix): the prompt K/V are read once per group instead of G times per step and never copied G
+times (prompt KV memory is B rows, not B·G). On the CPU rollout bench, reading the G copies of
+the prompt KV was the largest cost of a decode step.
+
+Scope: Qwen2-VL text decoder layers (pre-norm, q/k/v/o projections, rotary from the model's own
+``apply_rotary_pos_emb``, MLP); the layers' modules are called as they are, so LoRA adapters apply.
+The policy uses this path only where it is known to match (``supported``); tests check greedy
+decoding against HF ``generate`` token for token and log-probs against a teacher-forced forward.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefixDecodeState:
+    """Decode state for N = B·G rows whose first P positions (the prompt) are shared per group."""
+
+    prefix_k: list            # per layer (B, kvh, P, d): prompt keys, one copy per prompt
+    prefix_v: list            # per layer (B, kvh, P, d)
+    prefix_mask: torch.Tensor  # (B, 1, 1, P) bool: False on left padding
+    own_k: list               # per layer (N, kvh, cap, d): buffers for each row's completion keys
+    own_v: list               # per layer (N, kvh, cap, d)
+    length: int               # completion tokens stored in own_k / own_v
+    next_position: torch.Tensor  # (N,) int64 rope position of the next token (L + δ + step)
+    group_size: int           # G
+
+    def __len__(self) -> int:
+        return self.next_position.shape[0]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(N, P + length) int64, as ``DecodeState.attention_mask`` (built on demand, not used by decode)."""
+        prompt = self.prefix_mask[:, 0, 0].long().repeat_interleave(self.group_size, 0)  # (N, P)
+        return torch.cat([prompt, prompt.new_ones(prompt.shape[0], self.length)], 1)
+
+
+def supported(lm) -> bool:
+    """True for a Qwen2-VL text model with plain full attention (the layer layout coded below)."""
+    return (type(lm).__name__ == "Qwen2VLTextModel" and not getattr(lm, "has_sliding_layers", False)
+            and all(hasattr(layer.self_attn, "q_proj") for layer in lm.layers))
+
+
+def from_prefill(cache, attention_mask: torch.Tensor, next_position: torch.Tensor, group_size: int,
+                 spare: int = 64) -> PrefixDecodeState:
+    """B-row prefill cache + prompt mask (B, P) → a state for B·G rows (prompt-major)."""
+    keys = [layer.keys for layer in cache.layers]                       # (B, kvh, P, d) each
+    values = [layer.values for layer in cache.layers]
+    n = keys[0].shape[0] * group_size
+    own = lambda t: t.new_empty(n, t.shape[1], spare, t.shape[3])      # noqa: E731  (N, kvh, cap, d)
+    return PrefixDecodeState(
+        prefix_k=keys, prefix_v=values, prefix_mask=attention_mask.bool()[:, None, None, :],
+        own_k=[own(k) for k in keys], own_v=[own(v) for v in values], length=0,
+        next_position=next_position.repeat_interleave(group_size), group_size=group_size,
+    )
+
+
+def _append(state: PrefixDecodeState, i: int, k: torch.Tensor, v: torch.Tensor):
+    """Write this step's (N, kvh, 1, d) key/value at column ``length``; grow ×1.25 (≥ 64) when full."""
+    t = state.length
+    if t >= state.own_k[i].shape[2]:
+        extra = max(64, t // 4)
+        state.own_k[i] = torch.cat([state.own_k[i], state.own_k[i].new_empty(*k.shape[:2], extra, k.shape[3])], 2)
+        state.own_v[i] = torch.cat([state.own_v[i], state.own_v[i].new_empty(*v.shape[:2], extra, v.shape[3])], 2)
+    state.own_k[i][:, :, t:t + 1] = k
+    state.own_v[i][:, :, t:t + 1] = v
+    return state.own_k[i][:, :, :t + 1], state.own_v[i][:, :, :t + 1]   # (N, kvh, t+1, d) views
+
+
+def shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size: int, scale: float) -> torch.Tensor:
+    """q (N, h, 1, d); prompt K/V (B, kvh, P, d) + mask (B, 1, 1, P); own K/V (N, kvh, t, d) → (N, h·d)."""
+    dtype = q.dtype   # scores and softmax in fp32 (as flash/sdpa kernels do); a no-op for fp32 models
+    q, pk, pv, ok, ov = (t.float() for t in (q, pk, pv, ok, ov))
+    n, h, _, d = q.shape
+    b, kvh, p, _ = pk.shape
+    g, r = group_size, h // kvh                                          # head j uses KV head j // r
+    q5 = q.view(b, g, kvh, r, d)
+    q_grp = q5.permute(0, 2, 1, 3, 4).reshape(b, kvh, g * r, d)           # (B, kvh, G·r, d)
+    s_pre = torch.matmul(q_grp, pk.transpose(-1, -2)) * scale            # (B, kvh, G·r, P)
+    s_pre = s_pre.masked_fill_(~pmask, float("-inf"))
+    s_pre = s_pre.view(b, kvh, g, r, p).transpose(1, 2).reshape(n, kvh, r, p)  # (N, kvh, r, P)
+    q_own = q.view(n, kvh, r, d)
+    s_own = torch.matmul(q_own, ok.transpose(-1, -2)) * scale            # (N, kvh, r, t)
+    probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (N, kvh, r, P+t)
+    p_pre, p_own = probs.split([p, ok.shape[2]], dim=-1)
+    p_grp = p_pre.reshape(b, g, kvh, r, p).transpose(1, 2).reshape(b, kvh, g * r, p)
+    o_pre = torch.matmul(p_grp, pv)                                       # (B, kvh, G·r, d)
+    o_pre = o_pre.view(b, kvh, g, r, d).transpose(1, 2).reshape(n, kvh, r, d)
+    out = o_pre + torch.matmul(p_own, ov)                                 # (N, kvh, r, d)
+    return out.reshape(n, h * d).to(dtype)                                # heads in HF order
+
+
+@torch.no_grad()
+def decode_layers(lm, state: PrefixDecodeState, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens (N,) through ``lm``'s decoder layers → last hidden (N, 1, H); appends to the state."""
+    n = tokens.shape[0]
+    rotate = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    cfg = lm.config
+    nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    hidden = lm.embed_tokens(tokens.view(n, 1))                          # (N, 1, H)
+    pos = state.next_position.view(1, n, 1).expand(3, n, 1)              # (3, N, 1) text token: t = h = w
+    cos, sin = lm.rotary_emb(hidden, pos)                                # (N, 1, d) each
+    for i, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)                                # (N, 1, H)
+        d = attn.head_dim
+        q = attn.q_proj(x).view(n, 1, nh, d).transpose(1, 2)             # (N, nh, 1, d)
+        k = attn.k_proj(x).view(n, 1, kvh, d).transpose(1, 2)            # (N, kvh, 1, d)
+        v = attn.v_proj(x).view(n, 1, kvh, d).transpose(1, 2)
+        q, k = rotate(q, k, cos, sin)
+        ok, ov = _append(state, i, k, v)
+        o = shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i], state.prefix_mask, ok, ov,
+                                    state.group_size, attn.scaling)      # (N, nh·d)
+        hidden = hidden + attn.o_proj(o.view(n, 1, nh * d))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    state.length += 1
+    state.next_position = state.next_position + 1
+    return lm.norm(hidden)                                               # (N, 1, H)
