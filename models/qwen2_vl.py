@@ -28,6 +28,7 @@ import torch
 
 from grpo_core.policy import Prompt
 from models import policy_utils as pu
+from models import prefix_decode
 from models.qwen2_vl_encode import (
     VISION_TOKENS,
     Qwen2VLEncoded,
@@ -227,38 +228,24 @@ class Qwen2VLPolicy:
         )
         return self._logits_last(out.last_hidden_state), state
 
-    def expand(self, state: pu.DecodeState, group_size: int) -> pu.DecodeState:
+    def expand(self, state: pu.DecodeState, group_size: int):
+        """B → B·G rows. Where supported, the prompt KV stays one copy per prompt, shared by its G
+        rows (``models.prefix_decode``: the decode step then reads it once per group)."""
+        if prefix_decode.supported(self._lm) and state.attention_mask.shape[1] == state.cache.get_seq_length():
+            return prefix_decode.from_prefill(state.cache, state.attention_mask, state.next_position, group_size)
         return pu.expand_state(state, group_size)
 
     @torch.no_grad()
-    def decode_step(self, state: pu.DecodeState, tokens: torch.Tensor) -> tuple[torch.Tensor, pu.DecodeState]:
+    def decode_step(self, state, tokens: torch.Tensor):
         n = tokens.shape[0]
+        if isinstance(state, prefix_decode.PrefixDecodeState):
+            return self._logits_last(prefix_decode.decode_layers(self._lm, state, tokens)), state
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(n, 1)], 1)  # (N, T+1)
         pos = state.next_position.view(1, n, 1).expand(3, n, 1)                           # (3, N, 1)
-        lm = self._lm
-        if lm.config._attn_implementation != "sdpa" or lm.has_sliding_layers:
-            hidden = lm(input_ids=tokens.view(n, 1), attention_mask=mask, position_ids=pos,
-                        cache=state.cache, use_cache=True).last_hidden_state
-        else:
-            hidden = self._sdpa_decode_layers(tokens.view(n, 1), mask, pos, state.cache)
-        new = pu.DecodeState(state.cache, mask, state.next_position + 1, state.rope_deltas)
-        return self._logits_last(hidden), new
-
-    def _sdpa_decode_layers(self, tokens, mask, pos, cache) -> torch.Tensor:
-        """``self._lm(...)`` for one token per row under sdpa, minus the wrapper's per-call work.
-
-        A small model's decode step is overhead-bound (CPU rollout bench: ~10% of the step went to
-        output-capture hooks, kwarg handling and 2-D → 4-D mask building). Same modules, same math:
-        the 4-D boolean mask (N, 1, 1, T+1) is what ``create_causal_mask`` builds for sdpa when the
-        query is one token, and the rollout tests check greedy == ``generate`` token for token.
-        """
-        lm = self._lm
-        hidden = lm.embed_tokens(tokens)                                   # (N, 1, H)
-        rope = lm.rotary_emb(hidden, pos)                                  # cos, sin (N, 1, head_dim)
-        attn_mask = mask.bool()[:, None, None, :]                          # (N, 1, 1, T+1) True = attend
-        for layer in lm.layers:
-            hidden = layer(hidden, attention_mask=attn_mask, position_embeddings=rope, cache=cache, use_cache=True)
-        return lm.norm(hidden)                                             # (N, 1, H)
+        out = self._lm(input_ids=tokens.view(n, 1), attention_mask=mask, position_ids=pos,
+                       cache=state.cache, use_cache=True)
+        new = pu.DecodeState(out.cache, mask, state.next_position + 1, state.rope_deltas)
+        return self._logits_last(out.last_hidden_state), new
 
     # ------------------------------------------------------------------ training
     def completion_hidden(self, enc: Qwen2VLEncoded, completion_ids: torch.Tensor,
