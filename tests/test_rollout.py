@@ -341,3 +341,40 @@ def test_vlm_long_greedy_outgrows_the_kv_buffer(tiny_vlm_policy):
     with torch.no_grad():
         want = _hf_generate(pol, enc, ro.completion_ids.shape[1], also_suppress=pol.eos_token_ids)
     assert torch.equal(ro.completion_ids, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
+    """models.prefix_decode (prompt KV shared per group) vs HF's forward on a fanned-out cache.
+
+    fp32: equal to fp32 rounding. bf16: its error against the fp32 reference is at most twice the
+    error of the plain bf16 path (HF forward on the fanned-out cache) — the project's bf16 rule.
+    """
+    from models import policy_utils as pu
+    from models import prefix_decode
+    from models.qwen2_vl import Qwen2VLPolicy
+
+    def logits_over_steps(pol, shared, G=3, steps=4):
+        enc = pol.encode(_vlm_prompts())
+        ids = torch.randint(10, 400, (len(enc) * G, steps), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits, state = pol.prefill(enc)
+            state = pol.expand(state, G) if shared else pu.expand_state(state, G)
+            assert isinstance(state, prefix_decode.PrefixDecodeState) == shared
+            out = []
+            for j in range(steps):
+                logits, state = pol.decode_step(state, ids[:, j])
+                out.append(logits)
+        return torch.stack(out, 1)                                       # (N, steps, V)
+
+    ref = logits_over_steps(Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float32, device="cpu"), False)
+    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=dtype, device="cpu")
+    ours = logits_over_steps(pol, True)
+    err = (ours - ref).abs()
+    if dtype == torch.float32:
+        assert err.max() < 1e-4, f"shared-prefix decode vs fanned-out cache: max {err.max():.3g}, mean {err.mean():.3g}"
+    else:
+        plain = (logits_over_steps(pol, False) - ref).abs()
+        assert err.max() <= 2 * plain.max() + 1e-3, (
+            f"bf16 shared-prefix error max {err.max():.3g} (mean {err.mean():.3g}) > 2× plain bf16 "
+            f"error max {plain.max():.3g} (mean {plain.mean():.3g})")

@@ -1,0 +1,248 @@
+"""Rollout throughput: ``grpo_core.rollout.generate_groups`` vs HF ``generate(num_return_sequences=G)``.
+
+    python -m bench.bench_rollout [--quick] [--config tiny|2b|all]
+
+Same model, same encoded prompts, same sampling (T = 1, top-k off, top-p off), same work: every
+row generates exactly ``new`` tokens (EOS and the vision tokens are suppressed on both sides:
+``suppress_tokens`` for HF, an −inf ``lm_head_bias`` for ours). Runs alternate HF / ours so a
+noisy machine slows both alike; we report medians, and on CPU also the ratio of process CPU time
+(robust to other processes sharing the cores).
+
+Configs:
+  tiny  the reference: random Qwen2-VL, text hidden 128 × 4 layers, 448×448 images (256 image
+        tokens), 4 prompts × G = 8, 32 new tokens, on CPU. Target: ≥ 2.5× HF tokens/s.
+  2b    Qwen2-VL-2B shapes with random bf16 weights (GPU only): tokens/s of both, and the
+        fraction of the HBM bandwidth limit reached per decode step, where one step must read
+        the language model's weights + lm_head once and each row's KV cache:
+            bytes/step = W_lm + N · T̄ · layers · 2 · kv_heads · head_dim · 2 B,  T̄ = P + new / 2.
+
+Results: bench/results/<device>/rollout.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from grpo_core.policy import Prompt
+from grpo_core.rollout import generate_groups
+from grpo_core.sampling import SamplingConfig
+
+CONFIGS = {
+    "tiny": dict(hidden=128, layers=4, image=448, prompts=4, G=8, new=32, reps=7, device="cpu"),
+    "2b": dict(image=448, prompts=8, G=8, new=256, reps=3, device="cuda"),
+}
+PEAK_BW = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12}
+TEXTS = ["What is shown in this scan?", "Which organ is affected and where is the lesion located?",
+         "CT or MRI?", "Describe the abnormality.", "Is there a fracture?", "Which modality was used here?",
+         "Where is the mass?", "Is this image normal?"]
+
+
+# ── setup ────────────────────────────────────────────────────────────────────────────────────────
+
+class NoEos:
+    """Policy view whose sampler never emits EOS: every row runs the full budget, like HF with
+    ``suppress_tokens`` = EOS, so both sides do exactly the same number of decode steps."""
+
+    def __init__(self, policy):
+        self._p = policy
+        self._bias = policy.lm_head_bias.clone()
+        self._bias[list(policy.eos_token_ids)] = float("-inf")
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    @property
+    def lm_head_bias(self):
+        return self._bias
+
+
+def _images(n: int, side: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def tiny_policy(cfg: dict, workdir: str):
+    from models.qwen2_vl import Qwen2VLPolicy
+    from models.tiny import build_tiny_qwen2_vl
+
+    px = cfg["image"] ** 2
+    path = build_tiny_qwen2_vl(os.path.join(workdir, "tiny"), hidden=cfg["hidden"], layers=cfg["layers"], max_pixels=px)
+    return Qwen2VLPolicy.from_pretrained(path, dtype=torch.float32, device="cpu", max_pixels=px)
+
+
+def qwen2_vl_2b_policy(cfg: dict, workdir: str):
+    """Qwen2-VL-2B architecture, random bf16 weights on the GPU, the tiny tokenizer's special ids."""
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from models.qwen2_vl import Qwen2VLPolicy
+    from models.tiny import build_tiny_tokenizer, qwen2_vl_2b_config
+
+    tok = build_tiny_tokenizer(os.path.join(workdir, "tok"))
+    conf = qwen2_vl_2b_config()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    conf.image_token_id, conf.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+    conf.vision_start_token_id, conf.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    conf.text_config.eos_token_id = conf.text_config.bos_token_id = conf.text_config.pad_token_id = tok.pad_token_id
+    conf._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2VLForConditionalGeneration(conf).to(torch.bfloat16).eval()
+    proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=cfg["image"] ** 2, patch_size=14,
+                                    temporal_patch_size=2, merge_size=2)
+    return Qwen2VLPolicy(model, tok, proc)
+
+
+# ── timing ───────────────────────────────────────────────────────────────────────────────────────
+
+def _timed(fn, device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - w, time.process_time() - c, out
+
+
+def hf_generate(policy, enc, G: int, new: int):
+    never = torch.isinf(policy.lm_head_bias).nonzero().flatten().tolist() + list(policy.eos_token_ids)
+    e = enc.to(policy.device)
+    with torch.no_grad():
+        return policy.model.generate(
+            input_ids=e.input_ids, attention_mask=e.attention_mask, pixel_values=e.pixel_values,
+            image_grid_thw=e.image_grid_thw, mm_token_type_ids=(e.input_ids == policy.image_token_id).int(),
+            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=G,
+            max_new_tokens=new, suppress_tokens=never, pad_token_id=policy.pad_token_id,
+        )
+
+
+def run_config(name: str, cfg: dict, reps: int, workdir: str) -> dict:
+    device = cfg["device"]
+    policy = tiny_policy(cfg, workdir) if name == "tiny" else qwen2_vl_2b_policy(cfg, workdir)
+    prompts = [Prompt(TEXTS[i % len(TEXTS)], [im]) for i, im in enumerate(_images(cfg["prompts"], cfg["image"]))]
+    enc = policy.encode(prompts)
+    B, G, new = cfg["prompts"], cfg["G"], cfg["new"]
+    ours_policy = NoEos(policy)
+    sampling = SamplingConfig(max_new_tokens=new, temperature=1.0, seed=0)
+
+    hf_w, hf_c, our_w, our_c, stats = [], [], [], [], []
+    hf_generate(policy, enc, G, 2)                                          # warm-up both paths
+    generate_groups(ours_policy, enc, G, SamplingConfig(max_new_tokens=2, seed=0))
+    for _ in range(reps):
+        w, c, out = _timed(lambda: hf_generate(policy, enc, G, new), device)
+        assert out.shape == (B * G, enc.input_ids.shape[1] + new), "HF stopped early: EOS not suppressed?"
+        hf_w.append(w), hf_c.append(c)
+        w, c, ro = _timed(lambda: generate_groups(ours_policy, enc, G, sampling), device)
+        assert int(ro.completion_mask.sum()) == B * G * new
+        our_w.append(w), our_c.append(c), stats.append(ro.stats)
+    hf_prefill, _, _ = _timed(lambda: hf_generate(policy, enc, G, 1), device)  # HF prefill + 1 token
+
+    tokens = B * G * new
+    med = statistics.median
+    row = {
+        "config": name, "device": device, "prompts": B, "G": G, "new_tokens": new,
+        "prompt_len": int(enc.input_ids.shape[1]), "image_tokens": int((enc.input_ids == policy.image_token_id).sum() // B),
+        "reps": reps, "threads": torch.get_num_threads(),
+        "hf_s": med(hf_w), "ours_s": med(our_w),
+        "hf_tokens_per_s": tokens / med(hf_w), "ours_tokens_per_s": tokens / med(our_w),
+        "speedup": med(hf_w) / med(our_w),
+        "speedup_cpu_time": med(hf_c) / med(our_c) if device == "cpu" else None,
+        "speedup_best": min(hf_w) / min(our_w),
+        "ours_prefill_s": med(s["prefill_s"] for s in stats),
+        "ours_decode_ms_per_step": med(s["decode_ms_per_step"] for s in stats),
+        "hf_decode_ms_per_step_est": 1e3 * (med(hf_w) - hf_prefill) / (new - 1),
+        "hf_prefill_s_est": hf_prefill,
+    }
+    if device == "cuda":
+        row.update(_bandwidth(policy, enc, B * G, new, row["ours_decode_ms_per_step"]))
+    return row
+
+
+def _bandwidth(policy, enc, n_rows: int, new: int, ms_per_step: float) -> dict:
+    """Bytes one decode step must move at least, and the fraction of peak HBM bandwidth reached."""
+    lm = policy._lm
+    t = lm.config
+    esize = policy.lm_head_weight.element_size()
+    w_bytes = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n) * esize
+    w_bytes += policy.lm_head_weight.numel() * esize                      # lm_head (tied: read once here)
+    head_dim = t.hidden_size // t.num_attention_heads
+    t_mean = enc.input_ids.shape[1] + new / 2
+    kv_bytes = n_rows * t_mean * t.num_hidden_layers * 2 * t.num_key_value_heads * head_dim * esize
+    name = torch.cuda.get_device_name()
+    peak = next((bw for key, bw in PEAK_BW.items() if key in name), None)
+    achieved = (w_bytes + kv_bytes) / (ms_per_step / 1e3)
+    return {"bytes_per_step": w_bytes + kv_bytes, "achieved_GBps": achieved / 1e9,
+            "peak_GBps": peak / 1e9 if peak else None, "fraction_of_bw_limit": achieved / peak if peak else None}
+
+
+# ── results ──────────────────────────────────────────────────────────────────────────────────────
+
+def device_slug() -> str:
+    if torch.cuda.is_available():
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return "cpu"
+
+
+def write_results(rows: list[dict], command: str) -> str:
+    import transformers
+
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug())
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"bench": "rollout", "command": command, "device": device_slug(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "results": rows}
+    with open(os.path.join(out_dir, "rollout.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    fmt = lambda v: "—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
+    cols = ["config", "prompts", "G", "new_tokens", "prompt_len", "threads", "hf_tokens_per_s", "ours_tokens_per_s",
+            "speedup", "speedup_cpu_time", "ours_prefill_s", "hf_prefill_s_est", "ours_decode_ms_per_step",
+            "hf_decode_ms_per_step_est", "fraction_of_bw_limit"]
+    lines = [f"# Rollout: generate_groups vs HF generate ({device_slug()})", "", f"`{command}` — torch {torch.__version__}, "
+             f"transformers {transformers.__version__}; medians over reps, HF and ours alternating.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    with open(os.path.join(out_dir, "rollout.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return out_dir
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    ap.add_argument("--config", default="all", choices=["all", *CONFIGS])
+    args = ap.parse_args(argv)
+    names = list(CONFIGS) if args.config == "all" else [args.config]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in names:
+            cfg = CONFIGS[name]
+            if cfg["device"] == "cuda" and not torch.cuda.is_available():
+                print(f"[{name}] skipped: needs a CUDA GPU")
+                continue
+            reps = 2 if args.quick else cfg["reps"]
+            row = run_config(name, cfg, reps, workdir)
+            rows.append(row)
+            print(f"[{name}] ours {row['ours_tokens_per_s']:.0f} tok/s vs HF {row['hf_tokens_per_s']:.0f} tok/s: "
+                  f"{row['speedup']:.2f}x wall" + (f", {row['speedup_cpu_time']:.2f}x CPU time" if row["speedup_cpu_time"] else "")
+                  + f" | ours prefill {row['ours_prefill_s']:.3f}s, decode {row['ours_decode_ms_per_step']:.2f} ms/step; "
+                  f"HF prefill ~{row['hf_prefill_s_est']:.3f}s, decode ~{row['hf_decode_ms_per_step_est']:.2f} ms/step")
+            if row.get("fraction_of_bw_limit") is not None:
+                print(f"[{name}] decode step reaches {row['fraction_of_bw_limit']:.1%} of the HBM bandwidth limit")
+    if rows:
+        print("results in", write_results(rows, "python -m bench.bench_rollout " + " ".join(argv if argv is not None else sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    main()
