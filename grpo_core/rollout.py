@@ -6,9 +6,14 @@
         repeat: sample_next(logits) → token per row  → decode_step(state, tokens) → logits (n, V)
         until every row has emitted an EOS or max_new_tokens is reached
 
-Why prefill once: with images, the prompt (vision tower + hundreds of image tokens) is most of
-the forward cost; HF ``generate(num_return_sequences=G)`` copies the inputs G times *before*
-prefill, so it pays it G times. Sharing it removes (G − 1)/G of the prefill.
+Why prefill once: with images, the prompt (hundreds of image tokens) is most of the forward
+cost; HF ``generate(num_return_sequences=G)`` expands the prompt rows G times *before* the
+language-model prefill, so it pays that prefill G times (transformers 5.24 runs the vision tower
+once per image, as we do). Sharing it removes (G − 1)/G of the language-model prefill.
+
+How the fanned-out state is stored is the policy's business: ``models.qwen2_vl`` keeps the prompt
+KV once per prompt and shares it across the group's G rows (``models.prefix_decode``), so only
+each row's completion KV is per row. The engine only needs prefill / expand / decode_step.
 
 Row order is prompt-major (row i belongs to prompt i // G), the order ``generate`` uses for
 ``num_return_sequences`` and the order ``group_advantages`` expects.
