@@ -1,6 +1,7 @@
 """`grpo train|sft|eval|demo`: the command line over configs, data, policy, trainers and eval.
 
     grpo train --config examples/configs/pmc_vqa_grpo_instruct.yaml run.steps=500
+    torchrun --nproc_per_node 8 -m grpo_core.cli train --config examples/configs/pmc_vqa_grpo_ddp.yaml
     grpo sft   --config examples/configs/synthetic_sft.yaml
     grpo eval  --config examples/configs/synthetic_grpo.yaml model.path=runs/grpo/ckpt-000100/policy
     grpo demo  [--seed 0] [--quick]
@@ -53,21 +54,31 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False):
 
 
 def cmd_train(cfg: TrainConfig) -> int:
+    """Single process, or one rank of a torchrun job (dist.mode=ddp|fsdp2): see grpo_core.distributed."""
+    from . import distributed as D
     from .factory import load_policy
     from .plotting import plot_history
     from .trainer import GRPOTrainer
 
-    torch.manual_seed(cfg.run.seed)
-    policy = load_policy(cfg.model, seed=cfg.run.seed)
-    train, held = build_records(cfg)
-    eval_fn = make_eval_fn(cfg, held)
-    trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn)
-    history = trainer.train()
-    trainer.save()
-    final = make_eval_fn(cfg, held, progress=cfg.run.progress)(policy)
-    print(json.dumps({"final_eval": final}, indent=2))
-    if history:
-        plot_history(history, os.path.join(cfg.run.output_dir, "curves.png"))
+    with D.session(cfg.dist):
+        torch.manual_seed(cfg.run.seed)
+        if cfg.model.tiny and not D.is_main():
+            D.barrier()                       # rank 0 builds the tiny model first (same path for all)
+        policy = load_policy(cfg.model, seed=cfg.run.seed)
+        if cfg.model.tiny and D.is_main():
+            D.barrier()
+        train, held = build_records(cfg)
+        eval_fn = make_eval_fn(cfg, held)
+        trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn)
+        history = trainer.train()
+        trainer.save()                        # every rank: fsdp2 gathers, rank 0 writes
+        # eval is replicated on every rank (under fsdp2 it needs all of them to gather the weights)
+        final = trainer.par.infer(make_eval_fn(cfg, held, progress=cfg.run.progress and D.is_main()), policy,
+                                  gather_all=True)
+        if D.is_main():
+            print(json.dumps({"final_eval": final}, indent=2))
+            if history:
+                plot_history(history, os.path.join(cfg.run.output_dir, "curves.png"))
     return 0
 
 
