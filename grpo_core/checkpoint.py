@@ -136,7 +136,10 @@ def load_checkpoint(path: str, policy, optimizer=None, scheduler=None) -> dict:
 
 def _load_optimizer(path, model, optimizer, state, sharded: bool) -> None:
     if state.get("optimizer_format", "ids") == "fqn":      # written from FSDP2: keyed by parameter name
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     elif sharded:
