@@ -188,8 +188,8 @@ class GRPOTrainer:
 
         self.step_idx += 1
         # per-row statistics of every rank (N_all, 2 + R): metrics of the whole batch
-        rows, _ = D.gather_rows(torch.stack([ro.completion_mask.sum(1).float(), ro.truncated.float(),
-                                             *[c.float() for c in columns.values()]], 1))
+        cols = [ro.completion_mask.sum(1), ro.truncated, *columns.values()]
+        rows, _ = D.gather_rows(torch.stack([c.float().cpu() for c in cols], 1))
         lens = rows[:, 0]
         m = {"step": self.step_idx, "lr": self.scheduler.get_last_lr()[0], **upd,
              "reward": total_all.mean().item(), "reward_std": total_all.std().item() if total_all.numel() > 1 else 0.0,
