@@ -3,6 +3,8 @@
     python -m bench.bench_step [--quick] [--image-size 448] [--prompts 2] [--group 8] [--new-tokens 32]
                                [--beta 0.04] [--mu 1] [--steps 5] [--providers ours,trl] [--out DIR]
 
+--model 2b: the Qwen2-VL-2B architecture with random bf16 weights (GPU only), else the tiny one.
+
 A step = rollout (B prompts × G samples, up to `new_tokens` each) → rewards → advantages →
 reference log-probs (β > 0) → μ optimizer steps. Both trainers get the same saved tiny random
 Qwen2-VL (same weights), the same prompts and images (synthetic scans), the same chat template,
@@ -21,7 +23,7 @@ Deviations from TRL's own defaults, on purpose: gradient checkpointing off (TRL 
 bf16 off on CPU. TRL needs a processor; transformers' Qwen2VLProcessor insists on a video
 processor that needs torchvision, so we hand TRL an image-only subclass (same tokenizer, same
 PIL image processor, same chat template): `_image_only_processor`.
-Writes <out>/step_<cpu|cuda>.json and .md.
+Writes <out>/step_<cpu|cuda>.json and .md (default out: bench/results/<device>/).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ EXTERNAL_TRL_CPU = {"s": 1.8, "what": "TRL 1.16 GRPOTrainer, CPU, tiny Qwen2-VL 
 
 @dataclass
 class StepShape:
+    model: str = "tiny"           # "tiny" (hidden × layers below) | "2b" (Qwen2-VL-2B shapes, random bf16, GPU)
     image_size: int = 448         # square synthetic scans, px (448² = 256 image tokens after merge)
     prompts: int = 2              # B prompts per step
     group: int = 8                # G samples per prompt
@@ -75,8 +78,42 @@ def build_model(path: str, shape: StepShape) -> str:
     from models.tiny import build_tiny_qwen2_vl
 
     px = max(shape.image_size, 56) ** 2
+    if shape.model == "2b":
+        if not torch.cuda.is_available():
+            raise RuntimeError("bench_step: --model 2b needs a CUDA GPU (2.2 B parameters); use the tiny model on CPU")
+        return build_2b_shaped(path, shape.seed, px)
+    if shape.model != "tiny":
+        raise ValueError(f"bench_step: --model must be 'tiny' or '2b', got {shape.model!r}")
     return build_tiny_qwen2_vl(path, seed=shape.seed, hidden=shape.hidden, layers=shape.layers,
                                min_pixels=min(56 * 56, px), max_pixels=px)
+
+
+def build_2b_shaped(path: str, seed: int, max_pixels: int, config=None, dev: str = "cuda") -> str:
+    """Qwen2-VL-2B architecture (V = 151,936) with random bf16 weights and the tiny tokenizer's
+    special-token ids, saved at `path` (ids past the tokenizer's ~1k decode to empty text)."""
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from models.tiny import build_tiny_tokenizer, qwen2_vl_2b_config
+
+    tok = build_tiny_tokenizer(path)
+    conf = config or qwen2_vl_2b_config()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    conf.image_token_id, conf.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+    conf.vision_start_token_id, conf.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    conf.text_config.eos_token_id, conf.text_config.pad_token_id = eos, tok.pad_token_id
+    conf.text_config.bos_token_id = tok.pad_token_id
+    with torch.random.fork_rng(devices=[]), torch.device(dev):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(conf).to(torch.bfloat16 if dev == "cuda" else torch.float32)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [eos, tok.pad_token_id], tok.pad_token_id
+    model.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2,
+                             merge_size=2).save_pretrained(path)
+    del model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return path
 
 
 def make_records(shape: StepShape):
@@ -260,7 +297,7 @@ def summarise(provider: str, res: dict, shape: StepShape) -> dict:
     t = torch.tensor(res["times"], dtype=torch.float64)
     q = t.quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
     cpu = torch.tensor(res["cpu_times"], dtype=torch.float64).median().item() if device().type == "cpu" else None
-    return {"provider": provider, "image_px": shape.image_size, "B": shape.prompts, "G": shape.group,
+    return {"provider": provider, "model": shape.model, "image_px": shape.image_size, "B": shape.prompts, "G": shape.group,
             "new_tokens": shape.new_tokens, "s": q[0], "s_p20": q[1], "s_p80": q[2], "s_min": t.min().item(), "cpu_s": cpu, "steps": len(res["times"]),
             "completion_len": res["completion_len"], "peak_mem_mb": res["peak_mem_mb"]}
 
@@ -276,7 +313,7 @@ def write(out_dir: str, meta: dict, rows: list[dict]) -> str:
     stem = os.path.join(out_dir, f"step_{'cuda' if device().type == 'cuda' else 'cpu'}")
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    cols = ["provider", "image_px", "B", "G", "new_tokens", "s", "s_p20", "s_p80", "s_min", "speedup_vs_trl", "cpu_s", "cpu_speedup_vs_trl",
+    cols = ["provider", "model", "image_px", "B", "G", "new_tokens", "s", "s_p20", "s_p80", "s_min", "speedup_vs_trl", "cpu_s", "cpu_speedup_vs_trl",
             "completion_len", "peak_mem_mb"]
     lines = [f"# {meta['title']}", "", f"device: {meta['device']}  ", f"command: `{meta['command']}`", ""]
     lines += [f"note: {n}  " for n in meta["notes"]] + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -296,7 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per provider subprocess")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                     help="one subprocess per provider (default: on, off with --quick)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", help="folder for step_<cpu|cuda>.{json,md} (default bench/results/<device>/)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -339,7 +376,9 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "command": cmd.strip(), "shape": asdict(shape), "notes": notes,
             "reference": REFERENCE, "time_unit": "s", "memory": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
             "trl": _version("trl"), "transformers": _version("transformers")}
-    stem = write(args.out, meta, rows)
+    from bench.common import RESULTS_DIR, device_name
+
+    stem = write(args.out or os.path.join(RESULTS_DIR, device_name(dev)), meta, rows)
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 
