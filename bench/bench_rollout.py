@@ -84,7 +84,7 @@ def tiny_policy(cfg: dict, workdir: str):
 
 
 def qwen2_vl_2b_policy(cfg: dict, workdir: str):
-    """Qwen2-VL-2B architecture, random bf16 weights on the GPU, the tiny tokenizer's special ids."""
+    """Qwen2-VL-2B architecture, random bf16 weights on cfg["device"], the tiny tokenizer's special ids."""
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from models.qwen2_vl import Qwen2VLPolicy
@@ -98,7 +98,7 @@ def qwen2_vl_2b_policy(cfg: dict, workdir: str):
     conf.text_config.eos_token_id = conf.text_config.bos_token_id = conf.text_config.pad_token_id = tok.pad_token_id
     conf._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(cfg["device"]):
         model = Qwen2VLForConditionalGeneration(conf).to(torch.bfloat16).eval()
     proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=cfg["image"] ** 2, patch_size=14,
                                     temporal_patch_size=2, merge_size=2)
