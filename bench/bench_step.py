@@ -1,7 +1,8 @@
 """One full GRPO training step: grpo_core's GRPOTrainer vs TRL's GRPOTrainer (when trl imports).
 
     python -m bench.bench_step [--quick] [--image-size 448] [--prompts 2] [--group 8] [--new-tokens 32]
-                               [--beta 0.04] [--mu 1] [--steps 5] [--providers ours,trl] [--out DIR]
+                               [--beta 0.04] [--mu 1] [--steps 5] [--rounds 1] [--model tiny|2b]
+                               [--providers ours,trl] [--out DIR]
 
 --model 2b: the Qwen2-VL-2B architecture with random bf16 weights (GPU only), else the tiny one.
 
@@ -331,6 +332,7 @@ def main(argv=None) -> int:
         ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=None)
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per provider subprocess")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the providers this many times (steps each)")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                     help="one subprocess per provider (default: on, off with --quick)")
     ap.add_argument("--out", help="folder for step_<cpu|cuda>.{json,md} (default bench/results/<device>/)")
@@ -355,9 +357,15 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(os.path.join(tmp, "tiny-qwen2-vl"), shape)
-        for p in providers:
-            res = run_provider(p, path, shape, args.timeout, isolate)
-            rows.append(summarise(p, res, shape))
+        runs: dict = {p: [] for p in providers}
+        for _ in range(args.rounds):          # providers alternate: a load spike hits both alike
+            for p in providers:
+                runs[p].append(run_provider(p, path, shape, args.timeout, isolate))
+        for p, res in runs.items():
+            merged = {"times": [t for r in res for t in r["times"]], "cpu_times": [t for r in res for t in r["cpu_times"]],
+                      "completion_len": sum(r["completion_len"] for r in res) / len(res),
+                      "peak_mem_mb": max(r["peak_mem_mb"] for r in res)}
+            rows.append(summarise(p, merged, shape))
             print(f"{p:5s} {rows[-1]['s']:.3f} s/step (p20 {rows[-1]['s_p20']:.3f}, p80 {rows[-1]['s_p80']:.3f}), "
                   f"completion {rows[-1]['completion_len']:.1f} tokens, peak {rows[-1]['peak_mem_mb']:.0f} MB")
     ref = next((r for r in rows if r["provider"] == REFERENCE), None)
