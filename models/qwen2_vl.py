@@ -6,8 +6,9 @@ embeddings with explicit 3-D mRoPE positions (``_lm``):
 
 - rollout: ``prefill`` (B prompts, vision tower once) → ``expand(G)`` (KV cache repeated) →
   ``decode_step`` (one token for N rows: embedding lookup, decoder layers, lm_head on one position);
-- training: ``completion_hidden`` (vision tower once per prompt, prompt embeddings repeated G times,
-  completion embeddings appended, one forward, hidden states of the completion positions only).
+- training: ``completion_hidden`` (vision tower and language model run each prompt once; the G
+  completions attend to its shared K/V: ``models.prefix_train``; plain fallback: prompt embeddings
+  repeated G times, completion embeddings appended, one forward, completion positions kept).
 
 Positions. Qwen2-VL's mRoPE gives image tokens (t, h, w) positions; text after an image continues at
 max(previous) + 1, so a prompt of real length L ends at position L − 1 + δ (δ = rope delta ≤ 0).
@@ -28,7 +29,7 @@ import torch
 
 from grpo_core.policy import Prompt
 from models import policy_utils as pu
-from models import prefix_decode
+from models import prefix_decode, prefix_train
 from models.qwen2_vl_encode import (
     VISION_TOKENS,
     Qwen2VLEncoded,
@@ -257,6 +258,10 @@ class Qwen2VLPolicy:
         attend causally to every earlier completion token, as in the rollout (the mask only decides
         which positions count in the loss; tokens after EOS never influence earlier positions).
         Out-of-vocabulary ids (e.g. -100 padding) are read as pad_token_id.
+
+        Where ``prefix_train.supported`` (sdpa/eager Qwen2-VL layers, not FSDP2-wrapped) the language
+        model also runs each prompt once and shares its K/V with the G completions
+        (``models.prefix_train``); ``GRPO_PREFIX_TRAIN=0`` forces the plain path below.
         """
         enc = enc.to(self.device)
         b, p = enc.input_ids.shape
@@ -265,11 +270,14 @@ class Qwen2VLPolicy:
             raise ValueError(f"completion_ids has {n} rows but enc has {b} prompts × group_size {group_size}")
         ids = completion_ids.to(self.device)
         ids = ids.masked_fill((ids < 0) | (ids >= self.vocab_size), self.pad_token_id)  # e.g. -100 padding
+        start = enc.prompt_lengths + enc.rope_deltas[:, 0]                           # (B,) = L + δ
+        if c > 0 and prefix_train.supported(self._lm):                                # prompt once per group
+            return prefix_train.shared_prefix_hidden(self._lm, self._prompt_embeds(enc), enc.attention_mask,
+                                                     enc.position_ids, ids[:, :-1], start, group_size)
         prompt = self._prompt_embeds(enc).repeat_interleave(group_size, 0)          # (N, P, H)
         embeds = torch.cat([prompt, self._lm.embed_tokens(ids)], 1)                  # (N, P+C, H)
         mask = torch.cat([enc.attention_mask.repeat_interleave(group_size, 0),
                           enc.attention_mask.new_ones(n, c)], 1)                     # (N, P+C)
-        start = enc.prompt_lengths + enc.rope_deltas[:, 0]                           # (B,) = L + δ
         comp_pos = start[:, None] + torch.arange(c, device=self.device)              # (B, C)
         pos = torch.cat([enc.position_ids, comp_pos.expand(3, b, c)], -1)            # (3, B, P+C)
         pos = pos.repeat_interleave(group_size, 1)                                   # (3, N, P+C)

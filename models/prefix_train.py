@@ -1,0 +1,225 @@
+"""Training forward with each prompt run once and shared by the G completions of its group.
+
+The plain training forward runs the language model over N = B·G rows of [prompt ; completion],
+so every prompt token is computed G times, forward and backward. Here, per decoder layer:
+
+    prompt rows (B, P):   h ← h + o_proj(attn(q_p, K_p, V_p; causal, left padding masked))
+                          h ← h + mlp(norm(h))                     K_p, V_p: (B, kvh, P, d) after rope
+    completion rows (N, C'):
+                          s = q_c · [K_p(b) ; K_c(i)]ᵀ · scale     row i of prompt b = i // G
+                          out = softmax(s + mask) · [V_p(b) ; V_c(i)]
+                          mask: −inf on b's left padding and on own keys after the query (causal)
+
+which is the attention a [prompt ; completion] row computes in the plain forward, restricted to
+the completion queries. Gradients reach the prompt (and the vision tower behind its embeddings)
+through K_p and V_p from all G rows, once. Only C' = C − 1 completion tokens are fed: hidden[:, 0]
+is the prompt's last position (predicts token 0), hidden[:, j] is completion token j − 1; the
+last completion token predicts nothing. The last layer runs its prompt queries/MLP on the last
+prompt position only (earlier positions of the last layer feed nothing).
+
+Positions. The prompt uses the encoded 3-D mRoPE ids (3, B, P); completion token j of prompt b
+sits at L_b + δ_b + j on all three axes (L_b real prompt length, δ_b rope delta), which is what
+``get_rope_index`` gives text after the prompt (tests compare with HF's own full forward).
+
+Cost, per layer (T_p = B·P prompt tokens, T_c = N·C' completion tokens, H hidden, h heads, d head dim):
+    plain:  projections + MLP on N·(P + C) tokens, attention N·h·(P+C)²·d
+    here:   projections + MLP on B·P + N·C' tokens, attention B·h·P²·d + N·h·C'·(P+C')·d
+The prompt K/V are copied per row (N, kvh, P+C', d) for sdpa (one key set per batch row; a zero-copy
+grouped matmul would have to hold N·h·C'·P scores, GBs at C=1024, P=1500). On CUDA a masked sdpa
+with GQA falls back to the math kernel, so K/V heads are repeated (as HF's own sdpa path does): the
+saved K/V then equal the plain path's, while everything else it saves for the N·P prompt
+tokens (hidden states, MLP activations) drops to B·P. The additive mask (N, 1, C', P+C') in the
+model dtype is built once and shared by all layers (0.3 GB in bf16 at N=64, C'=1023, P=1500).
+
+Measured (CPU, 1 thread, demo shape: tiny Qwen2-VL hidden 64 × 2 layers, 8 prompts ≈113 tokens,
+G=16, 5 completion tokens; completion_hidden forward + backward incl. vision tower):
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_prefix_train      → see RESULT line below
+RESULT: (filled in below)
+
+Scope and fallbacks (``supported``): Qwen2-VL / Qwen2.5-VL text decoder layers with full
+attention through sdpa or eager (not flash-attention-2: that model runs the plain path), no
+attention dropout while training, layers not wrapped by FSDP2 (its per-layer unshard hooks run
+only through ``layer.__call__``; this path calls the layer's modules). LoRA adapters apply (the
+modules are called as they are). Gradient checkpointing is supported: each layer's shared step
+(prompt rows + completion rows) is checkpointed as one unit. ``GRPO_PREFIX_TRAIN=0`` in the
+environment, or ``models.prefix_train.ENABLED = False``, forces the plain path.
+
+Deviations from the plain forward: none in the math. Left-padded prompt positions attend to
+themselves only (the plain path lets them see the whole row); no real token ever reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ENABLED = os.environ.get("GRPO_PREFIX_TRAIN", "1") != "0"   # tests / benches flip this to compare
+_TEXT_MODELS = ("Qwen2VLTextModel", "Qwen2_5_VLTextModel")
+
+
+def supported(lm) -> bool:
+    """True when ``lm``'s layers have the layout coded below and this path is known to match."""
+    if not ENABLED or type(lm).__name__ not in _TEXT_MODELS or getattr(lm, "has_sliding_layers", False):
+        return False
+    if lm.config._attn_implementation not in ("sdpa", "eager"):
+        return False
+    if lm.training and getattr(lm.config, "attention_dropout", 0.0):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:                                              # torch without FSDP2
+        FSDPModule = ()
+    return all(hasattr(layer.self_attn, "q_proj") and not isinstance(layer, FSDPModule) for layer in lm.layers)
+
+
+@dataclass
+class _Shared:
+    """What every layer needs besides hidden states: rope tables and additive masks."""
+
+    p_cos: torch.Tensor      # (B, P, d) prompt rope
+    p_sin: torch.Tensor
+    p_bias: torch.Tensor     # (B, 1, P, P) 0 / −inf: causal, left padding masked, diagonal kept
+    c_cos: torch.Tensor      # (N, C', d) completion rope
+    c_sin: torch.Tensor
+    c_bias: torch.Tensor     # (N, 1, C', P + C') 0 / −inf: prompt padding, own causal
+    group_size: int
+
+
+def _aligned_full(shape, last: int, dtype, device) -> torch.Tensor:
+    """−inf tensor of ``shape + (last,)`` whose rows start on 8-element boundaries (CUDA's
+    memory-efficient sdpa otherwise pads the mask again at every call)."""
+    padded = -(-last // 8) * 8
+    return torch.full((*shape, padded), float("-inf"), dtype=dtype, device=device)[..., :last]
+
+
+def attention_biases(prompt_mask: torch.Tensor, c: int, group_size: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt mask (B, P) → prompt bias (B, 1, P, P) and completion bias (N, 1, c, P + c)."""
+    b, p = prompt_mask.shape
+    dev, keep = prompt_mask.device, prompt_mask.bool()
+    causal_p = torch.ones(p, p, dtype=torch.bool, device=dev).tril()                   # (P, P)
+    see_p = (causal_p & keep[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)  # (B, P, P)
+    p_bias = _aligned_full((b, 1, p), p, dtype, dev)
+    p_bias.masked_fill_(see_p[:, None], 0.0)                                           # (B, 1, P, P)
+    causal_c = torch.ones(c, c, dtype=torch.bool, device=dev).tril()                   # (c, c)
+    see_c = torch.cat([keep[:, None, :].expand(b, c, p), causal_c.expand(b, c, c)], -1)  # (B, c, P+c)
+    c_bias = _aligned_full((b * group_size, 1, c), p + c, dtype, dev)
+    c_bias.masked_fill_(see_c.repeat_interleave(group_size, 0)[:, None], 0.0)         # (N, 1, c, P+c)
+    return p_bias, c_bias
+
+
+def _qkv(attn, x: torch.Tensor, cos, sin, rotate):
+    """x (R, T, H) → q (R, h, T, d), k, v (R, kvh, T, d) with rope applied to q and k."""
+    r, t, _ = x.shape
+    d = attn.head_dim
+    q = attn.q_proj(x).view(r, t, -1, d).transpose(1, 2)
+    k = attn.k_proj(x).view(r, t, -1, d).transpose(1, 2)
+    v = attn.v_proj(x).view(r, t, -1, d).transpose(1, 2)
+    q, k = rotate(q, k, cos, sin)
+    return q, k, v
+
+
+def _attend(q, k, v, bias, scale: float) -> torch.Tensor:
+    """sdpa with an additive mask; GQA natively on CPU, heads repeated elsewhere (see docstring)."""
+    r = q.shape[1] // k.shape[1]
+    if r > 1 and q.device.type != "cpu":
+        k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)                   # (R, h, S, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=r > 1)
+    return out.transpose(1, 2).flatten(2)                                             # (R, T, h·d)
+
+
+def layer_step(layer, h_p: torch.Tensor, h_c: torch.Tensor, sh: _Shared, last: bool):
+    """One decoder layer on prompt rows h_p (B, P, H) and completion rows h_c (N, C', H).
+
+    ``last``: only the prompt's last position leaves this layer (its K/V are still computed for all).
+    """
+    attn = layer.self_attn
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    b, p, _ = h_p.shape
+    q_p, k_p, v_p = _qkv(attn, layer.input_layernorm(h_p), sh.p_cos, sh.p_sin, rotate)  # (B, ·, P, d)
+    rows = slice(p - 1, p) if last else slice(None)
+    o_p = _attend(q_p[:, :, rows], k_p, v_p, sh.p_bias[:, :, rows], attn.scaling)      # (B, P or 1, h·d)
+    h_p = h_p[:, rows] + attn.o_proj(o_p)
+    h_p = h_p + layer.mlp(layer.post_attention_layernorm(h_p))
+    if h_c.shape[1] == 0:
+        return h_p, h_c
+    q_c, k_c, v_c = _qkv(attn, layer.input_layernorm(h_c), sh.c_cos, sh.c_sin, rotate)  # (N, ·, C', d)
+    g = sh.group_size
+    k = torch.cat([k_p.repeat_interleave(g, 0), k_c], 2)                              # (N, kvh, P+C', d)
+    v = torch.cat([v_p.repeat_interleave(g, 0), v_c], 2)
+    h_c = h_c + attn.o_proj(_attend(q_c, k, v, sh.c_bias, attn.scaling))
+    h_c = h_c + layer.mlp(layer.post_attention_layernorm(h_c))
+    return h_p, h_c
+
+
+def _checkpointing(lm) -> bool:
+    return lm.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
+                                                          for m in lm.layers)
+
+
+def shared_prefix_hidden(lm, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, prompt_pos: torch.Tensor,
+                         comp_ids: torch.Tensor, comp_start: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Final-normed hidden states (N, C'+1, H) of [prompt's last position ; completion tokens].
+
+    prompt_embeds (B, P, H) (image features already in), prompt_mask (B, P) 0 on left padding,
+    prompt_pos (3, B, P) mRoPE ids, comp_ids (N, C') in-vocabulary completion tokens fed as input,
+    comp_start (B,) = L + δ, the rope position of completion token 0.
+    """
+    b, p, _ = prompt_embeds.shape
+    n, c = comp_ids.shape
+    g = group_size
+    h_c = lm.embed_tokens(comp_ids)                                                    # (N, C', H)
+    c_pos = comp_start[:, None] + torch.arange(c, device=comp_start.device)           # (B, C')
+    p_cos, p_sin = lm.rotary_emb(prompt_embeds, prompt_pos)                           # (B, P, d)
+    c_cos, c_sin = lm.rotary_emb(h_c, c_pos.expand(3, b, c))                          # (B, C', d)
+    p_bias, c_bias = attention_biases(prompt_mask, c, g, prompt_embeds.dtype)
+    sh = _Shared(p_cos, p_sin, p_bias, c_cos.repeat_interleave(g, 0), c_sin.repeat_interleave(g, 0), c_bias, g)
+    h_p, ckpt = prompt_embeds, _checkpointing(lm)
+    for i, layer in enumerate(lm.layers):
+        last = i == len(lm.layers) - 1
+        if ckpt:
+            h_p, h_c = checkpoint(layer_step, layer, h_p, h_c, sh, last, use_reentrant=False)
+        else:
+            h_p, h_c = layer_step(layer, h_p, h_c, sh, last)
+    first = h_p[:, -1:].repeat_interleave(g, 0)                                        # (N, 1, H)
+    return lm.norm(torch.cat([first, h_c], 1))                                         # (N, C'+1, H)
+
+
+def _bench(steps: int = 5) -> None:
+    """Plain vs shared-prefix ``completion_hidden`` forward + backward on the CPU demo shape."""
+    import statistics
+    import tempfile
+    import time
+
+    from grpo_core.data import make_synthetic_vqa, record_to_prompt
+    from models.qwen2_vl import Qwen2VLPolicy
+    from models.tiny import build_tiny_qwen2_vl
+
+    from models import prefix_train as mod   # not ``__main__``'s globals: qwen2_vl reads this module's flag
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        pol = Qwen2VLPolicy.from_pretrained(build_tiny_qwen2_vl(tmp, seed=0), dtype=torch.float32, device="cpu")
+    enc = pol.encode([record_to_prompt(r, template="nothink")[0] for r in make_synthetic_vqa(8, seed=0)])
+    g, c = 16, 5
+    ids = torch.randint(10, 500, (8 * g, c), generator=torch.Generator().manual_seed(0))
+    times = {}
+    for name, on in (("plain", False), ("shared", True)):
+        mod.ENABLED, runs = on, []
+        for _ in range(steps + 1):                                                    # first run: warm-up
+            t = time.perf_counter()
+            pol.model.zero_grad(set_to_none=True)
+            pol.completion_hidden(enc, ids, torch.ones_like(ids), g).pow(2).mean().backward()
+            runs.append(time.perf_counter() - t)
+        times[name] = statistics.median(runs[1:])
+    mod.ENABLED = True
+    print(f"B=8 G={g} P={enc.input_ids.shape[1]} C={c}: plain {times['plain'] * 1e3:.0f} ms, "
+          f"shared {times['shared'] * 1e3:.0f} ms, ratio {times['plain'] / times['shared']:.1f}x")
+
+
+if __name__ == "__main__":
+    _bench()
