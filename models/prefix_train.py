@@ -21,20 +21,27 @@ Positions. The prompt uses the encoded 3-D mRoPE ids (3, B, P); completion token
 sits at L_b + δ_b + j on all three axes (L_b real prompt length, δ_b rope delta), which is what
 ``get_rope_index`` gives text after the prompt (tests compare with HF's own full forward).
 
-Cost, per layer (T_p = B·P prompt tokens, T_c = N·C' completion tokens, H hidden, h heads, d head dim):
+Cost, per layer (B·P prompt tokens, N·C' completion tokens, h heads, d head dim):
     plain:  projections + MLP on N·(P + C) tokens, attention N·h·(P+C)²·d
-    here:   projections + MLP on B·P + N·C' tokens, attention B·h·P²·d + N·h·C'·(P+C')·d
-The prompt K/V are copied per row (N, kvh, P+C', d) for sdpa (one key set per batch row; a zero-copy
-grouped matmul would have to hold N·h·C'·P scores, GBs at C=1024, P=1500). On CUDA a masked sdpa
-with GQA falls back to the math kernel, so K/V heads are repeated (as HF's own sdpa path does): the
-saved K/V then equal the plain path's, while everything else it saves for the N·P prompt
-tokens (hidden states, MLP activations) drops to B·P. The additive mask (N, 1, C', P+C') in the
-model dtype is built once and shared by all layers (0.3 GB in bf16 at N=64, C'=1023, P=1500).
+    here:   projections + MLP on B·P + N·C' tokens, attention B·h·P²·d + completion attention below
+Two layouts for the completion attention (``LAYOUT``; "auto" picks grouped when G·C' ≤ P):
+  - grouped (Hydragen-like): one sdpa row per group, its G·C' queries against
+    [K_p(b) ; all G rows' own keys] with a block-diagonal causal mask: the prompt K/V are used as
+    they are (no copy, read once per group); the own part costs G× its need (G·C' keys, not C'),
+    hence the rule. Mask (B, 1, G·C', P + G·C').
+  - rows: one sdpa row per completion, keys [K_p(b) ; K_c(i)] (N, kvh, P+C', d): the prompt K/V are
+    copied per row (a zero-copy grouped matmul would hold N·h·C'·P scores, GBs at C=1024, P=1500).
+    Mask (N, 1, C', P+C'), 0.3 GB in bf16 at N=64, C'=1023, P=1500.
+Masks are additive (0 / −inf) in the model dtype, built once and shared by all layers. On CUDA a
+masked sdpa with GQA falls back to the math kernel, so K/V heads are repeated there (as HF's own
+sdpa path does): the saved K/V are then at most the plain path's, while everything else the plain
+path saves for the N·P prompt tokens (hidden states, MLP activations) drops to B·P.
 
-Measured (CPU, 1 thread, demo shape: tiny Qwen2-VL hidden 64 × 2 layers, 8 prompts ≈113 tokens,
-G=16, 5 completion tokens; completion_hidden forward + backward incl. vision tower):
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_prefix_train      → see RESULT line below
-RESULT: (filled in below)
+Measured (CPU, 1 thread, the demo shape: tiny Qwen2-VL hidden 64 × 2 layers, 8 prompts of 113
+tokens, G=16, 5 completion tokens; completion_hidden forward + backward, vision tower included;
+median process CPU time):
+    OMP_NUM_THREADS=1 .venv/bin/python -m models.prefix_train
+    plain 713 ms, shared/rows 87 ms (8.2x), shared/grouped 77 ms (9.3x)
 
 Scope and fallbacks (``supported``): Qwen2-VL / Qwen2.5-VL text decoder layers with full
 attention through sdpa or eager (not flash-attention-2: that model runs the plain path), no
@@ -59,6 +66,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ENABLED = os.environ.get("GRPO_PREFIX_TRAIN", "1") != "0"   # tests / benches flip this to compare
+LAYOUT = "auto"   # completion attention: "rows" | "grouped" | "auto" (grouped when G·C' <= P; see docstring)
 _TEXT_MODELS = ("Qwen2VLTextModel", "Qwen2_5_VLTextModel")
 
 
@@ -86,8 +94,9 @@ class _Shared:
     p_bias: torch.Tensor     # (B, 1, P, P) 0 / −inf: causal, left padding masked, diagonal kept
     c_cos: torch.Tensor      # (N, C', d) completion rope
     c_sin: torch.Tensor
-    c_bias: torch.Tensor     # (N, 1, C', P + C') 0 / −inf: prompt padding, own causal
+    c_bias: torch.Tensor     # rows: (N, 1, C', P + C'); grouped: (B, 1, G·C', P + G·C'); 0 / −inf
     group_size: int
+    grouped: bool            # completion attention layout (``_attend_rows`` / ``_attend_grouped``)
 
 
 def _aligned_full(shape, last: int, dtype, device) -> torch.Tensor:
@@ -97,19 +106,39 @@ def _aligned_full(shape, last: int, dtype, device) -> torch.Tensor:
     return torch.full((*shape, padded), float("-inf"), dtype=dtype, device=device)[..., :last]
 
 
-def attention_biases(prompt_mask: torch.Tensor, c: int, group_size: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt mask (B, P) → prompt bias (B, 1, P, P) and completion bias (N, 1, c, P + c)."""
+def prompt_bias(prompt_mask: torch.Tensor, dtype) -> torch.Tensor:
+    """Prompt mask (B, P) → (B, 1, P, P): causal, left padding masked, each position sees itself."""
     b, p = prompt_mask.shape
     dev, keep = prompt_mask.device, prompt_mask.bool()
-    causal_p = torch.ones(p, p, dtype=torch.bool, device=dev).tril()                   # (P, P)
-    see_p = (causal_p & keep[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)  # (B, P, P)
-    p_bias = _aligned_full((b, 1, p), p, dtype, dev)
-    p_bias.masked_fill_(see_p[:, None], 0.0)                                           # (B, 1, P, P)
-    causal_c = torch.ones(c, c, dtype=torch.bool, device=dev).tril()                   # (c, c)
-    see_c = torch.cat([keep[:, None, :].expand(b, c, p), causal_c.expand(b, c, c)], -1)  # (B, c, P+c)
-    c_bias = _aligned_full((b * group_size, 1, c), p + c, dtype, dev)
-    c_bias.masked_fill_(see_c.repeat_interleave(group_size, 0)[:, None], 0.0)         # (N, 1, c, P+c)
-    return p_bias, c_bias
+    causal = torch.ones(p, p, dtype=torch.bool, device=dev).tril()                     # (P, P)
+    see = (causal & keep[:, None, :]) | torch.eye(p, dtype=torch.bool, device=dev)     # (B, P, P)
+    return _aligned_full((b, 1, p), p, dtype, dev).masked_fill_(see[:, None], 0.0)
+
+
+def completion_bias(prompt_mask: torch.Tensor, c: int, group_size: int, grouped: bool, dtype) -> torch.Tensor:
+    """Completion queries' bias over [prompt ; own keys].
+
+    rows:    (N, 1, c, P + c)        query j of row i sees b's real prompt and its own keys ≤ j
+    grouped: (B, 1, G·c, P + G·c)    query (r, j) of group b sees b's real prompt and keys (r, ≤ j)
+    """
+    b, p = prompt_mask.shape
+    g, dev, keep = group_size, prompt_mask.device, prompt_mask.bool()
+    causal = torch.ones(c, c, dtype=torch.bool, device=dev).tril()                     # (c, c)
+    if grouped:
+        own = torch.block_diag(*[causal] * g)                                           # (G·c, G·c)
+        see = torch.cat([keep[:, None, :].expand(b, g * c, p), own.expand(b, g * c, g * c)], -1)
+        return _aligned_full((b, 1, g * c), p + g * c, dtype, dev).masked_fill_(see[:, None], 0.0)
+    see = torch.cat([keep[:, None, :].expand(b, c, p), causal.expand(b, c, c)], -1)      # (B, c, P+c)
+    see = see.repeat_interleave(g, 0)                                                   # (N, c, P+c)
+    return _aligned_full((b * g, 1, c), p + c, dtype, dev).masked_fill_(see[:, None], 0.0)
+
+
+def use_grouped(prompt_len: int, c: int, group_size: int) -> bool:
+    """Grouped layout when its extra own-key work (G·c keys per query instead of c) stays below the
+    prompt's share (G·c ≤ P): then it reads each prompt's K/V once per group with no copy."""
+    if LAYOUT not in ("auto", "rows", "grouped"):
+        raise ValueError(f"models.prefix_train.LAYOUT must be 'auto', 'rows' or 'grouped', got {LAYOUT!r}")
+    return LAYOUT == "grouped" or (LAYOUT == "auto" and group_size * c <= prompt_len)
 
 
 def _qkv(attn, x: torch.Tensor, cos, sin, rotate):
@@ -132,6 +161,31 @@ def _attend(q, k, v, bias, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).flatten(2)                                             # (R, T, h·d)
 
 
+def _attend_rows(q_c, k_c, v_c, k_p, v_p, sh: _Shared, scale: float) -> torch.Tensor:
+    """One sdpa row per completion: keys [K_p(b) copied ; K_c(i)] (N, kvh, P+C', d) → (N, C', h·d)."""
+    g = sh.group_size
+    k = torch.cat([k_p.repeat_interleave(g, 0), k_c], 2)                              # (N, kvh, P+C', d)
+    v = torch.cat([v_p.repeat_interleave(g, 0), v_c], 2)
+    return _attend(q_c, k, v, sh.c_bias, scale)
+
+
+def _attend_grouped(q_c, k_c, v_c, k_p, v_p, sh: _Shared, scale: float) -> torch.Tensor:
+    """One sdpa row per group: its G·C' queries against [K_p(b) ; the G rows' own keys] → (N, C', h·d).
+
+    Block-diagonal causal mask over the own keys; the prompt K/V are used as they are (no copy).
+    """
+    g, b = sh.group_size, k_p.shape[0]
+    n, h, c, d = q_c.shape
+
+    def fold(t):                                                                         # (N, x, C', d) → (B, x, G·C', d)
+        return t.view(b, g, t.shape[1], c, d).transpose(1, 2).reshape(b, t.shape[1], g * c, d)
+
+    k = torch.cat([k_p, fold(k_c)], 2)                                                 # (B, kvh, P+G·C', d)
+    v = torch.cat([v_p, fold(v_c)], 2)
+    out = _attend(fold(q_c), k, v, sh.c_bias, scale)                                  # (B, G·C', h·d)
+    return out.view(b, g, c, h * d).reshape(n, c, h * d)                              # (N, C', h·d)
+
+
 def layer_step(layer, h_p: torch.Tensor, h_c: torch.Tensor, sh: _Shared, last: bool):
     """One decoder layer on prompt rows h_p (B, P, H) and completion rows h_c (N, C', H).
 
@@ -148,10 +202,8 @@ def layer_step(layer, h_p: torch.Tensor, h_c: torch.Tensor, sh: _Shared, last: b
     if h_c.shape[1] == 0:
         return h_p, h_c
     q_c, k_c, v_c = _qkv(attn, layer.input_layernorm(h_c), sh.c_cos, sh.c_sin, rotate)  # (N, ·, C', d)
-    g = sh.group_size
-    k = torch.cat([k_p.repeat_interleave(g, 0), k_c], 2)                              # (N, kvh, P+C', d)
-    v = torch.cat([v_p.repeat_interleave(g, 0), v_c], 2)
-    h_c = h_c + attn.o_proj(_attend(q_c, k, v, sh.c_bias, attn.scaling))
+    attend = _attend_grouped if sh.grouped else _attend_rows
+    h_c = h_c + attn.o_proj(attend(q_c, k_c, v_c, k_p, v_p, sh, attn.scaling))
     h_c = h_c + layer.mlp(layer.post_attention_layernorm(h_c))
     return h_p, h_c
 
@@ -176,8 +228,10 @@ def shared_prefix_hidden(lm, prompt_embeds: torch.Tensor, prompt_mask: torch.Ten
     c_pos = comp_start[:, None] + torch.arange(c, device=comp_start.device)           # (B, C')
     p_cos, p_sin = lm.rotary_emb(prompt_embeds, prompt_pos)                           # (B, P, d)
     c_cos, c_sin = lm.rotary_emb(h_c, c_pos.expand(3, b, c))                          # (B, C', d)
-    p_bias, c_bias = attention_biases(prompt_mask, c, g, prompt_embeds.dtype)
-    sh = _Shared(p_cos, p_sin, p_bias, c_cos.repeat_interleave(g, 0), c_sin.repeat_interleave(g, 0), c_bias, g)
+    grouped = use_grouped(p, c, g)
+    sh = _Shared(p_cos, p_sin, prompt_bias(prompt_mask, prompt_embeds.dtype), c_cos.repeat_interleave(g, 0),
+                 c_sin.repeat_interleave(g, 0), completion_bias(prompt_mask, c, g, grouped, prompt_embeds.dtype),
+                 g, grouped)
     h_p, ckpt = prompt_embeds, _checkpointing(lm)
     for i, layer in enumerate(lm.layers):
         last = i == len(lm.layers) - 1
@@ -189,17 +243,19 @@ def shared_prefix_hidden(lm, prompt_embeds: torch.Tensor, prompt_mask: torch.Ten
     return lm.norm(torch.cat([first, h_c], 1))                                         # (N, C'+1, H)
 
 
-def _bench(steps: int = 5) -> None:
-    """Plain vs shared-prefix ``completion_hidden`` forward + backward on the CPU demo shape."""
+def _bench(steps: int = 7) -> None:
+    """Plain vs shared-prefix ``completion_hidden`` forward + backward on the CPU demo shape.
+
+    Reports the median process CPU time per call (1 thread: robust to other load on the machine).
+    """
     import statistics
     import tempfile
     import time
 
     from grpo_core.data import make_synthetic_vqa, record_to_prompt
+    from models import prefix_train as mod   # not ``__main__``'s globals: qwen2_vl reads this module's flag
     from models.qwen2_vl import Qwen2VLPolicy
     from models.tiny import build_tiny_qwen2_vl
-
-    from models import prefix_train as mod   # not ``__main__``'s globals: qwen2_vl reads this module's flag
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,17 +264,17 @@ def _bench(steps: int = 5) -> None:
     g, c = 16, 5
     ids = torch.randint(10, 500, (8 * g, c), generator=torch.Generator().manual_seed(0))
     times = {}
-    for name, on in (("plain", False), ("shared", True)):
-        mod.ENABLED, runs = on, []
+    for name, on, layout in (("plain", False, "auto"), ("rows", True, "rows"), ("grouped", True, "grouped")):
+        mod.ENABLED, mod.LAYOUT, runs = on, layout, []
         for _ in range(steps + 1):                                                    # first run: warm-up
-            t = time.perf_counter()
+            t = time.process_time()
             pol.model.zero_grad(set_to_none=True)
             pol.completion_hidden(enc, ids, torch.ones_like(ids), g).pow(2).mean().backward()
-            runs.append(time.perf_counter() - t)
+            runs.append(time.process_time() - t)
         times[name] = statistics.median(runs[1:])
-    mod.ENABLED = True
-    print(f"B=8 G={g} P={enc.input_ids.shape[1]} C={c}: plain {times['plain'] * 1e3:.0f} ms, "
-          f"shared {times['shared'] * 1e3:.0f} ms, ratio {times['plain'] / times['shared']:.1f}x")
+    mod.ENABLED, mod.LAYOUT = True, "auto"
+    print(f"B=8 G={g} P={enc.input_ids.shape[1]} C={c}, CPU ms per forward+backward: plain {times['plain'] * 1e3:.0f}, "
+          + ", ".join(f"shared/{k} {times[k] * 1e3:.0f} ({times['plain'] / times[k]:.1f}x)" for k in ("rows", "grouped")))
 
 
 if __name__ == "__main__":

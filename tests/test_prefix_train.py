@@ -77,8 +77,10 @@ def pol(tiny_vlm_path):
     return p
 
 
+@pytest.mark.parametrize("layout", ["rows", "grouped"])
 @pytest.mark.parametrize("group_size,c", [(1, 7), (3, 5), (2, 1)])
-def test_hidden_equals_plain_path(pol, group_size, c):
+def test_hidden_equals_plain_path(pol, group_size, c, layout, monkeypatch):
+    monkeypatch.setattr(prefix_train, "LAYOUT", layout)
     enc = pol.encode(_prompts())
     ids, mask = _completions(pol, len(enc) * group_size, c, seed=group_size)
     with torch.no_grad():
@@ -117,8 +119,10 @@ def test_logprobs_equal_hf_full_forward(pol):
                  2e-5, "log-probs vs HF full forward")
 
 
+@pytest.mark.parametrize("layout", ["rows", "grouped"])
 @pytest.mark.parametrize("group_size", [1, 3])
-def test_gradients_equal_plain_path(pol, group_size):
+def test_gradients_equal_plain_path(pol, group_size, layout, monkeypatch):
+    monkeypatch.setattr(prefix_train, "LAYOUT", layout)
     enc = pol.encode(_prompts())
     ids, mask = _completions(pol, len(enc) * group_size, 5, seed=10 + group_size)
     loss = _logp_loss(pol, ids, mask)
@@ -142,6 +146,25 @@ def test_lora_trains_only_adapters_and_matches(tiny_vlm_path):
     h_old, g_old = _run(pol, enc, ids, mask, 3, shared=False, loss=loss)
     assert g_new and all("lora_" in k for k in g_new) and g_new.keys() == g_old.keys()
     assert_close(h_new, h_old, 1e-5, "LoRA hidden")
+    for k, g in g_old.items():
+        assert_close(g_new[k], g, 1e-5 * (1 + g.abs().max()), k)
+
+
+@pytest.mark.parametrize("backbone,attn", [("qwen2_5_vl", "sdpa"), ("qwen2_vl", "eager")])
+def test_other_backbone_and_attention(tmp_path, tiny_vlm_path, backbone, attn):
+    """Qwen2.5-VL's text layers share the layout; an eager-attention model takes the same path."""
+    from models.tiny import build_tiny_qwen2_5_vl
+
+    path = build_tiny_qwen2_5_vl(str(tmp_path / "q25")) if backbone == "qwen2_5_vl" else tiny_vlm_path
+    pol = Qwen2VLPolicy.from_pretrained(path, dtype=torch.float32, device="cpu", attn_implementation=attn)
+    assert prefix_train.supported(pol._lm)
+    enc = pol.encode(_prompts()[:2])
+    ids, mask = _completions(pol, 4, 4, seed=7)
+    loss = _logp_loss(pol, ids, mask)
+    h_new, g_new = _run(pol, enc, ids, mask, 2, shared=True, loss=loss)
+    h_old, g_old = _run(pol, enc, ids, mask, 2, shared=False, loss=loss)
+    assert_close(h_new, h_old, 1e-5, f"{backbone} hidden")
+    assert g_new.keys() == g_old.keys() and any(".visual." in k for k in g_new)
     for k, g in g_old.items():
         assert_close(g_new[k], g, 1e-5 * (1 + g.abs().max()), k)
 
@@ -178,6 +201,16 @@ def test_bf16_error_within_twice_plain_bf16(tiny_vlm_path, pol):
     assert dtype == torch.bfloat16
     err_new, err_old = (new - ref).abs().max().item(), (old - ref).abs().max().item()
     assert err_new <= 2 * err_old + 1e-2, f"bf16 shared err {err_new:.3g} vs plain bf16 err {err_old:.3g}"
+
+
+def test_layout_rule(monkeypatch):
+    assert prefix_train.use_grouped(prompt_len=100, c=10, group_size=8)          # G·C' = 80 ≤ P
+    assert not prefix_train.use_grouped(prompt_len=100, c=20, group_size=8)
+    monkeypatch.setattr(prefix_train, "LAYOUT", "rows")
+    assert not prefix_train.use_grouped(prompt_len=100, c=1, group_size=2)
+    monkeypatch.setattr(prefix_train, "LAYOUT", "bogus")
+    with pytest.raises(ValueError, match="LAYOUT"):
+        prefix_train.use_grouped(100, 1, 2)
 
 
 def test_falls_back_where_unsupported(pol, monkeypatch):
