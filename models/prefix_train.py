@@ -252,8 +252,9 @@ def _bench(steps: int = 7) -> None:
     import tempfile
     import time
 
+    # the flags live in ``models.prefix_train`` (what qwen2_vl reads), not in ``__main__``'s globals
     from grpo_core.data import make_synthetic_vqa, record_to_prompt
-    from models import prefix_train as mod   # not ``__main__``'s globals: qwen2_vl reads this module's flag
+    from models import prefix_train as mod
     from models.qwen2_vl import Qwen2VLPolicy
     from models.tiny import build_tiny_qwen2_vl
 
