@@ -60,6 +60,7 @@ class Bench:
 
 # The loss kernels are swept by calling bench_loss once per shape: N = seqs · tokens-per-seq
 # tokens at V = 151,936, then V at N = 16 × 1024 (GPU). --quick: three small CPU fp32 shapes.
+# The step runs on the tiny Qwen2-VL, and on a GPU also on the Qwen2-VL-2B shapes.
 _LOSS_CPU = ["--cpu", "--dtype", "fp32", "--seqs", "4", "--hidden", "64"]
 BENCHES = [
     Bench("loss", "bench.bench_loss", "torch-eager",
@@ -68,7 +69,8 @@ BENCHES = [
           + [["--vocab", v] for v in ("16384", "32768", "65536")]),
     Bench("advantages", "bench.bench_advantages", "torch", quick=[["--quick"]], full=[[]]),
     Bench("rollout", "bench.bench_rollout", "hf_generate", quick=[["--quick", "--config", "tiny"]], full=[[]]),
-    Bench("step", "bench.bench_step", "trl", quick=[["--quick", "--providers", "ours"]], full=[[]]),
+    Bench("step", "bench.bench_step", "trl", quick=[["--quick", "--providers", "ours"]],
+          full=[[]] + ([["--model", "2b", "--steps", "3"]] if torch.cuda.is_available() else [])),
 ]
 
 
