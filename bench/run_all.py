@@ -116,13 +116,14 @@ def _files(folder: str) -> dict:
 
 
 @contextlib.contextmanager
-def captured_results(scratch: str):
+def captured_results(scratch: str, restore: bool):
     """Collect result files a script writes into bench/results by itself (scripts without --out).
 
     bench/common.py's RESULTS_DIR is pointed at `scratch` meanwhile, so scripts built on
     common.write_results write there instead; any other file that appears or changes under
-    bench/results during the run is read back (and left in place: nothing is deleted or restored,
-    since other processes may be writing there too)."""
+    bench/results during the run is read back. With `restore` (--quick runs) a file that existed
+    before gets its old content back, so a smoke run never replaces a real run's numbers (a
+    process writing the same file at the same moment would lose its write; nothing is deleted)."""
     before = _files(common.RESULTS_DIR)
     old_dir, common.RESULTS_DIR = common.RESULTS_DIR, scratch
     written: dict = {}
@@ -131,6 +132,10 @@ def captured_results(scratch: str):
     finally:
         common.RESULTS_DIR = old_dir
         written.update({p: d for p, d in _files(old_dir).items() if before.get(p) != d})
+        for path in written:
+            if restore and path in before:
+                with open(path, "wb") as f:
+                    f.write(before[path])
 
 
 def normalise(data: dict, source: str) -> dict | None:
@@ -159,7 +164,7 @@ def collect(b: Bench, quick: bool) -> list[dict]:
     for argv in (b.quick if quick else b.full):
         with tempfile.TemporaryDirectory(prefix=f"bench-{b.name}-") as tmp:
             full_argv = list(argv) + (["--out", tmp] if takes_out else [])
-            with captured_results(tmp) as written:
+            with captured_results(tmp, restore=quick) as written:
                 if hasattr(mod, "main"):
                     rc = mod.main(full_argv)
                 else:                                # bench_loss style: run(parse_args(argv))
