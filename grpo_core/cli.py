@@ -25,8 +25,10 @@ def build_records(cfg: TrainConfig):
 
     d, seed = cfg.data, cfg.run.seed
     if d.source == "synthetic":
-        train = D.make_synthetic_vqa(d.train_size, seed=seed, image_size=d.image_size, task=d.synthetic_task)
-        held = D.make_synthetic_vqa(d.eval_size, seed=seed + 1_000_000, image_size=d.image_size, task=d.synthetic_task)
+        kw = dict(image_size=d.image_size, task=d.synthetic_task, lesion_sigma=d.lesion_sigma,
+                  lesion_amplitude=d.lesion_amplitude)
+        train = D.make_synthetic_vqa(d.train_size, seed=seed, **kw)
+        held = D.make_synthetic_vqa(d.eval_size, seed=seed + 1_000_000, **kw)
         return train, held
     records = list(D.load_dataset(d.source, format=d.format, split=d.split, skip_bad=d.skip_bad))
     if d.limit:

@@ -41,6 +41,8 @@ class DataConfig:
     train_size: int = 2000              # synthetic only
     image_size: int = 56                # synthetic only
     synthetic_task: str = "quadrant"    # synthetic only
+    lesion_sigma: float = 0.036         # synthetic only: lesion std / image size
+    lesion_amplitude: float = 0.5       # synthetic only: lesion peak brightness
     prompt: str = "nothink"             # "think" | "nothink" | "direct" (grpo_core.data.templates)
     shuffle_options: bool = False
     skip_bad: bool = False              # skip (and count) bad rows instead of raising

@@ -81,3 +81,18 @@ def test_bad_arguments():
         make_synthetic_vqa(2, task="colour")
     with pytest.raises(ValueError, match="modalities"):
         make_synthetic_vqa(2, modalities=("PET",))
+
+
+def test_lesion_size_and_brightness_options():
+    from grpo_core.data import make_synthetic_vqa as make
+    from grpo_core.data import oracle_answer
+
+    small = make(40, seed=5)
+    big = make(40, seed=5, lesion_sigma=0.07, lesion_amplitude=0.7)
+    assert [r.answer_letter for r in small] == [r.answer_letter for r in big]   # same answers, other pixels
+    assert all(oracle_answer(r.images[0], "quadrant") == r.answer_text for r in big)
+    import numpy as np
+    peak = lambda rs: np.mean([np.asarray(r.images[0]).max() for r in rs])  # noqa: E731
+    assert peak(big) > peak(small)
+    with pytest.raises(ValueError, match="lesion_sigma"):
+        make(4, lesion_sigma=0.5)

@@ -66,7 +66,7 @@ def _lesion_center(quadrant: int, size: int, rng: np.random.Generator) -> tuple[
     return c + sy * dy, c + sx * dx
 
 
-def _render(size: int, lesions: list, style: dict, rng: np.random.Generator) -> Image.Image:
+def _render(size: int, lesions: list, style: dict, rng: np.random.Generator, amplitude: float = _AMPLITUDE) -> Image.Image:
     """lesions: [(cy, cx, sigma_px)] -> 8-bit grey PIL image."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)      # (S, S) each
     c = (size - 1) / 2
@@ -77,16 +77,16 @@ def _render(size: int, lesions: list, style: dict, rng: np.random.Generator) -> 
     img += style["ring"] * np.exp(-(((d - 1) * min(ry, rx) / 1.2) ** 2))   # bright outline, ~1 px wide
     img += 0.04 * np.sin(xx / size * rng.uniform(4, 9) + rng.uniform(0, 6)) * (d <= 1)  # soft texture
     for cy, cx, s in lesions:
-        img += _AMPLITUDE * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+        img += amplitude * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
     img = np.clip(img, 0, 1) ** style["gamma"]
     img += rng.normal(0, style["noise"], img.shape)
     return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8), mode="L")
 
 
-def _item(task: str, label: int, size: int, rng: np.random.Generator):
+def _item(task: str, label: int, size: int, rng: np.random.Generator, sigma_frac: float = _SIGMA["normal"]):
     """-> (lesions, answer text) for one item of the task with answer index ``label``."""
     answers = TASKS[task][0]
-    sigma = _SIGMA["normal"] * size
+    sigma = sigma_frac * size
     if task == "quadrant":
         quads = [label]
     elif task == "laterality":
@@ -102,8 +102,17 @@ def _item(task: str, label: int, size: int, rng: np.random.Generator):
 
 
 def make_synthetic_vqa(n: int, seed: int = 0, image_size: int = 56, task: str = "quadrant",
-                       modalities=("CT", "MR", "X-ray")) -> list[VQARecord]:
-    """n balanced synthetic VQA records (deterministic in seed) with PIL 'L' images in memory."""
+                       modalities=("CT", "MR", "X-ray"), lesion_sigma: float = _SIGMA["normal"],
+                       lesion_amplitude: float = _AMPLITUDE) -> list[VQARecord]:
+    """n balanced synthetic VQA records (deterministic in seed) with PIL 'L' images in memory.
+
+    lesion_sigma: lesion std as a fraction of the image size (the "size" task picks its own);
+    lesion_amplitude: peak brightness added by a lesion (0–1 scale). Bigger, brighter lesions are
+    easier for a tiny random vision tower to pick up (the CPU demo uses 0.07 and 0.7).
+    """
+    if not (0 < lesion_sigma <= 0.2 and 0 < lesion_amplitude <= 1):
+        raise ValueError(f"make_synthetic_vqa: need 0 < lesion_sigma <= 0.2 and 0 < lesion_amplitude <= 1, "
+                         f"got {lesion_sigma}, {lesion_amplitude}")
     if task not in TASKS:
         raise ValueError(f"make_synthetic_vqa: task must be one of {sorted(TASKS)}, got {task!r}")
     if image_size < 16:
@@ -120,8 +129,8 @@ def make_synthetic_vqa(n: int, seed: int = 0, image_size: int = 56, task: str = 
         modality = modalities[int(text_rng.integers(len(modalities)))]
         question = phrasings[int(text_rng.integers(len(phrasings)))].format(m=modality)
         img_rng = np.random.default_rng([seed, 2, i])
-        lesions, answer = _item(task, int(labels[i]), image_size, img_rng)
-        image = _render(image_size, lesions, STYLES[modality], img_rng)
+        lesions, answer = _item(task, int(labels[i]), image_size, img_rng, lesion_sigma)
+        image = _render(image_size, lesions, STYLES[modality], img_rng, lesion_amplitude)
         options = {L: a for L, a in zip("ABCDEFGHIJ", answers)} if is_mc else {}
         records.append(VQARecord(
             id=f"synthetic/{task}/{seed}/{i}", images=[image], question=question, options=options,
