@@ -76,7 +76,7 @@ def time_ms(fn, device: torch.device, warmup: int = 3, rep: int = 10, budget_s: 
     return statistics.median(times), q[1], q[7]
 
 
-class _Largest(TorchDispatchMode):
+class LargestTensor(TorchDispatchMode):
     """Records the byte size of the largest tensor any op returns while active."""
 
     def __init__(self):
@@ -100,7 +100,7 @@ def peak_memory(fn, device: torch.device) -> tuple[int, str]:
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base, "peak"
-    with _Largest() as rec:
+    with LargestTensor() as rec:
         fn()
     return rec.biggest, "largest-tensor"
 

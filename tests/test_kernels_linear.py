@@ -5,37 +5,16 @@ bf16 (≤ 2× torch's own bf16 error); odd shapes and masks; the GRPO loss on to
 promise of the torch backend, checked against the naive path (which must fail the same check).
 """
 
-import os
 
 import pytest
 import torch
+from kernel_helpers import BACKENDS, close, max_err  # noqa: E402,F401  (sets TRITON_INTERPRET on CPU first)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from grpo_core.kernels import dispatch, fused_linear_grpo_loss, linear_token_logprobs, torch_backend  # noqa: E402
+from bench.common import LargestTensor  # noqa: E402
+from grpo_core.kernels import fused_linear_grpo_loss, linear_token_logprobs, torch_backend  # noqa: E402
 from grpo_core.logprobs import token_entropy  # noqa: E402
 from grpo_core.logprobs import token_logprobs as ref_logprobs  # noqa: E402
 from grpo_core.loss import grpo_loss  # noqa: E402
-
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    dispatch.why_unavailable("triton", torch.device("cpu")) is not None,
-    reason="Triton on CPU needs TRITON_INTERPRET=1 set before grpo_core.kernels' Triton modules load"))]
-
-
-def close(name, got, want, atol, rtol=0.0):
-    """assert_close that reports max / mean difference on failure."""
-    got, want = got.double(), want.double()
-    diff = (got - want).abs().nan_to_num(float("inf"))
-    bad = diff > atol + rtol * want.abs()
-    if bad.any():
-        raise AssertionError(f"{name}: {int(bad.sum())} of {diff.numel()} off; max diff {diff.max():.3e}, "
-                             f"mean {diff.mean():.3e}")
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def make_case(N, T, H, V, seed=0, with_bias=False):
@@ -160,30 +139,15 @@ def test_bias_needing_grad_is_rejected():
         linear_token_logprobs(hidden, weight, labels, mask=mask, bias=torch.zeros(100, requires_grad=True))
 
 
-class Largest(TorchDispatchMode):
-    """Records the byte size of the largest tensor any op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.biggest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.biggest = max(self.biggest, t.numel() * t.element_size())
-        return out
-
-
 def test_torch_backend_never_materialises_logits(monkeypatch):
     """Largest tensor of forward + backward ≪ N·T·V·4 bytes; the naive matmul path exceeds it."""
     monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 4 * 2048)             # 4-token chunks
     N, T, H, V = 4, 16, 8, 2048
     hidden, weight, labels, mask, _, up = make_case(N, T, H, V, seed=3)
     full_logits_bytes = N * T * V * 4
-    with Largest() as ours:
+    with LargestTensor() as ours:
         grads(linear_token_logprobs, hidden, weight, up, labels, 1.0, mask, backend="torch")
-    with Largest() as naive:
+    with LargestTensor() as naive:
         grads(ref_linear, hidden, weight, up, labels, 1.0, mask)
     assert ours.biggest <= full_logits_bytes / 4, f"largest tensor {ours.biggest} B vs logits {full_logits_bytes} B"
     assert naive.biggest >= full_logits_bytes                                # the check can fail

@@ -6,36 +6,15 @@ valid token, N·T odd, extreme and −inf logits, boundary and invalid labels, n
 in-place backward.
 """
 
-import os
 
 import pytest
 import torch
+from kernel_helpers import BACKENDS, close, max_err  # noqa: E402,F401  (sets TRITON_INTERPRET on CPU first)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
-
-from grpo_core.kernels import dispatch, token_logprobs  # noqa: E402
+from bench.common import LargestTensor  # noqa: E402
+from grpo_core.kernels import token_logprobs  # noqa: E402
 from grpo_core.logprobs import token_entropy  # noqa: E402
 from grpo_core.logprobs import token_logprobs as ref_logprobs  # noqa: E402
-
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    dispatch.why_unavailable("triton", torch.device("cpu")) is not None,
-    reason="Triton on CPU needs TRITON_INTERPRET=1 set before grpo_core.kernels' Triton modules load"))]
-
-
-def close(name, got, want, atol, rtol=0.0):
-    """assert_close that reports max / mean difference and where the worst one is."""
-    got, want = got.double(), want.double()
-    diff = (got - want).abs().nan_to_num(float("inf"))
-    bad = diff > atol + rtol * want.abs()
-    if bad.any():
-        i = int(diff.flatten().argmax())
-        raise AssertionError(f"{name}: {int(bad.sum())} of {diff.numel()} off; max diff {diff.max():.3e} at flat "
-                             f"index {i} (got {got.flatten()[i]:.6g}, want {want.flatten()[i]:.6g}), mean {diff.mean():.3e}")
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def make_case(N, T, V, seed=0, scale=3.0):
@@ -179,30 +158,15 @@ def test_torch_backend_many_chunks(monkeypatch):
 
 def test_forward_never_upcasts_whole_bf16_logits(monkeypatch):
     """Forward-only (old/ref log-probs): no tensor as large as an fp32 copy of the logits."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from grpo_core.kernels import torch_backend
-
-    class Largest(TorchDispatchMode):
-        """Records the byte size of the largest tensor any op returns while active."""
-
-        def __init__(self):
-            super().__init__()
-            self.biggest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.biggest = max(self.biggest, t.numel() * t.element_size())
-            return out
 
     monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 8 * 1000)
     logits, labels, mask, _ = make_case(4, 16, 1000)
     xb = logits.bfloat16()
-    with torch.no_grad(), Largest() as ours:
+    with torch.no_grad(), LargestTensor() as ours:
         token_logprobs(xb, labels, mask=mask, backend="torch")
     assert ours.biggest < xb.numel() * 4 / 4                                 # ≪ an fp32 copy (N·T·V·4 B)
-    with torch.no_grad(), Largest() as naive:
+    with torch.no_grad(), LargestTensor() as naive:
         ref_logprobs(xb.float(), labels, mask=mask)                          # the naive path trips it
     assert naive.biggest >= xb.numel() * 4

@@ -6,13 +6,10 @@ bf16 held to ≤ 2× torch's own bf16 error.
 """
 
 import itertools
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the Triton kernels in the interpreter
+from kernel_helpers import BACKENDS, close, max_err  # noqa: E402,F401  (sets TRITON_INTERPRET on CPU first)
 
 from grpo_core.kernels import dispatch, fused_grpo_loss  # noqa: E402
 from grpo_core.logprobs import token_entropy  # noqa: E402
@@ -21,14 +18,6 @@ from grpo_core.loss import grpo_loss  # noqa: E402
 
 TRITON_OK = dispatch.why_unavailable("triton", torch.device("cpu")) is None
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton on CPU needs TRITON_INTERPRET=1")
-
-
-def close(name, got, want, atol, rtol=0.0):
-    """assert_close that reports max / mean difference on failure."""
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    diff = (got - want).abs().nan_to_num(float("inf"))
-    if (diff > atol + rtol * want.abs()).any():
-        raise AssertionError(f"{name}: max diff {diff.max():.3e}, mean {diff.mean():.3e}")
 
 
 def make_case(N=4, T=5, V=1000, temperature=1.0, seed=0):
