@@ -13,6 +13,18 @@ positions. Entropy is returned as a detached metric (no gradient flows through i
 import torch
 
 
+def _scatter(ctx, like, N, T, n_idx, t_idx, logp_v, ent_v):
+    """Per-valid-token results (M,) → (N, T) fp32 tensors, 0 where masked; entropy marked detached."""
+    logp = like.new_zeros((N, T), dtype=torch.float32)                      # (N, T)
+    logp[n_idx, t_idx] = logp_v
+    ent = None
+    if ent_v is not None:
+        ent = torch.zeros_like(logp)
+        ent[n_idx, t_idx] = ent_v
+        ctx.mark_non_differentiable(ent)
+    return logp, ent
+
+
 class TokenLogprobsFn(torch.autograd.Function):
     """logits (N, T, V) → logp (N, T) fp32 (+ entropy (N, T), detached)."""
 
@@ -20,13 +32,7 @@ class TokenLogprobsFn(torch.autograd.Function):
     def forward(ctx, logits, n_idx, t_idx, ys, temperature, want_entropy, inplace_backward, impl):
         N, T, _ = logits.shape
         logp_v, lse, ent_v = impl.logprobs_forward(logits, n_idx, t_idx, ys, temperature, want_entropy)
-        logp = logits.new_zeros((N, T), dtype=torch.float32)               # (N, T), 0 where masked
-        logp[n_idx, t_idx] = logp_v
-        ent = None
-        if want_entropy:
-            ent = torch.zeros_like(logp)
-            ent[n_idx, t_idx] = ent_v
-            ctx.mark_non_differentiable(ent)
+        logp, ent = _scatter(ctx, logits, N, T, n_idx, t_idx, logp_v, ent_v if want_entropy else None)
         ctx.save_for_backward(logits, n_idx, t_idx, ys, lse)
         ctx.temperature, ctx.inplace, ctx.impl = temperature, inplace_backward, impl
         return logp, ent
@@ -56,13 +62,7 @@ class LinearLogprobsFn(torch.autograd.Function):
         N, T, _ = hidden.shape
         h = hidden[n_idx, t_idx]                                            # (M, H) compacted copy
         logp_v, lse, ent_v = impl.linear_forward(h, weight, bias, ys, temperature, want_entropy)
-        logp = hidden.new_zeros((N, T), dtype=torch.float32)                # (N, T)
-        logp[n_idx, t_idx] = logp_v
-        ent = None
-        if want_entropy:
-            ent = torch.zeros_like(logp)
-            ent[n_idx, t_idx] = ent_v
-            ctx.mark_non_differentiable(ent)
+        logp, ent = _scatter(ctx, hidden, N, T, n_idx, t_idx, logp_v, ent_v if want_entropy else None)
         ctx.save_for_backward(h, weight, bias, n_idx, t_idx, ys, lse)
         ctx.temperature, ctx.impl, ctx.hidden_shape = temperature, impl, hidden.shape
         return logp, ent
