@@ -29,6 +29,7 @@ from grpo_core.logprobs import token_entropy, token_logprobs
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "csrc"))
 import build_cuda  # noqa: E402  (csrc/build_cuda.py: plain Python, no torch)
+from kernel_helpers import close  # noqa: E402
 
 BUILD_DIR = os.path.join(REPO, "build", "cuda-ci")
 NO_NVCC = build_cuda.find_nvcc() is None
@@ -63,13 +64,6 @@ def loaded(lib_path):
     assert cuda.load_library(lib_path) is not None, cuda.library_error()
     yield cuda
     cuda.load_library(reload=True)
-
-
-def _close(name, got, want, atol, rtol=0.0):
-    err = (got.double() - want.double()).abs()
-    ok = err <= atol + rtol * want.double().abs()
-    assert bool(ok.all()), (f"{name}: max |diff| {err.max().item():.3g}, mean {err.mean().item():.3g}, "
-                            f"{int((~ok).sum())} of {ok.numel()} beyond atol={atol} rtol={rtol}")
 
 
 # ---- build and ABI -------------------------------------------------------------------------
@@ -255,19 +249,19 @@ def test_emulated_kernels_match_reference(emu, dtype, V, temperature, nthreads):
     g, g_ent = torch.randn(N, T), torch.randn(N, T)
     logp, lse, ent, grad = _emulate(emu, logits, labels, mask, temperature, g)
     t_logp, t_ent, t_lse, t_grad = _truth(logits, labels, mask, temperature, g)
-    _close("logp", logp, t_logp, atol=3e-5, rtol=3e-6)
-    _close("lse", lse, t_lse, atol=3e-5, rtol=3e-6)
-    _close("entropy", ent, t_ent, atol=3e-5, rtol=3e-6)
+    close("logp", logp, t_logp, atol=3e-5, rtol=3e-6)
+    close("lse", lse, t_lse, atol=3e-5, rtol=3e-6)
+    close("entropy", ent, t_ent, atol=3e-5, rtol=3e-6)
     assert (grad[~mask] == 0).all(), "masked rows must keep a zero gradient"
     ulp = {torch.float32: 2e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
-    _close("d logits", grad, t_grad, atol=1e-7, rtol=ulp)
+    close("d logits", grad, t_grad, atol=1e-7, rtol=ulp)
     if dtype != torch.float32:  # error at most 2x torch's own low-precision backward
         err = (grad.double() - t_grad).abs().max().item()
         assert err <= 2 * _torch_lowp_grad_error(logits, labels, mask, temperature, g, t_grad) + 1e-7
     # with the entropy term in the loss
     *_, grad_h = _emulate(emu, logits, labels, mask, temperature, g, g_ent, nthreads)
     *_, t_grad_h = _truth(logits, labels, mask, temperature, g, g_ent)
-    _close("d logits (logp + entropy)", grad_h, t_grad_h, atol=1e-6, rtol=4 * ulp)
+    close("d logits (logp + entropy)", grad_h, t_grad_h, atol=1e-6, rtol=4 * ulp)
 
 
 @needs_nvcc
@@ -277,9 +271,9 @@ def test_emulated_qwen_vocab_bf16_one_token(emu):
     labels, mask, g = torch.tensor([[12345]]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([[0.5]])
     logp, lse, ent, grad = _emulate(emu, logits, labels, mask, 1.0, g)
     t_logp, t_ent, t_lse, t_grad = _truth(logits, labels, mask, 1.0, g)
-    _close("logp", logp, t_logp, atol=5e-5)
-    _close("entropy", ent, t_ent, atol=5e-5)
-    _close("d logits", grad, t_grad, atol=1e-9, rtol=2 ** -8)
+    close("logp", logp, t_logp, atol=5e-5)
+    close("entropy", ent, t_ent, atol=5e-5)
+    close("d logits", grad, t_grad, atol=1e-9, rtol=2 ** -8)
 
 
 @needs_nvcc
@@ -296,13 +290,13 @@ def test_emulated_minus_inf_logits_and_inplace_backward(emu):
     logp, lse, ent, grad = _emulate(emu, logits.clone(), labels, mask, 1.0, g)
     t_logp, t_ent, t_lse, t_grad = _truth(logits, labels, mask, 1.0, g)
     assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(grad).all()
-    _close("logp", logp, t_logp, atol=3e-5)
-    _close("entropy", ent, t_ent.nan_to_num(0.0), atol=3e-5)
-    _close("d logits", grad, t_grad.nan_to_num(0.0), atol=1e-6)
+    close("logp", logp, t_logp, atol=3e-5)
+    close("entropy", ent, t_ent.nan_to_num(0.0), atol=3e-5)
+    close("d logits", grad, t_grad.nan_to_num(0.0), atol=1e-6)
     inplace = logits.clone()
     *_, grad_inplace = _emulate(emu, inplace, labels, mask, 1.0, g, inplace=True)
     assert grad_inplace.data_ptr() == inplace.data_ptr()
-    _close("in-place d logits", grad_inplace, grad, atol=0.0)
+    close("in-place d logits", grad_inplace, grad, atol=0.0)
 
 
 @needs_nvcc
@@ -315,5 +309,5 @@ def test_emulated_group_advantages_match_reference(emu, scale, B, G):
     # torch's fp32 mean of 33 × 0.7 is off by an ulp, which /(0 + eps) turns into ~6e-4 there
     adv = torch.empty_like(r)
     assert emu.grpo_emulate_group_advantages(r.data_ptr(), adv.data_ptr(), B, G, ["group", "batch", "none"].index(scale), 1e-4) == 0
-    _close(f"advantages ({scale})", adv[G:], group_advantages(r, G, scale)[G:], atol=2e-5, rtol=2e-5)
+    close(f"advantages ({scale})", adv[G:], group_advantages(r, G, scale)[G:], atol=2e-5, rtol=2e-5)
     assert (adv[:G] == 0).all(), "a group of equal rewards must get exactly 0"

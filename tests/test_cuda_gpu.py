@@ -24,6 +24,7 @@ import sys
 
 import pytest
 import torch
+from kernel_helpers import close  # noqa: E402
 
 from grpo_core.advantages import group_advantages
 from grpo_core.kernels import cuda, dispatch
@@ -54,13 +55,6 @@ def library():
     assert reason is None, reason
     yield
     cuda.load_library(reload=True)
-
-
-def _close(name, got, want, atol, rtol=0.0):
-    err = (got.double() - want.double()).abs()
-    ok = err <= atol + rtol * want.double().abs()
-    assert bool(ok.all()), (f"{name}: max |diff| {err.max().item():.3g}, mean {err.mean().item():.3g}, "
-                            f"{int((~ok).sum())} of {ok.numel()} beyond atol={atol} rtol={rtol}")
 
 
 def _maxerr(got, want, mask=None):
@@ -118,12 +112,12 @@ def test_token_logprobs_values_and_grads(dtype, N, T, V, temperature, strided):
     assert (logp[~mask] == 0).all() and (grad[~mask] == 0).all(), "masked positions: 0 and no gradient"
     if strided:
         assert (leaf.grad[:, 0] == 0).all(), "a row outside the view got a gradient"
-    _close("logp", logp, t_logp, atol=5e-5, rtol=5e-6)
+    close("logp", logp, t_logp, atol=5e-5, rtol=5e-6)
     safe = torch.where(mask, labels, 0)
     lp_lowp, grad_lowp = _torch_lowp(logits, safe, mask, temperature, g)
     # p_j carries fp32 rounding (~1e-6 relative), so 1 − p_y near 0 needs an absolute floor
     rtol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
-    _close("d logits", grad, t_grad, atol=5e-6, rtol=rtol)
+    close("d logits", grad, t_grad, atol=5e-6, rtol=rtol)
     if dtype != torch.float32:
         err, base = _maxerr(grad, t_grad), _maxerr(grad_lowp, t_grad)
         assert err <= 2 * base + 1e-7, f"{dtype} grad error {err:.3g} > 2 × torch's {base:.3g}"
@@ -140,10 +134,10 @@ def test_entropy_values_and_grads(dtype, V):
     logp, ent = cuda.token_logprobs_cuda(logits, labels, 1.0, mask, return_entropy=True)
     ((logp * g).sum() + (ent * g_ent).sum()).backward()
     t_logp, t_ent, t_grad = _truth(logits, labels, mask, 1.0, g, g_ent)
-    _close("logp", logp, t_logp, atol=5e-5, rtol=5e-6)
-    _close("entropy", ent, t_ent, atol=5e-5, rtol=5e-6)
+    close("logp", logp, t_logp, atol=5e-5, rtol=5e-6)
+    close("entropy", ent, t_ent, atol=5e-5, rtol=5e-6)
     rtol = 2e-5 if dtype == torch.float32 else 2 ** -7
-    _close("d logits (logp + entropy)", leaf.grad[:, 1:], t_grad, atol=5e-6, rtol=rtol)
+    close("d logits (logp + entropy)", leaf.grad[:, 1:], t_grad, atol=5e-6, rtol=rtol)
 
 
 @pytest.mark.parametrize("N,T,V,valid", [(3, 4, 4231, "one"), (5, 1, 4231, "all"), (2, 3, 1000, "none")])
@@ -158,8 +152,8 @@ def test_one_token_t1_and_nothing_valid(N, T, V, valid):
     logp = cuda.token_logprobs_cuda(logits, labels, 1.0, mask)
     (logp * g).sum().backward()
     t_logp, _, t_grad = _truth(logits, labels, mask, 1.0, g)
-    _close("logp", logp, t_logp, atol=5e-5)
-    _close("d logits", leaf.grad, t_grad, atol=5e-6, rtol=2 ** -8)
+    close("logp", logp, t_logp, atol=5e-5)
+    close("d logits", leaf.grad, t_grad, atol=5e-6, rtol=2 ** -8)
     assert int((leaf.grad.abs().sum(-1) > 0).sum()) == int(mask.sum())
 
 
@@ -168,7 +162,7 @@ def test_no_mask_means_every_position_and_matches_backend_dispatch():
 
     leaf, logits, labels, _ = _case(2, 6, 4231, torch.bfloat16, seed=13, strided=True)
     logp = cuda.token_logprobs_cuda(logits, labels, 0.9)
-    _close("logp (no mask)", logp, token_logprobs(logits.detach().float(), labels, 0.9), atol=5e-5)
+    close("logp (no mask)", logp, token_logprobs(logits.detach().float(), labels, 0.9), atol=5e-5)
     via_dispatch = fused_token_logprobs(logits.detach(), labels, 0.9, None, backend="cuda")
     assert torch.equal(via_dispatch, logp.detach())
     assert dispatch.resolve("cuda", DEV) == "cuda" and cuda.available(DEV) is None
@@ -230,7 +224,7 @@ def test_group_advantages(scale, B, G):
     adv = cuda.group_advantages_cuda(r, G, scale)   # can be an ulp off, which /(0 + eps) magnifies
     assert adv.dtype == torch.float32 and adv.shape == r.shape
     assert (adv[:G] == 0).all()
-    _close(f"advantages ({scale})", adv[G:], group_advantages(r, G, scale)[G:], atol=2e-5, rtol=2e-5)
+    close(f"advantages ({scale})", adv[G:], group_advantages(r, G, scale)[G:], atol=2e-5, rtol=2e-5)
     ints = torch.randint(0, 3, (B * G,), device=DEV, generator=gen).float()   # small-integer rewards
-    _close(f"advantages ({scale}, ints)", cuda.group_advantages_cuda(ints, G, scale),
+    close(f"advantages ({scale}, ints)", cuda.group_advantages_cuda(ints, G, scale),
            group_advantages(ints.double(), G, scale), atol=2e-5, rtol=2e-5)
