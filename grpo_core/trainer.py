@@ -223,7 +223,10 @@ class GRPOTrainer:
             return {"loss": 0.0, "grad_norm": 0.0, "skipped_groups": D.all_reduce(len(adv) // G)}
         self.policy.model.train()
         old_lp = None
-        if g.mu > 1:                          # π_old = the policy that sampled, frozen for μ passes
+        # π_old = the policy that sampled, frozen for μ passes. Recomputed with the training forward
+        # rather than taken from the rollout, so the ratio is exactly 1 on the first pass (the decode
+        # path computes the same distribution with other kernels; in bf16 they differ in rounding).
+        if g.mu > 1:
             with self.autocast:
                 old_lp = self.par.infer(completion_logprobs, self.policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
         rows_of = lambda ps: torch.cat([torch.arange(p * G, (p + 1) * G) for p in ps])      # noqa: E731
