@@ -174,7 +174,8 @@ def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
         out[key.replace(".base_layer.", ".")] = value
     for name, delta in deltas.items():
         key = f"{name}.weight"
-        out[key] = (out[key].float() + delta.float()).to(out[key].dtype)
+        acc = torch.promote_types(out[key].dtype, torch.float32)       # bf16 weights: add in fp32; fp64 stays fp64
+        out[key] = (out[key].to(acc) + delta.to(acc)).to(out[key].dtype)
     return out
 
 

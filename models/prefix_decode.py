@@ -84,8 +84,9 @@ def _append(state: PrefixDecodeState, i: int, k: torch.Tensor, v: torch.Tensor):
 
 def shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size: int, scale: float) -> torch.Tensor:
     """q (N, h, 1, d); prompt K/V (B, kvh, P, d) + mask (B, 1, 1, P); own K/V (N, kvh, t, d) → (N, h·d)."""
-    dtype = q.dtype   # scores and softmax in fp32 (as flash/sdpa kernels do); a no-op for fp32 models
-    q, pk, pv, ok, ov = (t.float() for t in (q, pk, pv, ok, ov))
+    dtype = q.dtype   # scores and softmax in ≥ fp32 (as flash/sdpa kernels do); a no-op for fp32/fp64
+    acc = torch.promote_types(dtype, torch.float32)
+    q, pk, pv, ok, ov = (t.to(acc) for t in (q, pk, pv, ok, ov))
     n, h, _, d = q.shape
     b, kvh, p, _ = pk.shape
     g, r = group_size, h // kvh                                          # head j uses KV head j // r

@@ -15,7 +15,7 @@ import torch
 
 def _scatter(ctx, like, N, T, n_idx, t_idx, logp_v, ent_v):
     """Per-valid-token results (M,) → (N, T) fp32 tensors, 0 where masked; entropy marked detached."""
-    logp = like.new_zeros((N, T), dtype=torch.float32)                      # (N, T)
+    logp = like.new_zeros((N, T), dtype=logp_v.dtype)                       # (N, T) fp32 (fp64 for fp64 inputs)
     logp[n_idx, t_idx] = logp_v
     ent = None
     if ent_v is not None:
@@ -40,7 +40,7 @@ class TokenLogprobsFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, _g_ent):
         logits, n_idx, t_idx, ys, lse = ctx.saved_tensors
-        g = g_logp[n_idx, t_idx].float().contiguous()                       # (M,) dLoss/dlogp
+        g = g_logp[n_idx, t_idx].to(lse.dtype).contiguous()                 # (M,) dLoss/dlogp
         if ctx.inplace:
             out = logits                                                    # caller's buffer reused
         else:
@@ -70,7 +70,7 @@ class LinearLogprobsFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, _g_ent):
         h, weight, bias, n_idx, t_idx, ys, lse = ctx.saved_tensors
-        g = g_logp[n_idx, t_idx].float().contiguous()                       # (M,)
+        g = g_logp[n_idx, t_idx].to(lse.dtype).contiguous()                 # (M,)
         dh, dw = ctx.impl.linear_backward(h, weight, bias, ys, lse, g, ctx.temperature)
         dhidden = h.new_zeros(ctx.hidden_shape)                              # (N, T, H), 0 where masked
         dhidden[n_idx, t_idx] = dh

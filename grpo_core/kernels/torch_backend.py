@@ -33,6 +33,12 @@ import torch
 CHUNK_ELEMS = 1 << 22
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (the equivalence tests run in fp64, where
+    a different reduction order moves results by ~1e-16 instead of fp32's ~1e-7)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _chunk_rows(V: int) -> int:
     return max(1, CHUNK_ELEMS // max(V, 1))
 
@@ -65,14 +71,14 @@ def _dz_(z: torch.Tensor, ys: torch.Tensor, lse: torch.Tensor, g_over_t: torch.T
 
 def logprobs_forward(logits, n_idx, t_idx, ys, temperature, want_entropy):
     """logits (N, T, V) any strides; (n_idx, t_idx, ys) (M,) the valid tokens → logp, lse, ent (M,)."""
-    M = len(ys)
-    logp = torch.empty(M, dtype=torch.float32, device=logits.device)
+    M, acc = len(ys), acc_dtype(logits.dtype)
+    logp = torch.empty(M, dtype=acc, device=logits.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if want_entropy else None
     step = _chunk_rows(logits.shape[-1])
     for s in range(0, M, step):
         c = slice(s, s + step)
-        z = logits[n_idx[c], t_idx[c]].float().div_(temperature)        # (C, V) fp32, gathered copy
+        z = logits[n_idx[c], t_idx[c]].to(acc).div_(temperature)        # (C, V) fp32, gathered copy
         logp[c], lse[c], e = _softmax_stats(z, ys[c], want_entropy)
         if want_entropy:
             ent[c] = e
@@ -81,10 +87,10 @@ def logprobs_forward(logits, n_idx, t_idx, ys, temperature, want_entropy):
 
 def logprobs_backward(logits, n_idx, t_idx, ys, lse, g, temperature, out):
     """Write dlogits of the valid tokens into ``out`` (N, T, V); ``out`` may be ``logits`` itself."""
-    step = _chunk_rows(logits.shape[-1])
+    step, acc = _chunk_rows(logits.shape[-1]), acc_dtype(logits.dtype)
     for s in range(0, len(ys), step):
         c = slice(s, s + step)
-        z = logits[n_idx[c], t_idx[c]].float().div_(temperature)        # (C, V) read before any write
+        z = logits[n_idx[c], t_idx[c]].to(acc).div_(temperature)        # (C, V) read before any write
         d = _dz_(z, ys[c], lse[c], g[c] / temperature)                   # (C, V) dlogits
         out[n_idx[c], t_idx[c]] = d.to(out.dtype)
 
@@ -111,7 +117,7 @@ def _tiles(M: int, V: int):
 
 def _tile_logits(h, weight, bias, vs, temperature):
     """(R, H) @ W[vs]ᵀ in the input dtype (fp32 accumulate), + bias, / T in fp32 → (R, Vc)."""
-    z = (h @ weight[vs].t()).float()                                    # (R, Vc)
+    z = (h @ weight[vs].t()).to(acc_dtype(h.dtype))                     # (R, Vc)
     if bias is not None:
         z += bias[vs]
     return z.div_(temperature)
@@ -125,13 +131,13 @@ def _label_in_tile(ys, vs):
 
 def linear_forward(h, weight, bias, ys, temperature, want_entropy):
     """h (M, H) compacted valid hidden rows, weight (V, H), bias (V,) fp32 or None → logp, lse, ent (M,)."""
-    M, V = h.shape[0], weight.shape[0]
-    logp = torch.empty(M, dtype=torch.float32, device=h.device)
+    M, V, acc = h.shape[0], weight.shape[0], acc_dtype(h.dtype)
+    logp = torch.empty(M, dtype=acc, device=h.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if want_entropy else None
     for rs, vslices in _tiles(M, V):
         y = ys[rs]
-        m = torch.full(y.shape, _NEG_BIG, device=h.device)               # running max   (R,)
+        m = torch.full(y.shape, _NEG_BIG, dtype=acc, device=h.device)    # running max   (R,)
         l = torch.zeros_like(m)                                          # running Σ e^(z−m)
         s = torch.zeros_like(m)                                          # running Σ e^(z−m)·z
         z_y = torch.zeros_like(m)                                        # label logit
@@ -155,9 +161,9 @@ def linear_forward(h, weight, bias, ys, temperature, want_entropy):
 
 def linear_backward(h, weight, bias, ys, lse, g, temperature):
     """Recompute each tile's logits, then dh (M, H) in h's dtype and dW (V, H) in W's dtype."""
-    M, V = h.shape[0], weight.shape[0]
-    dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)    # (M, H) fp32 accumulator
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)  # (V, H) fp32 accumulator
+    M, V, acc = h.shape[0], weight.shape[0], acc_dtype(h.dtype)
+    dh = torch.zeros(h.shape, dtype=acc, device=h.device)              # (M, H) fp32 accumulator
+    dw = torch.zeros(weight.shape, dtype=acc, device=h.device)         # (V, H) fp32 accumulator
     for rs, vslices in _tiles(M, V):
         y, hc, g_t = ys[rs], h[rs], g[rs] / temperature
         for vs in vslices:
@@ -166,10 +172,10 @@ def linear_backward(h, weight, bias, ys, lse, g, temperature):
             inside, col = _label_in_tile(y, vs)
             d.scatter_add_(-1, col[:, None], (g_t * inside)[:, None])     # + onehot(y) · g/T
             d = d.to(h.dtype)
-            if d.dtype == torch.float32:
+            if d.dtype == acc:
                 dh[rs].addmm_(d, weight[vs])                             # (R, H) += (R, Vc) @ (Vc, H)
                 dw[vs].addmm_(d.t(), hc)                                 # (Vc, H) += (Vc, R) @ (R, H)
             else:
-                dh[rs] += (d @ weight[vs]).float()
-                dw[vs] += (d.t() @ hc).float()
+                dh[rs] += (d @ weight[vs]).to(acc)
+                dw[vs] += (d.t() @ hc).to(acc)
     return dh.to(h.dtype), dw.to(weight.dtype)
