@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from grpo_core.advantages import group_advantages, group_reward_std
 
+pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
+
 
 def test_group_scale_by_hand():
     # group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(((.5²)·4)/3) = sqrt(1/3)

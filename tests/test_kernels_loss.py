@@ -9,12 +9,21 @@ import itertools
 
 import pytest
 import torch
-from kernel_helpers import BACKENDS, close, max_err  # noqa: E402,F401  (sets TRITON_INTERPRET on CPU first)
+from kernel_helpers import (  # noqa: E402,F401  (sets TRITON_INTERPRET on CPU first)
+    BACKENDS,
+    assert_close,
+    logit_grad_bound,
+    logp_tol,
+    max_err,
+    tol,
+)
 
 from grpo_core.kernels import dispatch, fused_grpo_loss  # noqa: E402
 from grpo_core.logprobs import token_entropy  # noqa: E402
 from grpo_core.logprobs import token_logprobs as ref_logprobs  # noqa: E402
 from grpo_core.loss import grpo_loss  # noqa: E402
+
+pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 
 TRITON_OK = dispatch.why_unavailable("triton", torch.device("cpu")) is None
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton on CPU needs TRITON_INTERPRET=1")
@@ -46,15 +55,22 @@ def check(backend, dtype=torch.float32, temperature=1.0, old_none=False, **kw):
     x = logits.to(dtype).clone().requires_grad_()
     loss, metrics = fused_grpo_loss(x, labels, old, ref, adv, mask, temperature=temperature, backend=backend, **kw)
     loss.backward()
-    xr = logits.to(dtype).float().clone().requires_grad_()
-    want, want_m = grpo_loss(ref_logprobs(xr, labels, temperature, mask), old, ref, adv, mask, **kw)
+    # the truth: the same math in fp64 on the same (rounded) inputs
+    xr = logits.to(dtype).double().clone().requires_grad_()
+    lp = ref_logprobs(xr, labels, temperature, mask)
+    lp.retain_grad()
+    f64 = lambda t: None if t is None else t.double()                       # noqa: E731
+    want, want_m = grpo_loss(lp, f64(old), f64(ref), adv.double(), mask, **kw)
     want.backward()
-    close("loss", loss, want, 1e-5)
-    close("d logits", x.grad, xr.grad, 1e-5 * xr.grad.abs().max())          # relative: grads are ~1/tokens
-    for k, v in want_m.items():
-        close(f"metric {k}", metrics[k], v, 1e-5)
-    ent = (token_entropy(xr.detach(), temperature) * mask).sum() / mask.sum()
-    close("metric entropy", metrics["entropy"], ent, 1e-4)
+    z = xr.detach()
+    # the loss moves by Σ_t |∂L/∂logp_t| · (error of logp_t), plus its own fp32 rounding
+    loss_tol = float((lp.grad.abs() * logp_tol(z, temperature)).sum()) + tol(torch.float32, abs(float(want.detach())), k=4)
+    assert_close(loss, want, "loss", atol=loss_tol)
+    assert_close(x.grad, xr.grad, "d logits", atol=logit_grad_bound(xr.grad, z, labels, mask, lp.grad, temperature, dtype))
+    for k, v in want_m.items():   # fp32 means of per-token values each within logp_tol of the truth
+        assert_close(metrics[k], v, f"metric {k}", atol=float(logp_tol(z, temperature).max()) * (1 + abs(float(v))))
+    ent = (token_entropy(z, temperature) * mask).sum() / mask.sum()
+    assert_close(metrics["entropy"], ent, "metric entropy", atol=float(logp_tol(z, temperature).max()))
     return want_m
 
 

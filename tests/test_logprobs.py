@@ -7,6 +7,8 @@ import torch
 
 from grpo_core.logprobs import token_entropy, token_logprobs
 
+pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
+
 
 def test_by_hand():
     # logits [0, log 3] → softmax [1/4, 3/4]

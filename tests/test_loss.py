@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from grpo_core.loss import grpo_loss, kl_k1, kl_k2, kl_k3, kl_penalized_rewards
 
+pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
+
 # Two sequences, ratios r = exp(logp − old) with old = 0; A = +1 and −1; ε = 0.2.
 #   seq0 (A=+1), r = [1.0, 1.5, 0.5]: ℓ = −min(r, clip r)  = [−1.0, −1.2, −0.5]   (token 1 clipped high)
 #   seq1 (A=−1), r = [1.0, 1.5, 0.5]: ℓ = max(r, clip r)   = [ 1.0,  1.5,  0.8]   (token 2 clipped low)

@@ -1,8 +1,10 @@
-"""Qwen2VLPolicy and TextLMPolicy against the HF models' own forward (tiny random models, CPU, fp32).
+"""Qwen2VLPolicy and TextLMPolicy against the HF models' own forward (tiny random models, CPU).
 
 The reference everywhere is ``model(input_ids=prompt+completion, attention_mask, pixel_values,
 image_grid_thw, mm_token_type_ids)`` — HF computes mRoPE itself — so these tests check our
-positions, padding, image expansion, shared vision features and KV cache handling.
+positions, padding, image expansion, shared vision features and KV cache handling. The
+comparisons run in float64 (tests/numerics.py: they then hold on any CPU); decode logits are fp32
+by contract, so those are held to fp32 rounding of the fp64 values.
 """
 
 import io
@@ -10,21 +12,21 @@ import io
 import numpy as np
 import pytest
 import torch
+from numerics import assert_close, assert_equiv, tol
 from PIL import Image
 
 from grpo_core.policy import Policy, Prompt
 from models.qwen2_vl import Qwen2VLPolicy
+
+pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
+
+F64 = dict(device="cpu", dtype=torch.float64)
 
 
 def _img(w, h, seed=0, mode="RGB"):
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     return Image.fromarray(arr).convert(mode) if mode != "RGB" else Image.fromarray(arr)
-
-
-def assert_close(a, b, atol, what=""):
-    diff = (a.float() - b.float()).abs()
-    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean {diff.mean():.3g} (atol {atol})"
 
 
 def _prompts():
@@ -43,7 +45,7 @@ def _hf_logits(policy, enc, ids):
     mask = torch.cat([enc.attention_mask, torch.ones_like(ids)], 1)
     return policy._hf(input_ids=full, attention_mask=mask, pixel_values=enc.pixel_values,
                       image_grid_thw=enc.image_grid_thw,
-                      mm_token_type_ids=(full == policy.image_token_id).int()).logits.float()
+                      mm_token_type_ids=(full == policy.image_token_id).int()).logits
 
 
 # ------------------------------------------------------------------ encode
@@ -92,7 +94,7 @@ def test_templates_chat_vs_plain(tiny_vlm_path):
         Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", template="base").encode(p)
 
 
-def test_select_with_repeats_keeps_images_with_their_prompts(tiny_vlm_policy):
+def test_select_with_repeats_keeps_images_with_their_prompts(tiny_vlm_policy, tiny_vlm_policy64):
     pol = tiny_vlm_policy
     prompts = _prompts()
     enc = pol.encode(prompts)
@@ -106,7 +108,10 @@ def test_select_with_repeats_keeps_images_with_their_prompts(tiny_vlm_policy):
         n = int(direct.attention_mask[r].sum())
         assert torch.equal(sel.input_ids[r, -n:], direct.input_ids[r, -n:])
         assert torch.equal(sel.position_ids[:, r, -n:], direct.position_ids[:, r, -n:])
-    assert_close(pol.prefill(sel)[0], pol.prefill(direct)[0], 1e-5, "prefill after select")
+    with torch.no_grad():      # fp64 model: fp32 logits equal to fp32 rounding of the same fp64 values
+        a, b = tiny_vlm_policy64.prefill(tiny_vlm_policy64.encode(prompts).select(order))[0], tiny_vlm_policy64.prefill(
+            tiny_vlm_policy64.encode([prompts[i] for i in order]))[0]
+    assert_close(a, b, "prefill after select", atol=tol(torch.float32, b.abs().max(), k=2))
     assert enc.select([2]).pixel_values is None
 
 
@@ -166,8 +171,8 @@ def test_long_prompt_error_or_skip(tiny_vlm_path):
 # ------------------------------------------------------------------ completion_hidden
 
 @pytest.mark.parametrize("group_size", [1, 3])
-def test_completion_hidden_matches_hf_forward(tiny_vlm_policy, group_size):
-    pol = tiny_vlm_policy
+def test_completion_hidden_matches_hf_forward(tiny_vlm_policy64, group_size):
+    pol = tiny_vlm_policy64
     enc = pol.encode(_prompts())
     n, c = len(enc) * group_size, 7
     g = torch.Generator().manual_seed(group_size)
@@ -182,16 +187,17 @@ def test_completion_hidden_matches_hf_forward(tiny_vlm_policy, group_size):
         rows = enc.select(torch.arange(len(enc)).repeat_interleave(group_size))
         ref = torch.log_softmax(_hf_logits(pol, rows, ids)[:, enc.input_ids.shape[1] - 1:-1], -1)
     assert hidden.shape == (n, c, pol.lm_head_weight.shape[1])
-    assert_close(logp, ref, 2e-5, "completion log-probs vs HF")
+    assert_equiv(logp, ref, "completion log-probs vs HF")
 
 
 def test_shared_vision_gradients_equal_unshared(tiny_vlm_path):
-    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32)
+    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64)
     enc = pol.encode(_prompts()[:2])
     g, c = 3, 5
     ids = torch.randint(10, 500, (2 * g, c), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    w = torch.randn(2 * g, c, pol.lm_head_weight.shape[1], generator=torch.Generator().manual_seed(1))
+    w = torch.randn(2 * g, c, pol.lm_head_weight.shape[1], generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
 
     def grads(e, group):
         pol.model.zero_grad()
@@ -203,25 +209,28 @@ def test_shared_vision_gradients_equal_unshared(tiny_vlm_path):
     vision = [k for k in shared if ".visual." in k]
     assert vision and shared.keys() == unshared.keys()
     for k in shared:
-        assert_close(shared[k], unshared[k], 1e-5 * (1 + unshared[k].abs().max()), k)
+        assert_equiv(shared[k], unshared[k], k)
 
 
-def test_completion_hidden_bf16_close_to_fp32(tiny_vlm_path, tiny_vlm_policy):
-    enc = tiny_vlm_policy.encode(_prompts()[:2])
+def test_completion_hidden_bf16_close_to_fp64(tiny_vlm_path, tiny_vlm_policy64):
+    """bf16 log-probs vs fp64: a bf16 rounding budget (k ulps of bf16 at the values' size)."""
+    pol64 = tiny_vlm_policy64
+    enc = pol64.encode(_prompts()[:2])
     ids = torch.randint(10, 500, (4, 6), generator=torch.Generator().manual_seed(0))
     bf = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.bfloat16)
     with torch.no_grad():
-        ref = torch.log_softmax(tiny_vlm_policy.completion_hidden(enc, ids, torch.ones_like(ids), 2)
-                                @ tiny_vlm_policy.lm_head_weight.T, -1)
+        ref = torch.log_softmax(pol64.completion_hidden(enc, ids, torch.ones_like(ids), 2) @ pol64.lm_head_weight.T, -1)
         h = bf.completion_hidden(enc, ids, torch.ones_like(ids), 2)
-        out = torch.log_softmax(h.float() @ bf.lm_head_weight.float().T, -1)
+        out = torch.log_softmax(h.double() @ bf.lm_head_weight.double().T, -1)
     assert h.dtype == torch.bfloat16
-    assert_close(out, ref, 0.1, "bf16 vs fp32 log-probs")
+    # a 2-layer model: a few dozen bf16 roundings on the way to the logits
+    assert_close(out, ref, "bf16 vs fp64 log-probs", atol=tol(torch.bfloat16, ref.abs().max(), k=4))
 
 
 # ------------------------------------------------------------------ rollout path
 
-def _check_kv_against_full_forward(pol, enc, group_size, steps, hf_logits):
+def _check_kv_against_full_forward(pol, enc, group_size, steps, hf_logits, k=4):
+    """Decode logits (fp32 by contract) == HF's full forward, to k fp32 roundings (more for bf16)."""
     n = len(enc) * group_size
     ids = torch.randint(10, len(pol.tokenizer) - 20, (n, steps), generator=torch.Generator().manual_seed(3))
     ids[ids == getattr(pol, "image_token_id", -1)] = 11
@@ -232,19 +241,20 @@ def _check_kv_against_full_forward(pol, enc, group_size, steps, hf_logits):
     for j in range(steps):
         ref = hf_logits(rows, ids[:, :j])[:, -1]
         assert logits.dtype == torch.float32 and logits.shape == (n, pol.vocab_size)
-        assert_close(logits, ref, 1e-4, f"step {j}")
+        rounding = torch.float32 if pol.model.dtype == torch.float64 else pol.model.dtype
+        assert_close(logits, ref, f"step {j}", atol=tol(rounding, ref.abs().max(), k=k))
         logits, state = pol.decode_step(state, ids[:, j])
         assert state.attention_mask.shape == (n, enc.input_ids.shape[1] + j + 1)
 
 
-def test_prefill_expand_decode_matches_full_forward(tiny_vlm_policy):
-    pol = tiny_vlm_policy
+def test_prefill_expand_decode_matches_full_forward(tiny_vlm_policy64):
+    pol = tiny_vlm_policy64
     with torch.no_grad():
         _check_kv_against_full_forward(pol, pol.encode(_prompts()), 2, 4, lambda e, ids: _hf_logits(pol, e, ids))
 
 
-def test_text_lm_policy_matches_hf(tiny_text_policy):
-    pol = tiny_text_policy
+def test_text_lm_policy_matches_hf(tiny_text_policy64):
+    pol = tiny_text_policy64
     assert isinstance(pol, Policy) and pol.lm_head_bias is None
     enc = pol.encode([Prompt("Is the reasoning sound?"), Prompt("A much longer question about the lung scan?",
                                                                system="You are a judge.")])
@@ -254,7 +264,7 @@ def test_text_lm_policy_matches_hf(tiny_text_policy):
         full = torch.cat([e.input_ids, ids], 1)
         mask = torch.cat([e.attention_mask, torch.ones_like(ids)], 1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        return pol._hf(input_ids=full, attention_mask=mask, position_ids=pos).logits.float()
+        return pol._hf(input_ids=full, attention_mask=mask, position_ids=pos).logits
 
     with torch.no_grad():
         _check_kv_against_full_forward(pol, enc, 3, 3, hf)
@@ -262,7 +272,7 @@ def test_text_lm_policy_matches_hf(tiny_text_policy):
         h = pol.completion_hidden(enc, ids, torch.ones_like(ids), 3)
         rows = enc.select(torch.arange(2).repeat_interleave(3))
         ref = torch.log_softmax(hf(rows, ids)[:, enc.input_ids.shape[1] - 1:-1], -1)
-        assert_close(torch.log_softmax(h @ pol.lm_head_weight.T, -1), ref, 2e-5, "text completion log-probs")
+        assert_equiv(torch.log_softmax(h @ pol.lm_head_weight.T, -1), ref, "text completion log-probs")
     with pytest.raises(ValueError, match="prompt 0 has 1 images but TextLMPolicy is text-only"):
         pol.encode([Prompt("x", [_img(56, 56)])])
 
@@ -296,21 +306,21 @@ def test_save_load_round_trip(tiny_vlm_policy, tmp_path):
 
 def test_lora_adapters_disable_and_merged_save(tiny_vlm_path, tmp_path):
     pytest.importorskip("peft")
-    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32,
+    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64,
                                         lora={"r": 4, "lora_alpha": 8, "init_lora_weights": False})
     names = [k for k, p in pol.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in k and ".visual." not in k for k in names)
     enc = pol.encode(_prompts()[:2])
-    base = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32)
+    base = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64)
     with torch.no_grad():
         tuned = pol.prefill(enc)[0]
         with pol.disable_adapters():
             off = pol.prefill(enc)[0]
-        assert_close(off, base.prefill(enc)[0], 1e-5, "adapters off = base model")
+        assert_close(off, base.prefill(enc)[0], "adapters off = base model", atol=tol(torch.float32, off.abs().max(), k=2))
         assert (tuned - off).abs().max() > 1e-3                          # the adapters do something
         pol.save_pretrained(str(tmp_path / "merged"))
-        merged = Qwen2VLPolicy.from_pretrained(str(tmp_path / "merged"), device="cpu", dtype=torch.float32)
-        assert_close(merged.prefill(enc)[0], tuned, 1e-4, "merged save = LoRA model")
+        merged = Qwen2VLPolicy.from_pretrained(str(tmp_path / "merged"), **F64)
+        assert_close(merged.prefill(enc)[0], tuned, "merged save = LoRA model", atol=tol(torch.float32, tuned.abs().max(), k=2))
 
 
 @pytest.mark.gpu
@@ -325,8 +335,7 @@ def test_gpu_bf16_kv_cache_and_hidden(tiny_vlm_path):
 def test_qwen2_5_vl_checkpoint_works(tmp_path):
     from models.tiny import build_tiny_qwen2_5_vl
 
-    pol = Qwen2VLPolicy.from_pretrained(build_tiny_qwen2_5_vl(str(tmp_path / "q25")), device="cpu",
-                                        dtype=torch.float32)
+    pol = Qwen2VLPolicy.from_pretrained(build_tiny_qwen2_5_vl(str(tmp_path / "q25")), **F64)
     assert type(pol._hf).__name__ == "Qwen2_5_VLForConditionalGeneration"
     enc = pol.encode(_prompts()[:2])
     ids = torch.randint(10, 500, (4, 4), generator=torch.Generator().manual_seed(0))
@@ -335,15 +344,14 @@ def test_qwen2_5_vl_checkpoint_works(tmp_path):
         ref = _hf_logits(pol, rows, ids)
         h = pol.completion_hidden(enc, ids, torch.ones_like(ids), 2)
         p = enc.input_ids.shape[1]
-        assert_close(torch.log_softmax(h @ pol.lm_head_weight.T, -1), torch.log_softmax(ref[:, p - 1:-1], -1),
-                     2e-5, "Qwen2.5-VL completion log-probs")
+        assert_equiv(torch.log_softmax(h @ pol.lm_head_weight.T, -1), torch.log_softmax(ref[:, p - 1:-1], -1),
+                     "Qwen2.5-VL completion log-probs")
         _check_kv_against_full_forward(pol, enc, 2, 2, lambda e, x: _hf_logits(pol, e, x))
 
 
 def test_gradient_checkpointing_same_values_and_grads(tiny_vlm_path):
-    enc_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32)
-    gc_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.float32,
-                                           gradient_checkpointing=True)
+    enc_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64)
+    gc_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64, gradient_checkpointing=True)
     enc = enc_pol.encode(_prompts()[:2])
     ids = torch.randint(10, 500, (4, 5), generator=torch.Generator().manual_seed(0))
     out = []
@@ -352,9 +360,9 @@ def test_gradient_checkpointing_same_values_and_grads(tiny_vlm_path):
         h = pol.completion_hidden(enc, ids, torch.ones_like(ids), 2)
         h.pow(2).mean().backward()
         out.append((h.detach(), {k: p.grad for k, p in pol.model.named_parameters()}))
-    assert_close(out[0][0], out[1][0], 1e-6, "hidden with checkpointing")
+    assert_equiv(out[1][0], out[0][0], "hidden with checkpointing")
     for k, g in out[0][1].items():
-        assert_close(g, out[1][1][k], 1e-5 * (1 + g.abs().max()), k)
+        assert_equiv(out[1][1][k], g, k)
 
 
 def test_freeze_vision_and_pixel_overrides(tiny_vlm_path, tmp_path):

@@ -16,6 +16,8 @@ from grpo_core.sampling import (
     top_p_filter,
 )
 
+pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
+
 NEG = float("-inf")
 
 
