@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_core_installed
 
-.PHONY: demo test install bench bench-quick lint cuda memcheck clean
+.PHONY: demo test test-numerics cpu-info install bench bench-quick lint cuda memcheck clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,31 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" tests
+
+# The numerically sensitive tests again under other CPUs' kernel paths, so a result that holds
+# only on this machine's SIMD width fails here rather than on the next machine. Each profile
+# restricts ATen (ATEN_CPU_CAPABILITY), MKL (BLAS) and oneDNN to that instruction set; a profile
+# this CPU lacks is capped by the libraries to what it has.
+NUMERICS_PROFILES ?= default avx2
+MKL_ISA_default := SSE4_2
+MKL_ISA_avx2    := AVX2
+MKL_ISA_avx512  := AVX512
+DNN_ISA_default := SSE41
+DNN_ISA_avx2    := AVX2
+DNN_ISA_avx512  := AVX512_CORE
+test-numerics: $(STAMP)
+	@for p in $(NUMERICS_PROFILES); do \
+	  echo "== numerics under ATEN_CPU_CAPABILITY=$$p"; \
+	  ATEN_CPU_CAPABILITY=$$p MKL_ENABLE_INSTRUCTIONS=$(MKL_ISA_$$p) ONEDNN_MAX_CPU_ISA=$(DNN_ISA_$$p) \
+	  TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -m "numerics and not gpu" tests || exit 1; \
+	done
+
+# What machine this is: the first lines of a CI log, so a failure says where it came from.
+cpu-info: $(STAMP)
+	@echo "cpu: $$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//') ($$(nproc) cores)"
+	@$(PY) -c "import os, torch; print(f'torch {torch.__version__}: cpu capability {torch.backends.cpu.get_cpu_capability()}, ' \
+	  f'{torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get(\"OMP_NUM_THREADS\", \"unset\")}), ' \
+	  f'ATEN_CPU_CAPABILITY={os.environ.get(\"ATEN_CPU_CAPABILITY\", \"unset\")}')"
 
 bench-quick: $(STAMP)
 	$(PY) -m bench --quick
