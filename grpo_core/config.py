@@ -17,8 +17,8 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    path: str = ""                      # local checkpoint dir (real Qwen2-VL or models.tiny output)
-    kind: str = "qwen2_vl"              # "qwen2_vl" (also 2.5-VL), "text", or "module:Class" (grpo_core.factory)
+    path: str = ""                      # local checkpoint dir (a real Qwen2-VL, or a tiny one: model.tiny)
+    kind: str = "qwen2_vl"              # "qwen2_vl" (also 2.5-VL), "text", or "module:Class" (resolved by the app layer)
     template: str = "chat"              # "chat" = instruct init, "plain" = base init (the study's axis)
     dtype: str = "auto"                 # "auto" | "float32" | "bfloat16" | "float16"
     device: str = "auto"                # "auto" = cuda if available else cpu

@@ -1,6 +1,6 @@
 """Data-parallel GRPO on torch.distributed (launched with torchrun): DDP or FSDP2.
 
-    torchrun --nproc_per_node 8 -m grpo_core.cli train --config ... dist.mode=ddp
+    torchrun --nproc_per_node 8 -m grpo_app.cli train --config ... dist.mode=ddp
 
 Each of the W ranks takes a contiguous slice of the step's B prompts (rank r: prompts
 [r·B/W, (r+1)·B/W)), generates its G completions per prompt and scores them. Whole groups stay on

@@ -11,8 +11,8 @@ cost; HF ``generate(num_return_sequences=G)`` expands the prompt rows G times *b
 language-model prefill, so it pays that prefill G times (transformers 5.24 runs the vision tower
 once per image, as we do). Sharing it removes (G − 1)/G of the language-model prefill.
 
-How the fanned-out state is stored is the policy's business: ``models.qwen2_vl`` keeps the prompt
-KV once per prompt and shares it across the group's G rows (``models.prefix_decode``), so only
+How the fanned-out state is stored is the policy's business: the Qwen2-VL policy keeps the prompt
+KV once per prompt and shares it across the group's G rows (``models/prefix_decode.py``), so only
 each row's completion KV is per row. The engine only needs prefill / expand / decode_step.
 
 Row order is prompt-major (row i belongs to prompt i // G), the order ``generate`` uses for

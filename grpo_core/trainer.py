@@ -39,6 +39,7 @@ from . import distributed as D
 from .advantages import group_advantages, group_reward_std
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
+from .data.templates import make_prompt_fn
 from .kernels import fused_linear_grpo_loss, linear_token_logprobs
 from .loss import kl_penalized_rewards
 from .rewards import RewardSpec, combine_rewards, get_reward
@@ -100,7 +101,7 @@ class GRPOTrainer:
                              f"{cfg.rollout.prompts_per_step}")
         self.policy, self.records, self.cfg = policy, list(train_records), cfg
         self.eval_records, self.eval_fn = eval_records, eval_fn
-        self.prompt_fn = prompt_fn or _default_prompt_fn(cfg)
+        self.prompt_fn = prompt_fn or make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed)
         self.specs = reward_specs or rewards_from_config(cfg.grpo.rewards)
         self.ref_policy = self._make_reference(ref_policy)
         if cfg.rollout.prompts_per_step % D.world():
@@ -328,16 +329,6 @@ class GRPOTrainer:
     def resume(self, path: str) -> None:
         state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
         self.step_idx, self.data_pos = int(state["step"]), int(state["data_pos"])
-
-
-def _default_prompt_fn(cfg: TrainConfig):
-    from .data import record_to_prompt
-
-    def fn(records):
-        out = [record_to_prompt(r, template=cfg.data.prompt, shuffle_options=cfg.data.shuffle_options,
-                                seed=cfg.run.seed) for r in records]   # shuffle fixed per (seed, record id)
-        return [p for p, _ in out], [r for _, r in out]
-    return fn
 
 
 def _progress(total, start, enabled):

@@ -55,7 +55,7 @@ def _cfg(out, agg="token_mean", beta=0.0, mu=1, mb=0, mode="none", steps=1):
 
 
 def _policy(path):
-    from models.qwen2_vl import Qwen2VLPolicy
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
 
     return Qwen2VLPolicy.from_pretrained(path, dtype=torch.float64, device="cpu")   # fp64: see module doc
 
@@ -72,9 +72,9 @@ def _records():
 
 def _fixed_rollouts(policy, cfg):
     """The same rollouts in every process: encoded prompts, ids, ragged masks, advantages, ref log-probs."""
-    from grpo_core.trainer import _default_prompt_fn
+    from grpo_core.data import make_prompt_fn
 
-    prompts, _ = _default_prompt_fn(cfg)(_records()[:B])
+    prompts, _ = make_prompt_fn(cfg.data.prompt)(_records()[:B])
     gen = torch.Generator().manual_seed(11)
     ids = torch.randint(10, policy.vocab_size, (B * G, C), generator=gen)       # (N, C), no vision tokens
     lens = torch.randint(0, C + 1, (B * G,), generator=gen)                      # one row may be empty

@@ -12,11 +12,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from grpo_models.qwen2_vl import Qwen2VLPolicy
 from numerics import assert_close, assert_equiv, tol
 from PIL import Image
 
 from grpo_core.policy import Policy, Prompt
-from models.qwen2_vl import Qwen2VLPolicy
 
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 
@@ -333,7 +333,7 @@ def test_gpu_bf16_kv_cache_and_hidden(tiny_vlm_path):
 
 
 def test_qwen2_5_vl_checkpoint_works(tmp_path):
-    from models.tiny import build_tiny_qwen2_5_vl
+    from grpo_models.tiny import build_tiny_qwen2_5_vl
 
     pol = Qwen2VLPolicy.from_pretrained(build_tiny_qwen2_5_vl(str(tmp_path / "q25")), **F64)
     assert type(pol._hf).__name__ == "Qwen2_5_VLForConditionalGeneration"

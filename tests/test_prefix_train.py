@@ -1,4 +1,4 @@
-"""Shared-prefix training forward (models.prefix_train) against the plain [prompt ; completion] path.
+"""Shared-prefix training forward (grpo_models.prefix_train) against the plain [prompt ; completion] path.
 
 The plain path (``prefix_train.ENABLED = False``) runs HF's language model over N = B·G full rows;
 test_policy_qwen2_vl.py holds it to HF's own full forward. Here the shared path must give the same
@@ -13,12 +13,12 @@ which moves fp32 results by ~1e-6 on some CPUs; in fp64 they agree to ~1e-15 of 
 import numpy as np
 import pytest
 import torch
+from grpo_models import prefix_train
+from grpo_models.qwen2_vl import Qwen2VLPolicy
 from numerics import assert_equiv
 from PIL import Image
 
 from grpo_core.policy import Prompt
-from models import prefix_train
-from models.qwen2_vl import Qwen2VLPolicy
 
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 
@@ -156,7 +156,7 @@ def test_lora_trains_only_adapters_and_matches(tiny_vlm_path):
 @pytest.mark.parametrize("backbone,attn", [("qwen2_5_vl", "sdpa"), ("qwen2_vl", "eager")])
 def test_other_backbone_and_attention(tmp_path, tiny_vlm_path, backbone, attn):
     """Qwen2.5-VL's text layers share the layout; an eager-attention model takes the same path."""
-    from models.tiny import build_tiny_qwen2_5_vl
+    from grpo_models.tiny import build_tiny_qwen2_5_vl
 
     path = build_tiny_qwen2_5_vl(str(tmp_path / "q25")) if backbone == "qwen2_5_vl" else tiny_vlm_path
     pol = Qwen2VLPolicy.from_pretrained(path, **F64, attn_implementation=attn)

@@ -356,15 +356,15 @@ def test_vlm_long_greedy_outgrows_the_kv_buffer(tiny_vlm_policy64):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
-    """models.prefix_decode (prompt KV shared per group) vs HF's forward on a fanned-out cache.
+    """grpo_models.prefix_decode (prompt KV shared per group) vs HF's forward on a fanned-out cache.
 
     fp64 model: the fp32 logits equal to fp32 rounding. bf16: its error against the fp64 reference is
     at most twice the error of the plain bf16 path (HF forward on the fanned-out cache) — the
     project's bf16 rule.
     """
-    from models import policy_utils as pu
-    from models import prefix_decode
-    from models.qwen2_vl import Qwen2VLPolicy
+    from grpo_models import policy_utils as pu
+    from grpo_models import prefix_decode
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
 
     def logits_over_steps(pol, shared, G=3, steps=4):
         enc = pol.encode(_vlm_prompts())

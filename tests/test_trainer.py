@@ -29,7 +29,7 @@ def _cfg(tmp_path, **grpo):
 
 
 def _policy(path, dtype=torch.float32):
-    from models.qwen2_vl import Qwen2VLPolicy
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
 
     return Qwen2VLPolicy.from_pretrained(path, dtype=dtype, device="cpu")
 

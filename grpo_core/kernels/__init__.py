@@ -150,14 +150,6 @@ def linear_token_logprobs(hidden, weight, labels, temperature=1.0, mask=None, *,
     return (logp, ent) if return_entropy else logp
 
 
-def _with_entropy(loss_and_metrics, ent, mask):
-    loss, metrics = loss_and_metrics
-    if ent is not None:
-        m = mask.float()                                                       # (N, T)
-        metrics["entropy"] = (ent * m).sum() / m.sum().clamp(min=1.0)        # masked mean, detached
-    return loss, metrics
-
-
 def _loss_kwargs(kw):
     allowed = ("clip_low", "clip_high", "dual_clip", "beta", "kl", "agg", "max_len", "total_tokens", "total_seqs")
     unknown = set(kw) - set(allowed)
@@ -175,7 +167,7 @@ def fused_grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask
     """
     loss_kw = _loss_kwargs(loss_kw)
     logp, ent = token_logprobs(logits, labels, temperature, mask, return_entropy=True, backend=backend)
-    return _with_entropy(grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, **loss_kw), ent, mask)
+    return grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, entropy=ent, **loss_kw)
 
 
 def fused_linear_grpo_loss(hidden, weight, labels, old_logprobs, ref_logprobs, advantages, mask, *,
@@ -185,4 +177,4 @@ def fused_linear_grpo_loss(hidden, weight, labels, old_logprobs, ref_logprobs, a
     loss_kw = _loss_kwargs(loss_kw)
     logp, ent = linear_token_logprobs(hidden, weight, labels, temperature, mask, bias=bias,
                                       return_entropy=True, backend=backend)
-    return _with_entropy(grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, **loss_kw), ent, mask)
+    return grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, entropy=ent, **loss_kw)

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from .config import TrainConfig
+from grpo_core.config import TrainConfig
 
 GRPO_SECONDS = 270.0
 
@@ -54,7 +54,7 @@ def demo_config(seed: int, out: str, quick: bool) -> TrainConfig:
 
 
 def _accuracy(policy, records, cfg) -> dict:
-    from .eval import evaluate
+    from grpo_core.eval import evaluate
 
     res = evaluate(policy, records, template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                    batch_size=50, progress=False)
@@ -62,12 +62,12 @@ def _accuracy(policy, records, cfg) -> dict:
 
 
 def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None = None, quick: bool = False) -> int:
-    from .cli import build_records
-    from .data import swap_images
+    from grpo_core.data import build_records, make_prompt_fn, swap_images
+    from grpo_core.sft import SFTTrainer, random_letter
+    from grpo_core.trainer import GRPOTrainer
+
     from .factory import load_policy
     from .plotting import plot_history
-    from .sft import SFTTrainer, random_letter
-    from .trainer import GRPOTrainer, _default_prompt_fn
 
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # tiny model: one thread beats two (thread sync costs more than it saves)
@@ -76,8 +76,8 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     t_all = time.perf_counter()
     print(f"[1/5] tiny Qwen2-VL (hidden 64, 2 layers) + synthetic scans, seed {seed}")
     policy = load_policy(cfg.model, seed=seed)
-    train, held = build_records(cfg)
-    prompt_fn = _default_prompt_fn(cfg)
+    train, held = build_records(cfg.data, seed)
+    prompt_fn = make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, seed)
 
     print(f"[2/5] format warm-up: {cfg.sft.steps} SFT steps on random letters (format only)")
     SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, seed).train(label_fn=random_letter, progress=False)

@@ -1,7 +1,7 @@
 """`grpo train|sft|eval|demo`: the command line over configs, data, policy, trainers and eval.
 
     grpo train --config examples/configs/pmc_vqa_grpo_instruct.yaml run.steps=500
-    torchrun --nproc_per_node 8 -m grpo_core.cli train --config examples/configs/pmc_vqa_grpo_ddp.yaml
+    torchrun --nproc_per_node 8 -m grpo_app.cli train --config examples/configs/pmc_vqa_grpo_ddp.yaml
     grpo sft   --config examples/configs/synthetic_sft.yaml
     grpo eval  --config examples/configs/synthetic_grpo.yaml model.path=runs/grpo/ckpt-000100/policy
     grpo demo  [--seed 0] [--quick]
@@ -16,37 +16,12 @@ import sys
 
 import torch
 
-from .config import TrainConfig, load_config
-
-
-def build_records(cfg: TrainConfig):
-    """(train records, held-out records) for ``cfg.data``."""
-    from . import data as D
-
-    d, seed = cfg.data, cfg.run.seed
-    if d.source == "synthetic":
-        kw = dict(image_size=d.image_size, task=d.synthetic_task, lesion_sigma=d.lesion_sigma,
-                  lesion_amplitude=d.lesion_amplitude)
-        train = D.make_synthetic_vqa(d.train_size, seed=seed, **kw)
-        held = D.make_synthetic_vqa(d.eval_size, seed=seed + 1_000_000, **kw)
-        return train, held
-    records = list(D.load_dataset(d.source, format=d.format, split=d.split, skip_bad=d.skip_bad))
-    if d.limit:
-        records = records[: d.limit]
-    if d.eval_source:
-        held = list(D.load_dataset(d.eval_source, format=d.format, skip_bad=d.skip_bad))
-        return records, held
-    if len(records) <= d.eval_size:
-        raise ValueError(f"data: {len(records)} records cannot spare data.eval_size={d.eval_size} for held-out eval; "
-                         "set data.eval_source or a smaller data.eval_size")
-    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = [records[i] for i in perm[: d.eval_size]]
-    train = [records[i] for i in perm[d.eval_size:]]
-    return train, held
+from grpo_core.config import TrainConfig, load_config
+from grpo_core.data import build_records, make_prompt_fn
 
 
 def make_eval_fn(cfg: TrainConfig, records, progress=False):
-    from .eval import evaluate
+    from grpo_core.eval import evaluate
 
     def fn(policy):
         res = evaluate(policy, records[: cfg.run.eval_size or len(records)], template=cfg.data.prompt,
@@ -57,10 +32,11 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False):
 
 def cmd_train(cfg: TrainConfig) -> int:
     """Single process, or one rank of a torchrun job (dist.mode=ddp|fsdp2): see grpo_core.distributed."""
-    from . import distributed as D
+    from grpo_core import distributed as D
+    from grpo_core.trainer import GRPOTrainer
+
     from .factory import load_policy
     from .plotting import plot_history
-    from .trainer import GRPOTrainer
 
     with D.session(cfg.dist):
         torch.manual_seed(cfg.run.seed)
@@ -69,7 +45,7 @@ def cmd_train(cfg: TrainConfig) -> int:
         policy = load_policy(cfg.model, seed=cfg.run.seed)
         if cfg.model.tiny and D.is_main():
             D.barrier()
-        train, held = build_records(cfg)
+        train, held = build_records(cfg.data, cfg.run.seed)
         eval_fn = make_eval_fn(cfg, held)
         trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn)
         history = trainer.train()
@@ -85,14 +61,15 @@ def cmd_train(cfg: TrainConfig) -> int:
 
 
 def cmd_sft(cfg: TrainConfig) -> int:
+    from grpo_core.sft import SFTTrainer
+
     from .factory import load_policy
-    from .sft import SFTTrainer
-    from .trainer import _default_prompt_fn
 
     torch.manual_seed(cfg.run.seed)
     policy = load_policy(cfg.model, seed=cfg.run.seed)
-    train, held = build_records(cfg)
-    SFTTrainer(policy, train, cfg.sft, _default_prompt_fn(cfg), cfg.data.prompt, cfg.run.seed).train(progress=cfg.run.progress)
+    train, held = build_records(cfg.data, cfg.run.seed)
+    prompt_fn = make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed)
+    SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, cfg.run.seed).train(progress=cfg.run.progress)
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     policy.save_pretrained(os.path.join(cfg.run.output_dir, "policy"))
     print(json.dumps({"final_eval": make_eval_fn(cfg, held, progress=cfg.run.progress)(policy)}, indent=2))
@@ -100,11 +77,12 @@ def cmd_sft(cfg: TrainConfig) -> int:
 
 
 def cmd_eval(cfg: TrainConfig, out: str | None) -> int:
-    from .eval import evaluate
+    from grpo_core.eval import evaluate
+
     from .factory import load_policy
 
     policy = load_policy(cfg.model, seed=cfg.run.seed)
-    _, held = build_records(cfg)
+    _, held = build_records(cfg.data, cfg.run.seed)
     res = evaluate(policy, held[: cfg.run.eval_size or len(held)], template=cfg.data.prompt,
                    max_new_tokens=cfg.rollout.max_new_tokens, progress=cfg.run.progress)
     print(res.table())
