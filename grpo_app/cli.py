@@ -24,7 +24,7 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False):
     from grpo_core.eval import evaluate
 
     def fn(policy):
-        res = evaluate(policy, records[: cfg.run.eval_size or len(records)], template=cfg.data.prompt,
+        res = evaluate(policy, records[: cfg.run.eval_limit or len(records)], template=cfg.data.prompt,
                        max_new_tokens=cfg.rollout.max_new_tokens, progress=progress)
         return {"accuracy": res.accuracy, "format_rate": res.format_rate}
     return fn
@@ -83,7 +83,7 @@ def cmd_eval(cfg: TrainConfig, out: str | None) -> int:
 
     policy = load_policy(cfg.model, seed=cfg.run.seed)
     _, held = build_records(cfg.data, cfg.run.seed)
-    res = evaluate(policy, held[: cfg.run.eval_size or len(held)], template=cfg.data.prompt,
+    res = evaluate(policy, held[: cfg.run.eval_limit or len(held)], template=cfg.data.prompt,
                    max_new_tokens=cfg.rollout.max_new_tokens, progress=cfg.run.progress)
     print(res.table())
     if out:

@@ -32,6 +32,7 @@ import torch
 
 KLS = ("k1", "k2", "k3")
 AGGS = ("token_mean", "seq_mean", "constant")
+KL_PLACEMENTS = ("loss", "reward")     # β·KL in the loss (GRPO), or −β·Σ KL in the reward (kl_penalized_rewards)
 _MAX_LOG = 20.0
 
 

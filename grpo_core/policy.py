@@ -36,6 +36,8 @@ from typing import Any, ContextManager, Protocol, Sequence, runtime_checkable
 
 import torch
 
+PROMPT_WRAPPERS = ("chat", "plain")   # how a policy wraps Prompt.text: chat template (instruct) or bare (base)
+
 
 @dataclass
 class Prompt:

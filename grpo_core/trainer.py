@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -42,28 +41,10 @@ from .config import TrainConfig, to_dict
 from .data.templates import make_prompt_fn
 from .kernels import fused_linear_grpo_loss, linear_token_logprobs
 from .loss import kl_penalized_rewards
+from .optim import make_optimizer, make_scheduler
 from .rewards import RewardSpec, combine_rewards, get_reward
 from .rollout import generate_groups
 from .sampling import SamplingConfig
-
-
-def make_optimizer(model: torch.nn.Module, lr, weight_decay, betas=(0.9, 0.99)):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("make_optimizer: the model has no trainable parameters (all frozen?)")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
-
-
-def make_scheduler(optimizer, warmup_steps: int, total_steps: int, schedule: str = "constant"):
-    """Linear warm-up to the base LR, then constant / cosine / linear decay to 0."""
-    def factor(k):
-        if k < warmup_steps:
-            return (k + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        frac = (k - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) if schedule == "cosine" else max(0.0, 1 - frac)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def rewards_from_config(entries) -> list[RewardSpec]:
@@ -156,9 +137,7 @@ class GRPOTrainer:
         # 1. rollout: B prompts, G completions each, prompt prefilled once per group
         records = D.shard(self._next_records())          # this rank's B/W prompts of the step's batch
         prompts, records = self.prompt_fn(records)
-        sampling = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                  top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                                  max_batch_sequences=cfg.rollout.max_batch_sequences,
+        sampling = SamplingConfig(**cfg.rollout.sampling_options(),
                                   seed=int(self._generator(1 + 1000 * D.rank()).initial_seed()))   # (seed, step, rank)
         self.policy.model.eval()
         with self.autocast:

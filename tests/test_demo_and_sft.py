@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from grpo_core.config import SFTConfig, TrainConfig
+from grpo_core.config import OptimConfig, SFTConfig, TrainConfig
 from grpo_core.data import make_prompt_fn, make_synthetic_vqa
 from grpo_core.sft import SFTTrainer, answer_target, random_letter, sft_loss, tokenize_targets
 
@@ -37,7 +37,7 @@ def test_sft_lowers_the_loss_on_gold_answers(tiny_vlm_path):
     assert policy.decode(ids[:1], mask[:1].long())[0].startswith("<answer>")
     with torch.no_grad():
         before = sft_loss(policy, enc, ids, mask).item()
-    SFTTrainer(policy, records, SFTConfig(steps=6, batch_size=8, lr=3e-3), prompt_fn, "nothink").train(progress=False)
+    SFTTrainer(policy, records, SFTConfig(steps=6, batch_size=8, optim=OptimConfig(lr=3e-3)), prompt_fn, "nothink").train(progress=False)
     with torch.no_grad():
         after = sft_loss(policy, enc, ids, mask).item()
     assert after < before - 0.5, (before, after)

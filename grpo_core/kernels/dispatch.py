@@ -28,6 +28,24 @@ def register(name: str, probe: Callable[[torch.device], str | None]) -> None:
     _PROBES[name] = probe
 
 
+PATHS = {"torch": ("logits", "linear"), "triton": ("logits", "linear"), "cuda": ("logits",)}   # what each serves
+
+
+def check_backend(name: str, paths=("logits", "linear")) -> None:
+    """Raise ValueError when backend ``name`` cannot serve one of ``paths`` in principle (whatever the
+    device): "logits" = token_logprobs / fused_grpo_loss, "linear" = the fused-linear path the
+    trainer uses. Called when a config loads, so a wrong choice fails before any model loads."""
+    if name == "auto":
+        return
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    missing = [p for p in paths if p not in PATHS[name]]
+    if missing:
+        raise ValueError(f"grpo.backend={name!r} has no kernel for the {'/'.join(missing)} path "
+                         f"(it serves {', '.join(PATHS[name])}); the trainer's loss is the fused-linear path: "
+                         "use 'auto', 'triton' or 'torch'")
+
+
 def why_unavailable(name: str, device: torch.device) -> str | None:
     probe = _PROBES.get(name)
     if probe is None:
