@@ -49,8 +49,11 @@ from .experience import Experience, RowResults
 from .kernels import fused_linear_grpo_loss, linear_token_logprobs
 from .loss import kl_penalized_rewards
 from .optim import make_optimizer, make_scheduler
+from .reporting import Reporters, progress_bar
 from .rewards import DEFAULT_ROLES, RewardSpec, combine_rewards, get_reward
 from .rollout import Rollout, generate_groups
+from .samples import due as samples_due
+from .samples import train_rows, write_samples
 from .sampling import SamplingConfig
 
 
@@ -91,6 +94,7 @@ class GRPOTrainer:
         self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
         self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.run.steps * cfg.grpo.mu, o.schedule)
         self.step_idx, self.data_pos, self.history = 0, 0, []
+        self.last_samples: list[dict] = []   # a few rows of the last step, for samples.jsonl (grpo_core.samples)
         self.device = policy.device
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if cfg.run.bf16_autocast and self.device.type == "cuda" else nullcontext())
@@ -164,6 +168,8 @@ class GRPOTrainer:
         keep = [b for b in range(len(zero_std)) if not (g.skip_zero_std_groups and zero_std[b])]
         exp = Experience(enc, ids, mask, adv, cur_lp if g.mu > 1 else None,
                          ref_lp if g.kl_placement == "loss" else None, G, keep)
+        # -- sample logging (grpo_core.samples): a few of this rank's rows, written by train() --
+        self.last_samples = train_rows(records, ro.texts, columns, total, adv, G, self.cfg.run.log_completions)
         return exp, rows
 
     def logprobs(self, enc, ids, mask, of: str = "policy") -> torch.Tensor:
@@ -268,34 +274,32 @@ class GRPOTrainer:
             self.resume(ck)
         log_path = os.path.join(cfg.run.output_dir, "metrics.jsonl")
         main = self.dist.is_main              # only rank 0 logs, draws and writes
-        writer = _tensorboard(cfg.run.output_dir) if main else None
-        bar = _progress(cfg.run.steps, self.step_idx, cfg.run.progress and main)
+        # -- reporting (grpo_core.reporting): run.report_to sinks; a step bar, or a time bar under a budget --
+        reporters = Reporters(cfg.run.report_to if main else [], cfg.run.output_dir, to_dict(cfg))
+        bar = progress_bar(cfg.run.steps, self.step_idx, cfg.run.time_budget_s, enabled=cfg.run.progress and main)
         t_start = time.perf_counter()
         while self.step_idx < cfg.run.steps:
             m = self.step()
-            if self.eval_fn and cfg.run.eval_every and self.step_idx % cfg.run.eval_every == 0:
+            evaluated = bool(self.eval_fn and cfg.run.eval_every and self.step_idx % cfg.run.eval_every == 0)
+            if evaluated:
                 with self.replica.gathered():
                     m.update({f"eval/{k}": v for k, v in self.eval_fn(self.policy).items()})
             self.history.append(m)
             if main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(m) + "\n")
-            if writer:
-                for k, v in m.items():
-                    if isinstance(v, (int, float)):
-                        writer.add_scalar(k, v, self.step_idx)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", kl=f"{m.get('kl', 0):.3f}",
-                                len=f"{m['completion_len']:.0f}")
+                # -- sample logging (grpo_core.samples): at each eval and every run.log_completions_every steps --
+                if self.last_samples and samples_due(cfg.run.log_completions_every, self.step_idx, evaluated):
+                    write_samples(cfg.run.output_dir, self.step_idx, self.last_samples)
+            reporters.log(m, self.step_idx)
+            bar.step(dict(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", kl=f"{m.get('kl', 0):.3f}",
+                          len=f"{m['completion_len']:.0f}"))
             if cfg.run.save_every and self.step_idx % cfg.run.save_every == 0:
                 self.save()
             if cfg.run.time_budget_s and time.perf_counter() - t_start > cfg.run.time_budget_s:
                 break
-        if bar:
-            bar.close()
-        if writer:
-            writer.close()
+        bar.close()
+        reporters.close()
         return self.history
 
     def save(self) -> str:
@@ -314,17 +318,3 @@ class GRPOTrainer:
         state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
         self.step_idx, self.data_pos = int(state["step"]), int(state["data_pos"])
 
-
-def _progress(total, start, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, desc="grpo", dynamic_ncols=True)
-
-
-def _tensorboard(logdir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(logdir)
-    except Exception:  # tensorboard not installed: JSONL + plot only
-        return None
