@@ -145,12 +145,18 @@ def _sweep(rows: list[dict], x: str, other: str) -> list[dict]:
 
 
 def plot_loss(rows: list[dict], path_stem: str, title: str) -> list[str]:
-    """PNGs of time and peak memory of the full step (fwd + bwd) vs tokens N and vs vocabulary V
-    (log-log), one line per provider, one figure per op and swept axis."""
+    """PNGs of the full step (fwd + bwd) vs tokens N and vs vocabulary V, one figure per op and
+    swept axis, one line per provider: the speedup over the reference and the peak-memory ratio,
+    each measured in the same run (columns ``speedup_vs_<ref>`` / ``mem_vs_<ref>`` from add_ratios).
+
+    Ratios, not raw times: providers of one case are timed back to back, so load from other jobs
+    moves both and mostly cancels in the ratio, while raw times of separate cases swing with it.
+    The reference is the dashed line at 1. Rows without ratio columns plot nothing."""
     rows = [dict(r, tokens=r.get("tokens", r["N"] * r.get("T", 1))) for r in rows if "N" in r and "V" in r]
     mode = find_col(rows[0], ("mode", "pass")) if rows else None
-    rows = [r for r in rows if r.get(mode, "full") == "full" and r.get("ms") is not None]
-    if not rows:
+    rows = [r for r in rows if r.get(mode, "full") == "full"]
+    speed = next((c for r in rows for c in r if c.startswith("speedup_vs_")), None)
+    if not rows or speed is None:
         return []
     try:
         import matplotlib
@@ -159,9 +165,12 @@ def plot_loss(rows: list[dict], path_stem: str, title: str) -> list[str]:
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
         return []
-    prov, tc = find_col(rows[0], PROVIDER_COLS), time_col(rows[0])
-    mem = next((c for c in MEM_COLS if any(r.get(c) is not None for r in rows)), None)
+    ref = speed[len("speedup_vs_"):]
+    mem = f"mem_vs_{ref}" if any(r.get(f"mem_vs_{ref}") is not None for r in rows) else None
+    prov = find_col(rows[0], PROVIDER_COLS)
     mem_kind = next((r["mem_kind"] for r in rows if r.get("mem_kind")), "")
+    metrics = [(speed, f"speedup over {ref} (× faster, same run)")]
+    metrics += [(mem, f"peak memory / {ref}'s ({mem_kind or 'measured'})")] if mem else []
     written = []
     for op in sorted({str(r.get("op", "")) for r in rows}):
         op_rows = [r for r in rows if str(r.get("op", "")) == op]
@@ -169,20 +178,21 @@ def plot_loss(rows: list[dict], path_stem: str, title: str) -> list[str]:
             sweep = _sweep(op_rows, x, other)
             if len({r[x] for r in sweep}) < 2:
                 continue
-            metrics = [(tc[0], f"time, {tc[0]} (median)")] + ([(mem, f"memory, MB ({mem_kind or mem})")] if mem else [])
             fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
             for ax, (col, label) in zip(axes[0], metrics):
                 lines: dict = {}
                 for r in sweep:
-                    if r.get(col) is not None:
+                    if r.get(col) is not None and r.get(prov) != ref:
                         lines.setdefault(str(r.get(prov)), []).append((r[x], r[col]))
                 for name, pts in sorted(lines.items()):
                     pts.sort()
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=1.2, label=name)
+                ax.axhline(1.0, color="grey", ls="--", lw=1, label=f"{ref} (reference)")
                 ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_xlabel(f"{x} ({other} = {sweep[0][other]:,})")
+                ax.set_xlabel(f"{'completion tokens N·T' if x == 'tokens' else 'vocabulary size V'} "
+                              f"({other} = {sweep[0][other]:,})")
                 ax.set_ylabel(label)
+                ax.set_ylim(bottom=0)
                 ax.grid(alpha=0.3, which="both")
                 ax.legend(fontsize=7)
             fig.suptitle(f"{title} — {op}, fwd+bwd, vs {x}", fontsize=10)
