@@ -27,6 +27,7 @@ from .loss import AGGS, KL_PLACEMENTS, KLS
 from .optim import SCHEDULES
 from .options import check_options, option
 from .policy import PROMPT_WRAPPERS
+from .reporting import check_report_to
 from .sampling import SamplingOptions
 from .sft import SFT_TARGETS
 
@@ -93,7 +94,7 @@ class GRPOConfig:
     micro_batch_prompts: int = option(0, ge=0)             # prompts (whole groups) per forward/backward; 0 = all
     skip_zero_std_groups: bool = False                     # drop groups whose rewards are all equal (always counted)
     max_len: int | None = option(None, ge=1)               # Dr. GRPO constant; None = rollout.max_new_tokens
-    rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 0.5}])
+    rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 0.5}])  # {name, weight, [role], options…} each (grpo_core.rewards.REWARDS)
     ref: str = option("auto", choices=REFERENCES)          # "auto" | "copy" (frozen copy) | "adapters" (LoRA disabled)
     backend: str = option("auto", choices=KERNEL_BACKENDS)  # fused-loss backend: auto | torch | triton | cuda
 
@@ -121,6 +122,9 @@ class RunConfig:
     progress: bool = True                                  # progress bar
     bf16_autocast: bool = True                             # on GPU only
     time_budget_s: float = option(0.0, ge=0)               # stop early after this wall time (0 = none)
+    log_completions: int = option(4, ge=0)                 # rows (prompt, completion, rewards) to samples.jsonl/.html per log; 0 = none
+    log_completions_every: int = option(0, ge=0)           # also log samples every N steps (they are always logged at each eval); 0 = only at evals
+    report_to: list = field(default_factory=list)          # extra metric sinks: "tensorboard", "wandb" (optional extras; grpo_core.reporting)
 
 
 @dataclass
@@ -140,6 +144,16 @@ class SFTConfig:
 
 
 @dataclass
+class WarmupConfig:
+    """Format warm-up before GRPO (`grpo train`): SFT on the prompt's answer format with random option
+    letters, so a model that never writes the format starts at chance instead of at zero reward."""
+
+    steps: int = option(0, ge=0)                           # SFT steps on random answers before GRPO; 0 = no warm-up
+    batch_size: int = option(16, ge=1)                     # records per warm-up step
+    lr: float = option(3e-3, gt=0)                         # warm-up learning rate (AdamW, constant)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -148,6 +162,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> "TrainConfig":
@@ -162,6 +177,7 @@ class TrainConfig:
             raise ValueError(f"config: grpo.max_len={g.max_len} is shorter than rollout.max_new_tokens="
                              f"{r.max_new_tokens}; Dr. GRPO's constant must cover the longest completion")
         check_backend(g.backend, paths=("linear",))        # the training path runs the fused-linear loss
+        check_report_to(self.run.report_to)
         return self
 
 

@@ -1,0 +1,95 @@
+"""Format warm-up: teach the answer format, not the answer, before GRPO (config section ``warmup``).
+
+A tiny random model never writes ``<answer>X</answer>`` by chance, so every reward is 0, every
+group has zero spread and GRPO's gradient is exactly 0. The warm-up is a short SFT on targets in
+the prompt's format whose *answers are random*:
+
+    direct:   "C"
+    nothink:  "<answer>C</answer>"
+    think:    "<think>{a sentence naming option C's text}</think><answer>C</answer>"
+
+    mc:     a uniformly random option letter          yesno:  yes or no at random
+    open:   the gold answer of another random record  (never this record's own answer)
+
+So after the warm-up the policy answers in format at chance accuracy (25 % on the four-option
+synthetic task): whatever it learns later about the images comes from the reward. For "think" the
+reasoning is one fixed sentence that names the chosen answer ("The image shows upper left."): its
+fixed words become near-certain tokens that carry no gradient noise, the answer's words are the
+decision, and a judge of reasoning-answer agreement (``grpo_app.judge``) has something to check.
+Longer or shorter reasoning (what ECR and CWR reward) comes from the policy's own sampling. The demo uses the same warm-up (``run_demo``).
+
+Used by ``grpo train`` (``warmup.steps > 0``, skipped when a checkpoint is resumed), the study
+(once per seed, then copied to every setting) and the demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from grpo_core.config import OptimConfig, SFTConfig, TrainConfig
+
+REASONING = ("The image shows {a}.",)     # one sentence: its tokens become near-certain, only the answer varies
+
+
+def random_answer(record, pool, g: torch.Generator):
+    """A copy of ``record`` whose gold answer is random (see the module docstring) and, for the
+    "think" template, whose ``extra["reasoning"]`` is a sentence naming that answer."""
+    def pick(n):
+        return int(torch.randint(n, (1,), generator=g))
+
+    if record.answer_type == "mc" and record.options:
+        letter = list(record.options)[pick(len(record.options))]
+        new = dict(answer_letter=letter, answer_text=record.options[letter])
+    elif record.answer_type == "yesno":
+        new = dict(answer_text=("yes", "no")[pick(2)])
+    else:
+        others = [r for r in pool if r.answer_text and r.answer_text != record.answer_text] or [record]
+        new = dict(answer_text=others[pick(len(others))].answer_text)
+    reasoning = REASONING[pick(len(REASONING))].format(a=new["answer_text"])
+    return dataclasses.replace(record, extra=dict(record.extra, reasoning=reasoning), **new)
+
+
+def with_reasoning(records) -> list:
+    """Records without ``extra["reasoning"]`` get the warm-up's sentence naming their GOLD answer
+    (for ``sft.target: reasoning`` on data that carries no reasoning, e.g. the synthetic task)."""
+    return [r if (r.extra or {}).get("reasoning") else
+            dataclasses.replace(r, extra=dict(r.extra, reasoning=REASONING[0].format(a=r.answer_text or r.answer_letter)))
+            for r in records]
+
+
+def random_answer_prompt_fn(prompt_fn, records, seed: int):
+    """Wrap a trainer prompt function: prompts unchanged, the records it returns carry random answers."""
+    g = torch.Generator().manual_seed(seed * 7_919 + 11)
+
+    def fn(batch):
+        prompts, shown = prompt_fn(batch)
+        return prompts, [random_answer(r, records, g) for r in shown]
+    return fn
+
+
+def warmup_sft_config(cfg: TrainConfig) -> SFTConfig:
+    """The SFT options of the warm-up: the ``warmup`` section, targets in the prompt's format."""
+    w = cfg.warmup
+    return SFTConfig(target="reasoning" if cfg.data.prompt == "think" else "answer", steps=w.steps,
+                     batch_size=w.batch_size, optim=OptimConfig(lr=w.lr, max_grad_norm=1.0))
+
+
+def format_warmup(policy, records, cfg: TrainConfig, progress: bool = False) -> dict:
+    """Run ``cfg.warmup.steps`` SFT steps on random answers in place; returns its loss curve ends.
+
+    Deterministic in ``cfg.run.seed``: every rank of a data-parallel job computes the same weights.
+    """
+    from grpo_core.data import make_prompt_fn
+    from grpo_core.sft import SFTTrainer
+
+    if cfg.warmup.steps < 1:
+        raise ValueError("format_warmup: warmup.steps is 0; set warmup.steps > 0 to warm up")
+    seed = cfg.run.seed
+    prompt_fn = random_answer_prompt_fn(make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, seed), records, seed)
+    t0 = time.perf_counter()
+    hist = SFTTrainer(policy, records, warmup_sft_config(cfg), prompt_fn, cfg.data.prompt, seed).train(progress=progress)
+    return {"steps": len(hist), "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"],
+            "seconds": time.perf_counter() - t0}
