@@ -83,7 +83,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "tensorboard>=2.14", "wandb>=0.17"],   # CI tests both reporters
+        "tensorboard": ["tensorboard>=2.14"],       # run.report_to: [tensorboard]
+        "wandb": ["wandb>=0.17"],                   # run.report_to: [wandb]
         "bench": ["matplotlib>=3.7"],
         "lora": ["peft>=0.13"],
     },

@@ -1,0 +1,260 @@
+"""`grpo study`: the experiment grid of arXiv 2505.13973 as one resumable command.
+
+    grpo study                                            # the synthetic grid on CPU (defaults below)
+    grpo study --seeds 0 1 2 3 4 --steps 300 --workers 2  # more seeds, a bigger budget, 2 cells at once
+    grpo study --grid pmc_vqa --steps 1000 --workers 8 --gpus 0,1,2,3,4,5,6,7 data.source=/data/PMC-VQA
+
+Grid = settings × seeds. A setting is a config file and a command (``train`` = GRPO, ``sft``);
+the built-in grids (``GRIDS``) are the study's seven settings on the synthetic task and on PMC-VQA;
+``--grid FILE.yaml`` reads ``{settings: {name: {command: train|sft, config: path}}}``. A cell is one
+setting at one seed, run in ``OUT/<setting>/seed<S>/`` with the same code as ``grpo train`` /
+``grpo sft`` (metrics.jsonl, curves.png, samples.html, eval_final.json are all there).
+
+Same start, same budget:
+  - Start: when the configs ask for a format warm-up (synthetic: ``warmup.steps`` > 0) the study
+    builds a tiny model and warms it once per seed into ``OUT/init/seed<S>/policy``; every cell of
+    that seed starts from those weights (``model.path`` overridden, warm-up off). The base-style
+    setting starts from the same weights prompted without the chat template (``model.template:
+    plain``): the chat-wrapped format is what the warm-up taught, as instruction tuning does. With
+    real models (no warm-up) each config's ``model.path`` is the start: instruct vs base by path.
+  - Budget: ``--steps N`` optimizer steps in every cell (GRPO: N rollout batches of B prompts;
+    SFT: N batches of ``sft.batch_size`` records; the synthetic SFT config uses B = 8 as GRPO does).
+  - Semantic judge: a tiny judge trained once (grpo_app.judge) when the config's ``model_path``
+    holds none and the data is synthetic.
+
+Resume: a cell is done when its ``cell.json`` exists, the start model when its ``eval_start.json``
+does; GRPO cells checkpoint every ``--save-every`` steps and continue from there after a stop.
+Output: ``OUT/study.md`` (table), ``study.json`` (every number), ``study.png`` (grid_table.plot).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import yaml
+
+from .study_table import summarize, write_outputs
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+GRIDS = {   # grid → setting → (command, config file in examples/configs)
+    "synthetic": {"grpo_instruct": ("train", "synthetic_grpo_instruct.yaml"),
+                  "grpo_base": ("train", "synthetic_grpo_base.yaml"),
+                  "semantic": ("train", "synthetic_semantic.yaml"),
+                  "ecr": ("train", "synthetic_ecr.yaml"),
+                  "cwr": ("train", "synthetic_cwr.yaml"),
+                  "drgrpo": ("train", "synthetic_drgrpo.yaml"),
+                  "sft": ("sft", "synthetic_sft.yaml")},
+    "pmc_vqa": {"grpo_instruct": ("train", "pmc_vqa_grpo_instruct.yaml"),
+                "grpo_base": ("train", "pmc_vqa_grpo_base.yaml"),
+                "semantic": ("train", "pmc_vqa_grpo_semantic.yaml"),
+                "ecr": ("train", "pmc_vqa_grpo_ecr.yaml"),
+                "cwr": ("train", "pmc_vqa_grpo_cwr.yaml"),
+                "drgrpo": ("train", "pmc_vqa_drgrpo.yaml"),
+                "sft": ("sft", "pmc_vqa_sft.yaml")},
+}
+COMMANDS = ("train", "sft")
+DEFAULT_STEPS = 150
+
+
+def config_path(name: str) -> str:
+    """A config file as given, or by its name in the repository's examples/configs."""
+    if os.path.exists(name):
+        return name
+    path = os.path.join(_CONFIGS, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"study: config {name!r} not found (as a path, nor in {_CONFIGS})")
+    return path
+
+
+def load_grid(grid: str, only: list[str] | None = None) -> dict:
+    """setting → (command, config path) of a built-in grid or a grid YAML file, in order."""
+    if grid in GRIDS:
+        settings = {k: (c, config_path(f)) for k, (c, f) in GRIDS[grid].items()}
+    else:
+        with open(grid) as f:
+            data = yaml.safe_load(f) or {}
+        entries = data.get("settings") if isinstance(data, dict) else None
+        if not isinstance(entries, dict) or not entries:
+            raise ValueError(f"study: {grid} must hold a mapping 'settings: {{name: {{command, config}}}}'")
+        settings = {}
+        for name, e in entries.items():
+            if not isinstance(e, dict) or e.get("command", "train") not in COMMANDS or "config" not in e:
+                raise ValueError(f"study: {grid}, setting {name!r}: needs config: <path> and command: train|sft, got {e!r}")
+            settings[name] = (e.get("command", "train"), config_path(e["config"]))
+    if only:
+        unknown = [s for s in only if s not in settings]
+        if unknown:
+            raise ValueError(f"study: --only names {unknown}, not settings of this grid: {list(settings)}")
+        settings = {k: v for k, v in settings.items() if k in only}
+    return settings
+
+
+def cell_config(command: str, path: str, seed: int, out: str, steps: int, overrides: list[str], init: str | None,
+                eval_size: int | None, save_every: int):
+    """The TrainConfig of one cell: the setting's config + the study's overrides (seed, folder,
+    budget, start model), then the user's overrides."""
+    from grpo_core.config import load_config
+
+    over = [f"run.seed={seed}", f"run.output_dir={out}", "run.progress=false"]
+    if command == "train":     # no evals along the way (the start is evaluated once per seed); samples 5× a run
+        over += [f"run.steps={steps}", f"run.save_every={save_every}", "run.eval_every=0",
+                 f"run.log_completions_every={max(1, steps // 5)}"]
+    else:
+        over += [f"sft.steps={steps}"]
+    if init:
+        over += [f"model.path={init}", "model.tiny=false", "warmup.steps=0"]
+    if eval_size:
+        over += [f"data.eval_size={eval_size}", "run.eval_limit=null"]
+    return load_config(path, over + list(overrides))
+
+
+def build_start(grid: dict, seed: int, out: str, overrides: list[str], eval_size: int | None) -> str | None:
+    """The shared format-warmed start of one seed (module docstring); None without warm-up."""
+    from grpo_core.config import load_config
+
+    warm = {n: load_config(p, [f"run.seed={seed}"] + list(overrides)) for n, (c, p) in grid.items() if c == "train"}
+    warm = {n: c for n, c in warm.items() if c.warmup.steps > 0}
+    if not warm:
+        return None
+    keys = {n: (c.data.prompt, c.data.source, c.data.lesion_sigma, c.data.lesion_amplitude, c.data.image_size,
+                c.data.train_size, c.warmup.steps, c.warmup.lr, c.warmup.batch_size) for n, c in warm.items()}
+    if len(set(keys.values())) > 1:
+        raise ValueError(f"study: the settings warm up differently ({keys}); one start model per seed needs the same "
+                         "data.prompt, data and warmup sections in every config")
+    folder = os.path.join(out, "init", f"seed{seed}")
+    policy_dir = os.path.join(folder, "policy")
+    if os.path.exists(os.path.join(folder, "eval_start.json")):
+        return policy_dir
+    from grpo_core.data import build_records
+    from grpo_core.eval import evaluate
+
+    from .factory import load_policy
+    from .warmup import format_warmup
+
+    cfg = next(iter(warm.values()))
+    cfg.model.path, cfg.model.tiny, cfg.run.seed = os.path.join(folder, "tiny"), True, seed
+    if eval_size:
+        cfg.data.eval_size = eval_size
+    train, held = build_records(cfg.data, seed)
+    policy = load_policy(cfg.model, seed=seed)
+    info = format_warmup(policy, train, cfg)
+    policy.save_pretrained(policy_dir)
+    res = evaluate(policy, held, template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens, progress=False)
+    res.to_json(os.path.join(folder, "eval_start.json"))
+    print(f"  start model, seed {seed}: {info['steps']} warm-up steps, held-out accuracy {res.accuracy:.1%}, "
+          f"format {res.format_rate:.1%} ({info['seconds']:.0f} s)", flush=True)
+    return policy_dir
+
+
+def run_cell(job: dict) -> dict:
+    """One cell, in this process: train or SFT through the CLI's functions, then record its result."""
+    import torch
+
+    from .cli import cmd_sft, cmd_train
+    from .judge import prepare_judges
+
+    torch.set_num_threads(job["threads"])
+    t0 = time.perf_counter()
+    cfg = cell_config(job["command"], job["config"], job["seed"], job["dir"], job["steps"], job["overrides"],
+                      job["init"], job["eval_size"], job["save_every"])
+    prepare_judges(cfg, progress=False)
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):    # the cell's own JSON prints; the study prints one line
+        (cmd_train if job["command"] == "train" else cmd_sft)(cfg)
+    with open(os.path.join(job["dir"], "eval_final.json")) as f:
+        final = json.load(f)
+    cell = {"setting": job["setting"], "seed": job["seed"], "command": job["command"], "steps": job["steps"],
+            "seconds": time.perf_counter() - t0, "load_average": list(os.getloadavg()),
+            "eval": {k: v for k, v in final.items() if k != "items"}}
+    with open(os.path.join(job["dir"], "cell.json"), "w") as f:
+        json.dump(cell, f, indent=2)
+    return cell
+
+
+def _init_worker(gpu_queue):
+    if gpu_queue is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get()
+
+
+def run_study(grid_name="synthetic", seeds=(0, 1, 2), steps=DEFAULT_STEPS, out="runs/study", only=None, overrides=(),
+              workers=1, threads=1, gpus=None, eval_size=None, save_every=50) -> dict:
+    """Every cell of the grid (those already done are read back), then the table and plot."""
+    import torch
+
+    torch.set_num_threads(threads)
+    grid = load_grid(grid_name, only)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"study: {len(grid)} settings × {len(seeds)} seeds, {steps} steps each, into {out}", flush=True)
+    inits = {s: build_start(grid, s, out, list(overrides), eval_size) for s in seeds}
+    jobs, cells = [], []
+    for s in seeds:
+        for name, (command, path) in grid.items():
+            d = os.path.join(out, name, f"seed{s}")
+            if os.path.exists(os.path.join(d, "cell.json")):
+                with open(os.path.join(d, "cell.json")) as f:
+                    cells.append(json.load(f))
+                continue
+            jobs.append(dict(setting=name, seed=s, command=command, config=path, dir=d, steps=steps, init=inits[s],
+                             overrides=list(overrides), threads=threads, eval_size=eval_size, save_every=save_every))
+    print(f"  {len(cells)} cells already done, {len(jobs)} to run", flush=True)
+    for cell in _run_jobs(jobs, workers, gpus, len(cells), len(cells) + len(jobs)):
+        cells.append(cell)
+    summary = summarize(grid, seeds, cells, {s: os.path.join(out, "init", f"seed{s}", "eval_start.json") for s in seeds})
+    summary.update(grid=grid_name, steps=steps, seconds_this_invocation=time.perf_counter() - t0,
+                   load_average_end=list(os.getloadavg()), workers=workers, threads=threads)
+    paths = write_outputs(summary, out)
+    print(f"study: table {paths['md']}, plot {paths['png']}, numbers {paths['json']}", flush=True)
+    return summary
+
+
+def _run_jobs(jobs, workers, gpus, done, total):
+    """Yield each finished cell's result (in-process when workers = 1, else a spawn pool)."""
+    def line(c, k):
+        e = c["eval"]
+        return (f"  [{k}/{total}] {c['setting']} seed {c['seed']}: accuracy {e['accuracy']:.1%}, format "
+                f"{e['format_rate']:.1%}, reasoning {e['mean_reasoning_words']:.1f} words ({c['seconds']:.0f} s)")
+    if workers <= 1:
+        for k, job in enumerate(jobs, done + 1):
+            cell = run_cell(job)
+            print(line(cell, k), flush=True)
+            yield cell
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = None
+    if gpus:
+        queue = ctx.Manager().Queue()
+        for g in gpus.split(","):
+            queue.put(g.strip())
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(queue,), maxtasksperchild=1) as pool:
+        for k, cell in enumerate(pool.imap_unordered(run_cell, jobs), done + 1):
+            print(line(cell, k), flush=True)
+            yield cell
+
+
+def add_study_arguments(p) -> None:
+    p.add_argument("--grid", default="synthetic",
+                   help=f"built-in grid {sorted(GRIDS)} or a YAML file {{settings: {{name: {{command, config}}}}}}")
+    p.add_argument("--only", default=None, help="comma-separated settings to run (default: all of the grid)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per cell (the budget)")
+    p.add_argument("--eval-size", type=int, default=None, help="held-out items per eval (default: each config's)")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--workers", type=int, default=1, help="cells run at once (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per cell")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids, one per worker (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--save-every", type=int, default=50, help="GRPO checkpoint interval, for resuming a cell")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every cell")
+
+
+def run_study_cli(args) -> int:
+    if args.steps < 1 or args.workers < 1 or args.threads < 1 or not args.seeds:
+        raise ValueError("study: --steps, --workers and --threads must be ≥ 1 and --seeds non-empty")
+    run_study(args.grid, tuple(args.seeds), args.steps, args.out, args.only.split(",") if args.only else None,
+              args.overrides, args.workers, args.threads, args.gpus, args.eval_size, args.save_every)
+    return 0
