@@ -66,7 +66,7 @@ def _batch_logit_gap(judge, prompts, model) -> torch.Tensor:
     return logits[:, judge.yes_id] - logits[:, judge.no_id]                      # (b,)
 
 
-def train_judge(path: str, seed: int = 0, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
+def train_judge(path: str, seed: int = 0, steps: int = 200, batch_size: int = 32, lr: float = 2e-3,
                 n_eval: int = 400, progress: bool = True) -> dict:
     """Build the tiny text LM at ``path``, train it as a judge (module docstring), save it; returns
     {"accuracy": held-out accuracy of the binary decision, "steps", "seconds", "loss_last"}."""
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m grpo_app.judge", description=__doc__.splitlines()[0])
     ap.add_argument("path", nargs="?", default="runs/tiny-judge", help="folder to write the judge to")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     info = train_judge(args.path, seed=args.seed, steps=args.steps)

@@ -148,6 +148,29 @@ def build_start(grid: dict, seed: int, out: str, overrides: list[str], eval_size
     return policy_dir
 
 
+def prepare_grid_judges(grid: dict, seed: int, overrides: list[str]) -> None:
+    from grpo_core.config import load_config
+
+    from .judge import prepare_judges
+
+    for command, path in grid.values():
+        if command == "train":
+            prepare_judges(load_config(path, [f"run.seed={seed}"] + overrides), progress=False)
+
+
+def _prepare(task: tuple):
+    """One preparation task (a seed's start model, or the judge) → ((kind, seed), result)."""
+    import torch
+
+    torch.set_num_threads(1)
+    if task[0] == "start":
+        _, seed, grid, out, overrides, eval_size = task
+        return ("start", seed), build_start(grid, seed, out, overrides, eval_size)
+    _, seed, grid, overrides = task
+    prepare_grid_judges(grid, seed, overrides)
+    return ("judge", seed), None
+
+
 def run_cell(job: dict) -> dict:
     """One cell, in this process: train or SFT through the CLI's functions, then record its result."""
     import torch
@@ -189,7 +212,10 @@ def run_study(grid_name="synthetic", seeds=(0, 1, 2), steps=DEFAULT_STEPS, out="
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     print(f"study: {len(grid)} settings × {len(seeds)} seeds, {steps} steps each, into {out}", flush=True)
-    inits = {s: build_start(grid, s, out, list(overrides), eval_size) for s in seeds}
+    # before any cell: the start model of each seed and the judge (built once: parallel cells must not race)
+    prep = [("start", s, grid, out, list(overrides), eval_size) for s in seeds] + [("judge", seeds[0], grid, list(overrides))]
+    done = dict(_pool_map(_prepare, prep, workers, gpus))
+    inits = {s: done[("start", s)] for s in seeds}
     jobs, cells = [], []
     for s in seeds:
         for name, (command, path) in grid.items():
@@ -211,17 +237,11 @@ def run_study(grid_name="synthetic", seeds=(0, 1, 2), steps=DEFAULT_STEPS, out="
     return summary
 
 
-def _run_jobs(jobs, workers, gpus, done, total):
-    """Yield each finished cell's result (in-process when workers = 1, else a spawn pool)."""
-    def line(c, k):
-        e = c["eval"]
-        return (f"  [{k}/{total}] {c['setting']} seed {c['seed']}: accuracy {e['accuracy']:.1%}, format "
-                f"{e['format_rate']:.1%}, reasoning {e['mean_reasoning_words']:.1f} words ({c['seconds']:.0f} s)")
-    if workers <= 1:
-        for k, job in enumerate(jobs, done + 1):
-            cell = run_cell(job)
-            print(line(cell, k), flush=True)
-            yield cell
+def _pool_map(fn, items, workers, gpus):
+    """Yield fn(item) for each item, in-process when workers = 1, else from a spawn pool (one
+    process per task; with ``gpus`` each worker sees one GPU), in the order they finish."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
         return
     import multiprocessing as mp
 
@@ -231,10 +251,17 @@ def _run_jobs(jobs, workers, gpus, done, total):
         queue = ctx.Manager().Queue()
         for g in gpus.split(","):
             queue.put(g.strip())
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(queue,), maxtasksperchild=1) as pool:
-        for k, cell in enumerate(pool.imap_unordered(run_cell, jobs), done + 1):
-            print(line(cell, k), flush=True)
-            yield cell
+    with ctx.Pool(min(workers, len(items)), initializer=_init_worker, initargs=(queue,), maxtasksperchild=1) as pool:
+        yield from pool.imap_unordered(fn, items)
+
+
+def _run_jobs(jobs, workers, gpus, done, total):
+    """Yield each finished cell's result, with one line printed per cell."""
+    for k, c in enumerate(_pool_map(run_cell, jobs, workers, gpus), done + 1):
+        e = c["eval"]
+        print(f"  [{k}/{total}] {c['setting']} seed {c['seed']}: accuracy {e['accuracy']:.1%}, format "
+              f"{e['format_rate']:.1%}, reasoning {e['mean_reasoning_words']:.1f} words ({c['seconds']:.0f} s)", flush=True)
+        yield c
 
 
 def add_study_arguments(p) -> None:

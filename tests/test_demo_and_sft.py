@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from grpo_core.config import OptimConfig, SFTConfig, TrainConfig
@@ -19,7 +20,37 @@ def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):
         assert row in out
     res = json.load(open(tmp_path / "demo-seed0.json"))
     assert res["grpo_steps"] >= 1 and 0.0 <= res["GRPO"]["accuracy"] <= 1.0
+    # the plot's three curves: held-out accuracy at the start and at the end of each training
+    assert set(res["curves"]) == {"GRPO", "GRPO, images swapped", "SFT baseline (gold letters)"}
+    for name, pts in res["curves"].items():
+        assert len(pts) >= 2 and pts[0][0] == 0.0, name
+    assert res["curves"]["GRPO"][-1][0] == pytest.approx(res["grpo_seconds"], abs=0.01)
     assert os.path.getsize(tmp_path / "demo-seed0.png") > 1000
+
+
+def test_timed_training_excludes_evals_from_the_budget_and_evaluates_on_schedule():
+    from grpo_app import demo
+
+    clock = {"t": 0.0}
+    calls = []
+
+    def step():                                     # each step costs 1 s of training time
+        clock["t"] += 1.0
+        return {"loss": 0.0}
+
+    def ev():
+        calls.append(clock["t"])
+        clock["t"] += 100.0                         # evals are slow: they must not count
+        return 0.5
+
+    real = demo.time.perf_counter
+    demo.time.perf_counter = lambda: clock["t"]
+    try:
+        hist, spent = demo.timed_training(step, 10.0, 10**6, {"e": {"fn": ev, "points": []}}, "t", progress=False)
+    finally:
+        demo.time.perf_counter = real
+    assert len(hist) == 10 and spent == 10.0
+    assert len(calls) == 1 + (demo.EVAL_POINTS - 1) + 1      # start, every budget/10 s before the end, the end
 
 
 def test_sft_lowers_the_loss_on_gold_answers(tiny_vlm_path):
