@@ -175,7 +175,7 @@ def run_cell(job: dict) -> dict:
     """One cell, in this process: train or SFT through the CLI's functions, then record its result."""
     import torch
 
-    from .cli import cmd_sft, cmd_train
+    from .commands import cmd_sft, cmd_train
     from .judge import prepare_judges
 
     torch.set_num_threads(job["threads"])

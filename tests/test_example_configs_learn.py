@@ -71,7 +71,7 @@ def _weights(path):
 
 @pytest.mark.parametrize("name", SETTINGS)
 def test_each_grpo_setting_gets_rewards_and_changes_the_policy(name, warmed, tmp_path, tiny_text_lm_path):
-    from grpo_app.cli import cmd_train
+    from grpo_app.commands import cmd_train
 
     start, _, _ = warmed
     cfg = _cfg(name, f"model.path={start}", "model.tiny=false", "warmup.steps=0", "run.steps=2",
@@ -91,7 +91,7 @@ def test_each_grpo_setting_gets_rewards_and_changes_the_policy(name, warmed, tmp
 
 
 def test_the_sft_setting_trains_on_gold_reasoning(warmed, tmp_path):
-    from grpo_app.cli import cmd_sft
+    from grpo_app.commands import cmd_sft
 
     start, _, _ = warmed
     cfg = load_config(os.path.join(CONFIG_DIR, "synthetic_sft.yaml"),
