@@ -252,11 +252,15 @@ def _check_pairs(completions, records, name):
                          "pass one record per completion (repeat each record G times)")
 
 
+ROLES = ("accuracy", "format")     # what a reward measures, for the step's "accuracy" / "format_rate"
+
+
 @dataclass
 class RewardSpec:
     name: str                       # column name in logs / metrics
     fn: Callable                    # (completions, records) -> list[float]
     weight: float = 1.0             # multiplier in the total
+    role: str | None = None         # "accuracy" | "format" | None: which summary metric it feeds
 
 
 def combine_rewards(specs: Sequence[RewardSpec], completions, records, *,
@@ -309,6 +313,10 @@ REWARDS = {           # config name -> reward function (options: its keyword par
 }
 
 
+DEFAULT_ROLES = {"accuracy": "accuracy", "accuracy_graded": "accuracy", "format": "format",
+                 "format_nothink": "format"}   # a config entry may set its own `role:`
+
+
 def _options(name: str, fn: Callable) -> tuple[tuple, tuple, bool]:
     if fn is _judge:               # from_kwargs' loading options + the judge's own (after model, tokenizer)
         load, _, _ = plugins.signature_options(LLMJudgeReward.from_kwargs, skip=0)
@@ -341,8 +349,9 @@ def get_reward(name: str, **kw) -> Callable:
 
 def check_reward_entries(entries: list[dict], where: str = "config: grpo.rewards") -> None:
     """Check a config's reward list when it loads (ValueError naming the entry index and key):
-    a mapping with a name, a finite number as weight, a name that resolves, options that are the
-    function's keywords (did you mean), none missing, no two entries with the same name."""
+    a mapping with a name, a finite number as weight, a role among ROLES (optional), a name that
+    resolves, options that are the function's keywords (did you mean), none missing, no two
+    entries with the same name."""
     if not isinstance(entries, (list, tuple)) or not entries:
         raise ValueError(f"{where}: must be a non-empty list of {{name: ..., weight: ...}} entries, got {entries!r}")
     seen: dict[str, int] = {}
@@ -353,6 +362,8 @@ def check_reward_entries(entries: list[dict], where: str = "config: grpo.rewards
         name, weight = entry["name"], entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"{at}.weight: must be a finite number, got {weight!r}")
+        if entry.get("role") is not None and entry["role"] not in ROLES:
+            raise ValueError(f"{at}.role: {entry['role']!r} is not one of {ROLES} (or leave it out)")
         fn = resolve_reward(name, f"{at}.name")
         try:
             names, required, any_ok = _options(name, fn)

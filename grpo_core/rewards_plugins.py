@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Callable
 
-ENTRY_KEYS = ("name", "weight")            # what an entry holds besides the function's options
+ENTRY_KEYS = ("name", "weight", "role")    # what an entry holds besides the function's options
 CONTEXT_KEYWORDS = ("completion_tokens",)  # filled in by combine_rewards, never by the config
 
 

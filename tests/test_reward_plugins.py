@@ -51,7 +51,8 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_module_spec_builds_and_scores(user_module):
-    entries = [{"name": "accuracy", "weight": 1.0}, {"name": f"{user_module}:length_bonus", "weight": 0.5, "per_char": 0.1}]
+    entries = [{"name": "accuracy", "weight": 1.0},
+               {"name": f"{user_module}:length_bonus", "weight": 0.5, "role": "format", "per_char": 0.1}]
     check_reward_entries(entries)
     fn = get_reward(f"{user_module}:length_bonus", per_char=0.1)
     assert fn(["abc", "a" * 20], [rec(), rec()]) == pytest.approx([0.3, 1.0])
@@ -63,7 +64,7 @@ def test_file_spec_and_the_example_config(monkeypatch):
     cfg = load_config("examples/synthetic_custom_reward.yaml")
     check_reward_entries(cfg.grpo.rewards)
     entry = dict(cfg.grpo.rewards[2])
-    fn = get_reward(entry.pop("name"), **{k: v for k, v in entry.items() if k != "weight"})
+    fn = get_reward(entry.pop("name"), **{k: v for k, v in entry.items() if k not in ("weight", "role")})
     texts = ["<think>the lesion is in the upper left quadrant</think><answer>A</answer>",
              "<think>a bright spot</think><answer>A</answer>", "<answer>A</answer>"]
     assert fn(texts, [rec()] * 3) == [1.0, 0.0, 0.0]
@@ -80,6 +81,7 @@ def test_file_spec_and_the_example_config(monkeypatch):
     ({"name": "semantic_judge", "mode": "prob"}, r"semantic_judge needs model_path"),
     ({"name": "semantic_judge", "model_path": "x", "max_reasoning_word": 3}, r"did you mean 'max_reasoning_words'"),
     ({"weight": 1.0}, r"grpo.rewards\[0\]: must be a mapping with a name"),
+    ({"name": "format", "role": "acc"}, r"grpo.rewards\[0\].role: 'acc' is not one of \('accuracy', 'format'\)"),
     ({"name": "mypkg.rewards:"}, r"'mypkg.rewards:' is not a reward spec"),
     ({"name": ":fn"}, r"is not a reward spec"),
     ({"name": "no_such_pkg_xyz.mod:fn"}, r"cannot import reward module 'no_such_pkg_xyz.mod'"),
