@@ -154,3 +154,21 @@ def test_linear_path(opts, backend, path):
     bdh, bdw = _linear_bounds(logits.grad, hidden, weight, labels, mask, g, g_ent, T, logits.detach())
     assert_close(h.grad, h2.grad, "d hidden", atol=bdh)
     assert_close(w.grad, w2.grad, "d weight", atol=bdw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counted_label_on_minus_inf_logit_is_a_clear_error(backend):
+    # issue #15: a counted token whose logit is −inf (a suppressed id the sampler emitted) gave a NaN loss
+    logits, labels, mask, old, ref, adv = make_case()
+    n, t = mask.nonzero()[-1].tolist()                                      # a counted position
+    logits[n, t, labels[n, t]] = -float("inf")
+    with pytest.raises(ValueError, match=rf"row {n}, position {t} has log-prob -inf .*probability 0"):
+        kernels.fused_grpo_loss(logits.requires_grad_(), labels, old, ref, adv, mask, backend=backend)
+    hidden, weight = torch.randn(4, 5, 16), torch.randn(50, 16)
+    lab = torch.randint(1, 50, (4, 5))
+    bias = torch.zeros(50)
+    bias[0] = -float("inf")                                                  # id 0 never to be sampled …
+    lab[2, 3] = 0                                                            # … and yet it was
+    with pytest.raises(ValueError, match=r"row 2, position 3 has log-prob -inf"):
+        kernels.fused_linear_grpo_loss(hidden.requires_grad_(), weight, lab, None, None, torch.ones(4), torch.ones(4, 5),
+                                       bias=bias, beta=0.0, backend=backend)
