@@ -57,12 +57,13 @@ def logit_grad_bound(want_grad, logits, labels, mask, g, temperature=1.0, dtype=
     return rounding(want_grad, dtype) + per_row[..., None] * size
 
 
-def linear_grad_bounds(dz_want, hidden, weight, labels, mask, g, temperature, logits):
+def linear_grad_bounds(dz_want, hidden, weight, labels, mask, g, temperature, logits, g_ent=None):
     """Bounds on d hidden = dz W and d weight = dzᵀ h (dz = d logits) when dz carries the errors
     above and the products add fp32 rounding: k·eps32·lse_scale · (|dz| @ |W|) and (|dz|ᵀ @ |h|)."""
     eps = torch.finfo(torch.float32).eps
     rows = K_BWD * eps * (lse_scale(logits, temperature, per_row=True) + hidden.shape[-1])   # (N, T)
-    size = dz_size(dz_want, labels, mask, g, temperature) * rows[..., None]  # (N, T, V)
+    p = torch.softmax(logits.double() / temperature, -1).nan_to_num(0.0) if g_ent is not None else None
+    size = dz_size(dz_want, labels, mask, g, temperature, p, g_ent) * rows[..., None]  # (N, T, V)
     dh = size @ weight.double().abs()                                       # (N, T, H)
     dw = torch.einsum("ntv,nth->vh", size, hidden.double().abs())           # (V, H)
     return dh, dw
