@@ -379,27 +379,19 @@ def main(argv=None) -> int:
                      f"{EXTERNAL_TRL_CPU['what']}")
     import shlex
     cmd = "python -m bench.bench_step " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    from bench.common import RESULTS_DIR, device_name
+    from bench.common import RESULTS_DIR, device_name, package_version
     from bench.run_all import git_commit
 
     dev = device()
     meta = {"title": "one GRPO training step: grpo_core vs TRL GRPOTrainer", "device": device_label(dev),
             "torch": torch.__version__, "command": cmd.strip(), "shape": asdict(shape), "notes": notes,
             "reference": REFERENCE, "time_unit": "s", "memory": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
-            "trl": _version("trl"), "transformers": _version("transformers"), "git": git_commit(),
+            "trl": package_version("trl"), "transformers": package_version("transformers"), "git": git_commit(),
             "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
     stem = write(args.out or os.path.join(RESULTS_DIR, device_name(dev)), meta, rows)
     print(f"wrote {stem}.json and {stem}.md")
     return 0
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(pkg)
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

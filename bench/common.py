@@ -163,3 +163,12 @@ def write_results(name: str, results: list[Result], device: torch.device, meta: 
         f.write("".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n")
         f.write(markdown_table(results))
     return out_dir
+
+
+def package_version(pkg: str) -> str | None:
+    """Installed version of ``pkg`` (distribution name), or None."""
+    try:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:
+        return None
