@@ -177,7 +177,7 @@ def run(args):
         print(_line(results[-1]))
     meta = dict(shape, tokens=N * T, valid_tokens=M, loss=LOSS_KW, temperature=TEMPERATURE,
                 command="python -m bench.bench_loss" + (" --quick" if args.quick else ""))
-    out = write_results("bench_loss" + ("_quick" if args.quick else ""), results, device, meta)
+    out = write_results("bench_loss" + ("_quick" if args.quick else ""), results, device, meta, args.out)
     print(f"results in {out} ({device_name(device)})")
     return results
 
@@ -192,6 +192,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--out", default=None, help="results root (default bench/results); files go to <out>/<device>/")
     args = p.parse_args(argv)
     if args.quick:
         args.seqs, args.tokens_per_seq, args.vocab, args.hidden = 4, 32, 4096, 64
