@@ -80,7 +80,6 @@ __host__ __device__ __forceinline__ void absorb_vec(State& st, const Vec<T>& v, 
 template <typename T, bool kEntropy>
 __host__ __device__ __forceinline__ State thread_state(const T* row, int64_t V, float inv_temp,
                                                        int tid, int nthreads) {
-  constexpr int kN = Vec<T>::kN;
   const RowSplit sp = split_row<T>(row, V);
   State st = empty_state();
   for (int64_t j = tid; j < sp.head; j += nthreads) {
