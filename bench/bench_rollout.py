@@ -205,8 +205,16 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     ap.add_argument("--config", default="all", choices=["all", *CONFIGS])
     ap.add_argument("--out", default=None, help="results root (default bench/results); files go to <out>/<device>/")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
+                    help="override a config entry, e.g. --set prompts=1 --set new=4 (smoke runs)")
     args = ap.parse_args(argv)
     names = list(CONFIGS) if args.config == "all" else [args.config]
+    for item in args.set:
+        key, _, value = item.partition("=")
+        for cfg in (CONFIGS[n] for n in names):
+            if key not in cfg:
+                raise SystemExit(f"--set {item}: no config entry {key!r}; entries: {sorted(cfg)}")
+            cfg[key] = int(value)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:

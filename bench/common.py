@@ -85,6 +85,8 @@ def peak_bandwidth(device: torch.device) -> float | None:
     """Memory bytes/s of the device: measured if set, else the datasheet; None when unknown (CPU)."""
     if device.type != "cuda":
         return None
+    if os.environ.get("GRPO_CORE_MEASURED_BW"):                # set by bench/device_check.py
+        return float(os.environ["GRPO_CORE_MEASURED_BW"])
     if device_name(device) in MEASURED_BYTES_PER_S:
         return MEASURED_BYTES_PER_S[device_name(device)]
     name = torch.cuda.get_device_name(device)

@@ -170,7 +170,8 @@ def _triton_row(kernel, capability: int) -> dict:
     row = dict(kind="triton", kernel=name, arch=f"sm_{capability}{'a' if capability == 90 else ''}",
                warps=kernel.metadata.num_warps, smem=kernel.metadata.shared,
                ptx_ld_v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
-               ptx_ld_v2=len(re.findall(r"ld\.global(?:\.\w+)*\.v2", ptx)))
+               ptx_ld_v2=len(re.findall(r"ld\.global(?:\.\w+)*\.v2", ptx)),
+               ptx_mul64=len(re.findall(r"\bmul\.(?:wide\.[su]32|lo\.[su]64)\b", ptx)))
     row.update(usage.get(name, {}))
     row.update(_sass_widths(sass))
     return row
@@ -211,7 +212,7 @@ def _sass_widths(sass: str) -> dict:
         return len(re.findall(rf"\b{op}\.E\b(?![\w.]*\.(?:128|64)\b)[\w.]*", sass))
     return dict(ld128=count("LDG", 128), ld64=count("LDG", 64), ld32=count("LDG", 32),
                 st128=count("STG", 128), st64=count("STG", 64), st32=count("STG", 32),
-                stl=len(re.findall(r"\bSTL\b", sass)))
+                ldgsts=len(re.findall(r"\bLDGSTS\b", sass)), stl=len(re.findall(r"\bSTL\b", sass)))
 
 
 def _per_function_sass(sass: str) -> dict:
@@ -318,7 +319,7 @@ def problems(rows: list[dict]) -> list[str]:
 
 
 COLUMNS = ["kind", "variant", "arch", "regs", "stack", "spill_bytes", "stl", "smem", "ld128", "ld64", "ld32",
-           "st128", "st64", "st32", "ptx_ld_v4", "ptx_ld_v2", "warps"]
+           "st128", "st64", "st32", "ldgsts", "ptx_ld_v4", "ptx_ld_v2", "ptx_mul64", "warps"]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -364,7 +365,8 @@ def main(argv=None) -> int:
         f.write("# Compile check (no GPU): registers, spills, shared memory, load/store widths\n\n"
                 f"Command: `python -m bench.compile_check{' --quick' if args.quick else ''}`; triton "
                 f"{meta['triton']}; {TOKENS} tokens, V = {V_QWEN}. ld128/ld64/ld32 = global loads by width "
-                "in the SASS; stl = local-memory stores in the SASS; stack = stack frame bytes; spill_bytes = ptxas's spill stores (csrc/ only).\n\n" + table)
+                "in the SASS; ldgsts = asynchronous global→shared copies (the dot operands on sm_80); ptx_mul64 = "
+                "64-bit integer multiplies in the PTX (the int64 row offsets); stl = local-memory stores in the SASS; stack = stack frame bytes; spill_bytes = ptxas's spill stores (csrc/ only).\n\n" + table)
     print(table)
     print(f"compile check: {len(rows)} kernel rows in {meta['seconds']} s; table in {args.out}/compile_check.md")
     if bad:
