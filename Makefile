@@ -18,7 +18,7 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m grpo_core.cli demo
+	$(PY) -m grpo_app demo
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" tests
@@ -55,7 +55,7 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 lint: $(STAMP)
-	$(PY) -m ruff check grpo_core models bench tests examples
+	$(PY) -m ruff check grpo_core grpo_app models bench tests examples
 
 # The CUDA library (csrc/) into build/cuda/, where grpo_core/kernels/cuda.py finds it. Plain
 # Python + nvcc; GRPO_CORE_CUDA_ARCHS="80;90a" picks architectures (default 80;90;90a).

@@ -1,4 +1,11 @@
-"""Install grpo_core and models; build the optional CUDA library from csrc/.
+"""Install the three layers and build the optional CUDA library from csrc/.
+
+    grpo_core    (grpo_core/)  the engine: math, kernels, rollout, rewards, data, trainer
+    grpo_models  (models/)     the policies: Qwen2-VL / Qwen2.5-VL, a text LM, tiny offline models
+    grpo_app     (grpo_app/)   the app: the `grpo` command, policy loading by name, demo, plots
+
+The policies folder keeps the name ``models/`` of the design card but is installed as the package
+``grpo_models``: a top-level ``models`` in site-packages collides with any other project's.
 
 Pure-Python install always works (CPU torch, no compiler). The CUDA kernels in csrc/ are plain
 CUDA C++ with a C ABI (no torch headers), so they build with nvcc alone, even next to a CPU-only
@@ -57,7 +64,8 @@ setup(
     name="grpo_core",
     version="0.1.0",
     description="A from-scratch GRPO engine for RL fine-tuning of vision-language models on medical VQA",
-    packages=find_packages(include=["grpo_core", "grpo_core.*", "models", "models.*"]),
+    packages=find_packages(include=["grpo_core", "grpo_core.*", "grpo_app", "grpo_app.*"]) + ["grpo_models"],
+    package_dir={"grpo_models": "models"},
     package_data={"grpo_core.kernels": ["_lib/*.so"]},
     python_requires=">=3.10",
     install_requires=[
@@ -79,6 +87,6 @@ setup(
         "bench": ["matplotlib>=3.7"],
         "lora": ["peft>=0.13"],
     },
-    entry_points={"console_scripts": ["grpo=grpo_core.cli:main"]},
+    entry_points={"console_scripts": ["grpo=grpo_app.cli:main"]},
     cmdclass={"build_py": BuildPyWithCuda},
 )

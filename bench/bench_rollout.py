@@ -72,8 +72,8 @@ def _images(n: int, side: int, seed: int = 0):
 
 
 def tiny_policy(cfg: dict, workdir: str):
-    from models.qwen2_vl import Qwen2VLPolicy
-    from models.tiny import build_tiny_qwen2_vl
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+    from grpo_models.tiny import build_tiny_qwen2_vl
 
     px = cfg["image"] ** 2
     path = build_tiny_qwen2_vl(os.path.join(workdir, "tiny"), hidden=cfg["hidden"], layers=cfg["layers"], max_pixels=px)
@@ -82,10 +82,9 @@ def tiny_policy(cfg: dict, workdir: str):
 
 def qwen2_vl_2b_policy(cfg: dict, workdir: str):
     """Qwen2-VL-2B architecture, random bf16 weights on cfg["device"], the tiny tokenizer's special ids."""
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+    from grpo_models.tiny import build_tiny_tokenizer, qwen2_vl_2b_config
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    from models.qwen2_vl import Qwen2VLPolicy
-    from models.tiny import build_tiny_tokenizer, qwen2_vl_2b_config
 
     tok = build_tiny_tokenizer(os.path.join(workdir, "tok"))
     conf = qwen2_vl_2b_config()

@@ -75,7 +75,7 @@ def device() -> torch.device:
 
 
 def build_model(path: str, shape: StepShape) -> str:
-    from models.tiny import build_tiny_qwen2_vl
+    from grpo_models.tiny import build_tiny_qwen2_vl
 
     px = max(shape.image_size, 56) ** 2
     if shape.model == "2b":
@@ -91,9 +91,8 @@ def build_model(path: str, shape: StepShape) -> str:
 def build_2b_shaped(path: str, seed: int, max_pixels: int, config=None, dev: str = "cuda") -> str:
     """Qwen2-VL-2B architecture (V = 151,936) with random bf16 weights and the tiny tokenizer's
     special-token ids, saved at `path` (ids past the tokenizer's ~1k decode to empty text)."""
+    from grpo_models.tiny import build_tiny_tokenizer, qwen2_vl_2b_config
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    from models.tiny import build_tiny_tokenizer, qwen2_vl_2b_config
 
     tok = build_tiny_tokenizer(path)
     conf = config or qwen2_vl_2b_config()
@@ -141,8 +140,8 @@ def _sync(dev):
 
 
 def run_ours(path: str, shape: StepShape) -> dict:
+    from grpo_app.factory import load_policy
     from grpo_core.config import TrainConfig
-    from grpo_core.factory import load_policy
     from grpo_core.trainer import GRPOTrainer
 
     cfg = TrainConfig()

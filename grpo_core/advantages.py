@@ -23,7 +23,7 @@ import torch
 SCALES = ("group", "batch", "none")
 
 
-def _check_rewards(rewards: torch.Tensor, group_size: int) -> None:
+def check_rewards(rewards: torch.Tensor, group_size: int) -> None:
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"group_advantages: rewards must be a torch.Tensor, got {type(rewards).__name__}")
     if rewards.dim() != 1:
@@ -44,7 +44,7 @@ def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
 ) -> torch.Tensor:
     """rewards (N,) with N = B·G in consecutive groups → advantages (N,) fp32."""
-    _check_rewards(rewards, group_size)
+    check_rewards(rewards, group_size)
     if scale not in SCALES:
         raise ValueError(f"group_advantages: scale must be one of {SCALES}, got {scale!r}")
     # fp64 inside: an fp32 mean of equal values can be an ulp off, which 1/eps would magnify
@@ -63,6 +63,6 @@ def group_advantages(
 
 def group_reward_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per-group unbiased std (B,), for the 'zero-variance groups' metric and group filtering."""
-    _check_rewards(rewards, group_size)
+    check_rewards(rewards, group_size)
     r = rewards.float().view(-1, group_size)
     return r.std(dim=1) if group_size > 1 else torch.zeros(r.shape[0], device=r.device)

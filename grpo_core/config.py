@@ -1,8 +1,12 @@
 """Configs: one dataclass per concern, loaded from YAML with dotted command-line overrides.
 
-    grpo train --config examples/configs/synthetic_grpo.yaml grpo.beta=0.0 optim.lr=1e-4
+    grpo train --config examples/configs/synthetic_grpo_instruct.yaml grpo.beta=0.0 optim.lr=1e-4
 
 Unknown keys and badly typed values are errors that name the key, the file and what is allowed.
+Every field declares what it accepts (``option(default, choices=..., ge=...)``, grpo_core.options):
+the allowed values of a choice are the tuple defined by the module that gives them meaning
+(advantages.SCALES, loss.AGGS, ...), never retyped here, and ``validate`` checks them all when the
+config loads, before any model or data is touched.
 """
 
 from __future__ import annotations
@@ -14,113 +18,125 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .advantages import SCALES
+from .data.synthetic import TASKS as SYNTHETIC_TASKS
+from .data.templates import TEMPLATES
+from .distributed import MODES
+from .kernels.dispatch import BACKENDS, check_backend
+from .loss import AGGS, KL_PLACEMENTS, KLS
+from .optim import SCHEDULES
+from .options import check_options, option
+from .policy import PROMPT_WRAPPERS
+from .sampling import SamplingOptions
+from .sft import SFT_TARGETS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")      # model.dtype ("auto": bf16 on GPU, fp32 on CPU)
+REFERENCES = ("auto", "copy", "adapters")                  # grpo.ref
+KERNEL_BACKENDS = ("auto",) + BACKENDS                     # grpo.backend
+DIST_BACKENDS = ("auto", "nccl", "gloo")                   # dist.backend
+
 
 @dataclass
 class ModelConfig:
-    path: str = ""                      # local checkpoint dir (real Qwen2-VL or models.tiny output)
-    kind: str = "qwen2_vl"              # "qwen2_vl" (also 2.5-VL), "text", or "module:Class" (grpo_core.factory)
-    template: str = "chat"              # "chat" = instruct init, "plain" = base init (the study's axis)
-    dtype: str = "auto"                 # "auto" | "float32" | "bfloat16" | "float16"
-    device: str = "auto"                # "auto" = cuda if available else cpu
-    gradient_checkpointing: bool = False
-    freeze_vision: bool = False         # keep the vision tower fixed
-    lora_rank: int = 0                  # 0 = full fine-tuning; > 0 = LoRA on the language model
-    lora_alpha: int = 32
-    min_pixels: int | None = None       # image processor bounds (None = the checkpoint's)
-    max_pixels: int | None = None       # e.g. 401408 (~400k pixels, as in the study)
-    tiny: bool = False                  # build a tiny random Qwen2-VL at `path` if it is missing
+    path: str = ""                                         # local checkpoint dir (a real Qwen2-VL, or a tiny one: model.tiny)
+    kind: str = "qwen2_vl"                                 # "qwen2_vl" (also 2.5-VL), "text", or "module:Class" (resolved by the app layer)
+    template: str = option("chat", choices=PROMPT_WRAPPERS)  # "chat" = instruct init, "plain" = base init (the study's axis)
+    dtype: str = option("auto", choices=DTYPES)            # weights and activations; "auto" = bf16 on GPU, fp32 on CPU
+    device: str = "auto"                                   # "auto" = cuda if available else cpu
+    gradient_checkpointing: bool = False                   # recompute activations in backward (less memory)
+    freeze_vision: bool = False                            # keep the vision tower fixed
+    lora_rank: int = option(0, ge=0)                       # 0 = full fine-tuning; > 0 = LoRA on the language model
+    lora_alpha: int = option(32, gt=0)                     # LoRA scale numerator (scale = alpha / rank)
+    min_pixels: int | None = option(None, ge=1)            # image processor bounds (None = the checkpoint's)
+    max_pixels: int | None = option(None, ge=1)            # e.g. 401408 (~400k pixels, as in the study)
+    tiny: bool = False                                     # build a tiny random Qwen2-VL at `path` if it is missing
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"           # "synthetic" or a path handled by grpo_core.data.load_dataset
-    format: str | None = None           # dataset format name (None = detect)
-    split: str | None = None
-    eval_source: str | None = None      # None = a held-out slice of `source`
-    eval_size: int = 200                # held-out records (synthetic: generated with another seed)
-    train_size: int = 2000              # synthetic only
-    image_size: int = 56                # synthetic only
-    synthetic_task: str = "quadrant"    # synthetic only
-    lesion_sigma: float = 0.036         # synthetic only: lesion std / image size
-    lesion_amplitude: float = 0.5       # synthetic only: lesion peak brightness
-    prompt: str = "nothink"             # "think" | "nothink" | "direct" (grpo_core.data.templates)
-    shuffle_options: bool = False
-    skip_bad: bool = False              # skip (and count) bad rows instead of raising
-    limit: int | None = None            # use only the first N records
+    source: str = "synthetic"                              # "synthetic" or a path handled by grpo_core.data.load_dataset
+    format: str | None = None                              # dataset format name (None = detect)
+    split: str | None = None                               # split to read where the format has several
+    eval_source: str | None = None                         # held-out records from here (None = a held-out slice of `source`)
+    eval_size: int = option(200, ge=1)                     # held-out records split off `source` (synthetic: generated with another seed)
+    train_size: int = option(2000, ge=1)                   # synthetic only: training items
+    image_size: int = option(56, ge=28)                    # synthetic only: image side in pixels
+    synthetic_task: str = option("quadrant", choices=tuple(SYNTHETIC_TASKS))  # synthetic only
+    lesion_sigma: float = option(0.036, gt=0)              # synthetic only: lesion std / image size
+    lesion_amplitude: float = option(0.5, gt=0)            # synthetic only: lesion peak brightness
+    prompt: str = option("nothink", choices=TEMPLATES)     # "think" | "nothink" | "direct" (grpo_core.data.templates)
+    shuffle_options: bool = False                          # permute options per record (fixed per seed and record id)
+    skip_bad: bool = False                                 # skip (and count) bad rows instead of raising
+    limit: int | None = option(None, ge=1)                 # use only the first N records
 
 
 @dataclass
-class RolloutConfig:
-    group_size: int = 8                 # G: samples per prompt
-    prompts_per_step: int = 8           # B: prompts per optimizer step (N = B·G sequences)
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                      # 0 = off
-    max_batch_sequences: int = 256      # decode at most this many sequences at once
+class RolloutConfig(SamplingOptions):
+    """Sampling options (max_new_tokens, temperature, top_p, top_k, min_p, max_batch_sequences:
+    grpo_core.sampling.SamplingOptions) plus the batch shape of a step."""
+
+    group_size: int = option(8, ge=2)                      # G: samples per prompt (≥ 2: the baseline is the group mean)
+    prompts_per_step: int = option(8, ge=1)                # B: prompts per optimizer step (N = B·G sequences)
 
 
 @dataclass
 class GRPOConfig:
-    adv_scale: str = "group"            # "group" | "batch" | "none" (Dr. GRPO)
-    agg: str = "token_mean"             # "token_mean" | "seq_mean" | "constant" (Dr. GRPO)
-    clip_low: float = 0.2               # ε_low
-    clip_high: float = 0.2              # ε_high (DAPO clip-higher: e.g. 0.28)
-    dual_clip: float | None = None      # c > 1 bounds the loss for A < 0; None = off
-    beta: float = 0.04                  # KL coefficient; 0 = no reference model at all
-    kl: str = "k3"                      # "k1" | "k2" | "k3"
-    kl_placement: str = "loss"          # "loss" (GRPO) | "reward" (PPO-style penalty in the reward)
-    mu: int = 1                         # optimizer steps per batch of rollouts (μ); > 1 uses old log-probs
-    micro_batch_prompts: int = 0        # prompts (whole groups) per forward/backward; 0 = all
-    skip_zero_std_groups: bool = False  # drop groups whose rewards are all equal (always counted)
-    max_len: int | None = None          # Dr. GRPO constant; None = rollout.max_new_tokens
+    adv_scale: str = option("group", choices=SCALES)       # "group" | "batch" | "none" (Dr. GRPO)
+    agg: str = option("token_mean", choices=AGGS)          # "token_mean" | "seq_mean" | "constant" (Dr. GRPO)
+    clip_low: float = option(0.2, ge=0, lt=1)              # ε_low
+    clip_high: float = option(0.2, ge=0)                   # ε_high (DAPO clip-higher: e.g. 0.28)
+    dual_clip: float | None = option(None, gt=1)           # c > 1 bounds the loss for A < 0; None = off
+    beta: float = option(0.04, ge=0)                       # KL coefficient; 0 = no reference model at all
+    kl: str = option("k3", choices=KLS)                    # "k1" | "k2" | "k3"
+    kl_placement: str = option("loss", choices=KL_PLACEMENTS)  # "loss" (GRPO) | "reward" (PPO-style penalty in the reward)
+    mu: int = option(1, ge=1)                              # optimizer steps per batch of rollouts (μ); > 1 uses old log-probs
+    micro_batch_prompts: int = option(0, ge=0)             # prompts (whole groups) per forward/backward; 0 = all
+    skip_zero_std_groups: bool = False                     # drop groups whose rewards are all equal (always counted)
+    max_len: int | None = option(None, ge=1)               # Dr. GRPO constant; None = rollout.max_new_tokens
     rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 0.5}])
-    ref: str = "auto"                   # "auto" | "copy" (frozen copy) | "adapters" (LoRA disabled)
-    backend: str = "auto"               # fused-loss backend: auto | torch | triton | cuda
+    ref: str = option("auto", choices=REFERENCES)          # "auto" | "copy" (frozen copy) | "adapters" (LoRA disabled)
+    backend: str = option("auto", choices=KERNEL_BACKENDS)  # fused-loss backend: auto | torch | triton | cuda
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.99)
-    warmup_steps: int = 0
-    schedule: str = "constant"          # "constant" | "cosine" | "linear" (after warm-up)
-    max_grad_norm: float = 1.0          # 0 = no clipping
+    lr: float = option(1e-6, gt=0)                         # peak learning rate (after warm-up)
+    weight_decay: float = option(0.0, ge=0)                # AdamW decoupled weight decay
+    betas: tuple = option((0.9, 0.99), ge=0, lt=1, length=2)  # AdamW (β1, β2)
+    warmup_steps: int = option(0, ge=0)                    # linear warm-up, in optimizer steps
+    schedule: str = option("constant", choices=SCHEDULES)  # "constant" | "cosine" | "linear" after warm-up (grpo_core.optim)
+    max_grad_norm: float = option(1.0, ge=0)               # clip the global grad norm; 0 = no clipping
 
 
 @dataclass
 class RunConfig:
-    steps: int = 100
-    seed: int = 0
-    output_dir: str = "runs/grpo"
-    eval_every: int = 0                 # 0 = only at the end
-    eval_size: int | None = None        # records evaluated (None = all held-out)
-    save_every: int = 0                 # 0 = only at the end
-    keep_last: int = 2                  # checkpoints kept
-    resume: bool = True                 # continue from the newest checkpoint in output_dir
-    progress: bool = True
-    bf16_autocast: bool = True          # on GPU only
-    time_budget_s: float = 0.0          # stop early after this wall time (0 = none)
+    steps: int = option(100, ge=1)                         # GRPO steps (each: one rollout batch, μ optimizer steps)
+    seed: int = 0                                          # every random draw of step k derives from (seed, k)
+    output_dir: str = "runs/grpo"                          # checkpoints, metrics.jsonl, plots
+    eval_every: int = option(0, ge=0)                      # held-out eval every N steps; 0 = only at the end
+    eval_limit: int | None = option(None, ge=1)            # held-out records scored per eval (None = all of them)
+    save_every: int = option(0, ge=0)                      # checkpoint every N steps; 0 = only at the end
+    keep_last: int = option(2, ge=0)                       # checkpoints kept (0 = all)
+    resume: bool = True                                    # continue from the newest checkpoint in output_dir
+    progress: bool = True                                  # progress bar
+    bf16_autocast: bool = True                             # on GPU only
+    time_budget_s: float = option(0.0, ge=0)               # stop early after this wall time (0 = none)
 
 
 @dataclass
 class DistConfig:
-    mode: str = "none"                  # "none" | "ddp" (replicated model) | "fsdp2" (fully_shard; models that don't fit one GPU)
-    backend: str = "auto"               # "auto" = nccl on GPU, gloo on CPU | "nccl" | "gloo"
-    timeout_s: float = 600.0            # collective timeout: a dead or stalled rank ends the job after this
-    reshard_after_forward: bool = True  # fsdp2: free gathered params after forward (False = more memory, less comm)
+    mode: str = option("none", choices=MODES)              # "none" | "ddp" (replicated model) | "fsdp2" (fully_shard; models that don't fit one GPU)
+    backend: str = option("auto", choices=DIST_BACKENDS)   # "auto" = nccl on GPU, gloo on CPU | "nccl" | "gloo"
+    timeout_s: float = option(600.0, gt=0)                 # collective timeout: a dead or stalled rank ends the job after this
+    reshard_after_forward: bool = True                     # fsdp2: free gathered params after forward (False = more memory, less comm)
 
 
 @dataclass
 class SFTConfig:
-    target: str = "answer"              # "answer" (<answer>X</answer>) or "reasoning" (needs record.extra["reasoning"])
-    steps: int = 100
-    batch_size: int = 16
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
+    target: str = option("answer", choices=SFT_TARGETS)    # "answer" (<answer>X</answer>) or "reasoning" (needs record.extra["reasoning"])
+    steps: int = option(100, ge=1)                         # optimizer steps
+    batch_size: int = option(16, ge=1)                     # records per step
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))   # the same optimizer options as GRPO
 
 
 @dataclass
@@ -135,38 +151,26 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> "TrainConfig":
-        choices = {
-            "model.template": ("chat", "plain"),
-            "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-            "grpo.adv_scale": ("group", "batch", "none"), "grpo.agg": ("token_mean", "seq_mean", "constant"),
-            "grpo.kl": ("k1", "k2", "k3"), "grpo.kl_placement": ("loss", "reward"),
-            "grpo.ref": ("auto", "copy", "adapters"), "grpo.backend": ("auto", "torch", "triton", "cuda"),
-            "optim.schedule": ("constant", "cosine", "linear"), "data.prompt": ("think", "nothink", "direct"),
-            "sft.target": ("answer", "reasoning"),
-            "dist.mode": ("none", "ddp", "fsdp2"), "dist.backend": ("auto", "nccl", "gloo"),
-        }
-        for key, allowed in choices.items():
-            sec, name = key.split(".")
-            val = getattr(getattr(self, sec), name)
-            if val not in allowed:
-                raise ValueError(f"config: {key}={val!r} is not one of {allowed}")
-        positive = {"rollout.group_size": self.rollout.group_size, "rollout.prompts_per_step": self.rollout.prompts_per_step,
-                    "rollout.max_new_tokens": self.rollout.max_new_tokens, "grpo.mu": self.grpo.mu,
-                    "run.steps": self.run.steps, "rollout.temperature": self.rollout.temperature}
-        for key, val in positive.items():
-            if val <= 0:
-                raise ValueError(f"config: {key} must be > 0, got {val}")
-        if self.grpo.dual_clip is not None and self.grpo.dual_clip <= 1:
-            raise ValueError(f"config: grpo.dual_clip must be > 1 or null, got {self.grpo.dual_clip}")
-        if not 0 < self.rollout.top_p <= 1:
-            raise ValueError(f"config: rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
-        if self.grpo.kl_placement == "reward" and self.grpo.beta == 0:
+        """Every field against its declaration (options.check_options), then the cross-field rules."""
+        _check_all(self, "")
+        g, r = self.grpo, self.rollout
+        if g.kl_placement == "reward" and g.beta == 0:
             raise ValueError("config: grpo.kl_placement='reward' needs grpo.beta > 0")
-        if self.dist.timeout_s <= 0:
-            raise ValueError(f"config: dist.timeout_s must be > 0, got {self.dist.timeout_s}")
-        if not self.grpo.rewards:
+        if not g.rewards:
             raise ValueError("config: grpo.rewards is empty; name at least one reward (e.g. accuracy)")
+        if g.agg == "constant" and g.max_len is not None and g.max_len < r.max_new_tokens:
+            raise ValueError(f"config: grpo.max_len={g.max_len} is shorter than rollout.max_new_tokens="
+                             f"{r.max_new_tokens}; Dr. GRPO's constant must cover the longest completion")
+        check_backend(g.backend, paths=("linear",))        # the training path runs the fused-linear loss
         return self
+
+
+def _check_all(obj, where: str) -> None:
+    check_options(obj, where.rstrip("."))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_all(value, f"{where}{f.name}.")
 
 
 def _coerce(value, typ, where):

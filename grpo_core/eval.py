@@ -22,16 +22,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+from .answers import FORMAT_NOTHINK_RE, FORMAT_RE, direct_letter, extract_answer, reasoning_length
 from .data.record import swap_images, yes_no
 from .data.templates import TEMPLATES, records_to_prompts
-from .rewards import (
-    _DIRECT_LETTER,
-    FORMAT_NOTHINK_RE,
-    FORMAT_RE,
-    extract_answer,
-    reasoning_length,
-    score_one,
-)
+from .rewards import score_one
 
 __all__ = ["EvalResult", "evaluate", "swap_images"]
 
@@ -77,7 +71,7 @@ def format_ok(text: str, record, template: str) -> bool:
         return FORMAT_NOTHINK_RE.fullmatch(text) is not None
     answer = text.strip()
     if record.answer_type == "mc":
-        return _DIRECT_LETTER.fullmatch(answer) is not None
+        return direct_letter(answer) is not None
     if record.answer_type == "yesno":
         return yes_no(answer) is not None
     return bool(answer)

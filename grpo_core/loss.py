@@ -32,6 +32,7 @@ import torch
 
 KLS = ("k1", "k2", "k3")
 AGGS = ("token_mean", "seq_mean", "constant")
+KL_PLACEMENTS = ("loss", "reward")     # β·KL in the loss (GRPO), or −β·Σ KL in the reward (kl_penalized_rewards)
 _MAX_LOG = 20.0
 
 
@@ -123,11 +124,14 @@ def grpo_loss(
     max_len: int | None = None,
     total_tokens: float | None = None,
     total_seqs: int | None = None,
+    entropy: torch.Tensor | None = None,
 ):
     """logprobs/old/ref/mask (N, T), advantages (N,) or (N, T) → (loss scalar, metrics dict).
 
+    ``entropy`` (N, T): the per-token entropy of the policy (the fused kernels compute it in the
+    same pass); reported as the "entropy" metric (masked token mean).
     metrics (detached scalars): policy_loss, kl, clip_low_frac, clip_high_frac, clip_frac,
-    ratio_mean, adv_mean, adv_std, tokens.
+    ratio_mean, adv_mean, adv_std, tokens [, entropy].
     """
     _check(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta, kl, agg, clip_low, clip_high, dual_clip, max_len)
     old = logprobs.detach() if old_logprobs is None else old_logprobs
@@ -160,6 +164,10 @@ def grpo_loss(
             "adv_std": adv_seq.std() if adv_seq.numel() > 1 else torch.zeros(()),
             "tokens": n_tok.float(),
         }
+        if entropy is not None:
+            if entropy.shape != logprobs.shape:
+                raise ValueError(f"grpo_loss: entropy shape {tuple(entropy.shape)} != logprobs shape {tuple(logprobs.shape)}")
+            metrics["entropy"] = (entropy.detach().float() * m).sum() / denom
     return loss, metrics
 
 

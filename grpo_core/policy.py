@@ -1,7 +1,8 @@
 """What the engine needs from a policy (text-only LM or VLM), and nothing more.
 
 The rollout engine, the trainer and the evaluator talk to a policy only through this protocol;
-``grpo_core`` never imports ``models`` (``models.qwen2_vl.Qwen2VLPolicy`` is one implementation).
+the engine never imports a policy implementation (the Qwen2-VL one lives in the policies layer,
+the ``models/`` folder, which imports this protocol; the app layer picks one by name).
 
 Data flow and shapes (B prompts, G samples per prompt, N = B·G sequences, P prompt length,
 C completion length, H hidden size, V vocab size):
@@ -16,7 +17,7 @@ C completion length, H hidden size, V vocab size):
         position for j = 0, completion token j − 1 after that), so
         log p(c_j) = log_softmax((hidden[:, j] @ lm_head_weight.T + lm_head_bias) / T)[c_j].
 
-Decode state: opaque to the engine. ``models`` uses ``models.policy_utils.DecodeState`` (cache: a
+Decode state: opaque to the engine. The Qwen2-VL policy uses a small dataclass (cache: a
 transformers ``DynamicCache``; attention_mask (N, T) growing one 1-column per step; next_position
 (N,) = real prompt length + steps so far + mRoPE delta; rope_deltas (N, 1)). ``expand`` and
 ``decode_step`` update the cache in place: after a call, only the returned state is valid.
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, ContextManager, Protocol, Sequence, runtime_checkable
 
 import torch
+
+PROMPT_WRAPPERS = ("chat", "plain")   # how a policy wraps Prompt.text: chat template (instruct) or bare (base)
 
 
 @dataclass

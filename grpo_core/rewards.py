@@ -4,18 +4,7 @@
 Configs name rewards through ``get_reward(name, **kw)``; ``combine_rewards`` builds the (N,)
 weighted sum plus one column per reward for logging.
 
-Parsing, exactly (shared by every reward here and by eval):
-  - ``extract_answer(text)``: the stripped content of the FIRST ``<answer>…</answer>`` pair, tags
-    matched case-insensitively, content across newlines; a pair whose content holds another
-    ``<answer>`` opening is skipped in favour of the inner pair, so ``<answer><answer>A</answer>``
-    gives "A". No complete pair → None (or, with ``require_tag=False``, the whole stripped text:
-    Med-R1's fallback, used for the "direct" template).
-  - ``extract_think(text)``: the same for ``<think>…</think>``; None when absent.
-  - Format (strict, case-sensitive tags): the whole completion, surrounding whitespace allowed,
-    must be ``<think>T</think>`` + whitespace + ``<answer>A</answer>`` where T and A contain no
-    ``<think>``, ``</think>``, ``<answer>`` or ``</answer>``; T and A may be empty. The no-think
-    variant is ``<answer>A</answer>`` alone. Stricter than Med-R1's regex, whose non-greedy ``.*?``
-    under a full match still accepts repeated blocks (``…</answer> junk <answer>…``).
+Parsing of completions (answer / think extraction, the format rules): grpo_core.answers.
 
 Accuracy by ``record.answer_type``:
   - "mc": strict 1/0, the extracted text stripped and upper-cased equals the gold letter.
@@ -51,42 +40,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from .answers import (  # noqa: F401  (parsers re-exported: rewards are where users look for them)
+    FORMAT_NOTHINK_RE,
+    FORMAT_RE,
+    direct_letter,
+    extract_answer,
+    extract_think,
+    reasoning_length,
+)
 from .data.record import yes_no
-
-# ---------------------------------------------------------------------------------------------
-# Parsers
-# ---------------------------------------------------------------------------------------------
-
-_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
-FORMAT_RE = re.compile(rf"\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL)
-FORMAT_NOTHINK_RE = re.compile(rf"\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL)
-_ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL | re.IGNORECASE)
-_THINK_RE = re.compile(r"<think>((?:(?!<think>).)*?)</think>", re.DOTALL | re.IGNORECASE)
-
-
-def extract_answer(text: str, require_tag: bool = True) -> str | None:
-    """Stripped content of the first complete <answer>…</answer> pair (see module docstring)."""
-    m = _ANSWER_RE.search(text)
-    if m:
-        return m.group(1).strip()
-    return None if require_tag else text.strip()
-
-
-def extract_think(text: str) -> str | None:
-    """Content of the first complete <think>…</think> pair, unstripped; None when absent."""
-    m = _THINK_RE.search(text)
-    return m.group(1) if m else None
-
-
-def reasoning_length(text: str, tokenizer=None) -> int:
-    """Length of the <think> content: whitespace tokens, or tokenizer tokens if one is given."""
-    think = extract_think(text)
-    if not think or not think.strip():
-        return 0
-    if tokenizer is None:
-        return len(think.split())
-    return len(tokenizer(think.strip(), add_special_tokens=False)["input_ids"])
-
 
 # ---------------------------------------------------------------------------------------------
 # Format
@@ -106,9 +68,6 @@ def format_nothink_reward(completions: Sequence[str], records=None) -> list[floa
 # Accuracy
 # ---------------------------------------------------------------------------------------------
 
-_DIRECT_LETTER = re.compile(r"[(\[]?\s*([A-Ja-j])\s*[)\]]?\s*[.:]?")
-
-
 def letter_score(answer: str | None, gold: str | None, graded: bool = False, lenient: bool = False) -> float:
     """Score an extracted answer against a gold letter (strict, MedVLM-R1 graded, or lenient)."""
     if answer is None or not gold:
@@ -120,8 +79,8 @@ def letter_score(answer: str | None, gold: str | None, graded: bool = False, len
             return 0.0
         return 1.0 if answer.strip() == gold else 0.5
     if lenient:                       # "(A)", "A.", "a)" — for the no-tag "direct" template
-        m = _DIRECT_LETTER.fullmatch(answer.strip())
-        return 1.0 if m and m.group(1).upper() == gold else 0.0
+        letter = direct_letter(answer)
+        return 1.0 if letter is not None and letter == gold else 0.0
     return 1.0 if answer.strip().upper() == gold else 0.0
 
 
@@ -247,11 +206,15 @@ def _check_pairs(completions, records, name):
                          "pass one record per completion (repeat each record G times)")
 
 
+ROLES = ("accuracy", "format")     # what a reward measures, for the step's "accuracy" / "format_rate"
+
+
 @dataclass
 class RewardSpec:
     name: str                       # column name in logs / metrics
     fn: Callable                    # (completions, records) -> list[float]
     weight: float = 1.0             # multiplier in the total
+    role: str | None = None         # "accuracy" | "format" | None: which summary metric it feeds
 
 
 def combine_rewards(specs: Sequence[RewardSpec], completions, records) -> tuple[torch.Tensor, dict]:
@@ -291,6 +254,10 @@ REWARDS = {
     "cosine_length": lambda **kw: partial(cosine_length_reward, **kw),
     "semantic_judge": _judge,
 }
+
+
+DEFAULT_ROLES = {"accuracy": "accuracy", "accuracy_graded": "accuracy", "format": "format",
+                 "format_nothink": "format"}   # a config entry may set its own `role:`
 
 
 def get_reward(name: str, **kw) -> Callable:

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from .rewards import extract_answer, extract_think
+from .answers import extract_answer, extract_think
 
 DEFAULT_JUDGE_TEMPLATE = (
     "You are a medical expert checking a student's reasoning about a medical image question.\n"

@@ -32,36 +32,41 @@ Deviations / choices, stated once:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
+from .options import check_options, option
+
 
 @dataclass
-class SamplingConfig:
-    max_new_tokens: int = 256          # completion budget; rows still open at the end are "truncated"
-    temperature: float = 1.0           # T: logits are divided by T before softmax (and for log-probs)
-    top_p: float = 1.0                 # nucleus: keep the smallest set with mass ≥ top_p (1.0 = off)
-    top_k: int = 0                     # keep the k highest logits (0 = off)
-    min_p: float = 0.0                 # drop tokens with p < min_p · p_max (0.0 = off)
-    greedy: bool = False               # argmax instead of sampling (evaluation, tests)
-    seed: int | None = None            # private torch.Generator seed; None = global RNG
-    max_batch_sequences: int = 256     # cap on sequences decoded together; chunks are whole groups
+class SamplingOptions:
+    """How completions are drawn; shared by SamplingConfig and the trainer's RolloutConfig."""
+
+    max_new_tokens: int = option(256, ge=1)         # completion budget; rows still open at the end are "truncated"
+    temperature: float = option(1.0, gt=0)          # T: logits are divided by T before softmax (and for log-probs)
+    top_p: float = option(1.0, gt=0, le=1)          # nucleus: keep the smallest set with mass ≥ top_p (1.0 = off)
+    top_k: int = option(0, ge=0)                    # keep the k highest logits (0 = off)
+    min_p: float = option(0.0, ge=0, lt=1)          # drop tokens with p < min_p · p_max (0.0 = off)
+    max_batch_sequences: int = option(256, ge=1)    # cap on sequences decoded together; chunks are whole groups
+
+    def sampling_options(self) -> dict:
+        """These options as keyword arguments (e.g. for SamplingConfig from a RolloutConfig)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingOptions)}
+
+
+@dataclass
+class SamplingConfig(SamplingOptions):
+    greedy: bool = False                            # argmax instead of sampling (evaluation, tests)
+    seed: int | None = None                         # private torch.Generator seed; None = global RNG
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig: max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"SamplingConfig: temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig: top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingConfig: top_k must be ≥ 0 (0 = off), got {self.top_k}")
-        if not 0.0 <= self.min_p < 1.0:
-            raise ValueError(f"SamplingConfig: min_p must be in [0, 1), got {self.min_p}")
-        if self.max_batch_sequences < 1:
-            raise ValueError(f"SamplingConfig: max_batch_sequences must be ≥ 1, got {self.max_batch_sequences}")
+        try:
+            check_options(self, "SamplingConfig")
+        except ValueError as e:
+            raise ValueError(str(e).replace("config: ", "", 1)) from None
 
     @property
     def filters_on(self) -> bool:

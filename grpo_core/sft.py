@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from .config import SFTConfig
 from .kernels import linear_token_logprobs
-from .trainer import make_optimizer, make_scheduler
+from .optim import make_optimizer, make_scheduler
+
+SFT_TARGETS = ("answer", "reasoning")
 
 
 def answer_target(record, prompt_style: str = "nothink", letter: str | None = None, target: str = "answer") -> str:
@@ -34,16 +35,16 @@ def answer_target(record, prompt_style: str = "nothink", letter: str | None = No
 
 
 def tokenize_targets(policy, texts: list[str]):
-    """Target texts → ids (N, C) right-padded with pad, mask (N, C); EOS appended to each."""
+    """Target texts → ids (N, C) right-padded with pad, mask (N, C) bool; EOS appended to each."""
     tok = policy.tokenizer
     eos = policy.eos_token_ids[0]
     seqs = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
     C = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), C), policy.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), C)
+    mask = torch.zeros(len(seqs), C, dtype=torch.bool)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+        mask[i, : len(s)] = True
     return ids.to(policy.device), mask.to(policy.device)
 
 
@@ -58,13 +59,14 @@ def sft_loss(policy, enc, ids, mask, backend="auto"):
 class SFTTrainer:
     """Cross-entropy on the answer (or reasoning + answer) of each record."""
 
-    def __init__(self, policy, records, cfg: SFTConfig, prompt_fn, prompt_style="nothink", seed=0, backend="auto"):
+    def __init__(self, policy, records, cfg, prompt_fn, prompt_style="nothink", seed=0, backend="auto"):
         if not records:
             raise ValueError("SFTTrainer: no training records")
         self.policy, self.records, self.cfg = policy, list(records), cfg
         self.prompt_fn, self.prompt_style, self.seed, self.backend = prompt_fn, prompt_style, seed, backend
-        self.optimizer = make_optimizer(policy.model, cfg.lr, cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps)
+        o = cfg.optim
+        self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
+        self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.steps, o.schedule)
         self.step_idx, self.history = 0, []
 
     def step(self, label_fn=None) -> dict:
@@ -79,9 +81,9 @@ class SFTTrainer:
         loss = sft_loss(self.policy, enc, ids, mask, self.backend)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.max_grad_norm > 0:
+        if self.cfg.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.policy.model.parameters() if p.grad is not None],
-                                           self.cfg.max_grad_norm)
+                                           self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step_idx += 1

@@ -1,5 +1,5 @@
-"""Pieces shared by the HF-backed policies (Qwen2-VL and text-only): decode state, attention
-backend choice, LoRA wrapping and merged saving, completion decoding."""
+"""Pieces shared by the HF-backed policies (Qwen2-VL and text-only): the chat template fallback,
+decode state, attention backend choice, LoRA wrapping and merged saving, completion decoding."""
 
 from __future__ import annotations
 
@@ -14,6 +14,21 @@ import torch
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# Qwen-style chat template (one image placeholder per image item, default system turn): used by the
+# policies when a checkpoint's tokenizer ships no chat template, and given to the tiny offline tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 @dataclass
 class DecodeState:

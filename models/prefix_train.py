@@ -40,7 +40,7 @@ path saves for the N·P prompt tokens (hidden states, MLP activations) drops to 
 Measured (CPU, 1 thread, the demo shape: tiny Qwen2-VL hidden 64 × 2 layers, 8 prompts of 113
 tokens, G=16, 5 completion tokens; completion_hidden forward + backward, vision tower included;
 median process CPU time):
-    OMP_NUM_THREADS=1 .venv/bin/python -m models.prefix_train
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_prefix_train
     plain 713 ms, shared/rows 87 ms (8.2x), shared/grouped 77 ms (9.3x)
 
 Scope and fallbacks (``supported``): Qwen2-VL / Qwen2.5-VL text decoder layers with full
@@ -49,7 +49,7 @@ attention dropout while training, layers not wrapped by FSDP2 (its per-layer uns
 only through ``layer.__call__``; this path calls the layer's modules). LoRA adapters apply (the
 modules are called as they are). Gradient checkpointing is supported: each layer's shared step
 (prompt rows + completion rows) is checkpointed as one unit. ``GRPO_PREFIX_TRAIN=0`` in the
-environment, or ``models.prefix_train.ENABLED = False``, forces the plain path.
+environment, or ``grpo_models.prefix_train.ENABLED = False``, forces the plain path.
 
 Deviations from the plain forward: none in the math. Left-padded prompt positions attend to
 themselves only (the plain path lets them see the whole row); no real token ever reads them.
@@ -137,7 +137,7 @@ def use_grouped(prompt_len: int, c: int, group_size: int) -> bool:
     """Grouped layout when its extra own-key work (G·c keys per query instead of c) stays below the
     prompt's share (G·c ≤ P): then it reads each prompt's K/V once per group with no copy."""
     if LAYOUT not in ("auto", "rows", "grouped"):
-        raise ValueError(f"models.prefix_train.LAYOUT must be 'auto', 'rows' or 'grouped', got {LAYOUT!r}")
+        raise ValueError(f"grpo_models.prefix_train.LAYOUT must be 'auto', 'rows' or 'grouped', got {LAYOUT!r}")
     return LAYOUT == "grouped" or (LAYOUT == "auto" and group_size * c <= prompt_len)
 
 
@@ -241,42 +241,3 @@ def shared_prefix_hidden(lm, prompt_embeds: torch.Tensor, prompt_mask: torch.Ten
             h_p, h_c = layer_step(layer, h_p, h_c, sh, last)
     first = h_p[:, -1:].repeat_interleave(g, 0)                                        # (N, 1, H)
     return lm.norm(torch.cat([first, h_c], 1))                                         # (N, C'+1, H)
-
-
-def _bench(steps: int = 7) -> None:
-    """Plain vs shared-prefix ``completion_hidden`` forward + backward on the CPU demo shape.
-
-    Reports the median process CPU time per call (1 thread: robust to other load on the machine).
-    """
-    import statistics
-    import tempfile
-    import time
-
-    # the flags live in ``models.prefix_train`` (what qwen2_vl reads), not in ``__main__``'s globals
-    from grpo_core.data import make_synthetic_vqa, record_to_prompt
-    from models import prefix_train as mod
-    from models.qwen2_vl import Qwen2VLPolicy
-    from models.tiny import build_tiny_qwen2_vl
-
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        pol = Qwen2VLPolicy.from_pretrained(build_tiny_qwen2_vl(tmp, seed=0), dtype=torch.float32, device="cpu")
-    enc = pol.encode([record_to_prompt(r, template="nothink")[0] for r in make_synthetic_vqa(8, seed=0)])
-    g, c = 16, 5
-    ids = torch.randint(10, 500, (8 * g, c), generator=torch.Generator().manual_seed(0))
-    times = {}
-    for name, on, layout in (("plain", False, "auto"), ("rows", True, "rows"), ("grouped", True, "grouped")):
-        mod.ENABLED, mod.LAYOUT, runs = on, layout, []
-        for _ in range(steps + 1):                                                    # first run: warm-up
-            t = time.process_time()
-            pol.model.zero_grad(set_to_none=True)
-            pol.completion_hidden(enc, ids, torch.ones_like(ids), g).pow(2).mean().backward()
-            runs.append(time.process_time() - t)
-        times[name] = statistics.median(runs[1:])
-    mod.ENABLED, mod.LAYOUT = True, "auto"
-    print(f"B=8 G={g} P={enc.input_ids.shape[1]} C={c}, CPU ms per forward+backward: plain {times['plain'] * 1e3:.0f}, "
-          + ", ".join(f"shared/{k} {times[k] * 1e3:.0f} ({times['plain'] / times[k]:.1f}x)" for k in ("rows", "grouped")))
-
-
-if __name__ == "__main__":
-    _bench()

@@ -7,7 +7,7 @@ embeddings with explicit 3-D mRoPE positions (``_lm``):
 - rollout: ``prefill`` (B prompts, vision tower once) → ``expand(G)`` (KV cache repeated) →
   ``decode_step`` (one token for N rows: embedding lookup, decoder layers, lm_head on one position);
 - training: ``completion_hidden`` (vision tower and language model run each prompt once; the G
-  completions attend to its shared K/V: ``models.prefix_train``; plain fallback: prompt embeddings
+  completions attend to its shared K/V: ``grpo_models.prefix_train``; plain fallback: prompt embeddings
   repeated G times, completion embeddings appended, one forward, completion positions kept).
 
 Positions. Qwen2-VL's mRoPE gives image tokens (t, h, w) positions; text after an image continues at
@@ -26,11 +26,9 @@ from contextlib import AbstractContextManager
 from typing import Sequence
 
 import torch
-
-from grpo_core.policy import Prompt
-from models import policy_utils as pu
-from models import prefix_decode, prefix_train
-from models.qwen2_vl_encode import (
+from grpo_models import policy_utils as pu
+from grpo_models import prefix_decode, prefix_train
+from grpo_models.qwen2_vl_encode import (
     VISION_TOKENS,
     Qwen2VLEncoded,
     expand_image_pads,
@@ -39,6 +37,8 @@ from models.qwen2_vl_encode import (
     process_images,
     render_prompt,
 )
+
+from grpo_core.policy import Prompt
 
 
 class Qwen2VLPolicy:
@@ -231,7 +231,7 @@ class Qwen2VLPolicy:
 
     def expand(self, state: pu.DecodeState, group_size: int):
         """B → B·G rows. Where supported, the prompt KV stays one copy per prompt, shared by its G
-        rows (``models.prefix_decode``: the decode step then reads it once per group)."""
+        rows (``grpo_models.prefix_decode``: the decode step then reads it once per group)."""
         if prefix_decode.supported(self._lm) and state.attention_mask.shape[1] == state.cache.get_seq_length():
             return prefix_decode.from_prefill(state.cache, state.attention_mask, state.next_position, group_size)
         return pu.expand_state(state, group_size)
@@ -261,7 +261,7 @@ class Qwen2VLPolicy:
 
         Where ``prefix_train.supported`` (sdpa/eager Qwen2-VL layers, not FSDP2-wrapped) the language
         model also runs each prompt once and shares its K/V with the G completions
-        (``models.prefix_train``); ``GRPO_PREFIX_TRAIN=0`` forces the plain path below.
+        (``grpo_models.prefix_train``); ``GRPO_PREFIX_TRAIN=0`` forces the plain path below.
         """
         enc = enc.to(self.device)
         b, p = enc.input_ids.shape
@@ -289,6 +289,4 @@ class Qwen2VLPolicy:
 
 def _fallback_chat_template() -> str:
     """Qwen chat format for checkpoints whose tokenizer ships no chat template."""
-    from models.tiny import CHAT_TEMPLATE
-
-    return CHAT_TEMPLATE
+    return pu.CHAT_TEMPLATE

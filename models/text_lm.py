@@ -12,10 +12,10 @@ from contextlib import AbstractContextManager
 from typing import Sequence
 
 import torch
+from grpo_models import policy_utils as pu
+from grpo_models.qwen2_vl_encode import Qwen2VLEncoded, left_pad
 
 from grpo_core.policy import Prompt
-from models import policy_utils as pu
-from models.qwen2_vl_encode import Qwen2VLEncoded, left_pad
 
 TextEncoded = Qwen2VLEncoded  # pixel_values / image_grid_thw stay None
 
@@ -89,16 +89,15 @@ class TextLMPolicy:
         messages = ([{"role": "system", "content": p.system}] if p.system else []) + [
             {"role": "user", "content": p.text}]
         if self.tokenizer.chat_template is None:
-            from models.tiny import CHAT_TEMPLATE
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                      chat_template=CHAT_TEMPLATE)
+                                                      chat_template=pu.CHAT_TEMPLATE)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode(self, prompts: Sequence[Prompt]) -> TextEncoded:
         for i, p in enumerate(prompts):
             if p.images:
                 raise ValueError(f"prompt {i} has {len(p.images)} images but TextLMPolicy is text-only; "
-                                 "use models.qwen2_vl.Qwen2VLPolicy for image prompts")
+                                 "use grpo_models.qwen2_vl.Qwen2VLPolicy for image prompts")
         rows = [self.tokenizer(self._render(p), add_special_tokens=False)["input_ids"] for p in prompts]
         keep = list(range(len(rows)))
         if self.max_prompt_len is not None:

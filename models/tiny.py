@@ -25,28 +25,13 @@ import itertools
 import os
 
 import torch
+from grpo_models.policy_utils import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = [  # Qwen2-VL's own special tokens, in Qwen's order
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
 ]
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # plain text in Qwen; single tokens here
-
-# Qwen-style chat template (one image placeholder per image item, default system turn).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def _corpus() -> list[str]:
     """Medical-VQA-like sentences, answers and reasoning, generated from small word lists."""

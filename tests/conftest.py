@@ -16,7 +16,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                    # numerics, helpers
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # examples.*, bench.*
 from numerics import full_precision_hf  # noqa: E402
 
 full_precision_hf()   # fp64 models compute in fp64 throughout (unchanged for fp32/bf16): numerics.py
@@ -24,41 +25,41 @@ full_precision_hf()   # fp64 models compute in fp64 throughout (unchanged for fp
 
 @pytest.fixture(scope="session")
 def tiny_vlm_path(tmp_path_factory):
-    from models.tiny import build_tiny_qwen2_vl
+    from grpo_models.tiny import build_tiny_qwen2_vl
 
     return build_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny_vlm")), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_text_lm_path(tmp_path_factory):
-    from models.tiny import build_tiny_qwen2
+    from grpo_models.tiny import build_tiny_qwen2
 
     return build_tiny_qwen2(str(tmp_path_factory.mktemp("tiny_text_lm")), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm_policy(tiny_vlm_path):
-    from models.qwen2_vl import Qwen2VLPolicy
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
 
     return Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_text_policy(tiny_text_lm_path):
-    from models.text_lm import TextLMPolicy
+    from grpo_models.text_lm import TextLMPolicy
 
     return TextLMPolicy.from_pretrained(tiny_text_lm_path, dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm_policy64(tiny_vlm_path):
-    from models.qwen2_vl import Qwen2VLPolicy
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
 
     return Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_text_policy64(tiny_text_lm_path):
-    from models.text_lm import TextLMPolicy
+    from grpo_models.text_lm import TextLMPolicy
 
     return TextLMPolicy.from_pretrained(tiny_text_lm_path, dtype=torch.float64, device="cpu")

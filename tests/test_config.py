@@ -26,16 +26,32 @@ def test_yaml_and_overrides(tmp_path):
         ("grpoo:\n  beta: 0.1\n", "unknown key 'grpoo'"),
         ("grpo:\n  agg: mean\n", "grpo.agg='mean' is not one of"),
         ("rollout:\n  group_size: two\n", "rollout.group_size must be an integer"),
-        ("rollout:\n  group_size: 0\n", "rollout.group_size must be > 0"),
+        ("rollout:\n  group_size: 1\n", "rollout.group_size must be ≥ 2"),   # no group baseline: trains nothing
         ("grpo:\n  dual_clip: 0.5\n", "dual_clip must be > 1"),
         ("run:\n  progress: 3\n", "run.progress must be true/false"),
         ("grpo:\n  kl_placement: reward\n  beta: 0\n", "needs grpo.beta > 0"),
         ("grpo: 3\n", "grpo must be a mapping"),
+        ("grpo:\n  agg: token_meen\n", "did you mean 'token_mean'"),
+        ("run:\n  time_budget_s: -1\n", "run.time_budget_s must be ≥ 0"),
+        ("data:\n  eval_size: -5\n", "data.eval_size must be ≥ 1"),
+        ("optim:\n  lr: .inf\n", "optim.lr must be a finite number"),
+        ("optim:\n  betas: [0.9]\n", "optim.betas must hold 2 values"),
+        ("optim:\n  betas: [0.9, 1.5]\n", r"optim.betas\[1\] must be ≥ 0 and < 1"),
+        ("grpo:\n  micro_batch_prompts: -1\n", "grpo.micro_batch_prompts must be ≥ 0"),
+        ("rollout:\n  min_p: 1.0\n", "rollout.min_p must be ≥ 0 and < 1"),
+        ("grpo:\n  agg: constant\n  max_len: 8\nrollout:\n  max_new_tokens: 16\n", "shorter than rollout.max_new_tokens"),
+        ("sft:\n  optim:\n    lr: 0\n", "sft.optim.lr must be > 0"),
     ],
 )
 def test_bad_config_errors_name_the_key(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):
         load_config(_write(tmp_path, text))
+
+
+def test_cuda_backend_serves_the_training_path(tmp_path):
+    """grpo.backend: cuda has a real fused-linear path (grpo_core/kernels/cuda_linear.py), so it
+    loads; what the kernels check at load time is grpo_core.kernels.dispatch.check_backend."""
+    assert load_config(_write(tmp_path, "grpo:\n  backend: cuda\n")).grpo.backend == "cuda"
 
 
 def test_bad_override_and_missing_file(tmp_path):

@@ -5,14 +5,13 @@ import os
 
 import torch
 
-from grpo_core.config import SFTConfig, TrainConfig
-from grpo_core.data import make_synthetic_vqa
+from grpo_core.config import OptimConfig, SFTConfig, TrainConfig
+from grpo_core.data import make_prompt_fn, make_synthetic_vqa
 from grpo_core.sft import SFTTrainer, answer_target, random_letter, sft_loss, tokenize_targets
-from grpo_core.trainer import _default_prompt_fn
 
 
 def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):
-    from grpo_core.demo import run_demo
+    from grpo_app.demo import run_demo
 
     assert run_demo(seed=0, out=str(tmp_path), quick=True) == 0
     out = capsys.readouterr().out
@@ -24,21 +23,21 @@ def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):
 
 
 def test_sft_lowers_the_loss_on_gold_answers(tiny_vlm_path):
-    from models.qwen2_vl import Qwen2VLPolicy
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
 
     torch.manual_seed(0)
     policy = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float32, device="cpu")
     cfg = TrainConfig()
     cfg.data.prompt = "nothink"
     records = make_synthetic_vqa(8, seed=1)
-    prompt_fn = _default_prompt_fn(cfg)
+    prompt_fn = make_prompt_fn(cfg.data.prompt)
     prompts, recs = prompt_fn(records)
     enc = policy.encode(prompts)
     ids, mask = tokenize_targets(policy, [answer_target(r, "nothink") for r in recs])
     assert policy.decode(ids[:1], mask[:1].long())[0].startswith("<answer>")
     with torch.no_grad():
         before = sft_loss(policy, enc, ids, mask).item()
-    SFTTrainer(policy, records, SFTConfig(steps=6, batch_size=8, lr=3e-3), prompt_fn, "nothink").train(progress=False)
+    SFTTrainer(policy, records, SFTConfig(steps=6, batch_size=8, optim=OptimConfig(lr=3e-3)), prompt_fn, "nothink").train(progress=False)
     with torch.no_grad():
         after = sft_loss(policy, enc, ids, mask).item()
     assert after < before - 0.5, (before, after)

@@ -248,7 +248,7 @@ def test_registry_names_and_options():
 
 
 # ---------------------------------------------------------------------------------------------
-# LLM judge (tiny random Qwen2 from models.tiny)
+# LLM judge (tiny random Qwen2 from grpo_models.tiny)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

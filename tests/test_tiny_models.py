@@ -2,9 +2,8 @@
 
 import pytest
 import torch
+from grpo_models.tiny import SPECIAL_TOKENS, TAG_TOKENS, build_tiny_qwen2_vl, qwen2_vl_2b_config
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
-
-from models.tiny import SPECIAL_TOKENS, TAG_TOKENS, build_tiny_qwen2_vl, qwen2_vl_2b_config
 
 
 @pytest.fixture(scope="module")

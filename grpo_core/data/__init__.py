@@ -6,9 +6,11 @@ synthetic task whose answers can only be read off the image.
 
 from .loaders import FORMATS, detect_format, load_dataset
 from .record import BadRowError, LoadReport, RecordList, VQARecord, load_image, swap_images, yes_no
+from .sources import build_records
 from .synthetic import make_synthetic_vqa, oracle_answer
 from .templates import (
     TEMPLATES,
+    make_prompt_fn,
     record_to_prompt,
     records_to_prompts,
     render_options,
@@ -17,7 +19,7 @@ from .templates import (
 )
 
 __all__ = [
-    "FORMATS", "TEMPLATES", "BadRowError", "LoadReport", "RecordList", "VQARecord", "detect_format",
-    "load_dataset", "load_image", "make_synthetic_vqa", "oracle_answer", "record_to_prompt",
+    "FORMATS", "TEMPLATES", "BadRowError", "LoadReport", "RecordList", "VQARecord", "build_records", "detect_format",
+    "load_dataset", "load_image", "make_prompt_fn", "make_synthetic_vqa", "oracle_answer", "record_to_prompt",
     "records_to_prompts", "render_options", "render_text", "shuffle_record_options", "swap_images", "yes_no",
 ]

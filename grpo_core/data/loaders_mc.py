@@ -61,7 +61,7 @@ def _one_letter(value) -> str | None:
     return m.group(1).upper() if m else None
 
 
-def _pick_files(path: str, pattern: str, split: str | None, what: str) -> list[str]:
+def pick_files(path: str, pattern: str, split: str | None, what: str) -> list[str]:
     """A file path as is, or the files under a directory matching ``pattern`` (and ``split``)."""
     if os.path.isfile(path):
         return [path]
@@ -69,13 +69,13 @@ def _pick_files(path: str, pattern: str, split: str | None, what: str) -> list[s
         raise FileNotFoundError(f"{what}: {path} does not exist")
     files = sorted(glob.glob(os.path.join(path, "**", pattern), recursive=True))
     if split is not None:
-        files = [f for f in files if _split_of(f) == split]
+        files = [f for f in files if split_of(f) == split]
     if not files:
         raise FileNotFoundError(f"{what}: no {pattern} files under {path}" + (f" for split={split!r}" if split else ""))
     return files
 
 
-def _split_of(file: str) -> str | None:
+def split_of(file: str) -> str | None:
     stem = os.path.splitext(os.path.basename(file))[0].lower()
     for s in ("train", "validation", "validate", "val", "test", "dev"):
         if stem == s or stem.endswith("_" + s) or stem.startswith(s + "-") or stem.startswith(s + "_"):
@@ -228,7 +228,7 @@ def _image_root_for(json_file: str, first_part: str) -> str:
 
 
 def iter_med_r1(path, split=None, image_root=None, **_):
-    for f in _pick_files(path, "*.json", split, "med_r1"):
+    for f in pick_files(path, "*.json", split, "med_r1"):
         rows = read_json_list(f)
         name = re.sub(r"_(train|test)$", "", os.path.splitext(os.path.basename(f))[0])
         by_type = "question_type" in os.path.abspath(f).split(os.sep)
@@ -256,7 +256,7 @@ def _med_r1_row(raw, roots, name, by_type, file, i):
 # ---------------------------------------------------------------------------------------------
 
 def iter_medvlm_r1(path, split=None, image_root=None, **_):
-    for f in _pick_files(path, "*.json", None, "medvlm_r1"):
+    for f in pick_files(path, "*.json", None, "medvlm_r1"):
         roots = [image_root or os.path.dirname(os.path.abspath(f))]
         for i, raw in enumerate(read_json_list(f)):
             yield f, i, partial(_medvlm_row, raw, roots, f, i)
@@ -291,7 +291,7 @@ def _medvlm_row(raw, roots, file, i):
 # ---------------------------------------------------------------------------------------------
 
 def iter_medxpertqa(path, split=None, image_root=None, **_):
-    files = _pick_files(path, "*.jsonl", split, "medxpertqa")
+    files = pick_files(path, "*.jsonl", split, "medxpertqa")
     for f in files:
         d = os.path.dirname(os.path.abspath(f))
         roots = [image_root] if image_root else [os.path.join(d, "images"), os.path.join(os.path.dirname(d), "images"), d]

@@ -15,7 +15,7 @@ import glob
 import os
 from functools import partial
 
-from .loaders_mc import _pick_files, _split_of, read_json_list
+from .loaders_mc import pick_files, read_json_list, split_of
 from .record import (
     Filtered,
     RowProblem,
@@ -48,7 +48,7 @@ def iter_vqa_rad(path, split=None, image_root=None, **_):
     f = path
     if os.path.isdir(path):
         named = os.path.join(path, "VQA_RAD Dataset Public.json")
-        f = named if os.path.isfile(named) else _pick_files(path, "*.json", None, "vqa_rad")[0]
+        f = named if os.path.isfile(named) else pick_files(path, "*.json", None, "vqa_rad")[0]
     d = os.path.dirname(os.path.abspath(f))
     roots = [image_root] if image_root else [os.path.join(d, "VQA_RAD Image Folder"), d]
     for i, raw in enumerate(read_json_list(f)):
@@ -78,7 +78,7 @@ def _rad_row(raw, roots, split, i):
 def iter_hf_parquet(path, split=None, image_root=None, dataset=None, **_):
     import pandas as pd
 
-    files = _pick_files(path, "*.parquet", split, "parquet")
+    files = pick_files(path, "*.parquet", split, "parquet")
     for f in files:
         df = pd.read_parquet(f)
         missing = {"image", "question", "answer"} - set(df.columns)
@@ -86,7 +86,7 @@ def iter_hf_parquet(path, split=None, image_root=None, dataset=None, **_):
             raise ValueError(f"{f}: parquet lacks columns {sorted(missing)} (has {list(df.columns)})")
         name = dataset or _guess_name(f)
         roots = [image_root or os.path.dirname(os.path.abspath(f))]
-        sp = _split_of(f) or "data"
+        sp = split_of(f) or "data"
         for i, row in enumerate(df.to_dict("records")):
             yield f, i, partial(_parquet_row, row, roots, name, sp, i)
 

@@ -99,3 +99,17 @@ def records_to_prompts(records, template: str = "think", shuffle_options: bool =
     """Batch form of record_to_prompt -> (list[Prompt], list[VQARecord])."""
     pairs = [record_to_prompt(r, template, shuffle_options, seed) for r in records]
     return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def make_prompt_fn(template: str = "think", shuffle_options: bool = False, seed=None):
+    """records -> (prompts, records as shown): the trainers' prompt function for one template.
+
+    With ``shuffle_options`` the option order is fixed per (seed, record id), so a record gets the
+    same order in every step, in eval and after a resume.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+
+    def prompt_fn(records):
+        return records_to_prompts(records, template, shuffle_options, seed)
+    return prompt_fn

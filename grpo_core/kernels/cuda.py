@@ -31,7 +31,7 @@ import threading
 
 import torch
 
-from grpo_core.advantages import SCALES, _check_rewards
+from grpo_core.advantages import SCALES, check_rewards
 from grpo_core.kernels import dispatch
 
 ABI_VERSION = 1  # = GRPO_CORE_CUDA_ABI_VERSION in csrc/grpo_core_cuda.h
@@ -251,7 +251,7 @@ def group_advantages_cuda(rewards: torch.Tensor, group_size: int, scale: str = "
     """rewards (N,) on a GPU, N = B·G consecutive groups → advantages (N,) fp32.
     Same contract and errors as grpo_core.advantages.group_advantages."""
     where = "group_advantages_cuda"
-    _check_rewards(rewards, group_size)
+    check_rewards(rewards, group_size)
     if scale not in SCALES:
         raise ValueError(f"{where}: scale must be one of {SCALES}, got {scale!r}")
     device = _require(where, rewards)

@@ -1,9 +1,9 @@
 """`grpo train|sft|eval|demo`: the command line over configs, data, policy, trainers and eval.
 
     grpo train --config examples/configs/pmc_vqa_grpo_instruct.yaml run.steps=500
-    torchrun --nproc_per_node 8 -m grpo_core.cli train --config examples/configs/pmc_vqa_grpo_ddp.yaml
+    torchrun --nproc_per_node 8 -m grpo_app train --config examples/configs/pmc_vqa_grpo_ddp.yaml
     grpo sft   --config examples/configs/synthetic_sft.yaml
-    grpo eval  --config examples/configs/synthetic_grpo.yaml model.path=runs/grpo/ckpt-000100/policy
+    grpo eval  --config examples/configs/synthetic_grpo_instruct.yaml model.path=runs/grpo/ckpt-000100/policy
     grpo demo  [--seed 0] [--quick]
 """
 
@@ -16,40 +16,15 @@ import sys
 
 import torch
 
-from .config import TrainConfig, load_config
-
-
-def build_records(cfg: TrainConfig):
-    """(train records, held-out records) for ``cfg.data``."""
-    from . import data as D
-
-    d, seed = cfg.data, cfg.run.seed
-    if d.source == "synthetic":
-        kw = dict(image_size=d.image_size, task=d.synthetic_task, lesion_sigma=d.lesion_sigma,
-                  lesion_amplitude=d.lesion_amplitude)
-        train = D.make_synthetic_vqa(d.train_size, seed=seed, **kw)
-        held = D.make_synthetic_vqa(d.eval_size, seed=seed + 1_000_000, **kw)
-        return train, held
-    records = list(D.load_dataset(d.source, format=d.format, split=d.split, skip_bad=d.skip_bad))
-    if d.limit:
-        records = records[: d.limit]
-    if d.eval_source:
-        held = list(D.load_dataset(d.eval_source, format=d.format, skip_bad=d.skip_bad))
-        return records, held
-    if len(records) <= d.eval_size:
-        raise ValueError(f"data: {len(records)} records cannot spare data.eval_size={d.eval_size} for held-out eval; "
-                         "set data.eval_source or a smaller data.eval_size")
-    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = [records[i] for i in perm[: d.eval_size]]
-    train = [records[i] for i in perm[d.eval_size:]]
-    return train, held
+from grpo_core.config import TrainConfig, load_config
+from grpo_core.data import build_records, make_prompt_fn
 
 
 def make_eval_fn(cfg: TrainConfig, records, progress=False):
-    from .eval import evaluate
+    from grpo_core.eval import evaluate
 
     def fn(policy):
-        res = evaluate(policy, records[: cfg.run.eval_size or len(records)], template=cfg.data.prompt,
+        res = evaluate(policy, records[: cfg.run.eval_limit or len(records)], template=cfg.data.prompt,
                        max_new_tokens=cfg.rollout.max_new_tokens, progress=progress)
         return {"accuracy": res.accuracy, "format_rate": res.format_rate}
     return fn
@@ -57,27 +32,28 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False):
 
 def cmd_train(cfg: TrainConfig) -> int:
     """Single process, or one rank of a torchrun job (dist.mode=ddp|fsdp2): see grpo_core.distributed."""
-    from . import distributed as D
+    from grpo_core import distributed as D
+    from grpo_core.trainer import GRPOTrainer
+
     from .factory import load_policy
     from .plotting import plot_history
-    from .trainer import GRPOTrainer
 
-    with D.session(cfg.dist):
+    with D.session(cfg.dist) as dist:
         torch.manual_seed(cfg.run.seed)
-        if cfg.model.tiny and not D.is_main():
-            D.barrier()                       # rank 0 builds the tiny model first (same path for all)
+        train, held = build_records(cfg.data, cfg.run.seed)       # data errors before any model loads
+        if cfg.model.tiny and not dist.is_main:
+            dist.barrier()                    # rank 0 builds the tiny model first (same path for all)
         policy = load_policy(cfg.model, seed=cfg.run.seed)
-        if cfg.model.tiny and D.is_main():
-            D.barrier()
-        train, held = build_records(cfg)
+        if cfg.model.tiny and dist.is_main:
+            dist.barrier()
         eval_fn = make_eval_fn(cfg, held)
-        trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn)
+        trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn, dist=dist)
         history = trainer.train()
         trainer.save()                        # every rank: fsdp2 gathers, rank 0 writes
         # eval is replicated on every rank (under fsdp2 it needs all of them to gather the weights)
-        final = trainer.par.infer(make_eval_fn(cfg, held, progress=cfg.run.progress and D.is_main()), policy,
-                                  gather_all=True)
-        if D.is_main():
+        with trainer.replica.gathered():
+            final = make_eval_fn(cfg, held, progress=cfg.run.progress and dist.is_main)(policy)
+        if dist.is_main:
             print(json.dumps({"final_eval": final}, indent=2))
             if history:
                 plot_history(history, os.path.join(cfg.run.output_dir, "curves.png"))
@@ -85,14 +61,15 @@ def cmd_train(cfg: TrainConfig) -> int:
 
 
 def cmd_sft(cfg: TrainConfig) -> int:
+    from grpo_core.sft import SFTTrainer
+
     from .factory import load_policy
-    from .sft import SFTTrainer
-    from .trainer import _default_prompt_fn
 
     torch.manual_seed(cfg.run.seed)
+    train, held = build_records(cfg.data, cfg.run.seed)           # data errors before any model loads
     policy = load_policy(cfg.model, seed=cfg.run.seed)
-    train, held = build_records(cfg)
-    SFTTrainer(policy, train, cfg.sft, _default_prompt_fn(cfg), cfg.data.prompt, cfg.run.seed).train(progress=cfg.run.progress)
+    prompt_fn = make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed)
+    SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, cfg.run.seed).train(progress=cfg.run.progress)
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     policy.save_pretrained(os.path.join(cfg.run.output_dir, "policy"))
     print(json.dumps({"final_eval": make_eval_fn(cfg, held, progress=cfg.run.progress)(policy)}, indent=2))
@@ -100,12 +77,13 @@ def cmd_sft(cfg: TrainConfig) -> int:
 
 
 def cmd_eval(cfg: TrainConfig, out: str | None) -> int:
-    from .eval import evaluate
+    from grpo_core.eval import evaluate
+
     from .factory import load_policy
 
+    _, held = build_records(cfg.data, cfg.run.seed)               # data errors before any model loads
     policy = load_policy(cfg.model, seed=cfg.run.seed)
-    _, held = build_records(cfg)
-    res = evaluate(policy, held[: cfg.run.eval_size or len(held)], template=cfg.data.prompt,
+    res = evaluate(policy, held[: cfg.run.eval_limit or len(held)], template=cfg.data.prompt,
                    max_new_tokens=cfg.rollout.max_new_tokens, progress=cfg.run.progress)
     print(res.table())
     if out:

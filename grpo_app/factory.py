@@ -1,8 +1,9 @@
-"""Build a policy from a ModelConfig without grpo_core importing ``models`` statically.
+"""Policy loading by name (the app layer: the only place that knows both engine and policies).
 
 ``model.kind`` names a policy class: a short name from POLICY_CLASSES or any "module:Class"
 whose ``from_pretrained(path, **options)`` returns an object satisfying grpo_core.policy.Policy.
-That keeps the dependency arrow one way (models → grpo_core) and makes policies pluggable.
+The engine never names a policy; this table does, so a user's own policy class plugs in by its
+import string without any change to the engine.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import os
 
 import torch
 
-from .config import ModelConfig
+from grpo_core.config import ModelConfig
 
-POLICY_CLASSES = {"qwen2_vl": "models.qwen2_vl:Qwen2VLPolicy", "text": "models.text_lm:TextLMPolicy"}
-TINY_BUILDERS = {"qwen2_vl": "models.tiny:build_tiny_qwen2_vl", "text": "models.tiny:build_tiny_qwen2"}
+POLICY_CLASSES = {"qwen2_vl": "grpo_models.qwen2_vl:Qwen2VLPolicy", "text": "grpo_models.text_lm:TextLMPolicy"}
+TINY_BUILDERS = {"qwen2_vl": "grpo_models.tiny:build_tiny_qwen2_vl", "text": "grpo_models.tiny:build_tiny_qwen2"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -13,7 +13,7 @@ Steps, each printed:
      image is what it reads) and the SFT-only baseline (gold letters, same init, same wall time);
   5. a before/after table, a JSON of the numbers and a PNG of the curves.
 
-Choices and why (measured on this 2-core CPU, one thread, seed 0; DESIGN.md lists more):
+Choices and why (measured on this 2-core CPU, one thread, seed 0; docs/DESIGN.md lists more):
   - letter-only answers ("direct" prompt) instead of "<answer>X</answer>": with the tag format
     the same model sat at 64–71% after 900 GRPO steps; letter-only reached 95% at ~800 steps.
     The prompt is also shorter, so the 4 image tokens take a larger share of attention.
@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from .config import TrainConfig
+from grpo_core.config import TrainConfig
 
 GRPO_SECONDS = 270.0
 
@@ -49,12 +49,12 @@ def demo_config(seed: int, out: str, quick: bool) -> TrainConfig:
     cfg.optim.lr, cfg.optim.max_grad_norm = 3e-4, 1.0
     cfg.run.seed, cfg.run.output_dir, cfg.run.resume = seed, os.path.join(out, f"grpo-seed{seed}"), False
     cfg.run.steps = 3 if quick else 3000  # the time budget ends GRPO first on 2 CPU cores
-    cfg.sft.batch_size, cfg.sft.lr, cfg.sft.steps = 16, 3e-3, 2 if quick else 40
+    cfg.sft.batch_size, cfg.sft.optim.lr, cfg.sft.steps = 16, 3e-3, 2 if quick else 40
     return cfg.validate()
 
 
 def _accuracy(policy, records, cfg) -> dict:
-    from .eval import evaluate
+    from grpo_core.eval import evaluate
 
     res = evaluate(policy, records, template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                    batch_size=50, progress=False)
@@ -62,12 +62,12 @@ def _accuracy(policy, records, cfg) -> dict:
 
 
 def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None = None, quick: bool = False) -> int:
-    from .cli import build_records
-    from .data import swap_images
+    from grpo_core.data import build_records, make_prompt_fn, swap_images
+    from grpo_core.sft import SFTTrainer, random_letter
+    from grpo_core.trainer import GRPOTrainer
+
     from .factory import load_policy
     from .plotting import plot_history
-    from .sft import SFTTrainer, random_letter
-    from .trainer import GRPOTrainer, _default_prompt_fn
 
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # tiny model: one thread beats two (thread sync costs more than it saves)
@@ -76,8 +76,8 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     t_all = time.perf_counter()
     print(f"[1/5] tiny Qwen2-VL (hidden 64, 2 layers) + synthetic scans, seed {seed}")
     policy = load_policy(cfg.model, seed=seed)
-    train, held = build_records(cfg)
-    prompt_fn = _default_prompt_fn(cfg)
+    train, held = build_records(cfg.data, seed)
+    prompt_fn = make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, seed)
 
     print(f"[2/5] format warm-up: {cfg.sft.steps} SFT steps on random letters (format only)")
     SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, seed).train(label_fn=random_letter, progress=False)

@@ -1,0 +1,7 @@
+"""`python -m grpo_app ...` = the `grpo` command."""
+
+import sys
+
+from grpo_app.cli import main
+
+sys.exit(main())
