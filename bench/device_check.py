@@ -19,6 +19,8 @@ a failed or timed-out stage is recorded and the next one runs):
               H = 1,536, bf16): torch, Triton, CUDA (and Liger when installed), logits and
               fused-linear paths, fwd / bwd / full, peak memory
   bench-step  one GRPO training step at Qwen2-VL-2B's shapes (random bf16 weights), peak memory
+  bench-prefix  the shared-prefix training forward vs the plain one at Qwen2-VL-2B's shapes: which
+              path (and attention backend) the trainer should take on this GPU
   bench-rollout  the Qwen2-VL-2B-shaped rollout vs HF generate
 then ``summary.md`` / ``summary.json``: one row per stage (status, seconds, the key numbers).
 With ``--pack`` everything but the summary and the log goes into ``device_check.tar.gz`` (the
@@ -42,9 +44,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-STAGES = ("env", "ceilings", "cuda-lib", "gpu-tests", "bench-loss", "bench-step", "bench-rollout")
+STAGES = ("env", "ceilings", "cuda-lib", "gpu-tests", "bench-loss", "bench-step", "bench-prefix", "bench-rollout")
 LIMIT_S = {"env": 30, "ceilings": 60, "cuda-lib": 120, "gpu-tests": 200, "bench-loss": 150,
-           "bench-step": 150, "bench-rollout": 120}
+           "bench-step": 150, "bench-prefix": 90, "bench-rollout": 120}
 RESERVE_S = 10            # kept back for the summary and packing
 
 
@@ -186,6 +188,9 @@ def stage_bench(args, out, timeout, name) -> dict:
     elif name == "bench-step":
         cmd = [py, "-m", "bench.bench_step", "--providers", "ours", "--out", os.path.join(root, "step")]
         cmd += ["--quick", "--no-isolate"] if args.dry_run else ["--model", "2b", "--steps", "3", "--warmup", "1"]
+    elif name == "bench-prefix":
+        cmd = [py, "-m", "bench.bench_prefix_train", "--out", root]
+        cmd += ["--steps", "1", "--prompts", "2", "--group", "4"] if args.dry_run else ["--model", "2b"]
     else:
         cmd = [py, "-m", "bench.bench_rollout", "--out", root, "--quick"]
         cmd += ["--config", "tiny", "--set", "prompts=1", "--set", "G=2", "--set", "new=4", "--set", "image=112",
