@@ -121,6 +121,7 @@ class RunConfig:
     progress: bool = True                                  # progress bar
     bf16_autocast: bool = True                             # on GPU only
     time_budget_s: float = option(0.0, ge=0)               # stop early after this wall time (0 = none)
+    max_nonfinite_steps: int = option(3, ge=1)             # stop after this many steps in a row with a NaN/inf loss or gradient
 
 
 @dataclass
