@@ -23,10 +23,20 @@ from .data.synthetic import TASKS as SYNTHETIC_TASKS
 from .data.templates import TEMPLATES
 from .distributed import MODES
 from .kernels.dispatch import BACKENDS, check_backend
-from .loss import AGGS, KL_PLACEMENTS, KLS, POLICY_LOSSES, RATIO_LEVELS
+from .loss import (
+    AGGS,
+    KL_PLACEMENTS,
+    KLS,
+    POLICY_LOSSES,
+    RATIO_LEVELS,
+    check_loss_options,
+    loss_options,
+)
 from .optim import SCHEDULES
 from .options import check_options, option
 from .policy import PROMPT_WRAPPERS
+from .ref_sync import check_ref_sync
+from .rewards import check_reward_entries
 from .sampling import SamplingOptions
 from .sft import SFT_TARGETS
 
@@ -179,6 +189,10 @@ class TrainConfig:
             raise ValueError(f"config: grpo.max_len={g.max_len} is shorter than rollout.max_new_tokens="
                              f"{r.max_new_tokens}; Dr. GRPO's constant must cover the longest completion")
         check_backend(g.backend, paths=("linear",))        # the training path runs the fused-linear loss
+        check_loss_options(**loss_options(g), kl_placement=g.kl_placement, where="config", prefix="grpo.")
+        check_ref_sync(g.ref_sync_steps, g.ref_sync_alpha, beta=g.beta, ref=g.ref, lora_rank=self.model.lora_rank,
+                       kl_placement=g.kl_placement, where="config", prefix="grpo.")
+        check_reward_entries(g.rewards)                    # names, options vs signatures, did-you-mean
         return self
 
 
