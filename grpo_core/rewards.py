@@ -206,11 +206,15 @@ def _check_pairs(completions, records, name):
                          "pass one record per completion (repeat each record G times)")
 
 
+ROLES = ("accuracy", "format")     # what a reward measures, for the step's "accuracy" / "format_rate"
+
+
 @dataclass
 class RewardSpec:
     name: str                       # column name in logs / metrics
     fn: Callable                    # (completions, records) -> list[float]
     weight: float = 1.0             # multiplier in the total
+    role: str | None = None         # "accuracy" | "format" | None: which summary metric it feeds
 
 
 def combine_rewards(specs: Sequence[RewardSpec], completions, records) -> tuple[torch.Tensor, dict]:
@@ -250,6 +254,10 @@ REWARDS = {
     "cosine_length": lambda **kw: partial(cosine_length_reward, **kw),
     "semantic_judge": _judge,
 }
+
+
+DEFAULT_ROLES = {"accuracy": "accuracy", "accuracy_graded": "accuracy", "format": "format",
+                 "format_nothink": "format"}   # a config entry may set its own `role:`
 
 
 def get_reward(name: str, **kw) -> Callable:

@@ -44,7 +44,7 @@ class Rollout:
     prompt_ids: torch.Tensor       # (B, P) int64, left-padded
     prompt_mask: torch.Tensor      # (B, P) int64, 0 on left padding
     completion_ids: torch.Tensor   # (N, C) int64, right-padded with pad_token_id
-    completion_mask: torch.Tensor  # (N, C) int64, 1 on generated tokens up to and including EOS
+    completion_mask: torch.Tensor  # (N, C) bool, True on generated tokens up to and including EOS
     logprobs: torch.Tensor         # (N, C) fp32, sampling log-probs (0 on padding)
     finished: torch.Tensor         # (N,) bool, emitted an EOS token
     truncated: torch.Tensor        # (N,) bool, hit max_new_tokens without EOS
@@ -160,7 +160,7 @@ def generate_groups(
 
     C = max(c.steps for c in chunks)
     ids = torch.cat([_right_pad(c.ids, C, policy.pad_token_id) for c in chunks])       # (N, C)
-    mask = torch.cat([_right_pad(c.mask, C, False) for c in chunks]).long()           # (N, C)
+    mask = torch.cat([_right_pad(c.mask, C, False) for c in chunks])                  # (N, C) bool
     logps = torch.cat([_right_pad(c.logprobs, C, 0.0) for c in chunks])               # (N, C)
     finished = torch.cat([c.finished for c in chunks])                                # (N,)
     prefill_s = sum(c.prefill_s for c in chunks)
