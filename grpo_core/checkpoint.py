@@ -27,13 +27,14 @@ exists under a name recovery knows (never "delete the old, then rename the new")
     2 (re-save)       ckpt-N.old and ckpt-N.tmp, both whole     .tmp promoted to ckpt-N, .old deleted
     after 2           ckpt-N whole (+ .old)                     .old deleted
     3                 ckpt-N whole, a half-deleted .del         .del deleted (never a half ckpt-M)
+    (old code)        ckpt-N half deleted, whole copy in .tmp   .tmp put back (unsealed: --seal it)
 
 Each rename is atomic on POSIX and the directory is fsynced after it, so the sequence survives a
-power cut too. ``find_resumable_checkpoint`` recovers, then walks newest first, reports each
-checkpoint that fails verification by path and file, and falls back to the previous one.
+power cut too. ``grpo_core.resume.find_resumable_checkpoint`` recovers, then walks newest first,
+reports each checkpoint that fails verification by path and file, and falls back to the previous one.
 
 Distributed runs (grpo_core.distributed): rank 0 alone writes this same layout (and alone calls
-``recover_leftovers`` / ``find_resumable_checkpoint``: they rename and delete). Under FSDP2 the
+``recover_leftovers`` / ``resume.find_resumable_checkpoint``: they rename and delete). Under FSDP2 the
 full model state is gathered to rank 0 first (``model_state``) and the optimizer state is stored by
 parameter name (``optimizer_format: "fqn"``); on resume every rank reads the full files and FSDP2
 re-shards them, so a checkpoint resumes on any number of ranks. Checkpoints of single-process /
@@ -370,29 +371,6 @@ def recover_leftovers(output_dir: str) -> list[str]:
     for step in sorted(steps):
         notes += _recover_step(output_dir, step)
     return notes
-
-
-def find_resumable_checkpoint(output_dir: str, recover: bool = True) -> tuple[str | None, list[str]]:
-    """(newest checkpoint that verifies, notes). Damaged ones are named in the notes and skipped;
-    None when there is no checkpoint at all; CheckpointError when there are only damaged ones.
-    ``recover``: run ``recover_leftovers`` first (rank 0 only)."""
-    notes = recover_leftovers(output_dir) if recover else []
-    damaged = []
-    for path in reversed(list_checkpoints(output_dir)):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            damaged.append(str(e))
-            notes.append(f"{e} -- skipped, trying the previous checkpoint")
-            continue
-        if damaged:
-            notes.append(f"falling back to {path}, the newest checkpoint that verifies")
-        return path, notes
-    if damaged:
-        raise CheckpointError(f"no usable checkpoint in {output_dir}; every one is damaged:\n  - "
-                              + "\n  - ".join(damaged) + "\nMove them away to start over, or point "
-                              "run.output_dir at a copy of the run that has a good checkpoint.")
-    return None, notes
 
 
 # ---- load ----------------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ from .checkpoint import (
     CheckpointError,
     _reading,
     checkpoint_step,
-    find_resumable_checkpoint,
+    list_checkpoints,
+    recover_leftovers,
+    verify_checkpoint,
 )
 from .optim import lr_factor
 
@@ -65,7 +67,7 @@ FIXED = {
 
 # What may change, and what happens when it does (printed with each change).
 MAY_CHANGE = {
-    "optim.lr": "the new peak LR applies from the resume step on (set_base_lr)",
+    "optim.lr": "the new peak LR applies from the resume step on",              # set_base_lr
     "optim.max_grad_norm": "applies from the resume step on",
     "run.steps": "the run stops at the new count; a decaying LR schedule is re-stretched",
     "run.time_budget_s": "counted from this start",
@@ -91,6 +93,30 @@ class ResumePlan:
     path: str | None                  # checkpoint to load (None: a new run)
     step: int = 0                     # the step it holds
     notes: list = field(default_factory=list)   # what happened and what changed: print each line
+
+
+# ---- which checkpoint ----------------------------------------------------------------------------
+def find_resumable_checkpoint(output_dir: str, recover: bool = True) -> tuple[str | None, list[str]]:
+    """(newest checkpoint that verifies, notes). Damaged ones are named in the notes and skipped;
+    None when there is no checkpoint at all; CheckpointError when there are only damaged ones.
+    ``recover``: run ``recover_leftovers`` first (rank 0 only)."""
+    notes = recover_leftovers(output_dir) if recover else []
+    damaged = []
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            damaged.append(str(e))
+            notes.append(f"{e} -- skipped, trying the previous checkpoint")
+            continue
+        if damaged:
+            notes.append(f"falling back to {path}, the newest checkpoint that verifies")
+        return path, notes
+    if damaged:
+        raise CheckpointError(f"no usable checkpoint in {output_dir}; every one is damaged:\n  - "
+                              + "\n  - ".join(damaged) + "\nMove them away to start over, or point "
+                              "run.output_dir at a copy of the run that has a good checkpoint.")
+    return None, notes
 
 
 # ---- comparing configs -------------------------------------------------------------------------
@@ -239,7 +265,7 @@ def main(argv=None) -> int:
     import argparse
     import dataclasses
 
-    from .checkpoint import verify_checkpoint, write_manifest
+    from .checkpoint import write_manifest
     from .config import load_config
 
     ap = argparse.ArgumentParser(prog="python -m grpo_core.resume", description=(
@@ -249,7 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="section.key=value, as for grpo train")
     ap.add_argument("--config", help="the run's YAML config")
     ap.add_argument("--seal", action="store_true", help="write manifest.json for a checkpoint that loads")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     try:
         if a.seal:
             import torch

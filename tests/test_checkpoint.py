@@ -27,6 +27,7 @@ from grpo_core.resume import (
     ResumeError,
     classify,
     compare_configs,
+    find_resumable_checkpoint,
     flatten,
     plan_resume,
     read_run_config,
@@ -116,7 +117,7 @@ def test_save_refuses_nonfinite_weights_and_keeps_the_previous(tmp_path):
         pol.model[1].weight[0, 1] = float("nan")
     with pytest.raises(C.CheckpointError, match=r"ckpt-000002.*refusing to save step 2.*'1.weight' \(1 of 6"):
         save(tmp_path, 2, pol, keep_last=1)
-    assert os.listdir(tmp_path) == ["ckpt-000001"] and C.find_resumable_checkpoint(str(tmp_path))[0] == good
+    assert os.listdir(tmp_path) == ["ckpt-000001"] and find_resumable_checkpoint(str(tmp_path))[0] == good
 
 
 # ---- damage is detected and named ------------------------------------------------------------------
@@ -193,7 +194,7 @@ def test_find_resumable_falls_back_past_damaged_ones_and_says_so(tmp_path):
     paths = [save(tmp_path, s, pol) for s in (1, 2, 3)]
     _flip_bit(os.path.join(paths[2], "weights.safetensors"))
     os.remove(os.path.join(paths[1], "manifest.json"))
-    path, notes = C.find_resumable_checkpoint(str(tmp_path))
+    path, notes = find_resumable_checkpoint(str(tmp_path))
     assert path == paths[0]
     assert len(notes) == 3
     assert paths[2] in notes[0] and "weights.safetensors: sha256 differs" in notes[0] and "skipped" in notes[0]
@@ -205,11 +206,11 @@ def test_only_damaged_checkpoints_is_a_clear_error(tmp_path):
     path = save(tmp_path, 1, StubPolicy())
     _truncate(os.path.join(path, "weights.safetensors"))
     with pytest.raises(C.CheckpointError, match=r"no usable checkpoint in .*every one is damaged:\n  - checkpoint .*ckpt-000001, file weights.safetensors"):
-        C.find_resumable_checkpoint(str(tmp_path))
+        find_resumable_checkpoint(str(tmp_path))
 
 
 def test_no_checkpoint_is_a_new_run(tmp_path):
-    assert C.find_resumable_checkpoint(str(tmp_path / "nothing")) == (None, [])
+    assert find_resumable_checkpoint(str(tmp_path / "nothing")) == (None, [])
 
 
 def test_legacy_copy_without_manifest_is_promoted_then_sealed(tmp_path):
@@ -220,12 +221,12 @@ def test_legacy_copy_without_manifest_is_promoted_then_sealed(tmp_path):
     os.rename(path, path + ".tmp")
     os.makedirs(os.path.join(path, "policy"))             # what the interrupted rmtree left
     with pytest.raises(C.CheckpointError, match="manifest.json is missing.*--seal"):
-        C.find_resumable_checkpoint(str(tmp_path))       # recovered into place, not yet trusted
+        find_resumable_checkpoint(str(tmp_path))       # recovered into place, not yet trusted
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000004"]
     from grpo_core.resume import main
     assert main(["--seal", path]) == 0
     fresh = StubPolicy(9)
-    assert C.find_resumable_checkpoint(str(tmp_path))[0] == path
+    assert find_resumable_checkpoint(str(tmp_path))[0] == path
     C.load_checkpoint(path, fresh)
     assert same(weights(fresh), weights(pol))
 
@@ -254,7 +255,7 @@ def test_compare_configs_splits_errors_and_changes():
     errors, changes = compare_configs(saved, current)
     assert errors == ["model.path: '/m/a' in the checkpoint, '/m/b' now (the model the run trains)",
                       "rollout.group_size: 8 in the checkpoint, 4 now (the sampling distribution and the shape of a step)"]
-    assert changes == ["optim.lr: 1e-06 -> 2e-06 (the new peak LR applies from the resume step on (set_base_lr))",
+    assert changes == ["optim.lr: 1e-06 -> 2e-06 (the new peak LR applies from the resume step on)",
                        "run.eval_every: 10 -> 5 (applies from the resume step on)"]
     assert compare_configs(saved, json.loads(json.dumps(saved))) == ([], [])   # tuples vs JSON lists
 
@@ -315,7 +316,7 @@ def test_plan_resume_says_where_from_and_what_changed(tmp_path):
     plan = plan_resume(out, cfg_dict(run__steps=10, optim__lr=3e-6))
     assert (plan.path, plan.step) == (os.path.join(out, "ckpt-000002"), 2)
     assert plan.notes == [f"resuming from {plan.path} (step 2 done; next step 3 of 10)",
-                          "changed: optim.lr: 1e-06 -> 3e-06 (the new peak LR applies from the resume step on (set_base_lr))"]
+                          "changed: optim.lr: 1e-06 -> 3e-06 (the new peak LR applies from the resume step on)"]
 
 
 def test_plan_resume_refuses_a_changed_model_unless_forced(tmp_path):
@@ -399,4 +400,4 @@ def test_copied_run_dir_still_verifies(tmp_path):
     """A run copied elsewhere (cp -r, rsync) keeps verifying: the manifest holds relative paths."""
     out = _run_dir(tmp_path)
     shutil.copytree(out, tmp_path / "copy")
-    assert C.find_resumable_checkpoint(str(tmp_path / "copy"))[0] == str(tmp_path / "copy" / "ckpt-000002")
+    assert find_resumable_checkpoint(str(tmp_path / "copy"))[0] == str(tmp_path / "copy" / "ckpt-000002")

@@ -26,7 +26,7 @@ import grpo_core.checkpoint as C
 import grpo_core.trainer as trainer_mod
 from grpo_core.config import TrainConfig
 from grpo_core.data import make_synthetic_vqa
-from grpo_core.resume import ResumeError
+from grpo_core.resume import ResumeError, find_resumable_checkpoint
 from grpo_core.rewards import RewardSpec
 from grpo_core.trainer import GRPOTrainer
 
@@ -81,7 +81,7 @@ def test_kill_at_every_instant_of_a_save_loses_nothing(tmp_path, monkeypatch, sc
         out = tmp_path / f"kill{k}"
         shutil.copytree(base, out)
         _kill_save_at(monkeypatch, k, out, new_step, new_pol, keep_last=1)
-        path, notes = C.find_resumable_checkpoint(str(out))     # the next start: recover, verify
+        path, notes = find_resumable_checkpoint(str(out))     # the next start: recover, verify
         assert path is not None, f"kill before operation {k}: no checkpoint left ({os.listdir(out)})"
         left = sorted(os.listdir(out))                  # no .tmp/.old/.del; an unpruned older one may stay
         assert left in ([os.path.basename(path)], ["ckpt-000001", "ckpt-000002"]), f"kill before operation {k}: {left}"
@@ -92,7 +92,7 @@ def test_kill_at_every_instant_of_a_save_loses_nothing(tmp_path, monkeypatch, sc
         assert state["step"] == (new_step if outcome == "new" else old_step)
         outcomes.append(outcome)
         save(out, new_step, new_pol, keep_last=1)                # and the run can save again
-        assert C.find_resumable_checkpoint(str(out)) == (C.checkpoint_path(str(out), new_step), [])
+        assert find_resumable_checkpoint(str(out)) == (C.checkpoint_path(str(out), new_step), [])
         assert os.listdir(out) == [f"ckpt-{new_step:06d}"]
     # kills before the swap keep the old checkpoint, kills after it the new one, in that order
     assert outcomes == sorted(outcomes, key=lambda o: o == "new") and set(outcomes) == {"old", "new"}
@@ -107,7 +107,7 @@ def test_kill_while_pruning_leaves_no_half_checkpoint(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             save(tmp_path, 3, pol, keep_last=2)
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000001.del", "ckpt-000002", "ckpt-000003"]
-    path, notes = C.find_resumable_checkpoint(str(tmp_path))
+    path, notes = find_resumable_checkpoint(str(tmp_path))
     assert path.endswith("ckpt-000003") and notes == ["finished deleting ckpt-000001.del (an interrupted prune of old checkpoints)"]
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000002", "ckpt-000003"]
 
@@ -159,7 +159,7 @@ def uninterrupted(tiny_vlm_path, records, tmp_path_factory):
 
 def _resume_to_step_2(tiny_vlm_path, records, out, uninterrupted):
     """The next start: recover, pick a checkpoint, resume it and run to step 2; compare with one go."""
-    path, notes = C.find_resumable_checkpoint(str(out))
+    path, notes = find_resumable_checkpoint(str(out))
     tr = _trainer(tiny_vlm_path, records, _cfg(out, steps=2))
     tr.resume(path)
     hist = tr.train()
@@ -227,7 +227,7 @@ def test_bad_image_mid_run_stops_then_resume_is_bit_identical(tiny_vlm_path, rec
         for f in files:                                  # the images go bad between step 1 and step 2
             open(f, "wb").write(b"not a png")
         tr = _trainer(tiny_vlm_path, records, _cfg(out, steps=2))
-        tr.resume(C.find_resumable_checkpoint(str(out))[0])
+        tr.resume(find_resumable_checkpoint(str(out))[0])
         with pytest.raises(Exception) as e:
             tr.train()
         assert any(os.path.basename(f) in str(e.value) for f in files), f"the error names no image: {e.value}"
