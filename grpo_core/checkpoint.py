@@ -224,8 +224,8 @@ def verify_checkpoint(path: str, checksums: bool = True, finite: bool = True) ->
                                       "written (disk or copy damage)", path, rel)
     if finite:
         weights = os.path.join(path, "weights.safetensors")
-        with _reading(path, "weights.safetensors"), safe_open(weights, "pt") as f:
-            bad = first_nonfinite({k: f.get_tensor(k) for k in f.keys()})
+        with _reading(path, "weights.safetensors"), safe_open(weights, "pt") as f:   # one tensor at a time
+            bad = next((b for k in f.keys() if (b := first_nonfinite({k: f.get_tensor(k)}))), None)
         if bad:
             raise CheckpointError(f"{bad}: the run had diverged when this was saved", path, "weights.safetensors")
     return manifest
