@@ -18,7 +18,7 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m grpo_app.cli demo
+	$(PY) -m grpo_app demo
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" tests

@@ -1,9 +1,9 @@
 """`grpo train|sft|eval|demo`: the command line over configs, data, policy, trainers and eval.
 
     grpo train --config examples/configs/pmc_vqa_grpo_instruct.yaml run.steps=500
-    torchrun --nproc_per_node 8 -m grpo_app.cli train --config examples/configs/pmc_vqa_grpo_ddp.yaml
+    torchrun --nproc_per_node 8 -m grpo_app train --config examples/configs/pmc_vqa_grpo_ddp.yaml
     grpo sft   --config examples/configs/synthetic_sft.yaml
-    grpo eval  --config examples/configs/synthetic_grpo.yaml model.path=runs/grpo/ckpt-000100/policy
+    grpo eval  --config examples/configs/synthetic_grpo_instruct.yaml model.path=runs/grpo/ckpt-000100/policy
     grpo demo  [--seed 0] [--quick]
 """
 

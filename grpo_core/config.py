@@ -1,6 +1,6 @@
 """Configs: one dataclass per concern, loaded from YAML with dotted command-line overrides.
 
-    grpo train --config examples/configs/synthetic_grpo.yaml grpo.beta=0.0 optim.lr=1e-4
+    grpo train --config examples/configs/synthetic_grpo_instruct.yaml grpo.beta=0.0 optim.lr=1e-4
 
 Unknown keys and badly typed values are errors that name the key, the file and what is allowed.
 Every field declares what it accepts (``option(default, choices=..., ge=...)``, grpo_core.options):
@@ -121,6 +121,7 @@ class RunConfig:
     progress: bool = True                                  # progress bar
     bf16_autocast: bool = True                             # on GPU only
     time_budget_s: float = option(0.0, ge=0)               # stop early after this wall time (0 = none)
+    max_nonfinite_steps: int = option(3, ge=1)             # stop after this many steps in a row with a NaN/inf loss or gradient
 
 
 @dataclass

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -50,8 +51,12 @@ from .kernels import fused_linear_grpo_loss, linear_token_logprobs
 from .loss import kl_penalized_rewards
 from .optim import make_optimizer, make_scheduler
 from .rewards import DEFAULT_ROLES, RewardSpec, combine_rewards, get_reward
-from .rollout import Rollout, generate_groups
+from .rollout import NonFiniteLogitsError, Rollout, generate_groups
 from .sampling import SamplingConfig
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training produced NaN/inf (loss, gradients or weights) and cannot go on safely."""
 
 
 def rewards_from_config(entries) -> list[RewardSpec]:
@@ -144,8 +149,11 @@ class GRPOTrainer:
         seed = int(self._generator(1 + 1000 * self.dist.rank).initial_seed())
         sampling = SamplingConfig(**self.cfg.rollout.sampling_options(), seed=seed)
         self.policy.model.eval()
-        with self.replica.gathered(), self.autocast:
-            return generate_groups(self.policy, prompts, self.cfg.rollout.group_size, sampling)
+        try:
+            with self.replica.gathered(), self.autocast:
+                return generate_groups(self.policy, prompts, self.cfg.rollout.group_size, sampling)
+        except NonFiniteLogitsError as e:
+            raise NonFiniteLogitsError(f"GRPO step {self.step_idx + 1}: {e}") from None
 
     def score(self, ro: Rollout, records) -> tuple[Experience, RowResults]:
         """Rewards, advantages and the fixed log-probs of one rollout → (Experience, every rank's rows)."""
@@ -199,36 +207,43 @@ class GRPOTrainer:
         """
         cfg, g, d = self.cfg, self.cfg.grpo, self.dist
         if d.all_reduce(len(exp.keep)) == 0:      # every group (on every rank) had equal rewards: skipped
-            return {"loss": 0.0, "grad_norm": 0.0, "skipped_groups": d.all_reduce(exp.num_prompts)}
+            return {"loss": 0.0, "grad_norm": 0.0, "nonfinite_steps": 0, "skipped_groups": d.all_reduce(exp.num_prompts)}
         self.policy.model.train()
         total_tokens = d.all_reduce(exp.kept_tokens().float())           # denominators of the step
         total_seqs = int(d.all_reduce(len(exp.keep) * exp.group_size))
         mb = g.micro_batch_prompts or max(len(exp.keep), 1)
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {"nonfinite_steps": 0}
         for it in range(g.mu):
             order = torch.randperm(len(exp.keep), generator=self._generator(100 + it)).tolist()
             chunks = [[exp.keep[j] for j in order[s:s + mb]] for s in range(0, len(order), mb)]
             n_chunks = int(d.all_reduce(len(chunks), "max"))   # every rank runs as many micro-batches
             self.optimizer.zero_grad(set_to_none=True)
+            finite = True
             for c in range(n_chunks):
                 prompts, weight = (chunks[c], 1.0) if c < len(chunks) else ([0], 0.0)   # 0.0: a filler for sync
                 with self.replica.accumulate(sync=c == n_chunks - 1):
                     with self.autocast:
                         loss, m = self.micro_loss(exp.groups(prompts), total_tokens, total_seqs)
                     (loss * (weight * self.replica.grad_scale)).backward()   # × W: DDP/FSDP average over ranks
+                finite &= bool(torch.isfinite(loss))
                 w = weight * m["tokens"].item() / max(total_tokens.item(), 1.0)   # token-weighted metric average
                 for k, v in m.items():
                     if k != "tokens":
                         sums[k] = sums.get(k, 0.0) + w * float(v) / g.mu
                 sums["loss"] = sums.get("loss", 0.0) + weight * loss.item() / g.mu
             params = [p for p in self.policy.model.parameters() if p.grad is not None]
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf"))
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + local_value(gn) / g.mu
+            gn = local_value(torch.nn.utils.clip_grad_norm_(
+                params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")))   # global norm
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + gn / g.mu
+            if d.all_reduce(float(not finite), "max") > 0 or not math.isfinite(gn):
+                self.optimizer.zero_grad(set_to_none=True)   # NaN/inf loss or gradient: skip this step,
+                sums["nonfinite_steps"] += 1                 # weights and LR schedule stay as they were
+                continue
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["skipped_groups"] = exp.num_prompts - len(exp.keep)
-        return d.reduce_sums(sums, same=("grad_norm",))   # local shares of global means → global
+        return d.reduce_sums(sums, same=("grad_norm", "nonfinite_steps"))   # local shares of global means → global
 
     def micro_loss(self, mb: Experience, total_tokens, total_seqs):
         """GRPO loss of one micro-batch of whole groups, divided by the step's global denominators."""
@@ -270,9 +285,16 @@ class GRPOTrainer:
         main = self.dist.is_main              # only rank 0 logs, draws and writes
         writer = _tensorboard(cfg.run.output_dir) if main else None
         bar = _progress(cfg.run.steps, self.step_idx, cfg.run.progress and main)
-        t_start = time.perf_counter()
+        t_start, streak = time.perf_counter(), 0
         while self.step_idx < cfg.run.steps:
             m = self.step()
+            streak = streak + 1 if m["nonfinite_steps"] >= cfg.grpo.mu else 0   # no update at all this step
+            if streak >= cfg.run.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"GRPO steps {self.step_idx - streak + 1}..{self.step_idx}: the loss or gradient was NaN/inf "
+                    f"in {streak} consecutive steps (run.max_nonfinite_steps={cfg.run.max_nonfinite_steps}); every "
+                    "update was skipped and nothing was saved since. Lower optim.lr, check the rewards and the "
+                    "data, or resume from the last checkpoint in run.output_dir")
             if self.eval_fn and cfg.run.eval_every and self.step_idx % cfg.run.eval_every == 0:
                 with self.replica.gathered():
                     m.update({f"eval/{k}": v for k, v in self.eval_fn(self.policy).items()})
@@ -299,7 +321,12 @@ class GRPOTrainer:
         return self.history
 
     def save(self) -> str:
-        """Call on every rank: FSDP2 gathers the full state to rank 0, which alone writes."""
+        """Call on every rank: FSDP2 gathers the full state to rank 0, which alone writes.
+        Refuses to write non-finite weights (they would poison every resume)."""
+        bad = [n for n, p in self.policy.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if self.dist.all_reduce(float(len(bad)), "max") > 0:
+            raise NonFiniteTrainingError(f"GRPOTrainer.save: step {self.step_idx} weights hold NaN/inf "
+                                         f"({', '.join(bad[:3]) or 'on another rank'}); not saved")
         state = {"data_pos": self.data_pos, "config": json.dumps(to_dict(self.cfg))}
         model_state, optim_state = self.replica.full_state(self.optimizer)   # (None, None) unless fsdp2
         path = None

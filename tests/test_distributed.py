@@ -31,6 +31,7 @@ import torch
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # numerics, also in torchrun workers
+from helpers import tiny_policy, vowel_reward  # noqa: E402
 from numerics import assert_equiv, full_precision_hf, tol  # noqa: E402
 
 B, G, C = 4, 2, 5                       # global prompts, group size, completion length (fixed rollouts)
@@ -55,13 +56,7 @@ def _cfg(out, agg="token_mean", beta=0.0, mu=1, mb=0, mode="none", steps=1):
 
 
 def _policy(path):
-    from grpo_models.qwen2_vl import Qwen2VLPolicy
-
-    return Qwen2VLPolicy.from_pretrained(path, dtype=torch.float64, device="cpu")   # fp64: see module doc
-
-
-def vowel_reward(completions, records):
-    return [float(t[:1].lower() in "aeiou") for t in completions]
+    return tiny_policy(path, torch.float64)                                         # fp64: see module doc
 
 
 def _records():
