@@ -72,7 +72,7 @@ MAY_CHANGE = {
     "run.steps": "the run stops at the new count; a decaying LR schedule is re-stretched",
     "run.time_budget_s": "counted from this start",
     **dict.fromkeys(("run.eval_every", "run.eval_limit", "run.save_every", "run.keep_last", "run.progress",
-                     "run.output_dir"), "applies from the resume step on"),
+                     "run.output_dir", "run.max_nonfinite_steps"), "applies from the resume step on"),
     **dict.fromkeys(("model.device", "model.gradient_checkpointing", "model.tiny", "run.bf16_autocast",
                      "grpo.backend", "grpo.micro_batch_prompts", "dist.mode", "dist.backend",
                      "dist.timeout_s", "dist.reshard_after_forward"),
