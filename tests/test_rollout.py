@@ -267,8 +267,9 @@ def test_vlm_long_greedy_outgrows_the_kv_buffer(tiny_vlm_policy64):
     assert torch.equal(ro.completion_ids, want)
 
 
+@pytest.mark.parametrize("backbone", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
+def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, tmp_path, dtype, backbone):
     """grpo_models.prefix_decode (prompt KV shared per group) vs HF's forward on a fanned-out cache.
 
     fp64 model: the fp32 logits equal to fp32 rounding. bf16: its error against the fp64 reference is
@@ -292,8 +293,12 @@ def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
                 out.append(logits)
         return torch.stack(out, 1)                                       # (N, steps, V)
 
+    if backbone == "qwen2_5_vl":                                         # the same text layers
+        from grpo_models.tiny import build_tiny_qwen2_5_vl
+        tiny_vlm_path = build_tiny_qwen2_5_vl(str(tmp_path / "q25"))
     ref = logits_over_steps(Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu"), False)
     pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=dtype, device="cpu")
+    assert prefix_decode.supported(pol._lm), f"{backbone}: shared-prefix decode not taken"
     ours = logits_over_steps(pol, True)
     err = (ours - ref).abs()
     if dtype == torch.float64:
