@@ -8,6 +8,8 @@ Layout of one checkpoint::
       trainer_state.pt      optimizer, scheduler, step, data position — tensors and plain Python
                             only, loaded with torch.load(weights_only=True)
       run_config.json       the resolved config of the run (grpo_core.resume compares it on resume)
+      reference.safetensors only when the reference model is synced during the run (grpo.ref_sync_steps):
+                            a frozen initial reference is rebuilt from model.path instead
       manifest.json         written last: {"format", "step", "files": {relpath: {"bytes", "sha256"}}}
 
 A directory ``ckpt-N`` is *complete* when its manifest parses and every file it lists is there with
@@ -63,6 +65,7 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 RUN_CONFIG = "run_config.json"
+REFERENCE = "reference.safetensors"
 FORMAT = 1
 REQUIRED = ("weights.safetensors", "trainer_state.pt", "policy/config.json")   # listed in every manifest
 _NAME = re.compile(r"^ckpt-(\d+)$")
@@ -108,14 +111,12 @@ def _fsync_dir(path: str) -> None:
     """Make renames/creations inside ``path`` durable (a no-op where the OS cannot fsync a folder)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def _digest(path: str, sync: bool = False) -> dict:
@@ -232,7 +233,7 @@ def verify_checkpoint(path: str, checksums: bool = True, finite: bool = True) ->
 
 
 # ---- save ----------------------------------------------------------------------------------------
-def _state_dict_for_save(model: torch.nn.Module, sd: dict | None = None) -> dict[str, torch.Tensor]:
+def _state_dict_for_save(model: torch.nn.Module | None, sd: dict | None = None) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage (tied embeddings): keep one name per storage, the
     # loader restores the tie through load_state_dict(strict=False) + the tie check below.
     seen, out = set(), {}
@@ -247,21 +248,25 @@ def _state_dict_for_save(model: torch.nn.Module, sd: dict | None = None) -> dict
 
 def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, state: dict, keep_last: int = 2,
                     *, model_state: dict | None = None, optim_state: dict | None = None,
-                    config: dict | None = None) -> str:
+                    config: dict | None = None, ref_state: dict | None = None) -> str:
     """Write checkpoint ``step`` (write → fsync → swap, see module doc) and keep the newest ``keep_last``.
 
     ``model_state`` / ``optim_state``: full state dicts gathered from a sharded model (FSDP2, on
     rank 0) to write instead of ``policy.model.state_dict()`` / ``optimizer.state_dict()``.
     ``config``: the resolved run config (``dataclasses.asdict``), written to run_config.json; when
-    None, a JSON string in ``state["config"]`` is used. Refuses (CheckpointError, nothing written)
-    weights holding NaN/inf, so a diverged run cannot replace its last good checkpoint.
+    None, a JSON string in ``state["config"]`` is used. ``ref_state``: the state dict of a reference
+    model that the run moves (grpo.ref_sync_steps), written to reference.safetensors. Refuses
+    (CheckpointError, nothing written) weights holding NaN/inf, so a diverged run cannot replace
+    its last good checkpoint.
     """
     os.makedirs(output_dir, exist_ok=True)
     final = checkpoint_path(output_dir, step)
     weights = _state_dict_for_save(policy.model, model_state)
-    if bad := first_nonfinite(weights):
-        raise CheckpointError(f"refusing to save step {step}: {bad}; the checkpoints already in "
-                              f"{output_dir} are kept", final)
+    ref = None if ref_state is None else _state_dict_for_save(None, ref_state)
+    for what, sd in (("", weights), ("reference ", ref or {})):
+        if bad := first_nonfinite(sd):
+            raise CheckpointError(f"refusing to save step {step}: {what}{bad}; the checkpoints already in "
+                                  f"{output_dir} are kept", final)
     _recover_step(output_dir, step)              # a copy of this step left by a killed save is kept
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -271,6 +276,8 @@ def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, st
     else:
         _save_policy_from_state(policy, os.path.join(tmp, "policy"), weights)
     save_file(weights, os.path.join(tmp, "weights.safetensors"))
+    if ref is not None:
+        save_file(ref, os.path.join(tmp, REFERENCE))
     torch.save(
         {"optimizer": optimizer.state_dict() if optim_state is None else optim_state,
          "optimizer_format": "ids" if optim_state is None else "fqn",
@@ -378,8 +385,10 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
-def load_checkpoint(path: str, policy, optimizer=None, scheduler=None, verify: bool = True) -> dict:
-    """Restore weights (and optimizer/scheduler when given) from ``path``; return the trainer state.
+def load_checkpoint(path: str, policy, optimizer=None, scheduler=None, verify: bool = True,
+                    ref_model: torch.nn.Module | None = None) -> dict:
+    """Restore weights (and optimizer/scheduler, and a synced reference into ``ref_model``, when
+    given) from ``path``; return the trainer state.
 
     Everything is read and checked (manifest and checksums when ``verify``, finite weights, state
     readable) before anything is loaded into the model; pass ``verify=False`` when
@@ -398,21 +407,40 @@ def load_checkpoint(path: str, policy, optimizer=None, scheduler=None, verify: b
         raise CheckpointError(f"{bad}: the run had diverged when this was saved", path, "weights.safetensors")
     with _reading(path, "trainer_state.pt"):                       # never unpickle code
         state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
-    tied = {n for n, _ in policy.model.named_parameters(remove_duplicate=False)} - set(sd)
     if sharded:                               # FSDP2: every rank reads the full file, keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        missing, unexpected = set_model_state_dict(policy.model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+        result = set_model_state_dict(policy.model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
     else:
-        missing, unexpected = policy.model.load_state_dict(sd, strict=False)
-    if unexpected or set(missing) - tied:
-        raise CheckpointError(f"does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
-                              path, "weights.safetensors")
+        result = policy.model.load_state_dict(sd, strict=False)
+    _check_match(path, "weights.safetensors", policy.model, sd, *result)
+    if ref_model is not None:
+        _load_reference(path, ref_model)
     if optimizer is not None:
         _load_optimizer(path, policy.model, optimizer, state, sharded)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def _load_reference(path: str, ref_model: torch.nn.Module) -> None:
+    ref_path = os.path.join(path, REFERENCE)
+    if not os.path.exists(ref_path):
+        raise CheckpointError("missing: the run syncs its reference model (grpo.ref_sync_steps), but this "
+                              "checkpoint holds none (saved without ref_state)", path, REFERENCE)
+    with _reading(path, REFERENCE):
+        sd = load_file(ref_path, device=str(next(ref_model.parameters()).device))
+    if bad := first_nonfinite(sd):
+        raise CheckpointError(bad, path, REFERENCE)
+    _check_match(path, REFERENCE, ref_model, sd, *ref_model.load_state_dict(sd, strict=False))
+
+
+def _check_match(path: str, file: str, model, sd: dict, missing, unexpected) -> None:
+    """Every key loaded, none left over, except tied weights (saved once, under one of their names)."""
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(sd)
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"does not match the model: missing {list(missing)[:5]}, unexpected "
+                              f"{list(unexpected)[:5]}", path, file)
 
 
 def _load_optimizer(path, model, optimizer, state, sharded: bool) -> None:

@@ -120,6 +120,22 @@ def test_save_refuses_nonfinite_weights_and_keeps_the_previous(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt-000001"] and find_resumable_checkpoint(str(tmp_path))[0] == good
 
 
+def test_a_synced_reference_is_saved_and_restored(tmp_path):
+    pol, ref = StubPolicy(0), StubPolicy(7)
+    path = save(tmp_path, 1, pol, ref_state=ref.model.state_dict())
+    assert "reference.safetensors" in json.load(open(os.path.join(path, "manifest.json")))["files"]
+    got = StubPolicy(8)
+    C.load_checkpoint(path, StubPolicy(9), ref_model=got.model)
+    assert same(weights(got), weights(ref))
+    plain = save(tmp_path, 2, pol)                            # a run whose reference stays frozen
+    with pytest.raises(C.CheckpointError, match="file reference.safetensors: missing: the run syncs its reference"):
+        C.load_checkpoint(plain, StubPolicy(9), ref_model=got.model)
+    with torch.no_grad():
+        ref.model[0].bias[0] = float("nan")
+    with pytest.raises(C.CheckpointError, match=r"refusing to save step 3: reference tensor '0.bias'"):
+        save(tmp_path, 3, pol, ref_state=ref.model.state_dict())
+
+
 # ---- damage is detected and named ------------------------------------------------------------------
 def _truncate(path):
     with open(path, "r+b") as f:
