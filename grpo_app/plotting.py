@@ -14,8 +14,9 @@ Every axis is labelled with its quantity and unit; a panel with nothing to show 
 
 from __future__ import annotations
 
-import json
 import math
+
+from grpo_core import metrics_log
 
 
 def _pyplot():
@@ -39,18 +40,9 @@ def _save(plt, fig, path: str, title: str) -> str:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Every step of a metrics.jsonl, in step order: the last record of a step wins (a resumed
-    run may repeat steps), NaN/Infinity literals are read as floats, a line cut short is skipped."""
-    by_step: dict = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                m = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(m, dict) and "step" in m:
-                by_step[m["step"]] = m
-    return [by_step[s] for s in sorted(by_step)]
+    """Every step of a metrics.jsonl, each once, in order (grpo_core.metrics_log.read_metrics: a
+    resumed run's repeated steps are superseded, a torn line is skipped), null read as NaN."""
+    return metrics_log.read_metrics(path, missing=math.nan)
 
 
 def _finite(xs, ys):

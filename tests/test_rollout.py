@@ -267,8 +267,9 @@ def test_vlm_long_greedy_outgrows_the_kv_buffer(tiny_vlm_policy64):
     assert torch.equal(ro.completion_ids, want)
 
 
+@pytest.mark.parametrize("backbone", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
+def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, tmp_path, dtype, backbone):
     """grpo_models.prefix_decode (prompt KV shared per group) vs HF's forward on a fanned-out cache.
 
     fp64 model: the fp32 logits equal to fp32 rounding. bf16: its error against the fp64 reference is
@@ -292,8 +293,12 @@ def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
                 out.append(logits)
         return torch.stack(out, 1)                                       # (N, steps, V)
 
+    if backbone == "qwen2_5_vl":                                         # the same text layers
+        from grpo_models.tiny import build_tiny_qwen2_5_vl
+        tiny_vlm_path = build_tiny_qwen2_5_vl(str(tmp_path / "q25"))
     ref = logits_over_steps(Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu"), False)
     pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=dtype, device="cpu")
+    assert prefix_decode.supported(pol._lm), f"{backbone}: shared-prefix decode not taken"
     ours = logits_over_steps(pol, True)
     err = (ours - ref).abs()
     if dtype == torch.float64:
@@ -303,3 +308,35 @@ def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
         assert err.max() <= 2 * plain.max() + 1e-3, (
             f"bf16 shared-prefix error max {err.max():.3g} (mean {err.mean():.3g}) > 2× plain bf16 "
             f"error max {plain.max():.3g} (mean {plain.mean():.3g})")
+
+
+class NaNAfter:
+    """Wraps a policy; from decode step ``k`` on, rows ``rows`` get NaN logits (a diverged model)."""
+
+    def __init__(self, policy, k, rows, value=float("nan")):
+        self._p, self._k, self._rows, self._value, self._t = policy, k, rows, value, 0
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    def prefill(self, enc):
+        self._t = 0
+        return self._p.prefill(enc)
+
+    def decode_step(self, state, tokens):
+        logits, state = self._p.decode_step(state, tokens)
+        self._t += 1
+        if self._t >= self._k:
+            logits = logits.clone()
+            logits[self._rows] = self._value
+        return logits, state
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_non_finite_logits_are_a_clear_error(value, greedy):
+    from grpo_core.rollout import NonFiniteLogitsError
+
+    pol = NaNAfter(BigramPolicy(eos_logit=-60.0), k=3, rows=[5], value=value)
+    with pytest.raises(NonFiniteLogitsError, match=r"decode step 3 in rows \[5\] \(prompts \[1\]"):
+        generate_groups(pol, PROMPTS, 3, SamplingConfig(max_new_tokens=8, seed=0, greedy=greedy))

@@ -182,3 +182,52 @@ def test_checkpoint_policy_loads_with_transformers(tiny_vlm_path, records, tmp_p
 def test_too_few_records_is_an_error(tiny_vlm_path, tmp_path):
     with pytest.raises(ValueError, match="prompts_per_step"):
         GRPOTrainer(tiny_policy(tiny_vlm_path), make_synthetic_vqa(1, seed=0), _cfg(tmp_path))
+
+
+def _nan_loss_on(monkeypatch, bad_steps):
+    """The fused loss returns NaN (gradients NaN too) during the given 1-based GRPO steps."""
+    real = trainer_mod.fused_linear_grpo_loss
+    calls = {"step": 0}
+
+    def fake(*args, **kw):
+        loss, m = real(*args, **kw)
+        return (loss * float("nan"), m) if calls["step"] in bad_steps else (loss, m)
+
+    monkeypatch.setattr(trainer_mod, "fused_linear_grpo_loss", fake)
+    return calls
+
+
+def test_nonfinite_step_is_skipped_counted_and_weights_untouched(tiny_vlm_path, records, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    calls = _nan_loss_on(monkeypatch, bad_steps={2})
+    hist = []
+    for k in (1, 2, 3):
+        calls["step"] = k
+        before = _weights(tr.policy)
+        hist.append(tr.step())
+        after = _weights(tr.policy)
+        moved = any(not torch.equal(before[n], after[n]) for n in before)
+        assert moved == (k != 2), f"step {k}: weights {'moved' if moved else 'did not move'}"
+    assert [m["nonfinite_steps"] for m in hist] == [0, 1, 0]
+    assert tr.scheduler.last_epoch == 2                          # the skipped step did not advance the schedule
+    assert all(torch.isfinite(v).all() for v in _weights(tr.policy).values())
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_and_nothing_is_saved(tiny_vlm_path, records, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    cfg.run.steps, cfg.run.save_every, cfg.run.max_nonfinite_steps = 6, 1, 2
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    _nan_loss_on(monkeypatch, bad_steps={0})                     # every call: the counter is never advanced
+    with pytest.raises(trainer_mod.NonFiniteTrainingError, match=r"steps 1\.\.2: .*2 consecutive steps"):
+        tr.train()
+    assert latest_checkpoint(cfg.run.output_dir).endswith("ckpt-000001")   # saved before the streak ended
+
+
+def test_save_refuses_nonfinite_weights(tiny_vlm_path, records, tmp_path):
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, _cfg(tmp_path), reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    with torch.no_grad():
+        next(tr.policy.model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(trainer_mod.NonFiniteTrainingError, match="NaN/inf"):
+        tr.save()
+    assert latest_checkpoint(tr.cfg.run.output_dir) is None
