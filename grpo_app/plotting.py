@@ -103,26 +103,27 @@ def plot_history(history: list[dict], path: str, title: str = "GRPO", extra: dic
         return _line(ax, steps, col("completion_len"), "mean completion length", smooth)
 
     def kl(ax):
-        xs, ys = _finite(steps, col("kl"))
-        return bool(xs) and any(y != 0 for y in ys) and _line(ax, steps, col("kl"), "KL(π‖π_ref) estimate", smooth)
+        return _line(ax, steps, col("kl"), "KL(π‖π_ref) estimate", smooth)
 
-    for draw, ylabel in ((reward, "reward (weighted sum of rewards)"), (accuracy, "accuracy (fraction correct)"),
-                         (length, "completion length (tokens)"), (kl, "KL to reference (nats/token)")):
-        panels.append((draw, ylabel))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    used = []
-    for ax, (draw, ylabel) in zip(axes, panels):
-        if draw(ax):
-            ax.set_xlabel("GRPO step")
-            ax.set_ylabel(ylabel, fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-            used.append(ax)
-        else:
-            ax.remove()                      # nothing logged for this panel (e.g. KL with β = 0)
-    if not used:
-        plt.close(fig)
+    def logged(*keys, nonzero=False):       # does the panel have anything to show?
+        ys = [y for k in keys for y in _finite(steps, col(k))[1]]
+        return bool(ys) and (not nonzero or any(y != 0 for y in ys))
+
+    for draw, ylabel, shown in ((reward, "reward (weighted sum of rewards)", logged("reward")),
+                                (accuracy, "accuracy (fraction correct)", logged("accuracy", "eval/accuracy") or extra),
+                                (length, "completion length (tokens)", logged("completion_len")),
+                                (kl, "KL to reference (nats/token)", logged("kl", nonzero=True))):
+        if shown:                            # e.g. no KL panel with β = 0: not a flat line at zero
+            panels.append((draw, ylabel))
+    if not panels:
         return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (draw, ylabel) in zip(axes[0], panels):
+        draw(ax)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     return _save(plt, fig, path, title)
 
 

@@ -321,6 +321,8 @@ class GRPOTrainer:
         cfg = self.cfg
         os.makedirs(cfg.run.output_dir, exist_ok=True)
         main = self.dist.is_main              # only rank 0 logs, draws and writes
+        if self.step_idx == 0:                # not placed already by an explicit .resume(path)
+            self._resume_from_output_dir()
         log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), start_step=self.step_idx) if main else None
         # -- reporting (grpo_core.reporting): run.report_to sinks; a step bar, or a time bar under a budget --
         reporters = Reporters(cfg.run.report_to if main else [], cfg.run.output_dir, to_dict(cfg))
