@@ -39,11 +39,6 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | N
     return fn
 
 
-def _summary(res) -> dict:
-    return {"accuracy": res.accuracy, "format_rate": res.format_rate, "n": res.n,
-            "mean_completion_tokens": res.mean_completion_tokens, "mean_reasoning_words": res.mean_reasoning_words}
-
-
 def cmd_train(cfg: TrainConfig) -> int:
     """Single process, or one rank of a torchrun job (dist.mode=ddp|fsdp2): see grpo_core.distributed."""
     from grpo_core import distributed as D

@@ -61,7 +61,12 @@ def test_resumed_run_is_plotted_and_logged_whole(tiny_vlm_path, tmp_path, monkey
             "run.log_completions_every=1", "grpo.rewards=[{name: accuracy, require_tag: false}]"]
     assert commands.cmd_train(load_config(None, over + ["run.steps=2"])) == 0
     seen.clear()
+    from grpo_core.trainer import GRPOTrainer
+
+    ran, real_step = [], GRPOTrainer.step
+    monkeypatch.setattr(GRPOTrainer, "step", lambda self: ran.append(self.step_idx) or real_step(self))
     assert commands.cmd_train(load_config(None, over + ["run.steps=4"])) == 0   # resumes at step 2
+    assert ran == [2, 3]                                                           # only the new steps ran
     assert seen["steps"] == [1, 2, 3, 4]
     steps = [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
