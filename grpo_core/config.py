@@ -18,15 +18,25 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .advantages import SCALES
+from .advantages import BASELINES, SCALES
 from .data.synthetic import TASKS as SYNTHETIC_TASKS
 from .data.templates import TEMPLATES
 from .distributed import MODES
 from .kernels.dispatch import BACKENDS, check_backend
-from .loss import AGGS, KL_PLACEMENTS, KLS
+from .loss import (
+    AGGS,
+    KL_PLACEMENTS,
+    KLS,
+    POLICY_LOSSES,
+    RATIO_LEVELS,
+    check_loss_options,
+    loss_options,
+)
 from .optim import SCHEDULES
 from .options import check_options, option
 from .policy import PROMPT_WRAPPERS
+from .ref_sync import check_ref_sync
+from .rewards import check_reward_entries
 from .sampling import SamplingOptions
 from .sft import SFT_TARGETS
 
@@ -96,6 +106,22 @@ class GRPOConfig:
     rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 0.5}])
     ref: str = option("auto", choices=REFERENCES)          # "auto" | "copy" (frozen copy) | "adapters" (LoRA disabled)
     backend: str = option("auto", choices=KERNEL_BACKENDS)  # fused-loss backend: auto | torch | triton | cuda
+    # variants (docs/VARIANTS.md; the loss math: grpo_core/loss.py)
+    ratio_level: str = option("token", choices=RATIO_LEVELS)   # "token" (GRPO) | "sequence" (GSPO) | "sequence_token" (GSPO-token)
+    policy_loss: str = option("clip", choices=POLICY_LOSSES)   # "clip" (PPO/GRPO) | "cispo" (MiniMax-M1) | "sapo" (soft gate)
+    delta: float | None = option(None, gt=1)               # clip only: cap the unclipped ratio at δ (TRL's two-sided delta); None = off
+    cispo_max: float = option(5.0, gt=0)                   # cispo only: cap on the detached ratio weight
+    sapo_tau_pos: float = option(1.0, gt=0)                # sapo only: gate temperature τ for A > 0
+    sapo_tau_neg: float = option(1.05, gt=0)               # sapo only: gate temperature τ for A ≤ 0
+    entropy_coef: float = option(0.0, ge=0)                # entropy bonus: loss −= coef · mean entropy (0 = off)
+    top_entropy_quantile: float = option(1.0, gt=0, le=1)  # policy loss on the top-q highest-entropy tokens only (1 = all; 0.2 = "80/20")
+    kl_bias_correction: bool = False                       # KL term × importance ratio (DeepSeek-V3.2; TRL use_bias_correction_kl)
+    baseline: str = option("mean", choices=BASELINES)      # "mean" (GRPO) | "leave_one_out" (RLOO)
+    dynamic_sampling: bool = False                         # DAPO: resample until B groups have unequal rewards
+    dynamic_sampling_max_rounds: int = option(4, ge=1)     # DAPO: rollout rounds per step at most (then go on with fewer groups)
+    mask_truncated_completions: bool = False               # DAPO: completions that hit max_new_tokens leave the loss
+    ref_sync_steps: int = option(0, ge=0)                  # every k steps ref ← α·policy + (1 − α)·ref; 0 = never (grpo_core.ref_sync)
+    ref_sync_alpha: float = option(0.6, gt=0, le=1)        # α of the reference sync (TR-DPO; TRL's 0.6)
 
 
 @dataclass
@@ -163,6 +189,10 @@ class TrainConfig:
             raise ValueError(f"config: grpo.max_len={g.max_len} is shorter than rollout.max_new_tokens="
                              f"{r.max_new_tokens}; Dr. GRPO's constant must cover the longest completion")
         check_backend(g.backend, paths=("linear",))        # the training path runs the fused-linear loss
+        check_loss_options(**loss_options(g), kl_placement=g.kl_placement, where="config", prefix="grpo.")
+        check_ref_sync(g.ref_sync_steps, g.ref_sync_alpha, beta=g.beta, ref=g.ref, lora_rank=self.model.lora_rank,
+                       kl_placement=g.kl_placement, where="config", prefix="grpo.")
+        check_reward_entries(g.rewards)                    # names, options vs signatures, did-you-mean
         return self
 
 
