@@ -177,20 +177,26 @@ def test_linear_no_entropy_forward_for_old_and_ref(backend):
 
 @pytest.mark.parametrize("backend", backends())
 def test_linear_backward_in_several_chunks(backend, monkeypatch):
-    """A small chunk budget: the backward (and the CUDA forward) walk the tokens in several chunks,
-    accumulating dW in fp32; the result equals the one-chunk run up to fp32 summation order."""
+    """A small chunk budget: the backward (and the CUDA forward) walk the tokens in four chunks,
+    accumulating dW in fp32 across them. Every output stays within 2× torch's own bf16 error of
+    the fp64 truth (the GEMMs' summation order may change with the chunk shape: no bitwise check)."""
     from grpo_core.kernels import cuda_linear, triton_linear
 
     hidden, weight, labels, mask, b, g, g_ent = _linear_case(1000, 1536, 151936, torch.bfloat16, seed=4)
     run = lambda: _linear_run(lambda h, w: linear_token_logprobs(  # noqa: E731
         h, w, labels, 1.0, mask, bias=b, return_entropy=True, backend=backend), hidden, weight, g, g_ent)
-    one = run()
     monkeypatch.setattr(triton_linear, "DZ_BUFFER_BYTES", 256 * 151936 * 2)   # 256-token chunks
     monkeypatch.setattr(cuda_linear, "CHUNK_BYTES", 256 * 151936 * 4)
-    several = run()
-    for name, a, c in zip(["logp", "entropy", "d hidden", "d weight"], one, several):
-        # chunking moves only the fp32 accumulation order of dW (then one bf16 store): ≤ 1 bf16 ulp
-        assert_close(c, a, f"{name} (4 chunks vs 1)", atol=2 * torch.finfo(torch.bfloat16).eps * a.abs().double() + 1e-30)
+    ours = run()
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    logits = hd @ wd.t() + b.double()
+    want_lp = ref_logprobs(logits, labels, 1.0, mask)
+    want_ent = torch.where(mask, token_entropy(logits, 1.0).nan_to_num(0.0), 0.0)
+    ((want_lp * g.double()).sum() + (want_ent * g_ent.double()).sum()).backward()
+    theirs = _linear_run(lambda h, w: _torch_linear_lowp(h, w, b, labels, mask, 1.0), hidden, weight, g, g_ent)
+    for name, o, t, want in zip(["logp", "entropy", "d hidden", "d weight"], ours, theirs,
+                                [want_lp, want_ent, hd.grad, wd.grad]):
+        assert max_err(o, want) <= 2 * max_err(t, want), (name, max_err(o, want), max_err(t, want))
 
 
 @pytest.mark.parametrize("backend", backends())
