@@ -14,6 +14,7 @@ import torch
 from kernel_helpers import (  # noqa: E402,F401  (sets TRITON_INTERPRET on CPU first)
     BACKENDS,
     assert_close,
+    entropy_truth,
     linear_grad_bounds,
     logit_grad_bound,
     logp_tol,
@@ -37,13 +38,6 @@ def make_case(N=3, T=4, V=1000, seed=0):
     labels[~mask] = -100
     g, g_ent = torch.randn(N, T, generator=gen), torch.randn(N, T, generator=gen)
     return logits, labels, mask, g, g_ent
-
-
-def entropy_truth(z, temperature):
-    """H = −Σ p log p with a gradient that stays finite at −inf logits: log p is clamped to a finite
-    floor there (p = 0), where the reference's nan_to_num would give NaN in backward."""
-    lp = torch.log_softmax(z / temperature, -1)
-    return -(lp.exp() * lp.clamp(min=-1e300)).sum(-1)
 
 
 def truth_logits(x, labels, mask, temperature, g, g_ent):
