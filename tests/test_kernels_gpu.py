@@ -71,7 +71,7 @@ def _torch_lowp_errors(x, labels, mask, T, g, g_ent, want_lp, want_grad):
     x = x.detach().clone().requires_grad_()
     lsm = torch.log_softmax(x / T, -1)
     lp = torch.where(mask, lsm.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).float(), 0.0)
-    ent = torch.where(mask, -(lsm.exp() * lsm.clamp(min=torch.finfo(lsm.dtype).min)).sum(-1).float(), 0.0)
+    ent = torch.where(mask, -(lsm.exp() * lsm.clamp(min=torch.finfo(lsm.dtype).min * 2.0 ** -32)).sum(-1).float(), 0.0)
     ((lp * g).sum() + (ent * g_ent).sum()).backward()
     return max_err(lp, want_lp), max_err(x.grad, want_grad)
 
@@ -163,7 +163,7 @@ def _torch_linear_lowp(h, w, b, labels, mask, temp):
         z = z + b.to(z.dtype)
     lsm = torch.log_softmax(z / temp, -1)
     lp = torch.where(mask, lsm.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).float(), 0.0)
-    ent = torch.where(mask, -(lsm.exp() * lsm.clamp(min=torch.finfo(lsm.dtype).min)).sum(-1).float(), 0.0)
+    ent = torch.where(mask, -(lsm.exp() * lsm.clamp(min=torch.finfo(lsm.dtype).min * 2.0 ** -32)).sum(-1).float(), 0.0)
     return lp, ent
 
 
