@@ -143,7 +143,8 @@ class RunConfig:
     eval_limit: int | None = option(None, ge=1)            # held-out records scored per eval (None = all of them)
     save_every: int = option(0, ge=0)                      # checkpoint every N steps; 0 = only at the end
     keep_last: int = option(2, ge=0)                       # checkpoints kept (0 = all)
-    resume: bool = True                                    # continue from the newest checkpoint in output_dir
+    resume: bool = True                                    # continue from the newest good checkpoint in output_dir
+    resume_force: bool = False                             # resume despite a changed fixed setting; with resume=false, move an earlier run in output_dir to previous-run-K/
     progress: bool = True                                  # progress bar
     bf16_autocast: bool = True                             # on GPU only
     time_budget_s: float = option(0.0, ge=0)               # stop early after this wall time (0 = none)

@@ -33,7 +33,6 @@ How this departs from the GRPO paper (DeepSeekMath), one line each:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -42,15 +41,17 @@ from contextlib import nullcontext
 import torch
 
 from .advantages import DynamicSampling, group_advantages, group_reward_std
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .data.templates import make_prompt_fn
 from .distributed import DistContext, local_value
 from .experience import Experience, RowResults
 from .kernels import fused_linear_grpo_loss, linear_token_logprobs
 from .loss import kl_penalized_rewards, loss_options, mask_truncated
+from .metrics_log import MetricsLog
 from .optim import make_optimizer, make_scheduler
 from .ref_sync import sync_reference_
+from .resume import plan_resume, set_base_lr
 from .rewards import DEFAULT_ROLES, RewardSpec, combine_rewards, get_reward
 from .rollout import NonFiniteLogitsError, Rollout, generate_groups
 from .sampling import SamplingConfig
@@ -313,10 +314,10 @@ class GRPOTrainer:
     def train(self) -> list[dict]:
         cfg = self.cfg
         os.makedirs(cfg.run.output_dir, exist_ok=True)
-        if cfg.run.resume and (ck := latest_checkpoint(cfg.run.output_dir)):
-            self.resume(ck)
-        log_path = os.path.join(cfg.run.output_dir, "metrics.jsonl")
         main = self.dist.is_main              # only rank 0 logs, draws and writes
+        if self.step_idx == 0:                # not placed already by an explicit .resume(path)
+            self._resume_from_output_dir()
+        log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), start_step=self.step_idx) if main else None
         writer = _tensorboard(cfg.run.output_dir) if main else None
         bar = _progress(cfg.run.steps, self.step_idx, cfg.run.progress and main)
         t_start, streak = time.perf_counter(), 0
@@ -333,9 +334,8 @@ class GRPOTrainer:
                 with self.replica.gathered():
                     m.update({f"eval/{k}": v for k, v in self.eval_fn(self.policy).items()})
             self.history.append(m)
-            if main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
+            if log:
+                log.append(m)                 # strict JSON (NaN → null), each step once across resumes
             if writer:
                 for k, v in m.items():
                     if isinstance(v, (int, float)):
@@ -361,19 +361,48 @@ class GRPOTrainer:
         if self.dist.all_reduce(float(len(bad)), "max") > 0:
             raise NonFiniteTrainingError(f"GRPOTrainer.save: step {self.step_idx} weights hold NaN/inf "
                                          f"({', '.join(bad[:3]) or 'on another rank'}); not saved")
-        state = {"data_pos": self.data_pos, "config": json.dumps(to_dict(self.cfg))}
         model_state, optim_state = self.replica.full_state(self.optimizer)   # (None, None) unless fsdp2
+        ref_state = self._synced_reference_state()
         path = None
         if self.dist.is_main:
             path = save_checkpoint(self.cfg.run.output_dir, self.step_idx, self.policy, self.optimizer,
-                                   self.scheduler, state, keep_last=self.cfg.run.keep_last,
-                                   model_state=model_state, optim_state=optim_state)
+                                   self.scheduler, {"data_pos": self.data_pos}, keep_last=self.cfg.run.keep_last,
+                                   model_state=model_state, optim_state=optim_state, config=to_dict(self.cfg),
+                                   ref_state=ref_state)
         self.dist.barrier()                   # no rank reads a checkpoint before it is whole
         return path or checkpoint_path(self.cfg.run.output_dir, self.step_idx)
 
-    def resume(self, path: str) -> None:
-        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
+    def resume(self, path: str, verify: bool = True) -> None:
+        """Continue checkpoint ``path``: weights, optimizer, schedule, step and data position (and a
+        synced reference); a changed ``optim.lr`` takes effect (grpo_core.resume.set_base_lr)."""
+        ref = self.ref_policy.model if self._ref_is_synced() else None
+        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler, verify=verify, ref_model=ref)
+        set_base_lr(self.optimizer, self.scheduler, self.cfg.optim.lr)
         self.step_idx, self.data_pos = int(state["step"]), int(state["data_pos"])
+
+    def _resume_from_output_dir(self) -> None:
+        """Rank 0 decides (grpo_core.resume.plan_resume: recover leftovers, newest verified checkpoint,
+        fixed settings unchanged) and says so; every rank then loads the checkpoint it chose."""
+        cfg = self.cfg
+        plan = plan_resume(cfg.run.output_dir, to_dict(cfg), cfg.run.resume, cfg.run.resume_force) \
+            if self.dist.is_main else None
+        for line in plan.notes if plan else ():
+            print(f"grpo: {line}", flush=True)
+        path = [plan.path if plan else None]
+        if self.dist.active:
+            torch.distributed.broadcast_object_list(path, src=0)
+        if path[0]:
+            self.resume(path[0], verify=False)   # rank 0 verified it in plan_resume
+
+    def _ref_is_synced(self) -> bool:
+        return bool(self.cfg.grpo.ref_sync_steps) and self.ref_policy not in (None, "adapters")
+
+    def _synced_reference_state(self) -> dict | None:
+        """A synced reference is run state: its (full) weights go into the checkpoint."""
+        if not self._ref_is_synced():
+            return None
+        full, _ = self.ref_replica.full_state(None)              # FSDP2: gathered to rank 0
+        return full if full is not None else self.ref_policy.model.state_dict()
 
 
 def _progress(total, start, enabled):

@@ -233,7 +233,6 @@ def test_bad_image_mid_run_stops_then_resume_is_bit_identical(tiny_vlm_path, rec
 
 
 # ---- end to end, waiting for the trainer to call grpo_core.resume / grpo_core.metrics_log -----------
-@pytest.mark.skip(reason="needs trainer wiring: MetricsLog(metrics.jsonl, start_step=step_idx) in train()")
 def test_metrics_jsonl_after_a_resume_holds_each_step_once_in_strict_json(tiny_vlm_path, records, tmp_path):
     import json
 
@@ -248,7 +247,6 @@ def test_metrics_jsonl_after_a_resume_holds_each_step_once_in_strict_json(tiny_v
     assert rows[-1]["accuracy"] is None                 # no accuracy reward: null, not NaN
 
 
-@pytest.mark.skip(reason="needs trainer wiring: plan_resume(...) at the start of train()")
 def test_a_changed_fixed_setting_is_refused_on_resume(tiny_vlm_path, records, tmp_path):
     out = tmp_path / "run"
     cfg = _cfg(out, steps=1, save_every=1)
@@ -260,7 +258,6 @@ def test_a_changed_fixed_setting_is_refused_on_resume(tiny_vlm_path, records, tm
         _trainer(tiny_vlm_path, records, cfg).train()
 
 
-@pytest.mark.skip(reason="needs trainer wiring: set_base_lr(optimizer, scheduler, cfg.optim.lr) after load_checkpoint")
 def test_a_changed_lr_takes_effect_on_resume(tiny_vlm_path, records, tmp_path):
     out = tmp_path / "run"
     _trainer(tiny_vlm_path, records, _cfg(out, steps=1, save_every=1)).train()
@@ -270,7 +267,6 @@ def test_a_changed_lr_takes_effect_on_resume(tiny_vlm_path, records, tmp_path):
     assert [m["step"] for m in hist] == [2] and hist[0]["lr"] == 3e-3      # constant schedule
 
 
-@pytest.mark.skip(reason="needs trainer wiring: plan_resume(..., resume=cfg.run.resume) in train()")
 def test_a_fresh_run_over_an_earlier_one_is_refused(tiny_vlm_path, records, tmp_path):
     out = tmp_path / "run"
     _trainer(tiny_vlm_path, records, _cfg(out, steps=1, save_every=1)).train()

@@ -11,12 +11,12 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_policy
 
 from grpo_core.config import load_config
 from grpo_core.data import make_synthetic_vqa
 from grpo_core.rewards import RewardSpec
 from grpo_core.trainer import GRPOTrainer, rewards_from_config
-from helpers import tiny_policy
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
 VARIANTS = ["gspo", "cispo", "sapo", "two_sided_clip", "dapo", "dapo_overlong_filter", "high_entropy", "rloo",
@@ -81,3 +81,18 @@ def test_reference_sync_moves_the_reference_toward_the_policy(tiny_vlm_path, tmp
                                                                    "grpo.ref_sync_alpha": 1.0})
     pol, ref = tr.policy.model.state_dict(), tr.ref_policy.model.state_dict()
     assert all(torch.equal(pol[k], ref[k]) for k in pol)     # α = 1 after step 2: ref is the policy
+
+
+def test_synced_reference_is_saved_and_restored(tiny_vlm_path, tmp_path):
+    """With reference sync the reference is run state: a resume continues the synced reference."""
+    tr, _, _ = _run(tiny_vlm_path, "ref_sync", tmp_path, steps=2, **{"grpo.ref_sync_steps": 1,
+                                                                   "grpo.ref_sync_alpha": 0.5})
+    tr.save()
+    ref = {k: v.clone() for k, v in tr.ref_policy.model.state_dict().items()}
+    cfg = tr.cfg
+    fresh = GRPOTrainer(tiny_policy(tiny_vlm_path), make_synthetic_vqa(16, seed=2), cfg, reward_specs=tr.specs)
+    init = fresh.ref_policy.model.state_dict()
+    assert any(not torch.equal(init[k], ref[k]) for k in ref)          # the sync moved it away from the init
+    fresh.resume(os.path.join(cfg.run.output_dir, "ckpt-000002"))
+    got = fresh.ref_policy.model.state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
