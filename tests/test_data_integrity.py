@@ -122,6 +122,19 @@ def test_check_dataset_checks_each_distinct_image_once(tmp_path):
     assert [(i, e.row) for i, e in res.bad] == [(6, 6), (7, 7)]       # record order, each named
 
 
+def test_load_checks_each_image_once_across_chunks(tmp_path, monkeypatch):
+    import grpo_core.data.loaders as L
+
+    for i in range(3):
+        small_image(str(tmp_path / "images" / f"{i}.jpg"), i)
+    zero_byte(str(tmp_path / "images" / "z.jpg"))
+    rows = [(f"{i % 3}.jpg", f"Q{i}?", "A") for i in range(10)] + [("z.jpg", "Qz?", "A")] * 2
+    monkeypatch.setattr(L, "CHUNK", 4)                                # 12 rows in 3 chunks
+    recs = load_dataset(pmc_csv(str(tmp_path / "t.csv"), rows), check_images="decode", skip_bad=True, progress=True)
+    assert recs.report.images_checked == 4 and len(recs) == 10        # 3 good images + 1 bad, each once
+    assert skipped(recs) == {"unreadable image": 2}
+
+
 def test_runtime_skip_pieces(tmp_path):
     """What the trainer's picker uses: an image broken after the pre-check raises one typed error."""
     img = tmp_path / "images"
@@ -352,3 +365,25 @@ def test_build_records_reports_and_drops_eval_source_overlap(tmp_path):
     train, held = build_records(d, seed=1)
     assert train.split.summary() == (f"groups 13; merged 12 exact duplicates; 1 groups with differing answers kept "
                                      f"on one side; train {len(train)}, held-out {len(held)}")
+
+
+def test_unexpected_cell_types_are_named_rows(tmp_path):
+    small_image(str(tmp_path / "images" / "a.png"))
+    ok = {"id": "MM-1", "question": "Q?", "options": {"A": "x", "B": "y"}, "label": "A", "images": ["a.png"]}
+    odd = dict(ok, id="MM-2", options=["x", "y"])                     # a list where a {letter: text} dict belongs
+    (tmp_path / "test.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps(odd) + "\n")
+    with pytest.raises(BadRowError, match=r"test\.jsonl, row 1: cannot read row \(AttributeError: 'list' object"):
+        load_dataset(str(tmp_path / "test.jsonl"))
+    recs = load_dataset(str(tmp_path / "test.jsonl"), skip_bad=True)
+    assert [r.id for r in recs] == ["MM-1"] and skipped(recs) == {"cannot read row": 1}
+
+
+def test_config_checks_the_new_data_options():
+    from grpo_core.config import load_config
+
+    with pytest.raises(ValueError, match=r"data\.check_images='full' is not one of \('none', 'exists', 'open', 'decode'\)"):
+        load_config(None, ["data.check_images=full"])
+    with pytest.raises(ValueError, match=r"data\.max_image_pixels must be ≥ 1, got 0"):
+        load_config(None, ["data.max_image_pixels=0"])
+    cfg = load_config(None, ["data.columns={question: q, answer: a, image: img}", "data.allow_outside_root=true"])
+    assert cfg.data.columns == {"question": "q", "answer": "a", "image": "img"} and cfg.data.check_images == "decode"

@@ -150,3 +150,14 @@ def test_datasets_is_imported_only_by_this_format():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_med_r1_arrow_rows_with_inline_options():
+    ds = datasets.Dataset.from_dict({
+        "image": [image_bytes(1), image_bytes(2)],
+        "problem": ["Which modality is this? A)CT, B)MRI, C)X-ray, left view", "Is there a tumour?"],
+        "solution": ["<answer> C </answer>", "no"]})
+    mc, yn = load_dataset(ds, columns={"question": "problem", "answer": "solution"})
+    assert mc.question == "Which modality is this?" and mc.answer_letter == "C"
+    assert mc.options == {"A": "CT", "B": "MRI", "C": "X-ray, left view"} and mc.answer_text == "X-ray, left view"
+    assert (yn.answer_type, yn.options, yn.question) == ("yesno", {}, "Is there a tumour?")

@@ -29,6 +29,7 @@ puts in a record is decoded in place, once).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -70,6 +71,28 @@ class ImageProblem(RowProblem):
 # Where a path may point
 # ---------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=65536)
+def _real_dir(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def clear_path_cache() -> None:
+    """Forget the folders' cached real paths (load_dataset calls it first: links may have changed since)."""
+    _real_dir.cache_clear()
+
+
+def real_path(path: str) -> str:
+    """os.path.realpath(path), with each folder's real path cached: one lstat per file, not per part.
+
+    A dataset has ~10⁵ images in a few hundred folders; realpath of each path walks every part.
+    """
+    folder, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        return os.path.realpath(path)
+    real = os.path.join(_real_dir(folder or "."), name)
+    return os.path.realpath(real) if os.path.islink(real) else real
+
+
 @dataclass(frozen=True)
 class ImageRoots:
     """The folders a dataset's relative image paths are looked up in, and must stay inside."""
@@ -79,7 +102,7 @@ class ImageRoots:
     real: tuple = field(default=(), compare=False)     # realpaths of `folders` (filled in __post_init__)
 
     def __post_init__(self):
-        object.__setattr__(self, "real", tuple(os.path.realpath(f) for f in self.folders))
+        object.__setattr__(self, "real", tuple(os.path.realpath(f) for f in self.folders))   # not cached: may change
 
     @classmethod
     def of(cls, image_root: str | None, defaults, allow_outside: bool = False) -> "ImageRoots":
@@ -87,7 +110,7 @@ class ImageRoots:
         return cls(tuple([image_root] if image_root else [d for d in defaults if d]), allow_outside)
 
     def contains(self, path: str) -> bool:
-        real = os.path.realpath(path)
+        real = real_path(path)
         return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.real)
 
     def resolve(self, rel: Any) -> str:
@@ -104,7 +127,7 @@ class ImageRoots:
             where = f"the dataset's image folders {list(self.folders)}" if self.folders else "any image_root (none given)"
             raise ImageProblem(
                 "image outside dataset root",
-                f"{rel!r} resolves to {os.path.realpath((existing or cands)[0])}, outside {where}; if that is "
+                f"{rel!r} resolves to {real_path((existing or cands)[0])}, outside {where}; if that is "
                 "intended, set data.allow_outside_root: true (load_dataset(..., allow_outside_root=True))",
                 path=(existing or cands)[0])
         return inside[0]
@@ -131,7 +154,7 @@ def image_key(src: Any) -> str:
         h = hashlib.sha1(f"{src.mode}{src.size}".encode())
         h.update(src.tobytes())
         return "pixels:" + h.hexdigest()
-    return "file:" + os.path.realpath(str(src))
+    return "file:" + real_path(str(src))
 
 
 def open_image(src: Any, max_pixels: int | None) -> Image.Image:
@@ -247,36 +270,42 @@ def default_threads() -> int:
 
 
 def check_dataset(records, check_images: str = "decode", max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                  threads: int | None = None, progress: bool = False) -> ImageCheckReport:
+                  threads: int | None = None, progress=False, seen: dict | None = None) -> ImageCheckReport:
     """Check every record's images at level ``check_images``; each distinct image is checked once.
 
     Returns the bad records as (index, ImageLoadError) in record order (a record is named by its
-    first bad image); the caller decides whether to raise the first or drop them all.
+    first bad image); the caller decides whether to raise the first or drop them all. ``seen``
+    (image key -> ImageProblem or None) carries results over between calls on parts of one
+    dataset, so an image shared by many rows is still checked once. ``progress``: True for a bar
+    of this call, or a tqdm-like object (``.update(n)``) shared by several calls.
     """
     if check_images not in IMAGE_CHECKS:
         raise ValueError(f"check_images must be one of {IMAGE_CHECKS}, got {check_images!r}")
     t0 = time.perf_counter()
+    seen = {} if seen is None else seen
     keys = [[_check_key(src) for src in r.images] for r in records]
-    unique = {k: src for r, ks in zip(records, keys) for k, src in zip(ks, r.images)}
-    problems: dict = {}
+    unique = {k: src for r, ks in zip(records, keys) for k, src in zip(ks, r.images) if k not in seen}
 
     def one(key):
         try:
             check_image(unique[key], check_images, max_image_pixels)
+            seen[key] = None
         except ImageProblem as p:
-            problems[key] = p
+            seen[key] = p
 
-    bar = _bar(len(unique), f"checking images ({check_images})") if progress and unique else None
+    own_bar = progress is True and bool(unique)
+    shared = not any(progress is v for v in (True, False, None))       # a tqdm: its bool() and == are its own
+    bar = progress_bar(len(unique), f"checking images ({check_images})") if own_bar else (progress if shared else None)
     with ThreadPoolExecutor(threads or default_threads()) as ex:
         for fut in as_completed([ex.submit(one, k) for k in unique]):
             fut.result()
             if bar is not None:
                 bar.update(1)
-    if bar is not None:
+    if own_bar:
         bar.close()
     report = ImageCheckReport(checked=len(unique), seconds=time.perf_counter() - t0)
     for i, (r, ks) in enumerate(zip(records, keys)):
-        first = next((problems[k] for k in ks if k in problems), None)
+        first = next((seen[k] for k in ks if seen[k] is not None), None)
         if first is not None:
             report.bad.append((i, first.error(r.source_file or f"record {r.id!r}", r.source_row)))
     return report
@@ -287,7 +316,7 @@ def _check_key(src: Any) -> str:
     return f"pil:{id(src)}" if isinstance(src, Image.Image) else image_key(src)
 
 
-def _bar(total: int, desc: str):
+def progress_bar(total: int | None, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)

@@ -30,7 +30,15 @@ import logging
 import os
 
 from .files import read_json, walk_files
-from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_CHECKS, check_dataset, check_image, image_key
+from .images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_CHECKS,
+    check_dataset,
+    check_image,
+    clear_path_cache,
+    image_key,
+    progress_bar,
+)
 from .loaders_hf import (
     check_column_mapping,
     is_hf_dataset_dir,
@@ -40,7 +48,15 @@ from .loaders_hf import (
 )
 from .loaders_mc import iter_med_r1, iter_medvlm_r1, iter_medxpertqa, iter_omnimedvqa, iter_pmc_vqa
 from .loaders_open import iter_pathvqa, iter_slake, iter_vqa_rad
-from .record import BadFileError, Filtered, LoadReport, RecordList, RowProblem, check_record
+from .record import (
+    BadFileError,
+    BadRowError,
+    Filtered,
+    LoadReport,
+    RecordList,
+    RowProblem,
+    check_record,
+)
 
 log = logging.getLogger("grpo_core.data")
 
@@ -78,6 +94,7 @@ def load_dataset(path, format=None, split=None, skip_bad=False, check_images="ex
     if check_images not in IMAGE_CHECKS:
         raise ValueError(f"load_dataset: check_images must be one of {IMAGE_CHECKS}, got {check_images!r}")
     fmt, path = _format_and_path(path, format)
+    clear_path_cache()                               # folders may have been re-linked since the last load
     if columns is not None:
         if fmt not in COLUMN_FORMATS:
             raise ValueError(f"load_dataset: columns= (data.columns) applies to formats {COLUMN_FORMATS}, not {fmt!r}")
@@ -85,14 +102,17 @@ def load_dataset(path, format=None, split=None, skip_bad=False, check_images="ex
     rows = FORMATS[fmt](path, split=split, allow_outside_root=allow_outside_root, **kwargs)
     report, records = LoadReport(), RecordList()
     candidates = _row_pass(rows, check_images == "exists", skip_bad, report)
-    heavy = check_images in ("open", "decode")
+    heavy, seen = check_images in ("open", "decode"), {}      # seen: image key -> problem, across chunks
+    bar = progress_bar(None, f"checking images ({check_images})") if heavy and progress else None
     while limit is None or len(records) < limit:
         chunk = list(itertools.islice(candidates, CHUNK if limit is None else min(CHUNK, limit - len(records))))
         if not chunk:
             break
         if heavy:
-            chunk = _image_pass(chunk, check_images, max_image_pixels, threads, progress, skip_bad, report)
+            chunk = _image_pass(chunk, check_images, max_image_pixels, threads, bar, skip_bad, report, seen)
         records.extend(chunk)
+    if bar is not None:
+        bar.close()
     _count_duplicates(records, report)
     report.loaded = len(records)
     records.report = report
@@ -144,6 +164,9 @@ def _row_pass(rows, check_exists: bool, skip_bad: bool, report: LoadReport):
         except RowProblem as p:
             _skip(p.error(file, index), skip_bad, report, p)
             continue
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:   # a cell of an unexpected type
+            _skip(BadRowError(file, index, "cannot read row", f"{type(exc).__name__}: {exc}"), skip_bad, report, exc)
+            continue
         yield rec
 
 
@@ -152,9 +175,9 @@ def _exists(img) -> None:
     check_image(img, "open" if isinstance(img, (bytes, bytearray)) else "exists", None)
 
 
-def _image_pass(chunk, check_images, max_image_pixels, threads, progress, skip_bad, report) -> list:
+def _image_pass(chunk, check_images, max_image_pixels, threads, bar, skip_bad, report, seen) -> list:
     """The chunk without the records whose images fail (pass 2); the first failure raises unless skip_bad."""
-    res = check_dataset(chunk, check_images, max_image_pixels, threads, progress)
+    res = check_dataset(chunk, check_images, max_image_pixels, threads, bar, seen)
     report.images_checked += res.checked
     report.check_seconds += res.seconds
     for _, err in res.bad:

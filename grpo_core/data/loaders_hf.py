@@ -15,11 +15,12 @@ Cells: an image is an HF Image cell ``{bytes, path}``, a list of them, a path st
 under the dataset folder or ``image_root``, and kept inside it), a list of paths, or raw bytes.
 Image features are read undecoded (``Image(decode=False)``): records keep the encoded bytes, and
 the pixels are decoded per use under the pixel cap (images.py). Options are a list (lettered
-A, B, …) or a {letter: text} dict; the answer is then a letter or an option's text.
+A, B, …) or a {letter: text} dict; the answer is then a letter or an option's text. Without an
+options column, a question that carries its options inline ("Q? A)x, B)y", Med-R1's Arrow data:
+``problem`` / ``solution`` = "<answer> B </answer>") with a letter answer is split into stem and
+options; other rows without options are yes/no or open questions.
 
-``datasets`` is imported only here, and only when this format is used: the engine runs without
-it. Deviation: Med-R1's own Arrow data keeps its options inline in ``problem``; map ``question``
-to such a column and the options stay part of the question text.
+``datasets`` is imported only here, and only when this format is used: the engine runs without it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from functools import partial
 
 from .files import pick_files, require_columns, split_of
 from .images import ImageProblem, ImageRoots
-from .loaders_mc import _letter_of, _one_letter
+from .loaders_mc import _letter_of, _one_letter, split_inline_options
 from .record import ANSWER_TYPES, RowProblem, VQARecord, clean_cell, letters_for, yes_no
 
 COLUMN_KEYS = ("question", "answer", "image", "options", "id", "answer_type", "modality", "question_type")
@@ -111,15 +112,28 @@ def _options(cell) -> dict:
     raise RowProblem("cannot parse options", f"options cell is {type(cell).__name__}; use a list or a letter->text dict")
 
 
+def _inline_options(question: str, answer: str) -> tuple[str, dict]:
+    """Med-R1's Arrow rows: options inside the question ("Q? A)x, B)y") and a letter answer."""
+    if _one_letter(answer) is None:
+        return question, {}
+    try:
+        return split_inline_options(question)
+    except RowProblem:
+        return question, {}
+
+
 def mapped_row(row: dict, cols: dict, roots: ImageRoots, name: str, split: str, i: int) -> VQARecord:
     get = lambda k: clean_cell(row.get(cols[k])) if k in cols else ""  # noqa: E731
-    options = _options(row.get(cols["options"])) if "options" in cols else {}
-    answer = get("answer")
+    question, answer = get("question"), get("answer")
+    if "options" in cols:
+        options = _options(row.get(cols["options"]))
+    else:
+        question, options = _inline_options(question, answer)
     given = get("answer_type").lower()
     if given and given not in ANSWER_TYPES:
         raise RowProblem("unknown answer type", f"{given!r}; use one of {ANSWER_TYPES}")
     common = dict(id=get("id") or f"{name}/{split}/{i}", images=_image_sources(row.get(cols["image"]), roots),
-                  question=get("question"), modality=get("modality"), question_type=get("question_type"),
+                  question=question, modality=get("modality"), question_type=get("question_type"),
                   dataset=name, extra={"split": split})
     if options:
         letter = _one_letter(answer)

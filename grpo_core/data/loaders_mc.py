@@ -100,7 +100,8 @@ def iter_pmc_vqa(path, split=None, image_root=None, allow_outside_root=False, **
 
 
 def _pmc_row(row, cols, v1, roots, stem, i):
-    get = lambda k: clean_cell(row.get(cols[k], "")) if k in cols else ""  # noqa: E731
+    cells = {k: clean_cell(row.get(c)) for k, c in cols.items()}      # each cell cleaned once
+    get = lambda k: cells.get(k, "")  # noqa: E731
     options = {L: strip_letter_prefix(get(f"choice{L.lower()}")) for L in "ABCD"}
     options = {L: t for L, t in options.items() if t}
     if v1:
@@ -115,7 +116,7 @@ def _pmc_row(row, cols, v1, roots, stem, i):
     if get("split"):
         extra["split"] = get("split")
     if v1 and letter in options and _norm(options[letter]) != _norm(answer_text):
-        extra["answer_mismatch"] = True       # 31 train rows: the label decides (FORMATS.md §1)
+        extra["answer_mismatch"] = True       # 31 train rows: the label decides (docs/FORMATS.md)
     rid = get("index") or str(i)
     return VQARecord(
         id=f"pmc_vqa/{stem}/{rid}", images=[roots.resolve(get("figurepath"))], question=get("question"),
