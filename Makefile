@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_core_installed
 
-.PHONY: demo test test-numerics cpu-info install bench bench-quick lint cuda memcheck clean
+.PHONY: demo test test-numerics cpu-info install bench bench-quick lint cuda memcheck compile-check device-check device-check-dry clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m grpo_app.cli demo
+	$(PY) -m grpo_app demo
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" tests
@@ -69,6 +69,20 @@ memcheck: cuda $(STAMP)
 	GRPO_CORE_CUDA_LIB=build/cuda/libgrpo_core_cuda.so PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
 	$${COMPUTE_SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 \
 	$(PY) -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py
+
+# Every Triton kernel variant and csrc/ compiled for sm_80 and sm_90a without a GPU; the table of
+# registers, spills and load widths goes to bench/results/compile/ (bench/compile_check.py).
+compile-check: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m bench.compile_check
+
+# The one prepared GPU run (bench/device_check.py): tests, benchmarks, peak memory, one folder.
+# On the device machine run `bash bench/device_check.sh` instead (no venv, no network there).
+device-check: $(STAMP)
+	$(PY) -m bench.device_check
+
+# The same script on CPU with tiny shapes: checks the script itself (CI).
+device-check-dry: $(STAMP)
+	$(PY) -m bench.device_check --dry-run
 
 clean:
 	rm -rf build grpo_core/kernels/_lib *.egg-info

@@ -1,6 +1,6 @@
 """Group advantages: the CUDA kernel (csrc/advantages.cu) vs grpo_core.advantages (torch).
 
-    python bench/bench_advantages.py [--quick] [--scales group,batch] [--out bench/results]
+    python -m bench.bench_advantages [--quick] [--scales group,batch] [--out bench/results]
 
 Providers, per (N, G, scale):
   torch        grpo_core.advantages.group_advantages on the rewards' device
@@ -11,70 +11,19 @@ report says why the CUDA providers were skipped.
 
 Bytes moved (ideal): read N fp32 rewards, write N fp32 advantages → 8·N bytes; GB/s uses that.
 Timing: warm-up, then per-call wall time (CUDA events on a GPU), median and 20/80 % quantiles.
-Writes bench/results/advantages_<device>.json and .md.
+Writes bench/results/<device>/advantages_<cpu|cuda>.json and .md (bench/common.py's folder rule).
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import device_label, results_dir, time_ms, write_table  # noqa: E402
 from grpo_core.advantages import SCALES, group_advantages  # noqa: E402
 from grpo_core.kernels import cuda  # noqa: E402
-
-# ---- minimal timing/report helpers (local: this script predates a shared bench/common.py) ----
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def time_ms(fn, device: torch.device, warmup: int = 5, reps: int = 30) -> dict:
-    """Median and 20/80 % quantiles of one call's wall time in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
-    return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
-
-
-def write_results(out_dir: str, name: str, meta: dict, rows: list[dict], columns: list[str]) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, name)
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# {meta['title']}", "", f"device: {meta['device']}  ", f"torch {meta['torch']}; {meta['command']}", ""]
-    lines += [f"note: {n}  " for n in meta.get("notes", [])] + [""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return stem
-
-
-def _fmt(v):
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
 
 # ---- providers -----------------------------------------------------------------------------
 
@@ -107,7 +56,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small grid (CI smoke)")
     ap.add_argument("--scales", default="group,batch", help="comma list of group,batch,none")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", default=None, help="results root (default bench/results); files go to <out>/<device>/")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     provs, notes = providers(device)
@@ -123,17 +72,17 @@ def main(argv=None) -> int:
                     continue
                 r = torch.randint(0, 2, (N,), device=device).float()                 # (N,) 0/1 rewards
                 for name, make in provs.items():
-                    t = time_ms(make(r, G, scale), device, reps=10 if args.quick else 30)
-                    row = {"scale": scale, "N": N, "G": G, "provider": name, **t,
-                           "GB/s": 8 * N / (t["ms"] * 1e-3) / 1e9}
+                    ms, q20, q80 = time_ms(make(r, G, scale), device, warmup=5, rep=10 if args.quick else 30)
+                    row = {"scale": scale, "N": N, "G": G, "provider": name, "ms": ms, "ms_p20": q20,
+                           "ms_p80": q80, "GB/s": 8 * N / (ms * 1e-3) / 1e9}
                     rows.append(row)
-                    print(f"{scale:5s} N={N:8d} G={G:5d} {name:12s} {t['ms']:.4f} ms  {row['GB/s']:.2f} GB/s")
+                    print(f"{scale:5s} N={N:8d} G={G:5d} {name:12s} {ms:.4f} ms  {row['GB/s']:.2f} GB/s")
     meta = {"title": "group advantages: CUDA kernel vs torch", "device": device_label(device),
-            "torch": torch.__version__, "command": "python bench/bench_advantages.py" + (" --quick" if args.quick else ""),
+            "torch": torch.__version__, "command": "python -m bench.bench_advantages" + (" --quick" if args.quick else ""),
             "bytes": "8·N (read rewards, write advantages)", "notes": notes}
     tag = "cuda" if device.type == "cuda" else "cpu"
-    stem = write_results(args.out, f"advantages_{tag}", meta, rows,
-                         ["scale", "N", "G", "provider", "ms", "ms_p20", "ms_p80", "GB/s"])
+    stem = write_table(os.path.join(results_dir(device, args.out), f"advantages_{tag}"), meta, rows,
+                       ["scale", "N", "G", "provider", "ms", "ms_p20", "ms_p80", "GB/s"])
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 

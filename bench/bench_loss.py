@@ -14,12 +14,13 @@ Providers, "logits" op (input: logits (N, T, V) that require grad):
                     ours with k3 / token_mean; expects (N, T + 1, V) logits)
 "linear" op (input: hidden (N, T, H) and lm_head weight (V, H), both require grad):
     torch-eager     hidden @ Wᵀ (full logits) + reference loss
-    ours-linear-torch / ours-linear-triton   fused_linear_grpo_loss
+    ours-linear-torch / -triton / -cuda   fused_linear_grpo_loss (cuda: cuBLAS tiles + csrc/ softmax)
 
 Bytes model for the logits op (memory-bound), per logit, e = bytes per element (2 for bf16):
     fwd e (read logits) · bwd 2e (read logits, write d logits) · full 3e (= 6 B/logit in bf16),
     plus ~24 B per token (labels, mask, old, ref, logp, lse). GB/s = bytes / median time and
-    % HBM against the device's peak (H100: 3.35 TB/s).
+    % HBM against the device's measured copy bandwidth when GRPO_CORE_MEASURED_BW is set
+    (bench/device_check.py measures it first), else its datasheet peak (H100: 3.35 TB/s).
 FLOPs model for the linear op (compute-bound): fwd 2·M·V·H, bwd 4·M·V·H, full 6·M·V·H (the
 ideal without recompute; ours recomputes the logits in backward, 8·M·V·H actually executed).
 """
@@ -109,8 +110,10 @@ def linear_providers(device):
                                                       temperature=TEMPERATURE, backend=backend, **LOSS_KW)[0]
 
     provs = {"torch-eager": naive, "ours-linear-torch": ours("torch")}
-    if device.type == "cuda" and dispatch.why_unavailable("triton", device) is None:
-        provs["ours-linear-triton"] = ours("triton")
+    if device.type == "cuda":
+        for name in ("triton", "cuda"):
+            if dispatch.why_unavailable(name, device) is None:
+                provs[f"ours-linear-{name}"] = ours(name)
     return provs
 
 
@@ -164,7 +167,7 @@ def run(args):
     M = int(d["mask"].sum())
     lin_flops = {"fwd": 2 * M * V * H, "bwd": 4 * M * V * H, "full": 6 * M * V * H}
     results = []
-    compile_ok = device.type == "cuda" or args.compile
+    compile_ok = (device.type == "cuda" or args.compile) and not args.no_compile
     for name, prov in logits_providers(device, compile_ok).items():
         x = d["logits"].detach().clone().requires_grad_()
         results += measure("logits", name, lambda p=prov, x=x: p(d, x), [x], shape, device, logit_bytes, {}, args.quick)
@@ -177,7 +180,7 @@ def run(args):
         print(_line(results[-1]))
     meta = dict(shape, tokens=N * T, valid_tokens=M, loss=LOSS_KW, temperature=TEMPERATURE,
                 command="python -m bench.bench_loss" + (" --quick" if args.quick else ""))
-    out = write_results("bench_loss" + ("_quick" if args.quick else ""), results, device, meta)
+    out = write_results("bench_loss" + ("_quick" if args.quick else ""), results, device, meta, args.out)
     print(f"results in {out} ({device_name(device)})")
     return results
 
@@ -187,11 +190,13 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small CPU-sized shapes (< 30 s)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     p.add_argument("--compile", action="store_true", help="also time torch.compile on CPU")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out (saves its compile time)")
     p.add_argument("--seqs", type=int, default=16)
     p.add_argument("--tokens-per-seq", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--out", default=None, help="results root (default bench/results); files go to <out>/<device>/")
     args = p.parse_args(argv)
     if args.quick:
         args.seqs, args.tokens_per_seq, args.vocab, args.hidden = 4, 32, 4096, 64

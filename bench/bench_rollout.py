@@ -16,16 +16,13 @@ Configs:
         the language model's weights + lm_head once and each row's KV cache:
             bytes/step = W_lm + N · T̄ · layers · 2 · kv_heads · head_dim · 2 B,  T̄ = P + new / 2.
 
-Results: bench/results/<device>/rollout.{json,md}.
+Results: bench/results/<device>/rollout.{json,md} (bench/common.py's folder rule).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -34,6 +31,7 @@ import time
 import numpy as np
 import torch
 
+from bench.common import device_label, peak_bandwidth, results_dir, write_table
 from grpo_core.policy import Prompt
 from grpo_core.rollout import generate_groups
 from grpo_core.sampling import SamplingConfig
@@ -42,7 +40,6 @@ CONFIGS = {
     "tiny": dict(hidden=128, layers=4, image=448, prompts=4, G=8, new=32, reps=7, device="cpu"),
     "2b": dict(image=448, prompts=8, G=8, new=256, reps=3, device="cuda"),
 }
-PEAK_BW = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12}
 TEXTS = ["What is shown in this scan?", "Which organ is affected and where is the lesion located?",
          "CT or MRI?", "Describe the abnormality.", "Is there a fracture?", "Which modality was used here?",
          "Where is the mass?", "Is this image normal?"]
@@ -180,8 +177,7 @@ def _bandwidth(policy, enc, n_rows: int, new: int, ms_per_step: float) -> dict:
     head_dim = t.hidden_size // t.num_attention_heads
     t_mean = enc.input_ids.shape[1] + new / 2
     kv_bytes = n_rows * t_mean * t.num_hidden_layers * 2 * t.num_key_value_heads * head_dim * esize
-    name = torch.cuda.get_device_name()
-    peak = next((bw for key, bw in PEAK_BW.items() if key in name), None)
+    peak = peak_bandwidth(torch.device("cuda"))
     achieved = (w_bytes + kv_bytes) / (ms_per_step / 1e3)
     return {"bytes_per_step": w_bytes + kv_bytes, "achieved_GBps": achieved / 1e9,
             "peak_GBps": peak / 1e9 if peak else None, "fraction_of_bw_limit": achieved / peak if peak else None}
@@ -189,40 +185,35 @@ def _bandwidth(policy, enc, n_rows: int, new: int, ms_per_step: float) -> dict:
 
 # ── results ──────────────────────────────────────────────────────────────────────────────────────
 
-def device_slug() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return "cpu"
-
-
-def write_results(rows: list[dict], command: str) -> str:
+def write_results(rows: list[dict], command: str, root: str | None = None) -> str:
     import transformers
 
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug())
-    os.makedirs(out_dir, exist_ok=True)
-    meta = {"bench": "rollout", "command": command, "device": device_slug(), "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "results": rows}
-    with open(os.path.join(out_dir, "rollout.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    fmt = lambda v: "—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"title": f"Rollout: generate_groups vs HF generate ({device_label(dev)})", "bench": "rollout",
+            "command": command, "device": device_label(dev), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "notes": ["medians over reps, HF and ours alternating"]}
     cols = ["config", "prompts", "G", "new_tokens", "prompt_len", "threads", "hf_tokens_per_s", "ours_tokens_per_s",
             "speedup", "speedup_cpu_time", "ours_prefill_s", "hf_prefill_s_est", "ours_decode_ms_per_step",
             "hf_decode_ms_per_step_est", "fraction_of_bw_limit"]
-    lines = [f"# Rollout: generate_groups vs HF generate ({device_slug()})", "", f"`{command}` — torch {torch.__version__}, "
-             f"transformers {transformers.__version__}; medians over reps, HF and ours alternating.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    with open(os.path.join(out_dir, "rollout.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return out_dir
+    return write_table(os.path.join(results_dir(dev, root), "rollout"), meta, rows, cols)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     ap.add_argument("--config", default="all", choices=["all", *CONFIGS])
+    ap.add_argument("--out", default=None, help="results root (default bench/results); files go to <out>/<device>/")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
+                    help="override a config entry, e.g. --set prompts=1 --set new=4 (smoke runs)")
     args = ap.parse_args(argv)
     names = list(CONFIGS) if args.config == "all" else [args.config]
+    for item in args.set:
+        key, _, value = item.partition("=")
+        for cfg in (CONFIGS[n] for n in names):
+            if key not in cfg:
+                raise SystemExit(f"--set {item}: no config entry {key!r}; entries: {sorted(cfg)}")
+            cfg[key] = int(value)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:
@@ -240,7 +231,8 @@ def main(argv=None):
             if row.get("fraction_of_bw_limit") is not None:
                 print(f"[{name}] decode step reaches {row['fraction_of_bw_limit']:.1%} of the HBM bandwidth limit")
     if rows:
-        print("results in", write_results(rows, "python -m bench.bench_rollout " + " ".join(argv if argv is not None else sys.argv[1:])))
+        cmd = "python -m bench.bench_rollout " + " ".join(argv if argv is not None else sys.argv[1:])
+        print("results in", write_results(rows, cmd, args.out))
 
 
 if __name__ == "__main__":

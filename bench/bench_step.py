@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -302,26 +301,12 @@ def summarise(provider: str, res: dict, shape: StepShape) -> dict:
             "completion_len": res["completion_len"], "peak_mem_mb": res["peak_mem_mb"]}
 
 
-def device_label(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def write(out_dir: str, meta: dict, rows: list[dict]) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"step_{'cuda' if device().type == 'cuda' else 'cpu'}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    cols = ["provider", "model", "image_px", "B", "G", "new_tokens", "s", "s_p20", "s_p80", "s_min", "speedup_vs_trl", "cpu_s", "cpu_speedup_vs_trl",
-            "completion_len", "peak_mem_mb"]
-    lines = [f"# {meta['title']}", "", f"device: {meta['device']}  ", f"command: `{meta['command']}`", ""]
-    lines += [f"note: {n}  " for n in meta["notes"]] + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c) if r.get(c) is not None else "") for c in cols) + " |"
-              for r in rows]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return stem
+    from bench.common import write_table
+
+    cols = ["provider", "model", "image_px", "B", "G", "new_tokens", "s", "s_p20", "s_p80", "s_min", "speedup_vs_trl",
+            "cpu_s", "cpu_speedup_vs_trl", "completion_len", "peak_mem_mb"]
+    return write_table(os.path.join(out_dir, f"step_{'cuda' if device().type == 'cuda' else 'cpu'}"), meta, rows, cols)
 
 
 def main(argv=None) -> int:
@@ -378,27 +363,19 @@ def main(argv=None) -> int:
                      f"{EXTERNAL_TRL_CPU['what']}")
     import shlex
     cmd = "python -m bench.bench_step " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    from bench.common import RESULTS_DIR, device_name
+    from bench.common import device_label, package_version, results_dir
     from bench.run_all import git_commit
 
     dev = device()
     meta = {"title": "one GRPO training step: grpo_core vs TRL GRPOTrainer", "device": device_label(dev),
             "torch": torch.__version__, "command": cmd.strip(), "shape": asdict(shape), "notes": notes,
             "reference": REFERENCE, "time_unit": "s", "memory": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
-            "trl": _version("trl"), "transformers": _version("transformers"), "git": git_commit(),
+            "trl": package_version("trl"), "transformers": package_version("transformers"), "git": git_commit(),
             "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
-    stem = write(args.out or os.path.join(RESULTS_DIR, device_name(dev)), meta, rows)
+    stem = write(args.out or results_dir(dev), meta, rows)
     print(f"wrote {stem}.json and {stem}.md")
     return 0
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(pkg)
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,16 @@
 """Shared helpers for the benchmark scripts: device name, timing, memory, roofline, result files.
 
+Every script takes these from here (one definition each):
+  device_name(device)   the results folder: bench/results/<device_name>/, one per machine. Rule:
+                        a GPU's marketing name ("NVIDIA-H200"); a CPU's "cpu-<vendor>-<family>",
+                        the first two words of its model name without (R)/(TM) ("cpu-AMD-EPYC",
+                        "cpu-Intel-Xeon"): results of one machine kind land in one folder.
+  device_label(device)  the human-readable line for a report ("NVIDIA H200", "CPU (AMD EPYC
+                        7B13, 2 threads)").
+  results_dir(device)   bench/results/<device_name>/ (created).
+  time_ms(fn, device)   (median, q20, q80) ms.
+  write_table(stem, meta, rows, columns)   {"meta", "rows"} JSON + a markdown table.
+
 Timing: on a GPU ``triton.testing.do_bench`` (it flushes L2 and synchronises) with the median and
 the 20 / 80 % quantiles; on CPU a ``perf_counter`` loop after warm-up, same quantiles.
 Memory: on a GPU the peak of ``torch.cuda.max_memory_allocated`` above what was allocated before
@@ -27,12 +38,27 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 def device_name(device: torch.device) -> str:
-    """A file-system safe name: the GPU's marketing name, or 'cpu-<processor>'."""
+    """The results folder's name (see the module docstring for the rule); file-system safe."""
     if device.type == "cuda":
         raw = torch.cuda.get_device_name(device)
     else:
-        raw = "cpu-" + (_cpu_model() or platform.machine())
+        model = re.sub(r"\((R|TM|tm|r)\)", "", _cpu_model() or platform.machine())
+        raw = "cpu-" + "-".join(model.split()[:2])
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-")
+
+
+def device_label(device: torch.device) -> str:
+    """What a report says the device was."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({_cpu_model() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def results_dir(device: torch.device, root: str | None = None) -> str:
+    """<root or bench/results>/<device_name>/, created."""
+    out = os.path.join(root or RESULTS_DIR, device_name(device))
+    os.makedirs(out, exist_ok=True)
+    return out
 
 
 def _cpu_model() -> str | None:
@@ -46,10 +72,23 @@ def _cpu_model() -> str | None:
     return None
 
 
+MEASURED_BYTES_PER_S: dict[str, float] = {}   # device name → measured copy bandwidth (set_measured_bandwidth)
+
+
+def set_measured_bandwidth(device: torch.device, bytes_per_s: float) -> None:
+    """Use a measured device-to-device copy bandwidth (bytes read + written per second) as the
+    roofline instead of the datasheet figure (bench/device_check.py measures it first)."""
+    MEASURED_BYTES_PER_S[device_name(device)] = bytes_per_s
+
+
 def peak_bandwidth(device: torch.device) -> float | None:
-    """HBM bytes/s of the device, or None when unknown (CPU, unlisted GPU)."""
+    """Memory bytes/s of the device: measured if set, else the datasheet; None when unknown (CPU)."""
     if device.type != "cuda":
         return None
+    if os.environ.get("GRPO_CORE_MEASURED_BW"):                # set by bench/device_check.py
+        return float(os.environ["GRPO_CORE_MEASURED_BW"])
+    if device_name(device) in MEASURED_BYTES_PER_S:
+        return MEASURED_BYTES_PER_S[device_name(device)]
     name = torch.cuda.get_device_name(device)
     return next((bw for key, bw in PEAK_BYTES_PER_S.items() if key in name), None)
 
@@ -150,10 +189,9 @@ def markdown_table(results: list[Result]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def write_results(name: str, results: list[Result], device: torch.device, meta: dict) -> str:
-    """Write bench/results/<device>/<name>.json and .md; returns the directory."""
-    out_dir = os.path.join(RESULTS_DIR, device_name(device))
-    os.makedirs(out_dir, exist_ok=True)
+def write_results(name: str, results: list[Result], device: torch.device, meta: dict, root: str | None = None) -> str:
+    """Write <root>/<device>/<name>.json and .md (root: bench/results); returns the directory."""
+    out_dir = results_dir(device, root)
     meta = dict(meta, device=device_name(device), torch=torch.__version__,
                 time=time.strftime("%Y-%m-%d %H:%M:%S"))
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
@@ -163,3 +201,34 @@ def write_results(name: str, results: list[Result], device: torch.device, meta: 
         f.write("".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n")
         f.write(markdown_table(results))
     return out_dir
+
+
+def package_version(pkg: str) -> str | None:
+    """Installed version of ``pkg`` (distribution name), or None."""
+    try:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:
+        return None
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_table(stem: str, meta: dict, rows: list[dict], columns: list[str]) -> str:
+    """<stem>.json = {"meta", "rows"}; <stem>.md = meta["title"], the device, the command, the
+    notes, then one table row per dict. Returns stem."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# {meta.get('title', os.path.basename(stem))}", "", f"device: {meta.get('device', '?')}  ",
+             f"command: `{meta.get('command', '?')}`", ""]
+    lines += [f"note: {n}  " for n in meta.get("notes", [])] + [""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return stem

@@ -75,10 +75,8 @@ BENCHES = [
 
 
 def device_name() -> str:
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{common.device_name(dev)} ({os.cpu_count()} cores)"
+    """The report's device line (bench/common.py's device_label)."""
+    return common.device_label(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def device_dir() -> str:

@@ -67,12 +67,19 @@ __host__ __device__ __forceinline__ void merge(State& a, const State& b) {
   a.m = m;
 }
 
+template <typename T, bool kEntropy>
+__host__ __device__ __forceinline__ void absorb_vec(State& st, const Vec<T>& v, float inv_temp) {
+  float z[Vec<T>::kN];
+#pragma unroll
+  for (int e = 0; e < Vec<T>::kN; ++e) z[e] = to_float(v.v[e]) * inv_temp;
+  absorb<kEntropy>(st, z);
+}
+
 // The part of a row of V logits that thread `tid` of `nthreads` reads: its scalar head/tail
 // elements and every nthreads-th 16-byte vector (coalesced across the block).
 template <typename T, bool kEntropy>
 __host__ __device__ __forceinline__ State thread_state(const T* row, int64_t V, float inv_temp,
                                                        int tid, int nthreads) {
-  constexpr int kN = Vec<T>::kN;
   const RowSplit sp = split_row<T>(row, V);
   State st = empty_state();
   for (int64_t j = tid; j < sp.head; j += nthreads) {
@@ -84,20 +91,19 @@ __host__ __device__ __forceinline__ State thread_state(const T* row, int64_t V, 
     absorb<kEntropy>(st, z);
   }
   const Vec<T>* vrow = reinterpret_cast<const Vec<T>*>(row + sp.head);
-  for (int64_t i = tid; i < sp.nvec; i += int64_t(kUnroll) * nthreads) {
-    Vec<T> v[kUnroll];  // issue all loads first, then compute
+  // Whole groups of kUnroll vectors (all loads issued before any is used), then the remainder one
+  // vector at a time. No bounds test inside a group: with one, ptxas kept the group in local
+  // memory for some types/targets (the compile check's spill column, bench/compile_check.py).
+  const int64_t group = int64_t(kUnroll) * nthreads;
+  int64_t i = tid;
+  for (; i + (kUnroll - 1) * int64_t(nthreads) < sp.nvec; i += group) {
+    Vec<T> v[kUnroll];
 #pragma unroll
-    for (int r = 0; r < kUnroll; ++r)
-      if (i + r * nthreads < sp.nvec) v[r] = vrow[i + r * nthreads];
+    for (int r = 0; r < kUnroll; ++r) v[r] = vrow[i + r * nthreads];
 #pragma unroll
-    for (int r = 0; r < kUnroll; ++r) {
-      if (i + r * nthreads >= sp.nvec) break;
-      float z[kN];
-#pragma unroll
-      for (int e = 0; e < kN; ++e) z[e] = to_float(v[r].v[e]) * inv_temp;
-      absorb<kEntropy>(st, z);
-    }
+    for (int r = 0; r < kUnroll; ++r) absorb_vec<T, kEntropy>(st, v[r], inv_temp);
   }
+  for (; i < sp.nvec; i += nthreads) absorb_vec<T, kEntropy>(st, vrow[i], inv_temp);
   return st;
 }
 
@@ -138,22 +144,26 @@ __host__ __device__ __forceinline__ void thread_grad(const T* row, T* grow, int6
     grow[j] = from_float<T>(dlogit<kEntropy>(to_float(row[j]), j == y, inv_temp, l, g, gh, H));
   const Vec<T>* vrow = reinterpret_cast<const Vec<T>*>(row + sp.head);
   Vec<T>* vgrow = reinterpret_cast<Vec<T>*>(grow + sp.head);
-  for (int64_t i = tid; i < sp.nvec; i += int64_t(kUnroll) * nthreads) {
+  // d x of vector vi, written back in place of its logits
+  auto grad_vec = [&](Vec<T>& v, int64_t vi) {
+    const int64_t j0 = sp.head + vi * kN;  // column of the vector's first element
+#pragma unroll
+    for (int e = 0; e < kN; ++e)
+      v.v[e] = from_float<T>(dlogit<kEntropy>(to_float(v.v[e]), j0 + e == y, inv_temp, l, g, gh, H));
+    vgrow[vi] = v;
+  };
+  const int64_t group = int64_t(kUnroll) * nthreads;  // whole groups, then the remainder (as above)
+  int64_t i = tid;
+  for (; i + (kUnroll - 1) * int64_t(nthreads) < sp.nvec; i += group) {
     Vec<T> v[kUnroll];
 #pragma unroll
-    for (int r = 0; r < kUnroll; ++r)
-      if (i + r * nthreads < sp.nvec) v[r] = vrow[i + r * nthreads];
+    for (int r = 0; r < kUnroll; ++r) v[r] = vrow[i + r * nthreads];
 #pragma unroll
-    for (int r = 0; r < kUnroll; ++r) {
-      const int64_t vi = i + r * nthreads;
-      if (vi >= sp.nvec) break;
-      const int64_t j0 = sp.head + vi * kN;  // column of the vector's first element
-#pragma unroll
-      for (int e = 0; e < kN; ++e)
-        v[r].v[e] = from_float<T>(
-            dlogit<kEntropy>(to_float(v[r].v[e]), j0 + e == y, inv_temp, l, g, gh, H));
-      vgrow[vi] = v[r];
-    }
+    for (int r = 0; r < kUnroll; ++r) grad_vec(v[r], i + r * nthreads);
+  }
+  for (; i < sp.nvec; i += nthreads) {
+    Vec<T> v = vrow[i];
+    grad_vec(v, i);
   }
 }
 

@@ -1,9 +1,9 @@
 """`grpo train|sft|eval|demo`: the command line over configs, data, policy, trainers and eval.
 
     grpo train --config examples/configs/pmc_vqa_grpo_instruct.yaml run.steps=500
-    torchrun --nproc_per_node 8 -m grpo_app.cli train --config examples/configs/pmc_vqa_grpo_ddp.yaml
+    torchrun --nproc_per_node 8 -m grpo_app train --config examples/configs/pmc_vqa_grpo_ddp.yaml
     grpo sft   --config examples/configs/synthetic_sft.yaml
-    grpo eval  --config examples/configs/synthetic_grpo.yaml model.path=runs/grpo/ckpt-000100/policy
+    grpo eval  --config examples/configs/synthetic_grpo_instruct.yaml model.path=runs/grpo/ckpt-000100/policy
     grpo demo  [--seed 0] [--quick]
 """
 
@@ -38,22 +38,22 @@ def cmd_train(cfg: TrainConfig) -> int:
     from .factory import load_policy
     from .plotting import plot_history
 
-    with D.session(cfg.dist):
+    with D.session(cfg.dist) as dist:
         torch.manual_seed(cfg.run.seed)
-        if cfg.model.tiny and not D.is_main():
-            D.barrier()                       # rank 0 builds the tiny model first (same path for all)
+        train, held = build_records(cfg.data, cfg.run.seed)       # data errors before any model loads
+        if cfg.model.tiny and not dist.is_main:
+            dist.barrier()                    # rank 0 builds the tiny model first (same path for all)
         policy = load_policy(cfg.model, seed=cfg.run.seed)
-        if cfg.model.tiny and D.is_main():
-            D.barrier()
-        train, held = build_records(cfg.data, cfg.run.seed)
+        if cfg.model.tiny and dist.is_main:
+            dist.barrier()
         eval_fn = make_eval_fn(cfg, held)
-        trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn)
+        trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn, dist=dist)
         history = trainer.train()
         trainer.save()                        # every rank: fsdp2 gathers, rank 0 writes
         # eval is replicated on every rank (under fsdp2 it needs all of them to gather the weights)
-        final = trainer.par.infer(make_eval_fn(cfg, held, progress=cfg.run.progress and D.is_main()), policy,
-                                  gather_all=True)
-        if D.is_main():
+        with trainer.replica.gathered():
+            final = make_eval_fn(cfg, held, progress=cfg.run.progress and dist.is_main)(policy)
+        if dist.is_main:
             print(json.dumps({"final_eval": final}, indent=2))
             if history:
                 plot_history(history, os.path.join(cfg.run.output_dir, "curves.png"))
@@ -66,8 +66,8 @@ def cmd_sft(cfg: TrainConfig) -> int:
     from .factory import load_policy
 
     torch.manual_seed(cfg.run.seed)
+    train, held = build_records(cfg.data, cfg.run.seed)           # data errors before any model loads
     policy = load_policy(cfg.model, seed=cfg.run.seed)
-    train, held = build_records(cfg.data, cfg.run.seed)
     prompt_fn = make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed)
     SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, cfg.run.seed).train(progress=cfg.run.progress)
     os.makedirs(cfg.run.output_dir, exist_ok=True)
@@ -81,8 +81,8 @@ def cmd_eval(cfg: TrainConfig, out: str | None) -> int:
 
     from .factory import load_policy
 
+    _, held = build_records(cfg.data, cfg.run.seed)               # data errors before any model loads
     policy = load_policy(cfg.model, seed=cfg.run.seed)
-    _, held = build_records(cfg.data, cfg.run.seed)
     res = evaluate(policy, held[: cfg.run.eval_limit or len(held)], template=cfg.data.prompt,
                    max_new_tokens=cfg.rollout.max_new_tokens, progress=cfg.run.progress)
     print(res.table())

@@ -13,7 +13,7 @@ Steps, each printed:
      image is what it reads) and the SFT-only baseline (gold letters, same init, same wall time);
   5. a before/after table, a JSON of the numbers and a PNG of the curves.
 
-Choices and why (measured on this 2-core CPU, one thread, seed 0; DESIGN.md lists more):
+Choices and why (measured on this 2-core CPU, one thread, seed 0; docs/DESIGN.md lists more):
   - letter-only answers ("direct" prompt) instead of "<answer>X</answer>": with the tag format
     the same model sat at 64–71% after 900 GRPO steps; letter-only reached 95% at ~800 steps.
     The prompt is also shorter, so the 4 image tokens take a larger share of attention.

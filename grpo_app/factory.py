@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 
@@ -51,6 +52,9 @@ def load_policy(cfg: ModelConfig, seed: int = 0):
     if cfg.tiny and not os.path.exists(os.path.join(cfg.path, "config.json")):
         if kind not in TINY_BUILDERS:
             raise ValueError(f"model.tiny=true is only supported for kinds {sorted(TINY_BUILDERS)}, got {kind!r}")
+        print(f"grpo: model.tiny=true and {cfg.path!r} holds no checkpoint: building a NEW tiny RANDOM "
+              f"{kind} model there (seed {seed}). If you meant an existing checkpoint, fix model.path "
+              "and set model.tiny=false.", file=sys.stderr, flush=True)
         import_object(TINY_BUILDERS[kind])(cfg.path, seed=seed)
     if not os.path.exists(os.path.join(cfg.path, "config.json")):
         raise FileNotFoundError(f"model.path={cfg.path!r} has no config.json: not a checkpoint directory")

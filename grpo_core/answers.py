@@ -16,6 +16,10 @@ Exactly:
     under a full match still accepts repeated blocks (``…</answer> junk <answer>…``).
   - ``direct_letter(text)``: for the no-tag "direct" template, a bare option letter with optional
     brackets and trailing punctuation ("A", "(b)", "C.", "[D]:"), upper-cased; None otherwise.
+  - ``extract_answer_medvlm(text)``: MedVLM-R1's reading (their ``accuracy_reward``): from the first
+    ``<answer>`` to the first ``</answer>`` after it (tags case-insensitive), stripped, nested
+    openings included: ``<answer><answer>A</answer>`` gives "<answer>A". None without a pair.
+    Used only by the graded accuracy that reproduces their score.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ _NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
 FORMAT_RE = re.compile(rf"\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL)
 FORMAT_NOTHINK_RE = re.compile(rf"\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL)
 _ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL | re.IGNORECASE)
+_ANSWER_FIRST_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _THINK_RE = re.compile(r"<think>((?:(?!<think>).)*?)</think>", re.DOTALL | re.IGNORECASE)
 _DIRECT_LETTER = re.compile(r"[(\[]?\s*([A-Ja-j])\s*[)\]]?\s*[.:]?")
 
@@ -36,6 +41,12 @@ def extract_answer(text: str, require_tag: bool = True) -> str | None:
     if m:
         return m.group(1).strip()
     return None if require_tag else text.strip()
+
+
+def extract_answer_medvlm(text: str) -> str | None:
+    """MedVLM-R1's reading: first <answer> to the first </answer>, stripped (see module docstring)."""
+    m = _ANSWER_FIRST_RE.search(text)
+    return m.group(1).strip() if m else None
 
 
 def extract_think(text: str) -> str | None:

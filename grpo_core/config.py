@@ -1,6 +1,6 @@
 """Configs: one dataclass per concern, loaded from YAML with dotted command-line overrides.
 
-    grpo train --config examples/configs/synthetic_grpo.yaml grpo.beta=0.0 optim.lr=1e-4
+    grpo train --config examples/configs/synthetic_grpo_instruct.yaml grpo.beta=0.0 optim.lr=1e-4
 
 Unknown keys and badly typed values are errors that name the key, the file and what is allowed.
 Every field declares what it accepts (``option(default, choices=..., ge=...)``, grpo_core.options):
@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .advantages import SCALES
+from .advantages import BASELINES, SCALES
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_CHECKS
 from .data.synthetic import TASKS as SYNTHETIC_TASKS
 from .data.templates import TEMPLATES
 from .distributed import MODES
 from .kernels.dispatch import BACKENDS, check_backend
-from .loss import AGGS, KL_PLACEMENTS, KLS
+from .loss import AGGS, KL_PLACEMENTS, KLS, POLICY_LOSSES, RATIO_LEVELS
 from .optim import SCHEDULES
 from .options import check_options, option
 from .policy import PROMPT_WRAPPERS
@@ -102,6 +102,22 @@ class GRPOConfig:
     rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 0.5}])
     ref: str = option("auto", choices=REFERENCES)          # "auto" | "copy" (frozen copy) | "adapters" (LoRA disabled)
     backend: str = option("auto", choices=KERNEL_BACKENDS)  # fused-loss backend: auto | torch | triton | cuda
+    # variants (docs/VARIANTS.md; the loss math: grpo_core/loss.py)
+    ratio_level: str = option("token", choices=RATIO_LEVELS)   # "token" (GRPO) | "sequence" (GSPO) | "sequence_token" (GSPO-token)
+    policy_loss: str = option("clip", choices=POLICY_LOSSES)   # "clip" (PPO/GRPO) | "cispo" (MiniMax-M1) | "sapo" (soft gate)
+    delta: float | None = option(None, gt=1)               # clip only: cap the unclipped ratio at δ (TRL's two-sided delta); None = off
+    cispo_max: float = option(5.0, gt=0)                   # cispo only: cap on the detached ratio weight
+    sapo_tau_pos: float = option(1.0, gt=0)                # sapo only: gate temperature τ for A > 0
+    sapo_tau_neg: float = option(1.05, gt=0)               # sapo only: gate temperature τ for A ≤ 0
+    entropy_coef: float = option(0.0, ge=0)                # entropy bonus: loss −= coef · mean entropy (0 = off)
+    top_entropy_quantile: float = option(1.0, gt=0, le=1)  # policy loss on the top-q highest-entropy tokens only (1 = all; 0.2 = "80/20")
+    kl_bias_correction: bool = False                       # KL term × importance ratio (DeepSeek-V3.2; TRL use_bias_correction_kl)
+    baseline: str = option("mean", choices=BASELINES)      # "mean" (GRPO) | "leave_one_out" (RLOO)
+    dynamic_sampling: bool = False                         # DAPO: resample until B groups have unequal rewards
+    dynamic_sampling_max_rounds: int = option(4, ge=1)     # DAPO: rollout rounds per step at most (then go on with fewer groups)
+    mask_truncated_completions: bool = False               # DAPO: completions that hit max_new_tokens leave the loss
+    ref_sync_steps: int = option(0, ge=0)                  # every k steps ref ← α·policy + (1 − α)·ref; 0 = never (grpo_core.ref_sync)
+    ref_sync_alpha: float = option(0.6, gt=0, le=1)        # α of the reference sync (TR-DPO; TRL's 0.6)
 
 
 @dataclass
@@ -127,6 +143,7 @@ class RunConfig:
     progress: bool = True                                  # progress bar
     bf16_autocast: bool = True                             # on GPU only
     time_budget_s: float = option(0.0, ge=0)               # stop early after this wall time (0 = none)
+    max_nonfinite_steps: int = option(3, ge=1)             # stop after this many steps in a row with a NaN/inf loss or gradient
 
 
 @dataclass

@@ -1,12 +1,22 @@
 """The GRPO objective in plain PyTorch: the reference every fused path is held to.
 
 Per completion token t of sequence i (mask m_it = 1), with π = current policy, π_old the
-sampling policy and π_ref the frozen reference:
+sampling policy, π_ref the frozen reference and A the advantage:
 
-    r_it   = exp(logp_it − old_it)                                   importance ratio
-    pg_it  = −min(r_it·A_i, clip(r_it, 1 − ε_low, 1 + ε_high)·A_i)   clipped surrogate
-    pg_it  = min(pg_it, −c·A_i)        if dual_clip = c and A_i < 0  (dual clip, Ye et al. 2020)
-    ℓ_it   = pg_it + β·KL_it                                          KL in the loss (GRPO)
+  1. importance ratio, by ``ratio_level``:
+       "token"          r_it = exp(logp_it − old_it)                                    (GRPO / PPO)
+       "sequence"       r_i  = exp(s_i),  s_i = Σ_t m_it (logp_it − old_it) / Σ_t m_it   (GSPO)
+       "sequence_token" r_it = sg[r_i] · exp(logp_it − sg[logp_it])                     (GSPO-token)
+     (sg = stop-gradient. sequence_token has the value of r_i and the gradient r_i·∇logp_it, so a
+      per-token advantage still acts per token.)
+  2. policy term pg_it, by ``policy_loss``:
+       "clip"  pg = −min(r̃·A, clip(r, 1 − ε_low, 1 + ε_high)·A),  r̃ = min(r, δ) if ``delta`` else r
+               pg = min(pg, −c·A) where A < 0            if ``dual_clip`` = c  (Ye et al. 2020)
+       "cispo" pg = −sg[min(r, cispo_max)] · A · logp    (MiniMax-M1: every token keeps a gradient)
+       "sapo"  pg = −σ(τ(r − 1)) · (4/τ) · A,  τ = sapo_tau_pos if A > 0 else sapo_tau_neg  (SAPO)
+  3. high-entropy tokens only (``top_entropy_quantile`` q < 1, Wang et al. 2025 "80/20"):
+       pg_it ← pg_it · 1[H_it ≥ h_q],  h_q = quantile_{1−q}(H over the counted tokens, linear)
+  4. ℓ_it = pg_it + β·KL_it·(r_it if ``kl_bias_correction``) − entropy_coef·H_it
 
 and the loss aggregates ℓ over tokens by ``agg``:
     "seq_mean"   (1/N) Σ_i (1/|o_i|) Σ_t ℓ_it          original GRPO: each sequence weighs the same
@@ -16,15 +26,24 @@ and the loss aggregates ℓ over tokens by ``agg``:
 Deviations and choices:
   - KL estimators (Schulman, "Approximating KL divergence"), with d = ref − logp:
       k1 = −d,  k2 = d²/2,  k3 = exp(d) − d − 1 = expm1(d) − d  (≥ 0, unbiased, low variance).
-    d is clamped to [−20, 20] in k3 and log r to ≤ 20, so exp cannot overflow into inf·0 = NaN
-    gradients; inside that range the math is exact.
+    d is clamped to [−20, 20] in all three and log r to ≤ 20, so a −inf reference log-prob (a
+    token the reference never samples) gives a large finite KL, not inf or inf·0 = NaN; inside
+    that range the math is exact.
+  - A counted token whose log-prob is −inf or NaN is an error (ValueError naming row and
+    position): the policy gives the sampled token probability 0 — a sampler/mask mismatch.
   - ``old_logprobs=None`` is the on-policy case (μ = 1): old = logp.detach(), so r = 1 in value but
     its gradient is ∇logp — exactly the policy-gradient term.
   - An all-masked sequence adds 0 to every numerator; "seq_mean" still divides by N (as TRL does),
     so the loss of a batch does not depend on how many sequences came back empty.
   - ``total_tokens`` / ``total_seqs`` override the local denominators. The trainer passes the counts
     of the whole optimizer step (all micro-batches, all ranks), so gradient accumulation and data
-    parallelism give the gradient of the full-batch loss for every ``agg`` mode.
+    parallelism give the gradient of the full-batch loss for every ``agg`` mode. The top-entropy
+    threshold h_q is the one exception: it is taken over the tokens of this call (one micro-batch).
+  - ``delta`` equals ``dual_clip`` = δ for A < 0 and, when δ ≥ 1 + ε_high, changes nothing for
+    A > 0; it is offered under TRL's name. Both only mean something for policy_loss="clip".
+  - The entropy bonus and the KL term count every token; only pg is restricted to high-entropy
+    tokens (as TRL does); the denominators stay those of the mask.
+  - With ``kl_bias_correction`` the "kl" metric is the corrected estimate r·KL (as TRL logs it).
   - KL can instead be put in the reward (PPO/RLHF style): see ``kl_penalized_rewards``.
 """
 
@@ -33,40 +52,100 @@ import torch
 KLS = ("k1", "k2", "k3")
 AGGS = ("token_mean", "seq_mean", "constant")
 KL_PLACEMENTS = ("loss", "reward")     # β·KL in the loss (GRPO), or −β·Σ KL in the reward (kl_penalized_rewards)
+RATIO_LEVELS = ("token", "sequence", "sequence_token")   # GRPO | GSPO | GSPO-token
+POLICY_LOSSES = ("clip", "cispo", "sapo")                # PPO-clip | MiniMax-M1 CISPO | SAPO soft gate
+# grpo_loss keywords that are also grpo.* config keys of the same name (see loss_options)
+LOSS_OPTION_KEYS = ("clip_low", "clip_high", "dual_clip", "beta", "kl", "agg", "ratio_level", "policy_loss",
+                    "delta", "cispo_max", "sapo_tau_pos", "sapo_tau_neg", "entropy_coef",
+                    "top_entropy_quantile", "kl_bias_correction")
 _MAX_LOG = 20.0
 
 
+# ---- KL estimators ------------------------------------------------------------------------------
+
+def _d(logp, ref):
+    return (ref - logp).clamp(-_MAX_LOG, _MAX_LOG)
+
+
 def kl_k1(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """k1 = logp − ref: unbiased, high variance, can be negative."""
-    return logp - ref
+    """k1 = logp − ref = −d: unbiased, high variance, can be negative."""
+    return -_d(logp, ref)
 
 
 def kl_k2(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """k2 = (logp − ref)² / 2: biased, low variance, ≥ 0."""
-    return 0.5 * (logp - ref) ** 2
+    """k2 = d² / 2: biased, low variance, ≥ 0."""
+    return 0.5 * _d(logp, ref) ** 2
 
 
 def kl_k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """k3 = exp(d) − d − 1 with d = ref − logp: unbiased, ≥ 0 (GRPO's choice); expm1 for accuracy."""
-    d = (ref - logp).clamp(-_MAX_LOG, _MAX_LOG)
+    d = _d(logp, ref)
     return torch.expm1(d) - d
 
 
 KL_FNS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
-def policy_loss_per_token(logp, old, adv, clip_low=0.2, clip_high=0.2, dual_clip=None):
-    """Clipped surrogate per token. logp/old (N, T), adv (N, 1) or (N, T) → (loss, ratio, low, high)."""
-    ratio = torch.exp((logp - old).clamp(max=_MAX_LOG))                # (N, T)
-    unclipped = ratio * adv
+# ---- the pieces: ratio, policy term, token selection, aggregation ---------------------------------
+
+def log_ratio(logp, old, mask, level="token"):
+    """log r by ``ratio_level`` (module docstring, step 1): (N, T), or (N, 1) for "sequence"."""
+    lr = torch.where(mask.bool(), logp - old, torch.zeros((), dtype=logp.dtype))    # (N, T), 0 off-mask
+    if level == "token":
+        return lr
+    m = mask.to(logp.dtype)
+    s = lr.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)           # (N, 1) mean log-ratio
+    if level == "sequence":
+        return s
+    return logp - logp.detach() + s.detach()      # value s_i, gradient ∇logp_it (sequence_token)
+
+
+def policy_loss_per_token(logp, old, adv, clip_low=0.2, clip_high=0.2, dual_clip=None, *, mask=None,
+                          ratio_level="token", policy_loss="clip", delta=None, cispo_max=5.0,
+                          sapo_tau_pos=1.0, sapo_tau_neg=1.05):
+    """Policy term per token. logp/old (N, T), adv (N, 1) or (N, T) → (pg (N, T), ratio, low, high).
+
+    ratio is (N, T), or (N, 1) for ratio_level="sequence"; low/high flag the tokens whose gradient
+    a clip removed (clip: PPO's two sides; cispo: r > cispo_max, whatever the sign of A; sapo: none).
+    """
+    mask = torch.ones_like(logp) if mask is None else mask
+    ratio = torch.exp(log_ratio(logp, old, mask, ratio_level).clamp(max=_MAX_LOG))
+    none = torch.zeros_like(ratio, dtype=torch.bool)
+    if policy_loss == "cispo":
+        weight = ratio.clamp(max=cispo_max).detach()
+        return -weight * adv * logp, ratio, none, ratio > cispo_max
+    if policy_loss == "sapo":
+        pos, neg = (torch.tensor(x, dtype=logp.dtype, device=logp.device) for x in (sapo_tau_pos, sapo_tau_neg))
+        tau = torch.where(adv > 0, pos, neg)                                     # (N, 1) or (N, T)
+        gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)                  # soft clip, = 2/τ at r = 1
+        return torch.broadcast_to(-gate * adv, logp.shape), ratio, none, none
+    unclipped = (ratio if delta is None else ratio.clamp(max=delta)) * adv
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
-    loss = -torch.minimum(unclipped, clipped)                           # (N, T)
+    loss = -torch.minimum(unclipped, clipped)
     if dual_clip is not None:
         # for A < 0 the surrogate is additionally bounded: loss ≤ −c·A (c > 1)
         loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
     low = (ratio < 1.0 - clip_low) & (adv < 0)     # clipped from below: a bad token already pushed down
     high = (ratio > 1.0 + clip_high) & (adv > 0)   # clipped from above: a good token already pushed up
-    return loss, ratio, low, high
+    return torch.broadcast_to(loss, logp.shape), ratio, low, high    # (N, T) even when the ratio is (N, 1)
+
+
+def high_entropy_mask(entropy, mask, quantile):
+    """Bool (N, T): counted tokens whose entropy is in the top ``quantile`` of the counted tokens.
+
+    Threshold h = the (1 − q)-quantile of the counted entropies with linear interpolation (what
+    ``torch.quantile`` computes, without its size limit); a token is kept when H ≥ h. q = 1 keeps all.
+    """
+    m = mask.bool()
+    vals = entropy.detach()[m].double()                                      # (M,)
+    if vals.numel() == 0 or quantile >= 1.0:
+        return m
+    s = vals.sort().values
+    pos = (1.0 - quantile) * (s.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, s.numel() - 1)
+    h = s[lo] + (pos - lo) * (s[hi] - s[lo])
+    return m & (entropy.detach().double() >= h)
 
 
 def aggregate(per_token, mask, agg="token_mean", max_len=None, total_tokens=None, total_seqs=None):
@@ -86,26 +165,94 @@ def aggregate(per_token, mask, agg="token_mean", max_len=None, total_tokens=None
     raise ValueError(f"aggregate: agg must be one of {AGGS}, got {agg!r}")
 
 
-def _check(logprobs, old, ref, adv, mask, beta, kl, agg, clip_low, clip_high, dual_clip, max_len):
+def mask_truncated(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """DAPO overlong filtering: zero the loss mask (N, T) of completions that hit max_new_tokens.
+
+    ``truncated`` (N,) bool (the rollout's ``truncated``). Their rewards still count in their
+    group's advantages; they just leave the loss and its token counts.
+    """
+    if truncated.shape != mask.shape[:1]:
+        raise ValueError(f"mask_truncated: truncated must be (N,) = ({mask.shape[0]},), got {tuple(truncated.shape)}")
+    return mask * (~truncated.bool().to(mask.device))[:, None].to(mask.dtype)
+
+
+# ---- options: checked once, here, for grpo_loss and for the config ----------------------------
+
+def loss_options(cfg) -> dict:
+    """{key: cfg.key} for the grpo.* config keys that grpo_loss takes by the same name.
+
+    The trainer passes ``**loss_options(cfg.grpo)`` to the fused loss (then overrides beta, max_len,
+    total_tokens, total_seqs as it does today); ``TrainConfig.validate`` calls
+    ``check_loss_options(**loss_options(g), kl_placement=g.kl_placement, where="config", prefix="grpo.")``.
+    """
+    return {k: getattr(cfg, k) for k in LOSS_OPTION_KEYS}
+
+
+def check_loss_options(*, clip_low=0.2, clip_high=0.2, dual_clip=None, beta=0.04, kl="k3", agg="token_mean",
+                       ratio_level="token", policy_loss="clip", delta=None, cispo_max=5.0, sapo_tau_pos=1.0,
+                       sapo_tau_neg=1.05, entropy_coef=0.0, top_entropy_quantile=1.0, kl_bias_correction=False,
+                       kl_placement="loss", where="grpo_loss", prefix=""):
+    """Each option's range and the rules between options; ValueError naming ``prefix + key``.
+    ``kl_placement`` is the config's (grpo_loss itself always has the KL in the loss)."""
+    def bad(key, value, what):
+        raise ValueError(f"{where}: {prefix}{key}={value!r} {what}")
+
+    for key, value, choices in (("kl", kl, KLS), ("agg", agg, AGGS), ("ratio_level", ratio_level, RATIO_LEVELS),
+                                ("policy_loss", policy_loss, POLICY_LOSSES)):
+        if value not in choices:
+            bad(key, value, f"must be one of {choices}")
+    for key, value in (("beta", beta), ("clip_low", clip_low), ("clip_high", clip_high), ("entropy_coef", entropy_coef)):
+        if not value >= 0:
+            bad(key, value, "must be >= 0")
+    for key, value in (("cispo_max", cispo_max), ("sapo_tau_pos", sapo_tau_pos), ("sapo_tau_neg", sapo_tau_neg)):
+        if not value > 0:
+            bad(key, value, "must be > 0")
+    if dual_clip is not None and not dual_clip > 1.0:
+        bad("dual_clip", dual_clip, "must be > 1 (e.g. 3.0) or None")
+    if delta is not None and not delta > 1.0:
+        bad("delta", delta, "must be > 1 (e.g. 1 + ε_high + 0.5 or more) or None")
+    if not 0.0 < top_entropy_quantile <= 1.0:
+        bad("top_entropy_quantile", top_entropy_quantile, "must be in (0, 1] (1 = every token; 0.2 = DAPO's 80/20)")
+    for key, value in (("delta", delta), ("dual_clip", dual_clip)):
+        if value is not None and policy_loss != "clip":
+            bad(key, value, f"bounds the PPO clip; it has no meaning with {prefix}policy_loss={policy_loss!r} "
+                            "(unset it, or use policy_loss='clip')")
+    if kl_bias_correction and beta == 0:
+        bad("kl_bias_correction", kl_bias_correction, f"multiplies the KL term, which is off ({prefix}beta=0)")
+    if kl_bias_correction and kl_placement != "loss":
+        bad("kl_bias_correction", kl_bias_correction, f"multiplies the KL term of the loss; with {prefix}kl_placement="
+                                                      f"{kl_placement!r} the KL is in the reward (set one or the other)")
+
+
+def _check(logprobs, old, ref, adv, mask, entropy, opts, max_len):
     if logprobs.dim() != 2:
         raise ValueError(f"grpo_loss: logprobs must be (N, T), got shape {tuple(logprobs.shape)}")
-    for name, t in (("old_logprobs", old), ("ref_logprobs", ref), ("mask", mask)):
+    for name, t in (("old_logprobs", old), ("ref_logprobs", ref), ("mask", mask), ("entropy", entropy)):
         if t is not None and t.shape != logprobs.shape:
             raise ValueError(f"grpo_loss: {name} shape {tuple(t.shape)} != logprobs shape {tuple(logprobs.shape)}")
     if adv.shape not in (logprobs.shape[:1], logprobs.shape):
         raise ValueError(f"grpo_loss: advantages must be (N,) or (N, T), got {tuple(adv.shape)} for logprobs {tuple(logprobs.shape)}")
-    if kl not in KLS:
-        raise ValueError(f"grpo_loss: kl must be one of {KLS}, got {kl!r}")
-    if agg not in AGGS:
-        raise ValueError(f"grpo_loss: agg must be one of {AGGS}, got {agg!r}")
-    if beta != 0 and ref is None:
+    check_loss_options(**opts)
+    if opts["beta"] != 0 and ref is None:
         raise ValueError("grpo_loss: beta != 0 needs ref_logprobs (pass them, or set beta=0)")
-    if beta < 0 or clip_low < 0 or clip_high < 0:
-        raise ValueError(f"grpo_loss: beta, clip_low, clip_high must be >= 0, got {beta}, {clip_low}, {clip_high}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"grpo_loss: dual_clip must be > 1 (e.g. 3.0) or None, got {dual_clip}")
-    if max_len is not None and max_len < logprobs.shape[1] and agg == "constant":
+    if entropy is None and (opts["entropy_coef"] != 0 or opts["top_entropy_quantile"] < 1):
+        raise ValueError("grpo_loss: entropy_coef > 0 and top_entropy_quantile < 1 need the per-token entropy: "
+                         "pass entropy= (the fused losses do; by hand: grpo_core.logprobs.token_entropy(logits))")
+    if opts["entropy_coef"] != 0 and logprobs.requires_grad and not entropy.requires_grad:
+        raise ValueError("grpo_loss: entropy_coef > 0 but the entropy carries no gradient, so the bonus would change "
+                         "the loss value only; pass an entropy computed with autograd (this kernel backend returns "
+                         "it detached: use one whose entropy is differentiable, or entropy_coef=0)")
+    if max_len is not None and max_len < logprobs.shape[1] and opts["agg"] == "constant":
         raise ValueError(f"grpo_loss: max_len={max_len} is shorter than the completions (T={logprobs.shape[1]})")
+    bad = ~torch.isfinite(logprobs.detach()) & mask.bool()                  # (N, T): one check, one sync
+    if bad.any():
+        n, t = (int(i) for i in bad.nonzero()[0])
+        v = float(logprobs[n, t])
+        what = ("probability 0 under the policy: its logit is -inf (e.g. a suppressed vision/special token "
+                "that the sampler should never have emitted); fix the sampler's mask, or set mask=0 there"
+                if v == float("-inf") else "a non-finite log-prob: the forward pass overflowed (check dtype and logits)")
+        raise ValueError(f"grpo_loss: counted token at row {n}, position {t} has log-prob {v} "
+                         f"({int(bad.sum())} such token(s)); it has {what}")
 
 
 def grpo_loss(
@@ -125,27 +272,51 @@ def grpo_loss(
     total_tokens: float | None = None,
     total_seqs: int | None = None,
     entropy: torch.Tensor | None = None,
+    ratio_level: str = "token",
+    policy_loss: str = "clip",
+    delta: float | None = None,
+    cispo_max: float = 5.0,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    entropy_coef: float = 0.0,
+    top_entropy_quantile: float = 1.0,
+    kl_bias_correction: bool = False,
 ):
     """logprobs/old/ref/mask (N, T), advantages (N,) or (N, T) → (loss scalar, metrics dict).
 
     ``entropy`` (N, T): the per-token entropy of the policy (the fused kernels compute it in the
-    same pass); reported as the "entropy" metric (masked token mean).
+    same pass). Needed by ``entropy_coef`` (where it must carry a gradient) and
+    ``top_entropy_quantile``; always reported as the "entropy" metric (masked token mean).
     metrics (detached scalars): policy_loss, kl, clip_low_frac, clip_high_frac, clip_frac,
-    ratio_mean, adv_mean, adv_std, tokens [, entropy].
+    ratio_mean, adv_mean, adv_std, tokens [, entropy] [, entropy_kept_frac].
     """
-    _check(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta, kl, agg, clip_low, clip_high, dual_clip, max_len)
+    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, beta=beta, kl=kl, agg=agg,
+                ratio_level=ratio_level, policy_loss=policy_loss, delta=delta, cispo_max=cispo_max,
+                sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, entropy_coef=entropy_coef,
+                top_entropy_quantile=top_entropy_quantile, kl_bias_correction=kl_bias_correction)
+    _check(logprobs, old_logprobs, ref_logprobs, advantages, mask, entropy, opts, max_len)
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     adv = advantages[:, None] if advantages.dim() == 1 else advantages    # (N, 1) or (N, T)
     adv = adv.to(logprobs.dtype)
     agg_kw = dict(agg=agg, max_len=max_len, total_tokens=total_tokens, total_seqs=total_seqs)
 
-    pg, ratio, low, high = policy_loss_per_token(logprobs, old, adv, clip_low, clip_high, dual_clip)
+    pg, ratio, low, high = policy_loss_per_token(
+        logprobs, old, adv, clip_low, clip_high, dual_clip, mask=mask, ratio_level=ratio_level,
+        policy_loss=policy_loss, delta=delta, cispo_max=cispo_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
+    keep = None
+    if top_entropy_quantile < 1.0:
+        keep = high_entropy_mask(entropy, mask, top_entropy_quantile)       # (N, T) bool
+        pg = torch.where(keep, pg, torch.zeros((), dtype=pg.dtype))
     per_token = pg
     kl_tok = None
     if ref_logprobs is not None:
         kl_tok = KL_FNS[kl](logprobs, ref_logprobs)                        # (N, T)
+        if kl_bias_correction:
+            kl_tok = kl_tok * ratio                                        # r·KL (DeepSeek-V3.2)
         if beta != 0:
-            per_token = pg + beta * kl_tok
+            per_token = per_token + beta * kl_tok
+    if entropy_coef != 0:
+        per_token = per_token - entropy_coef * entropy.to(per_token.dtype)
     loss = aggregate(per_token, mask, **agg_kw)
 
     with torch.no_grad():
@@ -153,21 +324,22 @@ def grpo_loss(
         n_tok = m.sum()
         denom = n_tok.clamp(min=1).float()
         adv_seq = advantages.float() if advantages.dim() == 1 else advantages.float()[m]
+        ratio_t = ratio.detach().expand_as(logprobs)
         metrics = {
             "policy_loss": aggregate(pg.detach(), mask, **agg_kw),
             "kl": (kl_tok.detach() * m).sum() / denom if kl_tok is not None else torch.zeros((), device=logprobs.device),
-            "clip_low_frac": (low & m).sum() / denom,
-            "clip_high_frac": (high & m).sum() / denom,
-            "clip_frac": ((low | high) & m).sum() / denom,
-            "ratio_mean": (ratio.detach() * m).sum() / denom,
+            "clip_low_frac": (low.expand_as(m) & m).sum() / denom,
+            "clip_high_frac": (high.expand_as(m) & m).sum() / denom,
+            "clip_frac": ((low | high).expand_as(m) & m).sum() / denom,
+            "ratio_mean": (ratio_t * m).sum() / denom,
             "adv_mean": adv_seq.mean() if adv_seq.numel() else torch.zeros(()),
             "adv_std": adv_seq.std() if adv_seq.numel() > 1 else torch.zeros(()),
             "tokens": n_tok.float(),
         }
         if entropy is not None:
-            if entropy.shape != logprobs.shape:
-                raise ValueError(f"grpo_loss: entropy shape {tuple(entropy.shape)} != logprobs shape {tuple(logprobs.shape)}")
             metrics["entropy"] = (entropy.detach().float() * m).sum() / denom
+        if keep is not None:
+            metrics["entropy_kept_frac"] = keep.sum() / denom
     return loss, metrics
 
 

@@ -38,13 +38,17 @@ from grpo_core.policy import Encoded, Policy, Prompt
 from grpo_core.sampling import SamplingConfig, make_generator, sample_next
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """The policy returned NaN/inf next-token logits: its weights are damaged or diverged."""
+
+
 @dataclass
 class Rollout:
     encoded: Any                   # the policy's Encoded for the B prompts (reused by the trainer)
     prompt_ids: torch.Tensor       # (B, P) int64, left-padded
     prompt_mask: torch.Tensor      # (B, P) int64, 0 on left padding
     completion_ids: torch.Tensor   # (N, C) int64, right-padded with pad_token_id
-    completion_mask: torch.Tensor  # (N, C) int64, 1 on generated tokens up to and including EOS
+    completion_mask: torch.Tensor  # (N, C) bool, True on generated tokens up to and including EOS
     logprobs: torch.Tensor         # (N, C) fp32, sampling log-probs (0 on padding)
     finished: torch.Tensor         # (N,) bool, emitted an EOS token
     truncated: torch.Tensor        # (N,) bool, hit max_new_tokens without EOS
@@ -92,11 +96,13 @@ def _decode_chunk(
     logps = torch.zeros((n, T_max), dtype=torch.float32, device=device)  # (n, T_max)
     alive_at = torch.zeros((n, T_max), dtype=torch.bool, device=device)  # (n, T_max) row open at step t
     alive = torch.ones(n, dtype=torch.bool, device=device)               # (n,)
+    broken = torch.zeros(n, dtype=torch.bool, device=device)             # (n,) open rows with NaN/inf logits
     # On a GPU, `alive.any()` is a host sync that stalls the launch queue: test it every few steps.
     check_every = 1 if device.type == "cpu" else 8
     steps = 0
     for t in range(T_max):
         tok, lp = sample_next(logits, cfg, generator, bias)              # (n,), (n,)
+        broken |= torch.isnan(lp) & alive                                # no sync: checked with `alive`
         tok = tok.masked_fill_(~alive, pad)                              # finished rows feed pad
         ids[:, t] = tok
         logps[:, t] = lp
@@ -105,10 +111,15 @@ def _decode_chunk(
         steps = t + 1
         if progress is not None:
             progress(t + 1, T_max)
-        if steps == T_max or (steps % check_every == 0 and not bool(alive.any())):
-            break
+        if steps == T_max or steps % check_every == 0:
+            any_alive, any_broken = torch.stack([alive.any(), broken.any()]).tolist()   # one host sync
+            if any_broken:
+                _raise_if_broken(broken, t, G)
+            if steps == T_max or not any_alive:
+                break
         logits, state = policy.decode_step(state, tok)                   # (n, V)
     del state, logits
+    _raise_if_broken(broken, steps - 1, G)
     _sync(device)
     t2 = time.perf_counter()
     # On a GPU the loop may run a few all-finished steps past the last EOS: crop them. Columns of
@@ -117,6 +128,16 @@ def _decode_chunk(
     mask = alive_at[:, :steps]                                           # (n, c)
     logps = logps[:, :steps].masked_fill_(~mask, 0.0)                    # (n, c)
     return _Chunk(ids[:, :steps], mask, logps, ~alive, steps, t1 - t0, t2 - t1)
+
+
+def _raise_if_broken(broken: torch.Tensor, step: int, G: int) -> None:
+    if bool(broken.any()):
+        rows = broken.nonzero().flatten().tolist()
+        prompts = sorted({r // G for r in rows})
+        raise NonFiniteLogitsError(
+            f"generate_groups: NaN/inf next-token logits by decode step {step} in rows {rows[:8]} "
+            f"(prompts {prompts[:8]} of this chunk); the policy's weights are damaged or diverged: "
+            "check the checkpoint it was loaded from and the learning rate")
 
 
 def _right_pad(x: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -160,7 +181,7 @@ def generate_groups(
 
     C = max(c.steps for c in chunks)
     ids = torch.cat([_right_pad(c.ids, C, policy.pad_token_id) for c in chunks])       # (N, C)
-    mask = torch.cat([_right_pad(c.mask, C, False) for c in chunks]).long()           # (N, C)
+    mask = torch.cat([_right_pad(c.mask, C, False) for c in chunks])                  # (N, C) bool
     logps = torch.cat([_right_pad(c.logprobs, C, 0.0) for c in chunks])               # (N, C)
     finished = torch.cat([c.finished for c in chunks])                                # (N,)
     prefill_s = sum(c.prefill_s for c in chunks)

@@ -138,17 +138,23 @@ def sample_next(
     ``logprobs`` = log_softmax((logits + bias) / T)[token], taken before top-k/top-p/min-p
     (see module docstring). ``logits`` is not modified. Tokens where ``bias`` is −inf are never
     returned (they have probability 0 under every processor here).
+
+    A row whose scores hold NaN or +inf, or are all −inf, has no distribution: its log-prob is
+    NaN and its token an arbitrary in-range id, so the caller can report the row (the rollout
+    raises NonFiniteLogitsError) instead of indexing out of range. Checking costs (N,), no sync.
     """
     if logits.dim() != 2:
         raise ValueError(f"sample_next: logits must be (N, V), got shape {tuple(logits.shape)}")
     scores = apply_temperature(apply_bias(logits.float(), bias), cfg.temperature)  # (N, V)
     lse = torch.logsumexp(scores, dim=-1)                                 # (N,)
+    ok = torch.isfinite(lse)                                              # (N,) False: no distribution
     if cfg.greedy:
         tokens = scores.argmax(dim=-1)                                    # (N,)
     else:
         tokens = _draw(scores, cfg, lse, generator)                       # (N,)
+    tokens = tokens.clamp_(max=scores.shape[-1] - 1)                      # a NaN row's draw can be V
     picked = scores.gather(-1, tokens[:, None]).squeeze(-1)               # (N,)
-    return tokens, picked - lse
+    return tokens, torch.where(ok, picked - lse, torch.nan)
 
 
 def _draw(scores: torch.Tensor, cfg: SamplingConfig, lse: torch.Tensor, generator) -> torch.Tensor:

@@ -35,16 +35,16 @@ def answer_target(record, prompt_style: str = "nothink", letter: str | None = No
 
 
 def tokenize_targets(policy, texts: list[str]):
-    """Target texts → ids (N, C) right-padded with pad, mask (N, C); EOS appended to each."""
+    """Target texts → ids (N, C) right-padded with pad, mask (N, C) bool; EOS appended to each."""
     tok = policy.tokenizer
     eos = policy.eos_token_ids[0]
     seqs = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
     C = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), C), policy.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), C)
+    mask = torch.zeros(len(seqs), C, dtype=torch.bool)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+        mask[i, : len(s)] = True
     return ids.to(policy.device), mask.to(policy.device)
 
 

@@ -1,12 +1,14 @@
 """GRPO trainer: one step, read top to bottom.
 
-    records ─► prompts ─► generate_groups (prefill once per prompt, G samples each)
-            ─► rewards (B·G, R) ─► weighted sum ─► group_advantages (B·G,)
-            ─► old log-probs (μ > 1) and reference log-probs (β > 0): no grad, fused, chunked
-            ─► μ optimizer steps, each over shuffled micro-batches of whole groups:
-               policy.completion_hidden ─► fused_linear_grpo_loss ─► backward
-               (denominators of the whole batch, so accumulation = one big batch)
-            ─► clip grad norm ─► AdamW ─► LR schedule ─► metrics
+    step:    records ─► prompts
+             ─► rollout   generate_groups: each prompt prefilled once, G samples each      → Rollout
+             ─► score     rewards (N, R) ─► total (N,) ─► one gather of every rank's rows
+                          ─► group advantages; old log-probs (μ > 1), reference log-probs (β > 0) → Experience
+             ─► update    μ optimizer steps, each over shuffled micro-batches of whole groups:
+                          policy hidden states ─► fused_linear_grpo_loss ─► backward
+                          (denominators of the whole batch, so accumulation = one big batch)
+                          ─► clip grad norm ─► AdamW ─► LR schedule
+             ─► metrics   by role (accuracy, format), lengths, loss terms, timings
 
 How this departs from the GRPO paper (DeepSeekMath), one line each:
   - ``grpo.agg`` picks the normalisation: "seq_mean" is the paper, "token_mean" DAPO, "constant"
@@ -15,85 +17,84 @@ How this departs from the GRPO paper (DeepSeekMath), one line each:
     or in the reward (``grpo.kl_placement``).
   - Micro-batches hold whole groups, so each prompt's images go through the vision tower once per
     forward and are shared by its G completions.
+  - π_old is recomputed with the training forward rather than taken from the rollout, so the ratio
+    is exactly 1 on the first pass (the decode path computes the same distribution with other
+    kernels; in bf16 they differ in rounding). With the KL in the reward that same forward also
+    gives the current log-probs, so it runs once.
   - Groups whose G rewards are all equal carry zero advantage; they are always counted, and
     dropped from the update when ``grpo.skip_zero_std_groups`` (saves compute, same gradient
     except through the KL term).
-  - Data parallel (``dist.mode`` ddp / fsdp2, see grpo_core.distributed): each rank rolls out its
-    own B/W prompts, rewards are all-gathered for the advantages, the loss denominators are the
-    all-reduced counts of the step and each rank back-propagates W·loss, so W ranks give exactly
-    the single-process gradient of the concatenated batch. Only rank 0 logs and writes.
+  - Data parallel (``dist`` a DistContext, see grpo_core.distributed): each rank rolls out its own
+    B/W prompts, the per-row results are all-gathered for the advantages, the loss denominators are
+    the all-reduced counts of the step and each rank back-propagates W·loss, so W ranks give
+    exactly the single-process gradient of the concatenated batch. Only rank 0 logs and writes.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from contextlib import nullcontext
 
 import torch
 
-from . import distributed as D
 from .advantages import group_advantages, group_reward_std
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .data.templates import make_prompt_fn
+from .distributed import DistContext, local_value
+from .experience import Experience, RowResults
 from .kernels import fused_linear_grpo_loss, linear_token_logprobs
 from .loss import kl_penalized_rewards
 from .optim import make_optimizer, make_scheduler
-from .rewards import RewardSpec, combine_rewards, get_reward
-from .rollout import generate_groups
+from .rewards import DEFAULT_ROLES, RewardSpec, combine_rewards, get_reward
+from .rollout import NonFiniteLogitsError, Rollout, generate_groups
 from .sampling import SamplingConfig
 
 
+class NonFiniteTrainingError(FloatingPointError):
+    """Training produced NaN/inf (loss, gradients or weights) and cannot go on safely."""
+
+
 def rewards_from_config(entries) -> list[RewardSpec]:
+    """``grpo.rewards`` entries ({name, weight, [role], options…}) → RewardSpecs."""
     specs = []
     for e in entries:
         e = dict(e)
         name, weight = e.pop("name"), float(e.pop("weight", 1.0))
-        specs.append(RewardSpec(name, get_reward(name, **e), weight))
+        role = e.pop("role", DEFAULT_ROLES.get(name))
+        specs.append(RewardSpec(name, get_reward(name, **e), weight, role))
     return specs
-
-
-def completion_logprobs(policy, enc, ids, mask, group_size, temperature, backend="auto", micro_prompts=0):
-    """Log-probs (N, C) of given completions under ``policy``, no grad, whole groups per chunk."""
-    B = enc.input_ids.shape[0]
-    step = micro_prompts or B
-    out = []
-    with torch.no_grad():
-        for s in range(0, B, step):
-            pidx = list(range(s, min(B, s + step)))
-            rows = slice(s * group_size, (s + len(pidx)) * group_size)
-            h = policy.completion_hidden(enc.select(pidx), ids[rows], mask[rows], group_size)   # (n, C, H)
-            out.append(linear_token_logprobs(h, policy.lm_head_weight.to(h.dtype), ids[rows], temperature, mask=mask[rows],
-                                             bias=policy.lm_head_bias, backend=backend))
-    return torch.cat(out)                                                                      # (N, C)
 
 
 class GRPOTrainer:
     """GRPO on a ``Policy`` (see grpo_core.policy) over a list of VQA records."""
 
     def __init__(self, policy, train_records, cfg: TrainConfig, eval_records=None, ref_policy=None,
-                 reward_specs=None, prompt_fn=None, eval_fn=None):
+                 reward_specs=None, prompt_fn=None, eval_fn=None, dist: DistContext | None = None):
         cfg.validate()
         if len(train_records) < cfg.rollout.prompts_per_step:
             raise ValueError(f"GRPOTrainer: {len(train_records)} training records < rollout.prompts_per_step="
                              f"{cfg.rollout.prompts_per_step}")
+        self.dist = dist or DistContext()
+        if cfg.rollout.prompts_per_step % self.dist.world:
+            raise ValueError(f"GRPOTrainer: rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not a multiple "
+                             f"of the {self.dist.world} ranks; each rank takes an equal share of whole groups")
         self.policy, self.records, self.cfg = policy, list(train_records), cfg
         self.eval_records, self.eval_fn = eval_records, eval_fn
         self.prompt_fn = prompt_fn or make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed)
-        self.specs = reward_specs or rewards_from_config(cfg.grpo.rewards)
+        self.specs = reward_specs if reward_specs is not None else rewards_from_config(cfg.grpo.rewards)
         self.ref_policy = self._make_reference(ref_policy)
-        if cfg.rollout.prompts_per_step % D.world():
-            raise ValueError(f"GRPOTrainer: rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not a multiple "
-                             f"of the {D.world()} ranks; each rank takes an equal share of whole groups")
         # data parallelism: wrap (DDP / FSDP2 or nothing) before the optimizer sees the parameters
-        self.par = D.Parallel(policy, D.mode(), reshard_after_forward=cfg.dist.reshard_after_forward)
-        self.ref_par = D.Parallel(self.ref_policy, D.mode(), trainable=False) if hasattr(self.ref_policy, "model") else None
-        total_opt_steps = cfg.run.steps * cfg.grpo.mu
-        self.optimizer = make_optimizer(policy.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
-        self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, total_opt_steps, cfg.optim.schedule)
+        self.replica = self.dist.replicate(policy, reshard_after_forward=cfg.dist.reshard_after_forward)
+        self.ref_replica = (self.dist.replicate(self.ref_policy, trainable=False)
+                            if self.ref_policy not in (None, "adapters") else None)
+        o = cfg.optim
+        self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
+        self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.run.steps * cfg.grpo.mu, o.schedule)
         self.step_idx, self.data_pos, self.history = 0, 0, []
         self.device = policy.device
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -131,130 +132,148 @@ class GRPOTrainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> dict:
-        cfg, g, G = self.cfg, self.cfg.grpo, self.cfg.rollout.group_size
         t0 = time.perf_counter()
-
-        # 1. rollout: B prompts, G completions each, prompt prefilled once per group
-        records = D.shard(self._next_records())          # this rank's B/W prompts of the step's batch
+        records = self.dist.shard(self._next_records())          # this rank's B/W prompts of the step's batch
         prompts, records = self.prompt_fn(records)
-        sampling = SamplingConfig(**cfg.rollout.sampling_options(),
-                                  seed=int(self._generator(1 + 1000 * D.rank()).initial_seed()))   # (seed, step, rank)
-        self.policy.model.eval()
-        with self.autocast:
-            ro = self.par.infer(generate_groups, self.policy, prompts, G, sampling, gather_all=True)
-        enc, ids, mask = ro.encoded, ro.completion_ids, ro.completion_mask.to(torch.float32)   # (N, C)
+        ro = self.rollout(prompts)                                 # 1. G completions per prompt
         t1 = time.perf_counter()
-
-        # 2. rewards → advantages (per group of G)
-        reps = [r for r in records for _ in range(G)]
-        total, columns = combine_rewards(self.specs, ro.texts, reps)                          # (N,)
-        total = total.to(self.device)
-        ref_lp = self._ref_logprobs(enc, ids, mask, G)                                         # (N, C) | None
-        if g.kl_placement == "reward":
-            with self.autocast:
-                cur_lp = self.par.infer(completion_logprobs, self.policy, enc, ids, mask, G, cfg.rollout.temperature,
-                                        g.backend, g.micro_batch_prompts)
-            total = kl_penalized_rewards(total, cur_lp, ref_lp, mask, g.beta, g.kl)
-        total_all, own = D.gather_rows(total)            # (N_all,) every rank's rewards, rank order
-        adv = group_advantages(total_all, G, scale=g.adv_scale)[own]                           # (N,)
-        zero_std_all = group_reward_std(total_all, G) == 0                                     # (B_all,)
-        zero_std = zero_std_all[own.start // G: own.stop // G]                                 # (B,)
+        exp, rows = self.score(ro, records)                        # 2. rewards → advantages, old/ref log-probs
         t2 = time.perf_counter()
-
-        # 3. update: μ optimizer steps over the same rollouts
-        keep = [b for b in range(len(records)) if not (g.skip_zero_std_groups and zero_std[b])]
-        upd = self._update(enc, ids, mask, adv, ref_lp if g.kl_placement == "loss" else None, keep, G)
+        upd = self.update(exp)                                     # 3. μ optimizer steps
         t3 = time.perf_counter()
-
         self.step_idx += 1
-        # per-row statistics of every rank (N_all, 2 + R): metrics of the whole batch
-        cols = [ro.completion_mask.sum(1), ro.truncated, *columns.values()]
-        rows, _ = D.gather_rows(torch.stack([c.float().cpu() for c in cols], 1))
-        lens = rows[:, 0]
-        m = {"step": self.step_idx, "lr": self.scheduler.get_last_lr()[0], **upd,
-             "reward": total_all.mean().item(), "reward_std": total_all.std().item() if total_all.numel() > 1 else 0.0,
-             "zero_std_frac": zero_std_all.float().mean().item(),
-             "completion_len": lens.mean().item(), "completion_len_max": lens.max().item(),
-             "truncated_frac": rows[:, 1].mean().item(),
-             "tokens_per_s": D.all_reduce(float(ro.stats.get("tokens_per_s", 0.0))),   # all ranks together
-             "time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_update": t3 - t2}   # this rank's
-        for j, name in enumerate(columns):
-            m[f"reward/{name}"] = rows[:, 2 + j].mean().item()
-        m["accuracy"] = m.get("reward/accuracy", m.get("reward/accuracy_graded", float("nan")))
-        m["format_rate"] = m.get("reward/format", m.get("reward/format_nothink", float("nan")))
-        return m
+        return self._metrics(rows, upd, ro, (t1 - t0, t2 - t1, t3 - t2))
 
-    def _ref_logprobs(self, enc, ids, mask, G):
-        if self.ref_policy is None:
-            return None
-        g, T = self.cfg.grpo, self.cfg.rollout.temperature
-        if self.ref_policy == "adapters":
-            with self.policy.disable_adapters(), self.autocast:
-                return self.par.infer(completion_logprobs, self.policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
-        par = self.ref_par or D.Parallel(self.ref_policy)
-        with self.autocast:
-            return par.infer(completion_logprobs, self.ref_policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
+    def rollout(self, prompts) -> Rollout:
+        """B prompts → N = B·G sampled completions, seeded by (run seed, step, rank)."""
+        seed = int(self._generator(1 + 1000 * self.dist.rank).initial_seed())
+        sampling = SamplingConfig(**self.cfg.rollout.sampling_options(), seed=seed)
+        self.policy.model.eval()
+        try:
+            with self.replica.gathered(), self.autocast:
+                return generate_groups(self.policy, prompts, self.cfg.rollout.group_size, sampling)
+        except NonFiniteLogitsError as e:
+            raise NonFiniteLogitsError(f"GRPO step {self.step_idx + 1}: {e}") from None
 
-    def _update(self, enc, ids, mask, adv, ref_lp, keep, G) -> dict:
-        cfg, g = self.cfg, self.cfg.grpo
-        T = cfg.rollout.temperature
-        sums: dict[str, float] = {}
-        if D.all_reduce(len(keep)) == 0:      # every group (on every rank) had equal rewards: skipped
-            return {"loss": 0.0, "grad_norm": 0.0, "skipped_groups": D.all_reduce(len(adv) // G)}
+    def score(self, ro: Rollout, records) -> tuple[Experience, RowResults]:
+        """Rewards, advantages and the fixed log-probs of one rollout → (Experience, every rank's rows)."""
+        g, G = self.cfg.grpo, ro.group_size
+        enc, ids, mask = ro.encoded, ro.completion_ids, ro.completion_mask                  # mask (N, C) bool
+        total, columns = combine_rewards(self.specs, ro.texts, [r for r in records for _ in range(G)])  # (N,)
+        ref_lp = self.logprobs(enc, ids, mask, "reference") if self.ref_policy is not None else None  # (N, C)
+        cur_lp = None
+        if g.kl_placement == "reward" or g.mu > 1:                # the sampling policy's log-probs, once
+            cur_lp = self.logprobs(enc, ids, mask)
+        if g.kl_placement == "reward":
+            total = kl_penalized_rewards(total, cur_lp, ref_lp, mask, g.beta, g.kl)
+        rows = RowResults.gather(self.dist, total, ro.lengths, ro.truncated, columns)      # one collective
+        adv = group_advantages(rows.total, G, scale=g.adv_scale)[rows.own].to(self.device)  # (N,)
+        zero_std = group_reward_std(rows.total[rows.own], G) == 0                         # (B,)
+        keep = [b for b in range(len(zero_std)) if not (g.skip_zero_std_groups and zero_std[b])]
+        exp = Experience(enc, ids, mask, adv, cur_lp if g.mu > 1 else None,
+                         ref_lp if g.kl_placement == "loss" else None, G, keep)
+        return exp, rows
+
+    def logprobs(self, enc, ids, mask, of: str = "policy") -> torch.Tensor:
+        """Log-probs (N, C) of given completions (N = B·G rows of the B prompts in ``enc``) under the
+        policy (``of="policy"``) or the reference: no grad, ``grpo.micro_batch_prompts`` whole groups
+        per forward. The reference is a frozen copy, or the policy with its LoRA adapters off."""
+        which = self.policy if of == "policy" else self.ref_policy
+        if which is None:
+            raise ValueError("GRPOTrainer.logprobs: no reference model (grpo.beta = 0 builds none)")
+        if which == "adapters":
+            with self.policy.disable_adapters():
+                return self.logprobs(enc, ids, mask, "policy")
+        replica = self.replica if which is self.policy else self.ref_replica
+        g, T, G = self.cfg.grpo, self.cfg.rollout.temperature, self.cfg.rollout.group_size
+        B = ids.shape[0] // G
+        step = g.micro_batch_prompts or B
+        out = []
+        with replica.gathered(), self.autocast:
+            for s in range(0, B, step):
+                pidx = list(range(s, min(B, s + step)))
+                rows = slice(s * G, (s + len(pidx)) * G)
+                h = replica.hidden(enc.select(pidx), ids[rows], mask[rows], G)                    # (n, C, H)
+                out.append(linear_token_logprobs(h, which.lm_head_weight.to(h.dtype), ids[rows], T, mask=mask[rows],
+                                                 bias=which.lm_head_bias, backend=g.backend))
+        return torch.cat(out)                                                                    # (N, C)
+
+    def update(self, exp: Experience) -> dict:
+        """μ optimizer steps on one Experience; every rank calls it (collectives inside).
+
+        Each pass shuffles the kept groups into micro-batches of ``grpo.micro_batch_prompts`` whole
+        groups and accumulates their gradients, every micro-batch loss divided by the denominators
+        of the whole step (all micro-batches, all ranks): one optimizer step = one big batch.
+        """
+        cfg, g, d = self.cfg, self.cfg.grpo, self.dist
+        if d.all_reduce(len(exp.keep)) == 0:      # every group (on every rank) had equal rewards: skipped
+            return {"loss": 0.0, "grad_norm": 0.0, "nonfinite_steps": 0, "skipped_groups": d.all_reduce(exp.num_prompts)}
         self.policy.model.train()
-        old_lp = None
-        # π_old = the policy that sampled, frozen for μ passes. Recomputed with the training forward
-        # rather than taken from the rollout, so the ratio is exactly 1 on the first pass (the decode
-        # path computes the same distribution with other kernels; in bf16 they differ in rounding).
-        if g.mu > 1:
-            with self.autocast:
-                old_lp = self.par.infer(completion_logprobs, self.policy, enc, ids, mask, G, T, g.backend, g.micro_batch_prompts)
-        rows_of = lambda ps: torch.cat([torch.arange(p * G, (p + 1) * G) for p in ps])      # noqa: E731
-        keep_rows = rows_of(keep) if keep else torch.zeros(0, dtype=torch.long)
-        # denominators of the whole optimizer step: all micro-batches of all ranks (see distributed.py)
-        total_tokens = D.all_reduce(mask[keep_rows].sum())
-        total_seqs = int(D.all_reduce(len(keep_rows)))
-        mb = g.micro_batch_prompts or max(len(keep), 1)
+        total_tokens = d.all_reduce(exp.kept_tokens().float())           # denominators of the step
+        total_seqs = int(d.all_reduce(len(exp.keep) * exp.group_size))
+        mb = g.micro_batch_prompts or max(len(exp.keep), 1)
+        sums: dict[str, float] = {"nonfinite_steps": 0}
         for it in range(g.mu):
-            order = torch.randperm(len(keep), generator=self._generator(100 + it)).tolist()
-            chunks = [[keep[j] for j in order[s:s + mb]] for s in range(0, len(order), mb)]
-            n_chunks = int(D.all_reduce(len(chunks), "max"))   # every rank runs as many micro-batches
+            order = torch.randperm(len(exp.keep), generator=self._generator(100 + it)).tolist()
+            chunks = [[exp.keep[j] for j in order[s:s + mb]] for s in range(0, len(order), mb)]
+            n_chunks = int(d.all_reduce(len(chunks), "max"))   # every rank runs as many micro-batches
             self.optimizer.zero_grad(set_to_none=True)
+            finite = True
             for c in range(n_chunks):
-                pidx, weight = (chunks[c], 1.0) if c < len(chunks) else ([0], 0.0)   # 0.0: a filler for sync
-                rows = rows_of(pidx)
-                with self.par.accumulate(sync=c == n_chunks - 1):
+                prompts, weight = (chunks[c], 1.0) if c < len(chunks) else ([0], 0.0)   # 0.0: a filler for sync
+                with self.replica.accumulate(sync=c == n_chunks - 1):
                     with self.autocast:
-                        loss, m = self.par.forward(
-                            self._micro_loss, enc.select(pidx), ids[rows], mask[rows], adv[rows],
-                            None if old_lp is None else old_lp[rows], None if ref_lp is None else ref_lp[rows],
-                            total_tokens, total_seqs)
-                    (loss * (weight * self.par.grad_scale)).backward()   # × W: DDP/FSDP average over ranks
+                        loss, m = self.micro_loss(exp.groups(prompts), total_tokens, total_seqs)
+                    (loss * (weight * self.replica.grad_scale)).backward()   # × W: DDP/FSDP average over ranks
+                finite &= bool(torch.isfinite(loss))
                 w = weight * m["tokens"].item() / max(total_tokens.item(), 1.0)   # token-weighted metric average
                 for k, v in m.items():
                     if k != "tokens":
                         sums[k] = sums.get(k, 0.0) + w * float(v) / g.mu
                 sums["loss"] = sums.get("loss", 0.0) + weight * loss.item() / g.mu
             params = [p for p in self.policy.model.parameters() if p.grad is not None]
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf"))
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + D.local_value(gn) / g.mu
+            gn = local_value(torch.nn.utils.clip_grad_norm_(
+                params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")))   # global norm
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + gn / g.mu
+            if d.all_reduce(float(not finite), "max") > 0 or not math.isfinite(gn):
+                self.optimizer.zero_grad(set_to_none=True)   # NaN/inf loss or gradient: skip this step,
+                sums["nonfinite_steps"] += 1                 # weights and LR schedule stay as they were
+                continue
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums["skipped_groups"] = len(adv) // G - len(keep)
-        return D.reduce_sums(sums, same=("grad_norm",))   # local shares of global means → global
+        sums["skipped_groups"] = exp.num_prompts - len(exp.keep)
+        return d.reduce_sums(sums, same=("grad_norm", "nonfinite_steps"))   # local shares of global means → global
 
-    def _micro_loss(self, enc, ids, mask, adv, old_lp, ref_lp, total_tokens, total_seqs):
+    def micro_loss(self, mb: Experience, total_tokens, total_seqs):
         """GRPO loss of one micro-batch of whole groups, divided by the step's global denominators."""
-        cfg, g, G = self.cfg, self.cfg.grpo, self.cfg.rollout.group_size
-        h = self.policy.completion_hidden(enc, ids, mask, G)                                  # (n, C, H)
+        cfg, g = self.cfg, self.cfg.grpo
+        h = self.replica.hidden(mb.encoded, mb.completion_ids, mb.mask, mb.group_size)      # (n, C, H)
         return fused_linear_grpo_loss(
-            h, self.policy.lm_head_weight.to(h.dtype), ids,                  # autocast: bf16 h
-            old_lp, ref_lp, adv, mask, bias=self.policy.lm_head_bias, temperature=cfg.rollout.temperature,
-            clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip,
-            beta=g.beta if ref_lp is not None else 0.0, kl=g.kl, agg=g.agg,
+            h, self.policy.lm_head_weight.to(h.dtype), mb.completion_ids,                  # autocast: bf16 h
+            mb.old_logprobs, mb.ref_logprobs, mb.advantages, mb.mask, bias=self.policy.lm_head_bias,
+            temperature=cfg.rollout.temperature, clip_low=g.clip_low, clip_high=g.clip_high,
+            dual_clip=g.dual_clip, beta=g.beta if mb.ref_logprobs is not None else 0.0, kl=g.kl, agg=g.agg,
             max_len=g.max_len or cfg.rollout.max_new_tokens,
             total_tokens=total_tokens, total_seqs=total_seqs, backend=g.backend)
+
+    def _metrics(self, rows: RowResults, upd: dict, ro: Rollout, times) -> dict:
+        """The step's metrics over every rank's rows; "accuracy" / "format_rate" by reward role."""
+        G = ro.group_size
+        total = rows.total
+        m = {"step": self.step_idx, "lr": self.scheduler.get_last_lr()[0], **upd,
+             "reward": total.mean().item(), "reward_std": total.std().item() if total.numel() > 1 else 0.0,
+             "zero_std_frac": (group_reward_std(total, G) == 0).float().mean().item(),
+             "completion_len": rows.lengths.mean().item(), "completion_len_max": rows.lengths.max().item(),
+             "truncated_frac": rows.truncated.mean().item(),
+             "tokens_per_s": self.dist.all_reduce(float(ro.stats.get("tokens_per_s", 0.0))),  # all ranks together
+             "time_rollout": times[0], "time_scoring": times[1], "time_update": times[2]}     # this rank's
+        for name, col in rows.columns.items():
+            m[f"reward/{name}"] = col.mean().item()
+        for role, key in (("accuracy", "accuracy"), ("format", "format_rate")):   # the first reward of each role
+            name = next((s.name for s in self.specs if s.role == role), None)
+            m[key] = m[f"reward/{name}"] if name else float("nan")
+        return m
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> list[dict]:
@@ -263,14 +282,22 @@ class GRPOTrainer:
         if cfg.run.resume and (ck := latest_checkpoint(cfg.run.output_dir)):
             self.resume(ck)
         log_path = os.path.join(cfg.run.output_dir, "metrics.jsonl")
-        main = D.is_main()                    # only rank 0 logs, draws and writes
+        main = self.dist.is_main              # only rank 0 logs, draws and writes
         writer = _tensorboard(cfg.run.output_dir) if main else None
         bar = _progress(cfg.run.steps, self.step_idx, cfg.run.progress and main)
-        t_start = time.perf_counter()
+        t_start, streak = time.perf_counter(), 0
         while self.step_idx < cfg.run.steps:
             m = self.step()
+            streak = streak + 1 if m["nonfinite_steps"] >= cfg.grpo.mu else 0   # no update at all this step
+            if streak >= cfg.run.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"GRPO steps {self.step_idx - streak + 1}..{self.step_idx}: the loss or gradient was NaN/inf "
+                    f"in {streak} consecutive steps (run.max_nonfinite_steps={cfg.run.max_nonfinite_steps}); every "
+                    "update was skipped and nothing was saved since. Lower optim.lr, check the rewards and the "
+                    "data, or resume from the last checkpoint in run.output_dir")
             if self.eval_fn and cfg.run.eval_every and self.step_idx % cfg.run.eval_every == 0:
-                m.update({f"eval/{k}": v for k, v in self.par.infer(self.eval_fn, self.policy, gather_all=True).items()})
+                with self.replica.gathered():
+                    m.update({f"eval/{k}": v for k, v in self.eval_fn(self.policy).items()})
             self.history.append(m)
             if main:
                 with open(log_path, "a") as f:
@@ -294,15 +321,20 @@ class GRPOTrainer:
         return self.history
 
     def save(self) -> str:
-        """Call on every rank: FSDP2 gathers the full state to rank 0, which alone writes."""
+        """Call on every rank: FSDP2 gathers the full state to rank 0, which alone writes.
+        Refuses to write non-finite weights (they would poison every resume)."""
+        bad = [n for n, p in self.policy.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if self.dist.all_reduce(float(len(bad)), "max") > 0:
+            raise NonFiniteTrainingError(f"GRPOTrainer.save: step {self.step_idx} weights hold NaN/inf "
+                                         f"({', '.join(bad[:3]) or 'on another rank'}); not saved")
         state = {"data_pos": self.data_pos, "config": json.dumps(to_dict(self.cfg))}
-        model_state, optim_state = self.par.full_state(self.optimizer)   # (None, None) unless fsdp2
+        model_state, optim_state = self.replica.full_state(self.optimizer)   # (None, None) unless fsdp2
         path = None
-        if D.is_main():
+        if self.dist.is_main:
             path = save_checkpoint(self.cfg.run.output_dir, self.step_idx, self.policy, self.optimizer,
                                    self.scheduler, state, keep_last=self.cfg.run.keep_last,
                                    model_state=model_state, optim_state=optim_state)
-        D.barrier()                           # no rank reads a checkpoint before it is whole
+        self.dist.barrier()                   # no rank reads a checkpoint before it is whole
         return path or checkpoint_path(self.cfg.run.output_dir, self.step_idx)
 
     def resume(self, path: str) -> None:

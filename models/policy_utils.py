@@ -118,7 +118,14 @@ def expand_state(state: DecodeState, group_size: int) -> DecodeState:
 
 
 def pick_attn_implementation(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """flash_attention_2 on CUDA in 16-bit when flash_attn imports, else sdpa (or what was asked)."""
+    """flash_attention_2 on CUDA in 16-bit when flash_attn imports, else sdpa (or what was asked).
+
+    This picks the attention of the plain HF paths only: the vision tower (its per-image varlen
+    attention is what flash_attn's kernels are for), the prompt prefill and the plain fallback
+    forward. The shared-prefix training forward and decode (prefix_train / prefix_decode) do their
+    own attention through torch's sdpa whatever is picked here, so installing flash_attn no longer
+    switches them off. Which is faster per path on a given GPU: bench/bench_prefix_train.py
+    (``make device-check`` runs it on the GPU)."""
     if requested is not None:
         return requested
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):

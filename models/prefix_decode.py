@@ -13,8 +13,10 @@ prefix): the prompt K/V are read once per group instead of G times per step and 
 times (prompt KV memory is B rows, not B·G). On the CPU rollout bench, reading the G copies of
 the prompt KV was the largest cost of a decode step.
 
-Scope: Qwen2-VL text decoder layers (pre-norm, q/k/v/o projections, rotary from the model's own
-``apply_rotary_pos_emb``, MLP); the layers' modules are called as they are, so LoRA adapters apply.
+Scope: Qwen2-VL and Qwen2.5-VL text decoder layers (the same layout: pre-norm, q/k/v/o
+projections, rotary from the model's own ``apply_rotary_pos_emb``, MLP), whatever attention
+implementation the model was loaded with (the attention here is its own); the layers' modules
+are called as they are, so LoRA adapters apply.
 The policy uses this path only where it is known to match (``supported``); tests check greedy
 decoding against HF ``generate`` token for token and log-probs against a teacher-forced forward.
 """
@@ -50,9 +52,12 @@ class PrefixDecodeState:
         return torch.cat([prompt, prompt.new_ones(prompt.shape[0], self.length)], 1)
 
 
+_TEXT_MODELS = ("Qwen2VLTextModel", "Qwen2_5_VLTextModel")
+
+
 def supported(lm) -> bool:
-    """True for a Qwen2-VL text model with plain full attention (the layer layout coded below)."""
-    return (type(lm).__name__ == "Qwen2VLTextModel" and not getattr(lm, "has_sliding_layers", False)
+    """True for a Qwen2-VL / Qwen2.5-VL text model with plain full attention (the layout coded below)."""
+    return (type(lm).__name__ in _TEXT_MODELS and not getattr(lm, "has_sliding_layers", False)
             and all(hasattr(layer.self_attn, "q_proj") for layer in lm.layers))
 
 

@@ -44,7 +44,9 @@ median process CPU time):
     plain 713 ms, shared/rows 87 ms (8.2x), shared/grouped 77 ms (9.3x)
 
 Scope and fallbacks (``supported``): Qwen2-VL / Qwen2.5-VL text decoder layers with full
-attention through sdpa or eager (not flash-attention-2: that model runs the plain path), no
+attention, whatever attention implementation the model was loaded with (sdpa, eager,
+flash_attention_2: this path calls the layers' projections and MLP and does its own attention
+through torch's sdpa, which picks its flash / memory-efficient / math kernel itself), no
 attention dropout while training, layers not wrapped by FSDP2 (its per-layer unshard hooks run
 only through ``layer.__call__``; this path calls the layer's modules). LoRA adapters apply (the
 modules are called as they are). Gradient checkpointing is supported: each layer's shared step
@@ -73,8 +75,6 @@ _TEXT_MODELS = ("Qwen2VLTextModel", "Qwen2_5_VLTextModel")
 def supported(lm) -> bool:
     """True when ``lm``'s layers have the layout coded below and this path is known to match."""
     if not ENABLED or type(lm).__name__ not in _TEXT_MODELS or getattr(lm, "has_sliding_layers", False):
-        return False
-    if lm.config._attn_implementation not in ("sdpa", "eager"):
         return False
     if lm.training and getattr(lm.config, "attention_dropout", 0.0):
         return False

@@ -259,7 +259,7 @@ class Qwen2VLPolicy:
         which positions count in the loss; tokens after EOS never influence earlier positions).
         Out-of-vocabulary ids (e.g. -100 padding) are read as pad_token_id.
 
-        Where ``prefix_train.supported`` (sdpa/eager Qwen2-VL layers, not FSDP2-wrapped) the language
+        Where ``prefix_train.supported`` (Qwen2-VL / Qwen2.5-VL layers, not FSDP2-wrapped) the language
         model also runs each prompt once and shares its K/V with the G completions
         (``grpo_models.prefix_train``); ``GRPO_PREFIX_TRAIN=0`` forces the plain path below.
         """

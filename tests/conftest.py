@@ -16,7 +16,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                    # numerics, helpers
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # examples.*, bench.*
 from numerics import full_precision_hf  # noqa: E402
 
 full_precision_hf()   # fp64 models compute in fp64 throughout (unchanged for fp32/bf16): numerics.py

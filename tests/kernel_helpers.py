@@ -24,6 +24,15 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     reason="Triton on CPU needs TRITON_INTERPRET=1 set before grpo_core.kernels' Triton modules load"))]
 
 K_FWD, K_BWD = 16, 8       # fp32 roundings allowed: log-softmax forward, its backward
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def store_rounding(want, dtype, backend="torch"):
+    """Elementwise error of storing fp32 results as ``dtype``: half an ulp (round to nearest, as
+    torch and the GPU do), but a whole ulp for Triton under the interpreter, whose fp32 → bf16/fp16
+    stores truncate (tests/test_kernels_logprobs.py checks that this is still so)."""
+    r = rounding(want, dtype)
+    return 2 * r if backend == "triton" and INTERPRETED and dtype != torch.float32 else r
 
 
 def max_err(a, b):
@@ -49,26 +58,22 @@ def dz_size(want_grad, labels, mask, g, temperature=1.0, p=None, g_ent=None):
     return size * mask[..., None]
 
 
-def logit_grad_bound(want_grad, logits, labels, mask, g, temperature=1.0, dtype=torch.float32, g_ent=None):
-    """Bound on |d logits − fp64 truth|: the fp32 arithmetic, then the store in ``dtype``."""
+def logit_grad_bound(want_grad, logits, labels, mask, g, temperature=1.0, dtype=torch.float32, g_ent=None,
+                     backend="torch"):
+    """Bound on |d logits − fp64 truth|: the fp32 arithmetic, then the store in ``dtype`` by ``backend``."""
     p = torch.softmax(logits.double() / temperature, -1).nan_to_num(0.0) if g_ent is not None else None
     size = dz_size(want_grad, labels, mask, g, temperature, p, g_ent)
     per_row = K_BWD * torch.finfo(torch.float32).eps * lse_scale(logits, temperature, per_row=True)
-    return rounding(want_grad, dtype) + per_row[..., None] * size
+    return store_rounding(want_grad, dtype, backend) + per_row[..., None] * size
 
 
-def linear_grad_bounds(dz_want, hidden, weight, labels, mask, g, temperature, logits):
+def linear_grad_bounds(dz_want, hidden, weight, labels, mask, g, temperature, logits, g_ent=None):
     """Bounds on d hidden = dz W and d weight = dzᵀ h (dz = d logits) when dz carries the errors
     above and the products add fp32 rounding: k·eps32·lse_scale · (|dz| @ |W|) and (|dz|ᵀ @ |h|)."""
     eps = torch.finfo(torch.float32).eps
     rows = K_BWD * eps * (lse_scale(logits, temperature, per_row=True) + hidden.shape[-1])   # (N, T)
-    size = dz_size(dz_want, labels, mask, g, temperature) * rows[..., None]  # (N, T, V)
+    p = torch.softmax(logits.double() / temperature, -1).nan_to_num(0.0) if g_ent is not None else None
+    size = dz_size(dz_want, labels, mask, g, temperature, p, g_ent) * rows[..., None]  # (N, T, V)
     dh = size @ weight.double().abs()                                       # (N, T, H)
     dw = torch.einsum("ntv,nth->vh", size, hidden.double().abs())           # (V, H)
     return dh, dw
-
-
-def close(name, got, want, atol, rtol=0.0):
-    """atol + rtol·|want| elementwise (the GPU tier's fixed tolerances; the CPU tier uses the bounds above)."""
-    want_t = torch.as_tensor(want).double()
-    assert_close(got, want_t, name, atol=atol + rtol * want_t.abs())

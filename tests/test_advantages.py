@@ -7,7 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo_core.advantages import group_advantages, group_reward_std
+from grpo_core.advantages import (
+    DynamicSampling,
+    group_advantages,
+    group_reward_std,
+    informative_groups,
+)
 
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 
@@ -105,3 +110,64 @@ def test_equal_rewards_exactly_zero_where_fp32_mean_is_inexact():
     mixed = torch.cat([torch.full((33,), 0.7), torch.arange(33.0)])
     a = group_advantages(mixed, 33)
     assert torch.equal(a[:33], torch.zeros(33)) and a[33:].abs().max() > 1
+
+
+# ---- RLOO baseline ------------------------------------------------------------------------------
+
+def test_leave_one_out_by_hand():
+    # group [1, 0, 0, 1]: b_0 = (0 + 0 + 1)/3 = 1/3 → A_0 = 2/3; b_1 = 2/3 → A_1 = −2/3
+    # group [2, 4, 6, 8]: b_0 = 18/3 = 6 → −4; b_1 = 16/3 → −4/3; b_2 = 14/3 → 4/3; b_3 = 4 → 4
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0])
+    a = group_advantages(r, 4, scale="none", baseline="leave_one_out")
+    torch.testing.assert_close(a, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, -4.0, -4 / 3, 4 / 3, 4.0]))
+    # with std scaling: the same numerators over the group std (+ eps), as for the mean baseline
+    s1, s2 = math.sqrt(1 / 3), math.sqrt(20 / 3)
+    a = group_advantages(r, 4, scale="group", eps=0.0, baseline="leave_one_out")
+    torch.testing.assert_close(a, torch.tensor([2 / 3 / s1, -2 / 3 / s1, -2 / 3 / s1, 2 / 3 / s1,
+                                                -4 / s2, -4 / 3 / s2, 4 / 3 / s2, 4 / s2]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 8), st.sampled_from(["group", "batch", "none"]), st.data())
+def test_leave_one_out_is_mean_baseline_times_g_over_g_minus_1(b, g, scale, data):
+    vals = data.draw(st.lists(st.floats(-100, 100), min_size=b * g, max_size=b * g))
+    r = torch.tensor(vals, dtype=torch.float64)
+    loo = group_advantages(r, g, scale=scale, baseline="leave_one_out", eps=1e-4).double()
+    mean = group_advantages(r, g, scale=scale, baseline="mean", eps=1e-4).double()
+    # r_i − (S − r_i)/(G − 1) = G/(G − 1)·(r_i − S/G); both stored in fp32 once
+    torch.testing.assert_close(loo, mean * g / (g - 1), rtol=4 * 2 ** -23, atol=1e-30 + 4 * 2 ** -23 * float(loo.abs().max()))
+
+
+def test_leave_one_out_equal_rewards_exactly_zero_and_bad_input():
+    r = torch.full((33,), 0.7)
+    assert torch.equal(group_advantages(r, 33, baseline="leave_one_out"), torch.zeros(33))
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        group_advantages(torch.ones(4), 2, baseline="loo")
+    with pytest.raises(ValueError, match="needs group_size >= 2"):
+        group_advantages(torch.ones(4), 1, baseline="leave_one_out")
+
+
+# ---- DAPO dynamic sampling ----------------------------------------------------------------------
+
+def test_informative_groups():
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.0])
+    assert informative_groups(r, 2).tolist() == [False, True, False, False]
+    assert informative_groups(torch.full((33,), 0.7), 33).tolist() == [False]
+
+
+def test_dynamic_sampling_refills_then_stops():
+    # B = 3 groups of G = 2 wanted; round 1 has 1 informative group, round 2 has 3 (only 2 are needed)
+    ds = DynamicSampling(3, 2, max_rounds=4)
+    assert ds.wants_more() and ds.prompts_per_round == 3
+    assert ds.add(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])) == [1]
+    assert ds.add(torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.5])) == [0, 1]
+    assert not ds.wants_more()
+    assert ds.metrics() == {"dynamic_sampling/prompts_drawn": 6, "dynamic_sampling/rounds": 2,
+                            "dynamic_sampling/groups_kept": 3, "dynamic_sampling/short": 0}
+    with pytest.raises(ValueError, match="already full"):
+        ds.add(torch.tensor([0.0, 1.0] * 3))
+    # all-equal batches: gives up after max_rounds and says how many groups are missing
+    ds = DynamicSampling(2, 2, max_rounds=2)
+    while ds.wants_more():
+        assert ds.add(torch.ones(4)) == []
+    assert ds.metrics()["dynamic_sampling/short"] == 2 and ds.metrics()["dynamic_sampling/prompts_drawn"] == 4

@@ -87,3 +87,23 @@ def test_quick_suite_writes_json_markdown_and_plots(tmp_path):
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{p} is not a PNG"
         assert os.path.basename(p) in md
+
+
+def test_one_results_folder_per_machine_kind(monkeypatch):
+    """bench/common.py's naming rule: cpu-<vendor>-<family>, so one machine kind is one folder."""
+    import torch
+
+    from bench import common
+
+    for model, want in [("AMD EPYC 7B13 64-Core Processor", "cpu-AMD-EPYC"),
+                        ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "cpu-Intel-Xeon")]:
+        monkeypatch.setattr(common, "_cpu_model", lambda m=model: m)
+        assert common.device_name(torch.device("cpu")) == want
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "bench/results"], cwd=os.path.dirname(common.RESULTS_DIR) + "/..",
+                             capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    cpu_dirs = sorted({p.split("/")[2] for p in tracked if p.split("/")[2].startswith("cpu")})
+    assert cpu_dirs == ["cpu-AMD-EPYC"], f"one folder per machine kind under bench/results, got {cpu_dirs}"

@@ -165,25 +165,47 @@ def test_missing_library_is_a_reason_not_an_error(tmp_path):
 
 
 def test_python_checks_before_any_launch():
+    """The shared checks of grpo_core.kernels run before the CUDA backend is even resolved."""
+    from grpo_core.kernels import linear_token_logprobs, token_logprobs
+
     x, y = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
     with pytest.raises(RuntimeError, match="not on a CUDA device|not built/found"):
-        cuda.token_logprobs_cuda(x, y)
+        token_logprobs(x, y, backend="cuda")
+    with pytest.raises(RuntimeError, match="not on a CUDA device|not built/found"):
+        linear_token_logprobs(torch.randn(2, 3, 4), torch.randn(11, 4), y, backend="cuda")
     with pytest.raises(RuntimeError, match="not on a CUDA device|not built/found"):
         cuda.group_advantages_cuda(torch.randn(8), 4)
-    with pytest.raises(TypeError, match="float64 not supported"):
-        cuda.token_logprobs_cuda(x.double(), y)
     with pytest.raises(TypeError, match="integer token ids"):
-        cuda.token_logprobs_cuda(x, y.float())
-    with pytest.raises(ValueError, match=r"labels \(3, 2\)"):
-        cuda.token_logprobs_cuda(x, y.T)
+        token_logprobs(x, y.float(), backend="torch")
+    with pytest.raises(ValueError, match=r"labels \(3, 2\)|expected logits"):
+        token_logprobs(x, y.T, backend="cuda")
     with pytest.raises(ValueError, match="mask"):
-        cuda.token_logprobs_cuda(x, y, mask=torch.ones(2, 4))
+        token_logprobs(x, y, mask=torch.ones(2, 4), backend="torch")
     with pytest.raises(ValueError, match="temperature"):
-        cuda.token_logprobs_cuda(x, y, temperature=0.0)
+        token_logprobs(x, y, temperature=0.0, backend="cuda")
     with pytest.raises(ValueError, match="multiple of group_size"):
         cuda.group_advantages_cuda(torch.randn(7), 4)
     with pytest.raises(ValueError, match="scale"):
         cuda.group_advantages_cuda(torch.randn(8), 4, scale="std")
+
+
+@needs_nvcc
+@no_gpu
+def test_float64_is_refused_by_the_cuda_backend_by_name(loaded, monkeypatch):
+    """fp64 is a dtype the CUDA kernels lack: a TypeError naming the backend module, not a crash
+    (the probe is faked to pass, so the check after resolution is what runs)."""
+    from grpo_core.kernels import token_logprobs
+
+    monkeypatch.setitem(dispatch._PROBES, "cuda", lambda device: None)
+    with pytest.raises(TypeError, match="float64 is not supported by grpo_core.kernels.cuda"):
+        token_logprobs(torch.randn(2, 3, 11, dtype=torch.float64), torch.randint(0, 11, (2, 3)), backend="cuda")
+
+
+def test_driver_too_old_message_names_both_versions(monkeypatch):
+    monkeypatch.setattr(cuda.torch.cuda, "get_device_name", lambda i: "NVIDIA A100")
+    monkeypatch.setattr(cuda, "driver_cuda_version", lambda: "12.2")
+    msg = cuda._probe_failure(0, 35, 13000)
+    assert "CUDA up to 12.2" in msg and "CUDA 13.0" in msg and ">= 580" in msg and ">= 535" in msg
 
 
 # ---- kernel arithmetic through the host emulator --------------------------------------------

@@ -31,6 +31,7 @@ import torch
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # numerics, also in torchrun workers
+from helpers import tiny_policy, vowel_reward  # noqa: E402
 from numerics import assert_equiv, full_precision_hf, tol  # noqa: E402
 
 B, G, C = 4, 2, 5                       # global prompts, group size, completion length (fixed rollouts)
@@ -55,13 +56,7 @@ def _cfg(out, agg="token_mean", beta=0.0, mu=1, mb=0, mode="none", steps=1):
 
 
 def _policy(path):
-    from grpo_models.qwen2_vl import Qwen2VLPolicy
-
-    return Qwen2VLPolicy.from_pretrained(path, dtype=torch.float64, device="cpu")   # fp64: see module doc
-
-
-def vowel_reward(completions, records):
-    return [float(t[:1].lower() in "aeiou") for t in completions]
+    return tiny_policy(path, torch.float64)                                         # fp64: see module doc
 
 
 def _records():
@@ -78,7 +73,7 @@ def _fixed_rollouts(policy, cfg):
     gen = torch.Generator().manual_seed(11)
     ids = torch.randint(10, policy.vocab_size, (B * G, C), generator=gen)       # (N, C), no vision tokens
     lens = torch.randint(0, C + 1, (B * G,), generator=gen)                      # one row may be empty
-    mask = (torch.arange(C)[None] < lens[:, None]).float()                       # (N, C)
+    mask = torch.arange(C)[None] < lens[:, None]                                 # (N, C) bool
     adv = torch.randn(B * G, generator=gen, dtype=torch.float64)                 # (N,)
     ref = -1.0 - 2.0 * torch.rand(B * G, C, generator=gen, dtype=torch.float64)  # (N, C)
     return prompts, ids, mask, adv, ref
@@ -101,42 +96,45 @@ def _full_weights(trainer):
     return out
 
 
-def run_update(path, agg, mode, world, rank):
-    """One ``_update`` on fixed rollouts: this rank's share of them. Returns grads per optimizer step."""
+def run_update(path, agg, ctx):
+    """One ``update`` on fixed rollouts: this rank's share of them. Returns grads per optimizer step."""
+    from grpo_core.experience import Experience
     from grpo_core.trainer import GRPOTrainer
 
     beta, mu, keep_all, mb = CASES[agg]
-    cfg = _cfg("/tmp/unused", agg, beta, mu, mb if world > 1 else 0, mode)
+    world, rank = ctx.world, ctx.rank
+    cfg = _cfg("/tmp/unused", agg, beta, mu, mb if world > 1 else 0, ctx.mode)
     policy = _policy(path)
     prompts, ids, mask, adv, ref = _fixed_rollouts(policy, cfg)
-    tr = GRPOTrainer(policy, _records(), cfg, reward_specs=[])
+    tr = GRPOTrainer(policy, _records(), cfg, reward_specs=[], dist=ctx)
     k = B // world
     mine = slice(rank * k * G, (rank + 1) * k * G)
     keep = [p - rank * k for p in keep_all if rank * k <= p < (rank + 1) * k]
     enc = policy.encode(prompts[rank * k:(rank + 1) * k])
+    old = tr.logprobs(enc, ids[mine], mask[mine]) if mu > 1 else None          # π_old: the policy as sampled
+    exp = Experience(enc, ids[mine], mask[mine], adv[mine], old, ref[mine] if beta > 0 else None, G, keep)
     grads = []                                      # the (clipped) gradients each optimizer step sees
     tr.optimizer.register_step_pre_hook(lambda opt, a, kw: grads.append(_named_grads(policy.model)))
-    m = tr._update(enc, ids[mine], mask[mine], adv[mine], ref[mine] if beta > 0 else None, keep, G)
+    m = tr.update(exp)
     return {"grads": grads, "metrics": m}
 
 
-def run_train(path, out, mode, steps, resume_from=None):
+def run_train(path, out, ctx, steps, resume_from=None):
     """Real train steps on 2 ranks; optionally resume from a copied checkpoint first."""
     import shutil
 
-    import grpo_core.distributed as D
     from grpo_core.rewards import RewardSpec
     from grpo_core.trainer import GRPOTrainer
 
-    cfg = _cfg(out, mode=mode, steps=steps, beta=0.04)
+    cfg = _cfg(out, mode=ctx.mode, steps=steps, beta=0.04)
     cfg.rollout.prompts_per_step, cfg.run.save_every, cfg.run.keep_last = 2, 1, 5
     if resume_from:
-        if D.is_main():
+        if ctx.is_main:
             os.makedirs(out, exist_ok=True)
             shutil.copytree(resume_from, os.path.join(out, os.path.basename(resume_from)))
-        D.barrier()
+        ctx.barrier()
         cfg.run.resume = True
-    tr = GRPOTrainer(_policy(path), _records(), cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    tr = GRPOTrainer(_policy(path), _records(), cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)], dist=ctx)
     hist = tr.train()
     return {"history": hist, "weights": _full_weights(tr)}
 
@@ -150,22 +148,22 @@ def _worker(scenario, path, out):
 
     mode = "ddp" if scenario in ("raise", "stall") else None
     # gloo even where CUDA exists: these are CPU-tier tests on CPU tensors
-    with D.session(DistConfig(mode=mode or "ddp", backend="gloo", timeout_s=4.0 if mode else 60.0)):
-        r, w = D.rank(), D.world()
+    with D.session(DistConfig(mode=mode or "ddp", backend="gloo", timeout_s=4.0 if mode else 60.0)) as ctx:
+        r = ctx.rank
         if scenario in ("raise", "stall"):
             if r == 1:
                 if scenario == "raise":
                     raise RuntimeError("injected failure on rank 1")
                 time.sleep(120)                               # a rank that never arrives
-            D.all_reduce(1.0)                                 # rank 0 waits here
+            ctx.all_reduce(1.0)                               # rank 0 waits here
             return
         res = {}
-        for mode in ("ddp", "fsdp2"):
-            D._STATE.mode = mode                              # one group, both wrapping modes
+        for mode in ("ddp", "fsdp2"):                         # one process group, both wrapping modes
+            mctx = D.DistContext(ctx.rank, ctx.world, ctx.local_rank, mode, ctx.backend)
             for agg in CASES:
-                res[(mode, agg)] = run_update(path, agg, mode, w, r)
-            full = run_train(path, os.path.join(out, f"{mode}_full"), mode, steps=2)
-            resumed = run_train(path, os.path.join(out, f"{mode}_resumed"), mode, steps=2,
+                res[(mode, agg)] = run_update(path, agg, mctx)
+            full = run_train(path, os.path.join(out, f"{mode}_full"), mctx, steps=2)
+            resumed = run_train(path, os.path.join(out, f"{mode}_resumed"), mctx, steps=2,
                                 resume_from=os.path.join(out, f"{mode}_full", "ckpt-000001"))
             res[(mode, "train")] = {"full": full, "resumed": resumed}
         torch.save(res, os.path.join(out, f"rank{r}.pt"))
@@ -198,7 +196,9 @@ def two_ranks(tiny_vlm_path, tmp_path_factory):
 @pytest.mark.parametrize("agg", list(CASES))
 def test_two_ranks_equal_one_rank_on_concatenated_batch(two_ranks, tiny_vlm_path, mode, agg):
     results, _ = two_ranks
-    ref = run_update(tiny_vlm_path, agg, "none", 1, 0)           # 1 process, whole batch, one micro-batch
+    from grpo_core.distributed import DistContext
+
+    ref = run_update(tiny_vlm_path, agg, DistContext())           # 1 process, whole batch, one micro-batch
     for r in (0, 1):
         got = results[r][(mode, agg)]
         assert len(got["grads"]) == len(ref["grads"]) == CASES[agg][1]
@@ -239,14 +239,10 @@ def test_train_steps_and_resume_on_two_ranks(two_ranks, mode):
 
 
 def test_config_needs_multiple_of_world_size():
-    import grpo_core.distributed as D
+    from grpo_core.distributed import DistContext
 
     with pytest.raises(ValueError, match="multiple of 3"):
-        D._STATE.world = 3
-        try:
-            D.shard(list(range(4)))
-        finally:
-            D._STATE.world = 1
+        DistContext(rank=0, world=3).shard(list(range(4)))
 
 
 def test_raise_in_one_rank_ends_the_job_with_its_error(tiny_vlm_path, tmp_path):

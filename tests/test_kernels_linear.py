@@ -175,3 +175,41 @@ def test_torch_backend_never_materialises_logits(monkeypatch):
         grads(ref_linear, hidden, weight, up, labels, 1.0, mask)
     assert ours.biggest <= full_logits_bytes / 4, f"largest tensor {ours.biggest} B vs logits {full_logits_bytes} B"
     assert naive.biggest >= full_logits_bytes                                # the check can fail
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if "triton" in str(b)])
+def test_triton_vocab_split_forward(monkeypatch, backend):
+    """Few tokens: the forward splits the vocab over programs and merges the partials (m, l, s, z_y);
+    values and gradients are those of the unsplit computation."""
+    from grpo_core.kernels import triton_linear
+
+    monkeypatch.setattr(triton_linear, "MIN_PROGRAMS", 64)                  # force S > 1 on 2 token blocks
+    hidden, weight, labels, mask, bias, up = make_case(3, 5, 40, 4231, with_bias=True)
+    blocks = -(-int(mask.sum()) // triton_linear._config(hidden)["BLOCK_M"])
+    assert triton_linear._vocab_splits(blocks, 4231, 128, hidden.device) > 1
+    (lp, ent), dh, dw = grads(linear_token_logprobs, hidden, weight, up, labels, 0.7, mask,
+                              bias=bias, return_entropy=True, backend=backend)
+    check_fp32(lp, dh, dw, hidden, weight, labels, 0.7, mask, bias, up, ent)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if "triton" in str(b)])
+def test_triton_linear_rows_past_2_pow_31_elements(backend):
+    """A hidden row starting past element 2^31 (tokens × H ≥ 2^31 in one call): the row offset is
+    formed in int64. Three rows 2^30 + 64 elements apart in one lazily allocated 4 GiB buffer (only
+    the touched pages become memory)."""
+    from grpo_core.kernels import triton_linear
+
+    H, V, stride = 64, 300, (1 << 30) + 64
+    try:
+        storage = torch.empty(2 * stride + H, dtype=torch.bfloat16)          # 4 GiB virtual
+    except RuntimeError as exc:                                              # no overcommit here
+        pytest.skip(f"cannot reserve 4 GiB of address space: {exc}")
+    h = storage.as_strided((3, H), (stride, 1))                              # rows at 0, 2^30+64, 2^31+128
+    gen = torch.Generator().manual_seed(0)
+    h.copy_(torch.randn(3, H, generator=gen).bfloat16())
+    weight = (torch.randn(V, H, generator=gen) / H ** 0.5).bfloat16()
+    ys = torch.tensor([5, 17, 299])
+    logp, lse, _ = triton_linear.linear_forward(h, weight, None, ys, 1.0, False)
+    z = h.double() @ weight.double().t()                                     # (3, V) fp64 truth
+    want = z.gather(1, ys[:, None]).squeeze(1) - torch.logsumexp(z, 1)
+    assert_close(logp, want, "logp of rows past 2^31", atol=logp_tol(z[:, None, :])[:, 0])

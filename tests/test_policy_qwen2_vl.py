@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from grpo_models.qwen2_vl import Qwen2VLPolicy
+from helpers import img, ragged_prompts
 from numerics import assert_close, assert_equiv, tol
 from PIL import Image
 
@@ -21,22 +22,6 @@ from grpo_core.policy import Policy, Prompt
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 
 F64 = dict(device="cpu", dtype=torch.float64)
-
-
-def _img(w, h, seed=0, mode="RGB"):
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    return Image.fromarray(arr).convert(mode) if mode != "RGB" else Image.fromarray(arr)
-
-
-def _prompts():
-    """Different image sizes and counts (4, 12 + 4, 0 and 9 image tokens) → ragged left padding."""
-    return [
-        Prompt("What is shown? A. CT B. MRI", [_img(56, 56, 1)]),
-        Prompt("Where is the lesion located?", [_img(84, 112, 2), _img(56, 56, 3)], system="You are a radiologist."),
-        Prompt("No image in this one.", []),
-        Prompt("Which organ?", [_img(90, 70, 4)]),
-    ]
 
 
 def _hf_logits(policy, enc, ids):
@@ -65,7 +50,7 @@ def test_protocol_and_special_ids(tiny_vlm_policy):
 
 def test_image_tokens_match_grid_and_left_padding(tiny_vlm_policy):
     pol = tiny_vlm_policy
-    enc = pol.encode(_prompts())
+    enc = pol.encode(ragged_prompts())
     assert enc.num_images.tolist() == [1, 2, 0, 1]
     assert enc.image_grid_thw.shape == (4, 3) and enc.pixel_values.shape[0] == int(enc.image_grid_thw.prod(-1).sum())
     per_image = (enc.image_grid_thw.prod(-1) // 4).tolist()
@@ -84,7 +69,7 @@ def test_image_tokens_match_grid_and_left_padding(tiny_vlm_policy):
 def test_templates_chat_vs_plain(tiny_vlm_path):
     chat = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", template="chat")
     plain = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", template="plain")
-    p = [Prompt("Which organ?", [_img(56, 56)], system="Be brief.")]
+    p = [Prompt("Which organ?", [img(56, 56)], system="Be brief.")]
     c_text = chat.tokenizer.decode(chat.encode(p).input_ids[0])
     p_text = plain.tokenizer.decode(plain.encode(p).input_ids[0])
     assert c_text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and c_text.endswith("<|im_start|>assistant\n")
@@ -96,7 +81,7 @@ def test_templates_chat_vs_plain(tiny_vlm_path):
 
 def test_select_with_repeats_keeps_images_with_their_prompts(tiny_vlm_policy, tiny_vlm_policy64):
     pol = tiny_vlm_policy
-    prompts = _prompts()
+    prompts = ragged_prompts()
     enc = pol.encode(prompts)
     order = [3, 1, 1, 2, 0]
     sel = enc.select(order)
@@ -118,19 +103,19 @@ def test_select_with_repeats_keeps_images_with_their_prompts(tiny_vlm_policy, ti
 def test_bad_and_odd_images(tiny_vlm_policy, tmp_path):
     pol = tiny_vlm_policy
     with pytest.raises(ValueError, match=r"prompt 0 image 1 \('.*missing\.png'\).*no such image file"):
-        pol.encode([Prompt("x", [_img(56, 56), str(tmp_path / "missing.png")])])
+        pol.encode([Prompt("x", [img(56, 56), str(tmp_path / "missing.png")])])
     bad = tmp_path / "corrupt.png"
     buf = io.BytesIO()
-    _img(64, 64).save(buf, format="PNG")
+    img(64, 64).save(buf, format="PNG")
     bad.write_bytes(buf.getvalue()[:100])                                 # truncated PNG
     with pytest.raises(ValueError, match=r"prompt 1 image 0 \('.*corrupt\.png'\): cannot load"):
         pol.encode([Prompt("ok", []), Prompt("x", [str(bad)])])
     with pytest.raises(ValueError, match="cannot load"):
         pol.encode([Prompt("x", [b"not an image at all"])])
     with pytest.raises(ValueError, match="aspect ratio"):
-        pol.encode([Prompt("x", [_img(900, 3)])])
+        pol.encode([Prompt("x", [img(900, 3)])])
 
-    rgb = _img(56, 56, 7)
+    rgb = img(56, 56, 7)
     ref = pol.encode([Prompt("x", [rgb])]).pixel_values
     as_png = io.BytesIO()
     rgb.save(as_png, format="PNG")
@@ -148,15 +133,15 @@ def test_bad_and_odd_images(tiny_vlm_policy, tmp_path):
     pv = pol.encode([Prompt("x", [deep])]).pixel_values
     assert torch.isfinite(pv).all() and pv.std() > 0.1                   # scaled, not clipped to white
 
-    tiny = pol.encode([Prompt("x", [_img(3, 5)])])
+    tiny = pol.encode([Prompt("x", [img(3, 5)])])
     assert int(tiny.image_grid_thw.prod()) * 14 * 14 >= pol.image_processor.size["shortest_edge"]
-    huge = pol.encode([Prompt("x", [_img(3000, 2000)])])
+    huge = pol.encode([Prompt("x", [img(3000, 2000)])])
     assert int(huge.image_grid_thw.prod()) * 14 * 14 <= pol.image_processor.size["longest_edge"]
 
 
 def test_long_prompt_error_or_skip(tiny_vlm_path):
     err = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", max_prompt_len=40)
-    prompts = [Prompt("short", [_img(56, 56)]), Prompt("long", [_img(224, 224)]), Prompt("also short", [])]
+    prompts = [Prompt("short", [img(56, 56)]), Prompt("long", [img(224, 224)]), Prompt("also short", [])]
     with pytest.raises(ValueError, match="prompt 1 is .* tokens after image expansion > max_prompt_len=40"):
         err.encode(prompts)
     skip = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", max_prompt_len=40, on_long_prompt="skip")
@@ -173,7 +158,7 @@ def test_long_prompt_error_or_skip(tiny_vlm_path):
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_completion_hidden_matches_hf_forward(tiny_vlm_policy64, group_size):
     pol = tiny_vlm_policy64
-    enc = pol.encode(_prompts())
+    enc = pol.encode(ragged_prompts())
     n, c = len(enc) * group_size, 7
     g = torch.Generator().manual_seed(group_size)
     ids = torch.randint(10, len(pol.tokenizer) - 20, (n, c), generator=g)
@@ -192,7 +177,7 @@ def test_completion_hidden_matches_hf_forward(tiny_vlm_policy64, group_size):
 
 def test_shared_vision_gradients_equal_unshared(tiny_vlm_path):
     pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64)
-    enc = pol.encode(_prompts()[:2])
+    enc = pol.encode(ragged_prompts()[:2])
     g, c = 3, 5
     ids = torch.randint(10, 500, (2 * g, c), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -215,7 +200,7 @@ def test_shared_vision_gradients_equal_unshared(tiny_vlm_path):
 def test_completion_hidden_bf16_close_to_fp64(tiny_vlm_path, tiny_vlm_policy64):
     """bf16 log-probs vs fp64: a bf16 rounding budget (k ulps of bf16 at the values' size)."""
     pol64 = tiny_vlm_policy64
-    enc = pol64.encode(_prompts()[:2])
+    enc = pol64.encode(ragged_prompts()[:2])
     ids = torch.randint(10, 500, (4, 6), generator=torch.Generator().manual_seed(0))
     bf = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -250,7 +235,7 @@ def _check_kv_against_full_forward(pol, enc, group_size, steps, hf_logits, k=4):
 def test_prefill_expand_decode_matches_full_forward(tiny_vlm_policy64):
     pol = tiny_vlm_policy64
     with torch.no_grad():
-        _check_kv_against_full_forward(pol, pol.encode(_prompts()), 2, 4, lambda e, ids: _hf_logits(pol, e, ids))
+        _check_kv_against_full_forward(pol, pol.encode(ragged_prompts()), 2, 4, lambda e, ids: _hf_logits(pol, e, ids))
 
 
 def test_text_lm_policy_matches_hf(tiny_text_policy64):
@@ -274,7 +259,7 @@ def test_text_lm_policy_matches_hf(tiny_text_policy64):
         ref = torch.log_softmax(hf(rows, ids)[:, enc.input_ids.shape[1] - 1:-1], -1)
         assert_equiv(torch.log_softmax(h @ pol.lm_head_weight.T, -1), ref, "text completion log-probs")
     with pytest.raises(ValueError, match="prompt 0 has 1 images but TextLMPolicy is text-only"):
-        pol.encode([Prompt("x", [_img(56, 56)])])
+        pol.encode([Prompt("x", [img(56, 56)])])
 
 
 # ------------------------------------------------------------------ decode, save/load, LoRA
@@ -296,8 +281,8 @@ def test_save_load_round_trip(tiny_vlm_policy, tmp_path):
     pol = tiny_vlm_policy
     pol.save_pretrained(str(tmp_path / "p"))
     again = Qwen2VLPolicy.from_pretrained(str(tmp_path / "p"), device="cpu", dtype=torch.float32)
-    enc = pol.encode(_prompts())
-    enc2 = again.encode(_prompts())
+    enc = pol.encode(ragged_prompts())
+    enc2 = again.encode(ragged_prompts())
     assert torch.equal(enc.input_ids, enc2.input_ids) and torch.equal(enc.pixel_values, enc2.pixel_values)
     assert torch.equal(pol.prefill(enc)[0], again.prefill(enc2)[0])
     with pytest.raises(NotImplementedError):
@@ -310,7 +295,7 @@ def test_lora_adapters_disable_and_merged_save(tiny_vlm_path, tmp_path):
                                         lora={"r": 4, "lora_alpha": 8, "init_lora_weights": False})
     names = [k for k, p in pol.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in k and ".visual." not in k for k in names)
-    enc = pol.encode(_prompts()[:2])
+    enc = pol.encode(ragged_prompts()[:2])
     base = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64)
     with torch.no_grad():
         tuned = pol.prefill(enc)[0]
@@ -327,7 +312,7 @@ def test_lora_adapters_disable_and_merged_save(tiny_vlm_path, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_kv_cache_and_hidden(tiny_vlm_path):
     pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cuda", dtype=torch.bfloat16)
-    enc = pol.encode(_prompts())
+    enc = pol.encode(ragged_prompts())
     with torch.no_grad():
         _check_kv_against_full_forward(pol, enc.to("cuda"), 2, 3, lambda e, ids: _hf_logits(pol, e, ids.cuda()))
 
@@ -337,7 +322,7 @@ def test_qwen2_5_vl_checkpoint_works(tmp_path):
 
     pol = Qwen2VLPolicy.from_pretrained(build_tiny_qwen2_5_vl(str(tmp_path / "q25")), **F64)
     assert type(pol._hf).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    enc = pol.encode(_prompts()[:2])
+    enc = pol.encode(ragged_prompts()[:2])
     ids = torch.randint(10, 500, (4, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         rows = enc.select([0, 0, 1, 1])
@@ -352,7 +337,7 @@ def test_qwen2_5_vl_checkpoint_works(tmp_path):
 def test_gradient_checkpointing_same_values_and_grads(tiny_vlm_path):
     enc_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64)
     gc_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64, gradient_checkpointing=True)
-    enc = enc_pol.encode(_prompts()[:2])
+    enc = enc_pol.encode(ragged_prompts()[:2])
     ids = torch.randint(10, 500, (4, 5), generator=torch.Generator().manual_seed(0))
     out = []
     for pol in (enc_pol, gc_pol):
@@ -368,7 +353,7 @@ def test_gradient_checkpointing_same_values_and_grads(tiny_vlm_path):
 def test_freeze_vision_and_pixel_overrides(tiny_vlm_path, tmp_path):
     pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", freeze_vision=True, max_pixels=112 * 112,
                                         min_pixels=84 * 84)
-    enc = pol.encode([Prompt("x", [_img(224, 224)]), Prompt("y", [_img(20, 20)])])
+    enc = pol.encode([Prompt("x", [img(224, 224)]), Prompt("y", [img(20, 20)])])
     assert enc.image_grid_thw.tolist() == [[1, 8, 8], [1, 6, 6]]       # capped at 112², raised to 84²
     ids = torch.randint(10, 500, (2, 3), generator=torch.Generator().manual_seed(0))
     pol.completion_hidden(enc, ids, torch.ones_like(ids), 1).sum().backward()

@@ -10,33 +10,16 @@ The equivalences run in float64 (tests/numerics.py): the two paths reduce in dif
 which moves fp32 results by ~1e-6 on some CPUs; in fp64 they agree to ~1e-15 of the values' size.
 """
 
-import numpy as np
 import pytest
 import torch
 from grpo_models import prefix_train
 from grpo_models.qwen2_vl import Qwen2VLPolicy
+from helpers import ragged_prompts
 from numerics import assert_equiv
-from PIL import Image
-
-from grpo_core.policy import Prompt
 
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 
 F64 = dict(dtype=torch.float64, device="cpu")
-
-
-def _img(w, h, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _prompts():
-    """1, 2, 0 and 1 images of different sizes, different text lengths → ragged left padding."""
-    return [
-        Prompt("What is shown? A. CT B. MRI", [_img(56, 56, 1)]),
-        Prompt("Where is the lesion?", [_img(84, 112, 2), _img(56, 56, 3)], system="You are a radiologist."),
-        Prompt("No image in this one, and a somewhat longer question text.", []),
-        Prompt("Which organ?", [_img(90, 70, 4)]),
-    ]
 
 
 def _completions(pol, n, c, seed):
@@ -84,7 +67,7 @@ def pol(tiny_vlm_path):
 @pytest.mark.parametrize("group_size,c", [(1, 7), (3, 5), (2, 1)])
 def test_hidden_equals_plain_path(pol, group_size, c, layout, monkeypatch):
     monkeypatch.setattr(prefix_train, "LAYOUT", layout)
-    enc = pol.encode(_prompts())
+    enc = pol.encode(ragged_prompts())
     ids, mask = _completions(pol, len(enc) * group_size, c, seed=group_size)
     with torch.no_grad():
         new, _ = _run(pol, enc, ids, mask, group_size, shared=True)
@@ -97,7 +80,7 @@ def test_shared_path_is_taken(pol, monkeypatch):
     calls = []
     real = prefix_train.shared_prefix_hidden
     monkeypatch.setattr(prefix_train, "shared_prefix_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
-    enc = pol.encode(_prompts()[:2])
+    enc = pol.encode(ragged_prompts()[:2])
     ids, mask = _completions(pol, 4, 3, seed=0)
     with torch.no_grad():
         pol.completion_hidden(enc, ids, mask, 2)
@@ -106,7 +89,7 @@ def test_shared_path_is_taken(pol, monkeypatch):
 
 def test_logprobs_equal_hf_full_forward(pol):
     """Completion positions L + δ + j checked against HF computing mRoPE over the whole row itself."""
-    enc = pol.encode(_prompts())
+    enc = pol.encode(ragged_prompts())
     g, c = 2, 4
     ids, mask = _completions(pol, len(enc) * g, c, seed=5)
     ids = ids.clamp(min=10)
@@ -126,7 +109,7 @@ def test_logprobs_equal_hf_full_forward(pol):
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_gradients_equal_plain_path(pol, group_size, layout, monkeypatch):
     monkeypatch.setattr(prefix_train, "LAYOUT", layout)
-    enc = pol.encode(_prompts())
+    enc = pol.encode(ragged_prompts())
     ids, mask = _completions(pol, len(enc) * group_size, 5, seed=10 + group_size)
     loss = _logp_loss(pol, ids, mask)
     h_new, g_new = _run(pol, enc, ids, mask, group_size, shared=True, loss=loss)
@@ -142,7 +125,7 @@ def test_lora_trains_only_adapters_and_matches(tiny_vlm_path):
     pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64,
                                         lora={"r": 4, "lora_alpha": 8, "init_lora_weights": False})
     assert prefix_train.supported(pol._lm)
-    enc = pol.encode(_prompts()[1:3])
+    enc = pol.encode(ragged_prompts()[1:3])
     ids, mask = _completions(pol, 6, 4, seed=3)
     loss = _logp_loss(pol, ids, mask)
     h_new, g_new = _run(pol, enc, ids, mask, 3, shared=True, loss=loss)
@@ -161,7 +144,7 @@ def test_other_backbone_and_attention(tmp_path, tiny_vlm_path, backbone, attn):
     path = build_tiny_qwen2_5_vl(str(tmp_path / "q25")) if backbone == "qwen2_5_vl" else tiny_vlm_path
     pol = Qwen2VLPolicy.from_pretrained(path, **F64, attn_implementation=attn)
     assert prefix_train.supported(pol._lm)
-    enc = pol.encode(_prompts()[:2])
+    enc = pol.encode(ragged_prompts()[:2])
     ids, mask = _completions(pol, 4, 4, seed=7)
     loss = _logp_loss(pol, ids, mask)
     h_new, g_new = _run(pol, enc, ids, mask, 2, shared=True, loss=loss)
@@ -176,7 +159,7 @@ def test_gradient_checkpointing_matches_plain_path(tiny_vlm_path, pol):
     gc = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, **F64, gradient_checkpointing=True)
     gc.model.train()
     assert prefix_train._checkpointing(gc._lm)
-    enc = pol.encode(_prompts()[:3])
+    enc = pol.encode(ragged_prompts()[:3])
     ids, mask = _completions(pol, 6, 4, seed=4)
     h_new, g_new = _run(gc, enc, ids, mask, 2, shared=True, loss=_logp_loss(gc, ids, mask))
     h_old, g_old = _run(pol, enc, ids, mask, 2, shared=False, loss=_logp_loss(pol, ids, mask))
@@ -189,7 +172,7 @@ def test_gradient_checkpointing_matches_plain_path(tiny_vlm_path, pol):
 def test_bf16_error_within_twice_plain_bf16(tiny_vlm_path, pol):
     """bf16 shared path vs fp64: error ≤ 2× the plain bf16 path's own error (+ a small floor)."""
     bf = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.bfloat16, device="cpu")
-    enc = pol.encode(_prompts())
+    enc = pol.encode(ragged_prompts())
     ids, mask = _completions(pol, 8, 5, seed=6)
 
     def logp(p, shared):
@@ -218,7 +201,7 @@ def test_layout_rule(monkeypatch):
 def test_falls_back_where_unsupported(pol, monkeypatch):
     lm = pol._lm
     monkeypatch.setattr(lm.config, "_attn_implementation", "flash_attention_2")
-    assert not prefix_train.supported(lm)
+    assert prefix_train.supported(lm), "the shared path does its own attention: any backend keeps it"
     monkeypatch.undo()
     assert prefix_train.supported(lm)
     monkeypatch.setattr(prefix_train, "ENABLED", False)

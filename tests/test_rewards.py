@@ -134,9 +134,9 @@ def test_accuracy_mc_strict_and_graded():
     texts = [fmt("x", "B"), fmt("x", " b "), fmt("x", "B) b"), fmt("x", "A"), fmt("x", "B or C"), "B", fmt("x", "(B)")]
     recs = [mc("B")] * len(texts)
     assert accuracy_reward(texts, recs) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    # MedVLM-R1: capital letters A-J; one and equal to gold; 1.0 alone, 0.5 with extra text
-    # (lowercase "b" has no capital letter: 0 in the graded variant, as in MedVLM-R1)
-    assert accuracy_graded_reward(texts, recs) == [1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.5]
+    # MedVLM-R1: upper-case, then the letters A-J; one and equal to gold; 1.0 alone, 0.5 with extra
+    # text. " b " → "B" → 1.0; "B) b" → "B) B" has two → 0; no tags → 0; "(B)" → 0.5
+    assert accuracy_graded_reward(texts, recs) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.5]
     assert accuracy_reward(["B", "(b).", " b)"], [mc("B")] * 3, require_tag=False) == [1.0, 1.0, 1.0]
 
 
@@ -235,10 +235,10 @@ def test_combine_rewards_wrong_length_and_duplicate_names():
 
 def test_registry_names_and_options():
     assert set(REWARDS) == {"format", "format_nothink", "accuracy", "accuracy_graded", "ecr", "cwr",
-                            "cosine_length", "semantic_judge"}
-    t = [fmt(words(5), "B) b")]
+                            "cosine_length", "overlong", "semantic_judge"}
+    t = [fmt(words(5), "B) x")]
     assert get_reward("accuracy")(t, [mc()]) == [0.0]
-    assert get_reward("accuracy_graded")(t, [mc()]) == [0.5]
+    assert get_reward("accuracy_graded")(t, [mc()]) == [0.5]      # "B) X": one letter, extra text
     assert get_reward("ecr", target_len=20)(t, [mc()]) == [0.25]
     assert get_reward("format")(t, [mc()]) == [1.0]
     with pytest.raises(ValueError, match="known rewards"):
@@ -303,3 +303,122 @@ def test_judge_through_registry_from_local_path(tiny_text_lm_path):
     fn = get_reward("semantic_judge", model_path=tiny_text_lm_path, yes_token="Yes", no_token="No", mode="prob")
     out = fn([fmt("reasoning here", "A")], [mc("A")])
     assert len(out) == 1 and 0.0 < out[0] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# MedVLM-R1's graded accuracy, reproduced
+# ---------------------------------------------------------------------------------------------
+
+def medvlm_restated(completion, gold):
+    """MedVLM-R1 accuracy_reward, restated: their answer span, upper-case, count A–J by hand."""
+    import re
+
+    m = re.search(r"<answer>(.*?)</answer>", completion, flags=re.DOTALL | re.IGNORECASE)
+    text = m.group(1).strip() if m else ""
+    found = [ch for ch in text.upper() if ch in "ABCDEFGHIJ"]
+    if not text or len(found) != 1 or found[0] != "".join(gold.upper().split()):
+        return 0.0
+    i = next(k for k, ch in enumerate(text) if ch.upper() == found[0] and ch.lower() == found[0].lower())
+    return 0.5 if (text[:i] + text[i + 1:]).strip() else 1.0
+
+
+@pytest.mark.parametrize("answer, want", [
+    ("a", 1.0), ("A is correct", 0.0), ("A, because", 0.0),     # the issue's cases, gold "A"
+    ("A", 1.0), (" (a) ", 0.5), ("A.", 0.5), ("Answer: A", 0.0), ("xyz a", 0.5), ("B", 0.0), ("", 0.0),
+])
+def test_graded_accuracy_is_medvlm_r1s(answer, want):
+    text = fmt("x", answer)
+    assert accuracy_graded_reward([text], [mc("A")]) == [want]
+    assert medvlm_restated(text, "A") == want
+
+
+def test_graded_accuracy_reads_the_answer_their_way():
+    # nested opening: theirs reads "<answer>A" (letters A, E, A) → 0; a missing pair → 0
+    assert accuracy_graded_reward(["<answer><answer>A</answer></answer>", "A"], [mc("A")] * 2) == [0.0, 0.0]
+    # the direct (no-tag) template is our extension: the whole text is read
+    assert accuracy_graded_reward(["a"], [mc("A")], require_tag=False) == [1.0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("abcjkAJBZ .,()<>/answerANSWER\n")), max_size=30), st.sampled_from("ABJ"))
+def test_graded_accuracy_matches_restatement_on_any_text(s, gold):
+    for text in (s, f"<answer>{s}</answer>", f"<think>t</think><answer>{s}</answer>tail"):
+        assert accuracy_graded_reward([text], [mc(gold)]) == [medvlm_restated(text, gold)], text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab c d 胸部.,")), max_size=40), st.text(alphabet=st.sampled_from(list("ab c d 胸部.,")), max_size=40))
+def test_token_f1_equals_the_quadratic_definition(a, g):
+    from grpo_core.rewards import _tokens
+
+    ta, tg = _tokens(a), _tokens(g)
+    if not ta or not tg:
+        want = float(ta == tg)
+    else:
+        common = sum(min(ta.count(t), tg.count(t)) for t in set(ta))
+        want = 0.0 if common == 0 else 2 * (common / len(ta)) * (common / len(tg)) / (common / len(ta) + common / len(tg))
+    assert token_f1(a, g) == pytest.approx(want, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge: template checked at construction, tokens capped, logits checked
+# ---------------------------------------------------------------------------------------------
+
+class FakeJudge(torch.nn.Module):
+    """Returns the logits it is given (b, T, V) for any input; records the input lengths."""
+
+    def __init__(self, fill, vocab):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.fill, self.vocab, self.lengths = fill, vocab, []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        from types import SimpleNamespace
+
+        self.lengths.append(input_ids.shape[1])
+        return SimpleNamespace(logits=torch.full((*input_ids.shape, self.vocab), self.fill))
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{question} {reasonig} Reply:", r"placeholder \{reasonig\} \(did you mean \{reasoning\}\?\)"),
+    ("{question} {reasoning} {}", r"placeholder \{\}"),
+    ("{question} {reasoning} {", "not a valid format string"),
+    ("{question} only", r"must contain \{reasoning\}"),
+])
+def test_judge_template_checked_at_construction(judge_parts, template, match):
+    from grpo_core.rewards_judge import LLMJudgeReward
+
+    model, tok = judge_parts
+    with pytest.raises(ValueError, match=match):
+        LLMJudgeReward(model, tok, prompt_template=template, yes_token="Yes", no_token="No")
+
+
+def test_judge_nonfinite_and_narrow_logits_are_errors(judge_parts):
+    from grpo_core.rewards_judge import LLMJudgeReward
+
+    _, tok = judge_parts
+    texts, recs = [fmt("some reasoning", "A")], [mc("A")]
+    for fill in (float("nan"), float("inf")):
+        judge = LLMJudgeReward(FakeJudge(fill, len(tok)), tok, yes_token="Yes", no_token="No")
+        with pytest.raises(ValueError, match="non-finite Yes/No logits .* for prompt 0"):
+            judge(texts, recs)
+    judge = LLMJudgeReward(FakeJudge(0.0, 5), tok, yes_token="Yes", no_token="No")
+    with pytest.raises(ValueError, match=r"logits of shape \(1, \d+, 5\) for a batch of 1; expected .* V >= \d+"):
+        judge(texts, recs)
+
+
+def test_judge_prompt_is_capped_in_tokens(judge_parts):
+    from grpo_core.rewards_judge import LLMJudgeReward
+
+    _, tok = judge_parts
+    fake = FakeJudge(0.0, len(tok))
+    judge = LLMJudgeReward(fake, tok, yes_token="Yes", no_token="No", max_reasoning_tokens=50,
+                           max_answer_tokens=8, max_prompt_tokens=200)
+    n = lambda s: len(tok.encode(s, add_special_tokens=False))              # noqa: E731
+    one_word = "x" * 32_000                                                  # one "word", thousands of tokens
+    empty = n(judge.build_prompt(fmt(".", "A"), mc("A")))
+    capped = n(judge.build_prompt(fmt(one_word, "B" * 5000), mc("A")))
+    assert n(one_word) > 1000 and capped <= empty + 50 + 8 + 4              # + a few tokens at the cut edges
+    long_q = VQARecord(id="q", images=[], question="why " * 5000, options={}, answer_letter="A")
+    judge([fmt("short reasoning", "A")], [long_q])
+    assert fake.lengths == [200]                                             # the prompt's last 200 tokens

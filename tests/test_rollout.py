@@ -1,22 +1,23 @@
-"""generate_groups against a tiny fake policy (fast, exact) and the real tiny Qwen2-VL.
+"""generate_groups against a toy policy (fast, exact) and the real tiny Qwen2-VL.
 
-The fake policy is a position-aware bigram LM that implements the full Policy protocol:
-hidden(prev token, position) = E[prev] + P[position], logits = hidden @ W.T. Its decode state is
-just each row's position, so prefill / expand / decode_step / completion_hidden are exact and
-cheap, and every rollout property (layout, masks, EOS, log-probs, chunking, seeds) can be
-checked without a transformer.
+The toy policy (examples/toy_policy.py, BigramPolicy) is a position-aware bigram LM that
+implements the full Policy protocol: hidden(prev token, position) = E[prev] + P[position],
+logits = hidden @ W.T. Its decode state is just each row's position, so prefill / expand /
+decode_step / completion_hidden are exact and cheap, and every rollout property (layout, masks,
+EOS, log-probs, chunking, seeds) can be checked without a transformer.
 
 Real-model comparisons (vs HF generate, vs teacher forcing) use the float64 tiny model, so greedy
 argmax ties and reduction-order rounding cannot flip a token on another CPU; the sampler's own
 log-probs are fp32 by contract and are held to fp32 rounding (tests/numerics.py).
 """
 
-from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import img
 from numerics import assert_close, tol
 
+from examples.toy_policy import BigramPolicy
 from grpo_core.policy import Prompt
 from grpo_core.rollout import Rollout, generate_groups
 from grpo_core.sampling import SamplingConfig
@@ -24,87 +25,6 @@ from grpo_core.sampling import SamplingConfig
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 
 NEG = float("-inf")
-
-
-# ── fake policy ──────────────────────────────────────────────────────────────────────────────────
-
-@dataclass
-class FakeEncoded:
-    input_ids: torch.Tensor       # (B, P) left-padded
-    attention_mask: torch.Tensor  # (B, P)
-
-    def select(self, prompt_idx):
-        idx = torch.as_tensor(list(prompt_idx), dtype=torch.long)
-        return FakeEncoded(self.input_ids[idx], self.attention_mask[idx])
-
-    def to(self, device):
-        return FakeEncoded(self.input_ids.to(device), self.attention_mask.to(device))
-
-
-class FakePolicy:
-    """Bigram LM over V ids: 0 = pad, 1 = EOS, ``suppressed`` ids get −inf bias (and are likely)."""
-
-    def __init__(self, V=40, H=16, eos_logit=0.0, suppressed=(38, 39), seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.model = torch.nn.Module()
-        self.model.E = torch.nn.Parameter(torch.randn(V, H, generator=g))
-        self.model.P = torch.nn.Parameter(torch.randn(256, H, generator=g) * 0.5)
-        self.model.W = torch.nn.Parameter(torch.randn(V, H, generator=g) * 0.7)
-        self.eos_token_ids, self.pad_token_id, self.vocab_size = (1,), 0, V
-        self.eos_logit = eos_logit    # added to the EOS logit (tunes how often rows stop)
-        self.suppressed = list(suppressed)
-        self.prefill_rows = []        # rows of every prefill call (checks "prefill once")
-
-    device = torch.device("cpu")
-
-    @property
-    def lm_head_weight(self):
-        return self.model.W
-
-    @property
-    def lm_head_bias(self):
-        b = torch.zeros(self.vocab_size)
-        b[self.suppressed] = NEG
-        return b
-
-    def _logits(self, prev, pos):                                    # (n,), (n,) → (n, V)
-        return self._head(self.model.E[prev] + self.model.P[pos])
-
-    def _head(self, h):
-        z = h @ self.model.W.T
-        z[..., 1] += self.eos_logit
-        z[..., self.suppressed] += 8.0  # would dominate without the bias
-        return z.float()
-
-    def encode(self, prompts):
-        seqs = [[2 + (ord(c) % 30) for c in p.text] for p in prompts]
-        P = max(map(len, seqs))
-        ids = torch.tensor([[0] * (P - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (P - len(s)) + [1] * len(s) for s in seqs])
-        return FakeEncoded(ids, mask)
-
-    def prefill(self, enc):
-        self.prefill_rows.append(enc.input_ids.shape[0])
-        pos = enc.attention_mask.sum(-1) - 1                           # (b,) position of last token
-        return self._logits(enc.input_ids[:, -1], pos), pos
-
-    def expand(self, state, group_size):
-        return state.repeat_interleave(group_size)
-
-    def decode_step(self, state, tokens):
-        pos = state + 1
-        return self._logits(tokens, pos), pos
-
-    def completion_hidden(self, enc, completion_ids, completion_mask, group_size):
-        last = enc.input_ids[:, -1].repeat_interleave(group_size)      # (N,)
-        pos0 = (enc.attention_mask.sum(-1) - 1).repeat_interleave(group_size)
-        prev = torch.cat([last[:, None], completion_ids[:, :-1]], 1)  # (N, C) token predicting j
-        pos = pos0[:, None] + torch.arange(completion_ids.shape[1])   # (N, C)
-        return self.model.E[prev] + self.model.P[pos]                  # (N, C, H)
-
-    def decode(self, ids, mask=None):
-        mask = torch.ones_like(ids) if mask is None else mask
-        return [" ".join(str(int(t)) for t, m in zip(r, mr) if m and t > 1) for r, mr in zip(ids, mask)]
 
 
 PROMPTS = [Prompt("what is shown?"), Prompt("a"), Prompt("which lobe is affected here"), Prompt("ct or mri")]
@@ -150,10 +70,10 @@ def check_layout(policy, ro: Rollout, B: int, G: int, max_new: int):
     assert not torch.isin(ro.completion_ids, torch.tensor(getattr(policy, "suppressed", []), dtype=torch.long)).any()
 
 
-# ── fake-policy tests ────────────────────────────────────────────────────────────────────────────
+# ── toy-policy tests ────────────────────────────────────────────────────────────────────────────
 
 def test_prefill_once_per_prompt_and_layout():
-    pol = FakePolicy(eos_logit=2.0)
+    pol = BigramPolicy(eos_logit=2.0)
     ro = generate_groups(pol, PROMPTS, 5, SamplingConfig(max_new_tokens=12, seed=0))
     assert pol.prefill_rows == [4], "each prompt must be prefilled once, not G times"
     check_layout(pol, ro, 4, 5, 12)
@@ -166,14 +86,14 @@ def test_prefill_once_per_prompt_and_layout():
 @pytest.mark.parametrize("cfg", [SamplingConfig(max_new_tokens=10, seed=1), SamplingConfig(max_new_tokens=10, seed=1, temperature=0.6),
                                  SamplingConfig(max_new_tokens=10, seed=1, temperature=1.3, top_k=5, top_p=0.9)])
 def test_logprobs_match_teacher_forced_recomputation(cfg):
-    pol = FakePolicy(eos_logit=1.0)
+    pol = BigramPolicy(eos_logit=1.0)
     ro = generate_groups(pol, PROMPTS, 3, cfg)
     want = recompute_logprobs(pol, ro, cfg.temperature)
     assert_close(ro.logprobs, want, "log-probs vs teacher forcing", atol=fp32_logprob_tol(want))
 
 
 def test_seed_reproducible_and_seed_sensitive():
-    pol = FakePolicy(eos_logit=1.0)
+    pol = BigramPolicy(eos_logit=1.0)
     a = generate_groups(pol, PROMPTS, 4, SamplingConfig(max_new_tokens=8, seed=3))
     b = generate_groups(pol, PROMPTS, 4, SamplingConfig(max_new_tokens=8, seed=3))
     c = generate_groups(pol, PROMPTS, 4, SamplingConfig(max_new_tokens=8, seed=4))
@@ -182,18 +102,18 @@ def test_seed_reproducible_and_seed_sensitive():
 
 
 def test_all_rows_stop_early_when_eos_is_certain():
-    pol = FakePolicy(eos_logit=60.0)
+    pol = BigramPolicy(eos_logit=60.0)
     ro = generate_groups(pol, PROMPTS, 2, SamplingConfig(max_new_tokens=16, seed=0))
     assert ro.completion_ids.shape[1] == 1 and ro.finished.all() and ro.completion_ids.eq(1).all()
     assert ro.stats["steps"] == 1 and ro.texts == [""] * 8
-    pol = FakePolicy(eos_logit=-60.0)  # never stops: every row truncated at the budget
+    pol = BigramPolicy(eos_logit=-60.0)  # never stops: every row truncated at the budget
     ro = generate_groups(pol, PROMPTS, 2, SamplingConfig(max_new_tokens=7, seed=0))
     assert ro.completion_ids.shape[1] == 7 and ro.truncated.all() and ro.completion_mask.all()
 
 
 @pytest.mark.parametrize("cap", [1, 3, 4, 7])
 def test_chunking_matches_one_batch_for_greedy(cap):
-    pol = FakePolicy(eos_logit=3.0)
+    pol = BigramPolicy(eos_logit=3.0)
     cfg = SamplingConfig(max_new_tokens=12, greedy=True)
     one = generate_groups(pol, PROMPTS, 3, cfg)
     pol.prefill_rows.clear()
@@ -207,7 +127,7 @@ def test_chunking_matches_one_batch_for_greedy(cap):
 
 
 def test_accepts_encoded_and_progress_hook():
-    pol = FakePolicy()
+    pol = BigramPolicy()
     enc = pol.encode(PROMPTS[:2])
     seen = []
     ro = generate_groups(pol, enc, 2, SamplingConfig(max_new_tokens=5, seed=0), progress=lambda s, t: seen.append((s, t)))
@@ -216,24 +136,17 @@ def test_accepts_encoded_and_progress_hook():
 
 def test_bad_group_size_is_rejected():
     with pytest.raises(ValueError, match="group_size"):
-        generate_groups(FakePolicy(), PROMPTS, 0, SamplingConfig(max_new_tokens=2))
+        generate_groups(BigramPolicy(), PROMPTS, 0, SamplingConfig(max_new_tokens=2))
 
 
 # ── real tiny Qwen2-VL (random weights, images, CPU fp32) ───────────────────────────────────────
 
-def _img(w, h, seed):
-    import numpy as np
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
 def _vlm_prompts():
     """Different image sizes (4, 12, 6 image tokens) and text lengths → ragged left padding."""
     return [
-        Prompt("What is shown in this scan? A. CT B. MRI C. X-ray D. PET", [_img(56, 56, 1)]),
-        Prompt("Where is the lesion?", [_img(84, 112, 2)]),
-        Prompt("Which organ?", [_img(90, 70, 3)]),
+        Prompt("What is shown in this scan? A. CT B. MRI C. X-ray D. PET", [img(56, 56, 1)]),
+        Prompt("Where is the lesion?", [img(84, 112, 2)]),
+        Prompt("Which organ?", [img(90, 70, 3)]),
     ]
 
 
@@ -345,7 +258,7 @@ def test_vlm_eos_stops_rows_and_chunking_matches(tiny_vlm_policy64):
 def test_vlm_long_greedy_outgrows_the_kv_buffer(tiny_vlm_policy64):
     """60+ steps on a ~30-token prompt pass the KV buffer's first capacity (T + 64): still == HF."""
     pol = tiny_vlm_policy64
-    enc = pol.encode([Prompt("Short.", [_img(56, 56, 7)])])
+    enc = pol.encode([Prompt("Short.", [img(56, 56, 7)])])
     no_eos = EosLeaning(pol, shift=-1e4)  # HF side: EOS suppressed as well, so both run 60 steps
     ro = generate_groups(no_eos, enc, 1, SamplingConfig(max_new_tokens=60 + enc.input_ids.shape[1], greedy=True))
     assert ro.truncated.all() and ro.completion_ids.shape[1] > 64
@@ -354,8 +267,9 @@ def test_vlm_long_greedy_outgrows_the_kv_buffer(tiny_vlm_policy64):
     assert torch.equal(ro.completion_ids, want)
 
 
+@pytest.mark.parametrize("backbone", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
+def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, tmp_path, dtype, backbone):
     """grpo_models.prefix_decode (prompt KV shared per group) vs HF's forward on a fanned-out cache.
 
     fp64 model: the fp32 logits equal to fp32 rounding. bf16: its error against the fp64 reference is
@@ -379,8 +293,12 @@ def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
                 out.append(logits)
         return torch.stack(out, 1)                                       # (N, steps, V)
 
+    if backbone == "qwen2_5_vl":                                         # the same text layers
+        from grpo_models.tiny import build_tiny_qwen2_5_vl
+        tiny_vlm_path = build_tiny_qwen2_5_vl(str(tmp_path / "q25"))
     ref = logits_over_steps(Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu"), False)
     pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=dtype, device="cpu")
+    assert prefix_decode.supported(pol._lm), f"{backbone}: shared-prefix decode not taken"
     ours = logits_over_steps(pol, True)
     err = (ours - ref).abs()
     if dtype == torch.float64:
@@ -390,3 +308,35 @@ def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, dtype):
         assert err.max() <= 2 * plain.max() + 1e-3, (
             f"bf16 shared-prefix error max {err.max():.3g} (mean {err.mean():.3g}) > 2× plain bf16 "
             f"error max {plain.max():.3g} (mean {plain.mean():.3g})")
+
+
+class NaNAfter:
+    """Wraps a policy; from decode step ``k`` on, rows ``rows`` get NaN logits (a diverged model)."""
+
+    def __init__(self, policy, k, rows, value=float("nan")):
+        self._p, self._k, self._rows, self._value, self._t = policy, k, rows, value, 0
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    def prefill(self, enc):
+        self._t = 0
+        return self._p.prefill(enc)
+
+    def decode_step(self, state, tokens):
+        logits, state = self._p.decode_step(state, tokens)
+        self._t += 1
+        if self._t >= self._k:
+            logits = logits.clone()
+            logits[self._rows] = self._value
+        return logits, state
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_non_finite_logits_are_a_clear_error(value, greedy):
+    from grpo_core.rollout import NonFiniteLogitsError
+
+    pol = NaNAfter(BigramPolicy(eos_logit=-60.0), k=3, rows=[5], value=value)
+    with pytest.raises(NonFiniteLogitsError, match=r"decode step 3 in rows \[5\] \(prompts \[1\]"):
+        generate_groups(pol, PROMPTS, 3, SamplingConfig(max_new_tokens=8, seed=0, greedy=greedy))

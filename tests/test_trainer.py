@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_policy, vowel_reward
 
 import grpo_core.checkpoint as ckpt_mod
 import grpo_core.trainer as trainer_mod
@@ -28,17 +29,6 @@ def _cfg(tmp_path, **grpo):
     return cfg
 
 
-def _policy(path, dtype=torch.float32):
-    from grpo_models.qwen2_vl import Qwen2VLPolicy
-
-    return Qwen2VLPolicy.from_pretrained(path, dtype=dtype, device="cpu")
-
-
-def vowel_reward(completions, records):
-    """Toy reward: 1 when the completion text starts with a vowel (decided by the first token)."""
-    return [float(t[:1].lower() in "aeiou") for t in completions]
-
-
 def expected_vowel_reward(policy, records):
     """Exact E[vowel_reward] under the policy: first-token probability mass on vowel-initial tokens."""
     from grpo_core.data import record_to_prompt
@@ -58,7 +48,7 @@ def records():
 
 
 def test_steps_run_and_learn_a_toy_reward(tiny_vlm_path, records, tmp_path):
-    policy = _policy(tiny_vlm_path)
+    policy = tiny_policy(tiny_vlm_path)
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     start = expected_vowel_reward(policy, records[-6:])
     cfg = _cfg(tmp_path)
@@ -94,7 +84,7 @@ def test_mu_gt_1_uses_old_logprobs(tiny_vlm_path, records, tmp_path, monkeypatch
     cfg.run.steps = 1
     # fp64: π_old and the first pass run the same forward over differently ordered micro-batches,
     # which in fp32 moves log-probs by ~1e-7 on some CPUs; in fp64 the ratio is 1 to ~1e-15
-    pol = _policy(tiny_vlm_path, torch.float64)
+    pol = tiny_policy(tiny_vlm_path, torch.float64)
     GRPOTrainer(pol, records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)]).train()
     assert len(seen) == 2 and all(has_old for has_old, _ in seen)
     assert seen[0][1] == pytest.approx(1.0, abs=1e-9)      # first pass: π = π_old
@@ -103,14 +93,14 @@ def test_mu_gt_1_uses_old_logprobs(tiny_vlm_path, records, tmp_path, monkeypatch
 
 def test_beta_zero_builds_no_reference(tiny_vlm_path, records, tmp_path, monkeypatch):
     calls = []
-    policy = _policy(tiny_vlm_path)
+    policy = tiny_policy(tiny_vlm_path)
     monkeypatch.setattr(trainer_mod.copy, "deepcopy", lambda *a, **k: calls.append(1))
     tr = GRPOTrainer(policy, records, _cfg(tmp_path, beta=0.0))
     assert tr.ref_policy is None and not calls
 
 
 def test_beta_positive_reference_is_frozen_copy(tiny_vlm_path, records, tmp_path):
-    policy = _policy(tiny_vlm_path)
+    policy = tiny_policy(tiny_vlm_path)
     cfg = _cfg(tmp_path, beta=0.1)
     cfg.run.steps = 2
     tr = GRPOTrainer(policy, records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
@@ -129,16 +119,16 @@ def test_resume_equals_uninterrupted(tiny_vlm_path, records, tmp_path):
     specs = [RewardSpec("v", vowel_reward, 1.0)]
     cfg = _cfg(tmp_path / "a", mu=2)
     cfg.run.steps = 4
-    full = GRPOTrainer(_policy(tiny_vlm_path), records, cfg, reward_specs=specs)
+    full = GRPOTrainer(tiny_policy(tiny_vlm_path), records, cfg, reward_specs=specs)
     hist_full = full.train()
 
     cfg2 = _cfg(tmp_path / "b", mu=2)
     cfg2.run.steps = 2
-    part = GRPOTrainer(_policy(tiny_vlm_path), records, cfg2, reward_specs=specs)
+    part = GRPOTrainer(tiny_policy(tiny_vlm_path), records, cfg2, reward_specs=specs)
     part.train()
     part.save()
     cfg2.run.steps, cfg2.run.resume = 4, True
-    resumed = GRPOTrainer(_policy(tiny_vlm_path), records, cfg2, reward_specs=specs)
+    resumed = GRPOTrainer(tiny_policy(tiny_vlm_path), records, cfg2, reward_specs=specs)
     hist_res = resumed.train()            # finds ckpt-000002 and continues at step 3
     assert [m["step"] for m in hist_res] == [3, 4]
     for a, b in zip(hist_full[2:], hist_res):
@@ -150,7 +140,7 @@ def test_resume_equals_uninterrupted(tiny_vlm_path, records, tmp_path):
 def test_crash_during_save_keeps_previous_checkpoint(tiny_vlm_path, records, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     cfg.run.steps = 1
-    tr = GRPOTrainer(_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
     tr.train()
     good = tr.save()
     saved = _weights(tr.policy)
@@ -167,7 +157,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_vlm_path, records, tmp
         tr.save()
     monkeypatch.undo()
     assert latest_checkpoint(cfg.run.output_dir) == good          # the half-written one is ignored
-    fresh = _policy(tiny_vlm_path)
+    fresh = tiny_policy(tiny_vlm_path)
     state = load_checkpoint(good, fresh)
     assert state["step"] == 1
     w = _weights(fresh)
@@ -179,7 +169,7 @@ def test_checkpoint_policy_loads_with_transformers(tiny_vlm_path, records, tmp_p
 
     cfg = _cfg(tmp_path)
     cfg.run.steps = 1
-    tr = GRPOTrainer(_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
     tr.train()
     path = tr.save()
     hf = AutoModelForImageTextToText.from_pretrained(os.path.join(path, "policy"))
@@ -191,4 +181,53 @@ def test_checkpoint_policy_loads_with_transformers(tiny_vlm_path, records, tmp_p
 
 def test_too_few_records_is_an_error(tiny_vlm_path, tmp_path):
     with pytest.raises(ValueError, match="prompts_per_step"):
-        GRPOTrainer(_policy(tiny_vlm_path), make_synthetic_vqa(1, seed=0), _cfg(tmp_path))
+        GRPOTrainer(tiny_policy(tiny_vlm_path), make_synthetic_vqa(1, seed=0), _cfg(tmp_path))
+
+
+def _nan_loss_on(monkeypatch, bad_steps):
+    """The fused loss returns NaN (gradients NaN too) during the given 1-based GRPO steps."""
+    real = trainer_mod.fused_linear_grpo_loss
+    calls = {"step": 0}
+
+    def fake(*args, **kw):
+        loss, m = real(*args, **kw)
+        return (loss * float("nan"), m) if calls["step"] in bad_steps else (loss, m)
+
+    monkeypatch.setattr(trainer_mod, "fused_linear_grpo_loss", fake)
+    return calls
+
+
+def test_nonfinite_step_is_skipped_counted_and_weights_untouched(tiny_vlm_path, records, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    calls = _nan_loss_on(monkeypatch, bad_steps={2})
+    hist = []
+    for k in (1, 2, 3):
+        calls["step"] = k
+        before = _weights(tr.policy)
+        hist.append(tr.step())
+        after = _weights(tr.policy)
+        moved = any(not torch.equal(before[n], after[n]) for n in before)
+        assert moved == (k != 2), f"step {k}: weights {'moved' if moved else 'did not move'}"
+    assert [m["nonfinite_steps"] for m in hist] == [0, 1, 0]
+    assert tr.scheduler.last_epoch == 2                          # the skipped step did not advance the schedule
+    assert all(torch.isfinite(v).all() for v in _weights(tr.policy).values())
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_and_nothing_is_saved(tiny_vlm_path, records, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    cfg.run.steps, cfg.run.save_every, cfg.run.max_nonfinite_steps = 6, 1, 2
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    _nan_loss_on(monkeypatch, bad_steps={0})                     # every call: the counter is never advanced
+    with pytest.raises(trainer_mod.NonFiniteTrainingError, match=r"steps 1\.\.2: .*2 consecutive steps"):
+        tr.train()
+    assert latest_checkpoint(cfg.run.output_dir).endswith("ckpt-000001")   # saved before the streak ended
+
+
+def test_save_refuses_nonfinite_weights(tiny_vlm_path, records, tmp_path):
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, _cfg(tmp_path), reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    with torch.no_grad():
+        next(tr.policy.model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(trainer_mod.NonFiniteTrainingError, match="NaN/inf"):
+        tr.save()
+    assert latest_checkpoint(tr.cfg.run.output_dir) is None

@@ -5,7 +5,9 @@ What is fused, and why there (design decision):
   vocab tiles in fp32 (running max m, running sum l, lse = m + log l), one fp32 lse saved per
   token. Backward is a custom kernel:
 
-      d logits_j = g · (1[j = y] − softmax_j(logits / T)) / T,     g = dLoss/dlogp (per token)
+      d logits_j = (g (1[j = y] − p_j) − g_H p_j (log p_j + H)) / T,   p = softmax(logits / T)
+
+  with g = dLoss/dlogp and g_H = dLoss/dH per token (the g_H term only when the loss uses H).
 
   The GRPO math (ratio, clip, dual clip, KL k1/k2/k3, aggregation) then runs in plain PyTorch on
   the small (N, T) tensors, by calling ``grpo_core.loss.grpo_loss``. This is mathematically the
@@ -21,43 +23,53 @@ Public API (all return fp32 (N, T) log-probs; mask = 1 marks tokens that count):
                                                       materialising the (N·T, V) logits
   fused_grpo_loss(logits, ...) / fused_linear_grpo_loss(hidden, weight, ...) → (loss, metrics)
 
-Behaviour shared by every backend:
+Behaviour shared by every backend (one set of checks, one compaction, one scatter):
   - Masked positions (mask = 0) cost no work: the valid tokens are compacted first (one
     ``nonzero``, a host sync) and the kernels run a 1-D grid over them (no 65,535 grid limit).
     They return logp = 0 and get exactly zero gradient. Their labels may hold anything (−100).
-  - Counted labels outside [0, V) raise ValueError (``grpo_core.logprobs.check_labels``).
+  - Counted labels outside [0, V) raise ValueError (``grpo_core.logprobs.check_labels``); tensors
+    on different devices, or a dtype the backend lacks (cuda: fp32/bf16/fp16), raise too.
   - Non-contiguous logits views (e.g. ``out.logits[:, :-1]``) are read in place, not copied.
   - ``inplace_backward=True`` writes d logits into the logits buffer itself (saves one N·T·V
     tensor). Caveat: the logits are destroyed by backward; do not read them afterwards, and do
     not use it when anything else saved those logits for its own backward.
-  - Entropy (``return_entropy=True``) comes from the same pass and is detached (a metric).
+  - Entropy (``return_entropy=True``) comes from the same pass and is differentiable on every
+    backend: dH/dz_j = −p_j (log p_j + H). A loss that does not use it pays nothing in backward.
   - The fused-linear ``bias`` (V,) fp32 is a constant additive mask (−inf on never-sampled ids,
     e.g. vision special tokens); it gets no gradient.
 
-Backends (``backend=`` "auto" | "torch" | "triton" | "cuda", see dispatch.py): "torch" is the
-chunked PyTorch version of the same algorithm (torch_backend.py, the CPU path), "triton" the
-kernels in triton_logprobs.py / triton_linear.py (on CPU only under TRITON_INTERPRET=1, for
-tests), "cuda" the plain-CUDA log-prob kernel of cuda.py (logits path only; the fused-linear
-path falls back to "triton" since there is no CUDA fused-linear kernel).
+Backends (``backend=`` "auto" | "torch" | "triton" | "cuda"; dispatch.py says which runs where):
+each is one module per path behind the same two autograd Functions (autograd.py):
+    torch   torch_backend.py       chunked PyTorch, the CPU path and the reference algorithm
+    triton  triton_logprobs.py     logits path        (on CPU only under TRITON_INTERPRET=1, tests)
+            triton_linear.py       fused-linear path
+    cuda    cuda.py                logits path: the plain-CUDA kernels of csrc/
+            cuda_linear.py         fused-linear path: cuBLAS GEMM tiles + the csrc/ log-softmax
+A named backend runs on both paths or raises; ``dispatch.check_backend`` says so before any model
+loads.
 """
 
 import importlib
 import importlib.util
+import inspect
 import os
 
 import torch
 
-from grpo_core.kernels import dispatch, torch_backend
+from grpo_core.kernels import dispatch
 from grpo_core.kernels.autograd import LinearLogprobsFn, TokenLogprobsFn
 from grpo_core.logprobs import check_labels
 from grpo_core.loss import grpo_loss
+
+check_backend = dispatch.check_backend
 
 try:  # the CUDA backend is optional and registers its own probe on import
     from grpo_core.kernels import cuda as _cuda
 except ImportError:  # not built / not written yet: the other backends still work
     _cuda = None
 
-__all__ = ["token_logprobs", "linear_token_logprobs", "fused_grpo_loss", "fused_linear_grpo_loss"]
+__all__ = ["token_logprobs", "linear_token_logprobs", "fused_grpo_loss", "fused_linear_grpo_loss",
+           "check_backend", "LOSS_OPTIONS"]
 
 
 def _triton_probe(device: torch.device) -> str | None:
@@ -73,22 +85,31 @@ def _triton_probe(device: torch.device) -> str | None:
 dispatch.register("triton", _triton_probe)
 
 
-def _impl(name: str):
-    """Backend module by name; Triton modules are imported on first use (the interpreter flag
-    is read when their kernels are decorated, so late import honours TRITON_INTERPRET)."""
-    if name == "torch":
-        return torch_backend
-    if name == "triton":
-        return importlib.import_module("grpo_core.kernels.triton_logprobs")
-    if name == "triton_linear":
-        return importlib.import_module("grpo_core.kernels.triton_linear")
-    raise ValueError(f"no backend module {name!r}")
+def _impl(name: str, path: str):
+    """The module serving ``path`` for backend ``name``; imported on first use (Triton reads the
+    interpreter flag when its kernels are decorated, so a late import honours TRITON_INTERPRET)."""
+    return importlib.import_module(f"grpo_core.kernels.{dispatch.module_name(name, path)}")
+
+
+def _backend(backend: str, path: str, where: str, *tensors):
+    """Resolve the backend for these tensors and check what every backend needs of them."""
+    device = tensors[0].device
+    for t in tensors:
+        if t is not None and t.device != device:
+            raise ValueError(f"{where}: all tensors must be on one device, got {device} and {t.device}")
+    impl = _impl(dispatch.resolve(backend, device, path), path)
+    if tensors[0].dtype not in impl.DTYPES:
+        raise TypeError(f"{where}: {tensors[0].dtype} is not supported by {impl.__name__}; "
+                        f"use one of {[str(d) for d in impl.DTYPES]} (or backend='torch')")
+    return impl
 
 
 def _valid_tokens(labels: torch.Tensor, mask: torch.Tensor | None, V: int, where: str):
     """Compact the counted positions: (n_idx, t_idx, ys), each (M,) int64."""
     if mask is not None and mask.shape != labels.shape:
         raise ValueError(f"{where}: mask shape {tuple(mask.shape)} != labels shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"{where}: labels must hold integer token ids, got {labels.dtype}")
     check_labels(labels, V, None if mask is None else mask.bool(), where)
     if mask is None:
         N, T = labels.shape
@@ -96,26 +117,28 @@ def _valid_tokens(labels: torch.Tensor, mask: torch.Tensor | None, V: int, where
         t_idx = torch.arange(T, device=labels.device).repeat(N)              # (N·T,)
     else:
         n_idx, t_idx = mask.bool().nonzero(as_tuple=True)                    # (M,) each
-    return n_idx, t_idx, labels[n_idx, t_idx].long()
+    return n_idx, t_idx, labels[n_idx, t_idx].long().contiguous()
+
+
+def _check_temperature(temperature, where):
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"{where}: temperature must be a finite number > 0, got {temperature}")
 
 
 def token_logprobs(logits, labels, temperature=1.0, mask=None, *, return_entropy=False,
                    inplace_backward=False, backend="auto"):
     """logits (N, T, V) bf16/fp16/fp32, labels (N, T) → logp (N, T) fp32 [, entropy (N, T) fp32]."""
+    where = "token_logprobs"
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"token_logprobs: expected logits (N, T, V) and labels (N, T), got "
+        raise ValueError(f"{where}: expected logits (N, T, V) and labels (N, T), got "
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    _check_temperature(temperature, where)
+    impl = _backend(backend, "logits", where, logits, labels, mask)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()  # kernels read rows as contiguous vocab vectors
-    name = dispatch.resolve(backend, logits.device)
-    if name == "cuda":  # the plain-CUDA kernel (csrc/), same contract; it compacts and checks itself
-        return _cuda.token_logprobs_cuda(logits, labels, temperature, mask, return_entropy=return_entropy,
-                                         inplace_backward=inplace_backward)
-    n_idx, t_idx, ys = _valid_tokens(labels, mask, logits.shape[-1], "token_logprobs")
+    n_idx, t_idx, ys = _valid_tokens(labels, mask, logits.shape[-1], where)
     logp, ent = TokenLogprobsFn.apply(logits, n_idx, t_idx, ys, float(temperature),
-                                      return_entropy, inplace_backward, _impl(name))
+                                      return_entropy, inplace_backward, impl)
     return (logp, ent) if return_entropy else logp
 
 
@@ -123,58 +146,74 @@ def linear_token_logprobs(hidden, weight, labels, temperature=1.0, mask=None, *,
                           return_entropy=False, backend="auto"):
     """hidden (N, T, H), weight (V, H), labels (N, T) → logp (N, T) fp32 [, entropy], never
     materialising the (N·T, V) logits. Differentiable in hidden and weight."""
+    where = "linear_token_logprobs"
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"linear_token_logprobs: expected hidden (N, T, H) and weight (V, H), got "
+        raise ValueError(f"{where}: expected hidden (N, T, H) and weight (V, H), got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:2]:
-        raise ValueError(f"linear_token_logprobs: labels {tuple(labels.shape)} != hidden[:2] {tuple(hidden.shape[:2])}")
-    if temperature <= 0:
-        raise ValueError(f"linear_token_logprobs: temperature must be > 0, got {temperature}")
+        raise ValueError(f"{where}: labels {tuple(labels.shape)} != hidden[:2] {tuple(hidden.shape[:2])}")
+    _check_temperature(temperature, where)
     if weight.dtype != hidden.dtype:
-        raise ValueError(f"linear_token_logprobs: hidden {hidden.dtype} and weight {weight.dtype} must share a dtype")
+        raise ValueError(f"{where}: hidden {hidden.dtype} and weight {weight.dtype} must share a dtype")
     V = weight.shape[0]
     if bias is not None:
         if bias.shape != (V,):
-            raise ValueError(f"linear_token_logprobs: bias must be (V,) = ({V},), got {tuple(bias.shape)}")
+            raise ValueError(f"{where}: bias must be (V,) = ({V},), got {tuple(bias.shape)}")
         if bias.requires_grad and torch.is_grad_enabled():
-            raise ValueError("linear_token_logprobs: bias is a constant mask and gets no gradient; pass bias.detach()")
+            raise ValueError(f"{where}: bias is a constant mask and gets no gradient; pass bias.detach()")
         bias = bias.float().contiguous()
+    impl = _backend(backend, "linear", where, hidden, weight, labels, mask, bias)
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    n_idx, t_idx, ys = _valid_tokens(labels, mask, V, "linear_token_logprobs")
-    name = dispatch.resolve("triton" if backend == "cuda" else backend, hidden.device)
-    if name == "cuda":  # "auto" picked the CUDA library: it has no fused-linear kernel
-        name = "triton" if dispatch.why_unavailable("triton", hidden.device) is None else "torch"
-    impl = _impl("triton_linear" if name == "triton" else "torch")
+    n_idx, t_idx, ys = _valid_tokens(labels, mask, V, where)
     logp, ent = LinearLogprobsFn.apply(hidden, weight, bias, n_idx, t_idx, ys, float(temperature),
                                        return_entropy, impl)
     return (logp, ent) if return_entropy else logp
 
 
+# ---- the GRPO loss on top ------------------------------------------------------------------------
+
+_LOSS_PARAMS = inspect.signature(grpo_loss).parameters
+# grpo_loss's keyword options (clip_low, beta, kl, agg, ...): forwarded as they are, so a new loss
+# option needs no change here. "entropy" is not an option: the fused functions pass their own.
+LOSS_OPTIONS = tuple(n for n, p in _LOSS_PARAMS.items() if p.kind == p.KEYWORD_ONLY and n != "entropy")
+
+
 def _loss_kwargs(kw):
-    allowed = ("clip_low", "clip_high", "dual_clip", "beta", "kl", "agg", "max_len", "total_tokens", "total_seqs")
-    unknown = set(kw) - set(allowed)
+    unknown = set(kw) - set(LOSS_OPTIONS)
     if unknown:
-        raise TypeError(f"fused GRPO loss: unexpected keyword(s) {sorted(unknown)}; allowed {allowed}")
+        raise TypeError(f"fused GRPO loss: unexpected keyword(s) {sorted(unknown)}; "
+                        f"grpo_core.loss.grpo_loss takes {LOSS_OPTIONS}")
     return kw
+
+
+def _loss(logp, ent, old_logprobs, ref_logprobs, advantages, mask, loss_kw):
+    """grpo_loss on the fused log-probs; the (differentiable) entropy goes to grpo_loss when it
+    takes one, else it becomes the "entropy" metric (masked mean, detached) here."""
+    if "entropy" in _LOSS_PARAMS:
+        return grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, entropy=ent, **loss_kw)
+    loss, metrics = grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, **loss_kw)
+    m = mask.to(ent.dtype)                                                     # (N, T)
+    metrics["entropy"] = (ent.detach() * m).sum() / m.sum().clamp(min=1.0)
+    return loss, metrics
 
 
 def fused_grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask, *, temperature=1.0,
                     backend="auto", **loss_kw):
-    """= grpo_loss(token_logprobs(logits, labels, T, mask), ...) → (loss, metrics).
+    """= grpo_loss(token_logprobs(logits, labels, T, mask), ..., entropy=H) → (loss, metrics).
 
-    loss_kw: clip_low, clip_high, dual_clip, beta, kl, agg, max_len, total_tokens, total_seqs
-    (see grpo_core.loss.grpo_loss). metrics gains "entropy" (masked mean, from the same pass).
+    loss_kw: the keyword options of grpo_core.loss.grpo_loss (``LOSS_OPTIONS``). The per-token
+    entropy H (N, T) comes from the same pass and carries a gradient.
     """
     loss_kw = _loss_kwargs(loss_kw)
     logp, ent = token_logprobs(logits, labels, temperature, mask, return_entropy=True, backend=backend)
-    return grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, entropy=ent, **loss_kw)
+    return _loss(logp, ent, old_logprobs, ref_logprobs, advantages, mask, loss_kw)
 
 
 def fused_linear_grpo_loss(hidden, weight, labels, old_logprobs, ref_logprobs, advantages, mask, *,
                            bias=None, temperature=1.0, backend="auto", **loss_kw):
-    """= grpo_loss(linear_token_logprobs(hidden, weight, labels, ...), ...) → (loss, metrics),
-    differentiable in hidden (N, T, H) and weight (V, H); metrics include "entropy"."""
+    """= grpo_loss(linear_token_logprobs(hidden, weight, labels, ...), ..., entropy=H) → (loss,
+    metrics), differentiable in hidden (N, T, H) and weight (V, H)."""
     loss_kw = _loss_kwargs(loss_kw)
     logp, ent = linear_token_logprobs(hidden, weight, labels, temperature, mask, bias=bias,
                                       return_entropy=True, backend=backend)
-    return grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, entropy=ent, **loss_kw)
+    return _loss(logp, ent, old_logprobs, ref_logprobs, advantages, mask, loss_kw)

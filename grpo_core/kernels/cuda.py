@@ -5,10 +5,13 @@ builds next to a CPU-only torch and one build serves every torch version. Python
 ``tensor.data_ptr()`` and ``torch.cuda.current_stream().cuda_stream``; each launcher returns a
 cudaError_t, turned into a RuntimeError with the CUDA error text.
 
-    token_logprobs_cuda(logits (N, T, V), labels (N, T), temperature, mask, return_entropy)
-        logp = z_y − logsumexp(z),  z = logits / T        (fp32; 0 where mask = 0)
-        d logits_j = g (1[j = y] − p_j) / T  (− g_H p_j (log p_j + H) / T with entropy)
+    logprobs_forward / logprobs_backward      the logits path of the backend contract
+                                              (grpo_core/kernels/autograd.py): per valid token
+        logp = z_y − logsumexp(z),  z = logits / T,  H = −Σ p log p       (fp32)
+        d logits_j = (g (1[j = y] − p_j) − g_H p_j (log p_j + H)) / T
     group_advantages_cuda(rewards (N,), group_size, scale, eps)   = grpo_core.advantages
+The fused-linear path of the "cuda" backend is cuda_linear.py (cuBLAS GEMM tiles through torch,
+these kernels for the log-softmax and its backward).
 
 Where the library is looked for (first hit wins; ``GRPO_CORE_CUDA_LIB`` alone if set):
     $GRPO_CORE_CUDA_LIB → grpo_core/kernels/_lib/ (pip install) → build/cuda/ (``make cuda``)
@@ -16,10 +19,10 @@ Loading is lazy (first ``available()``/kernel call) and never touches CUDA; ``av
 returns None or the reason this backend cannot run (no library, tensors not on CUDA, no CUDA
 device, driver too old or no kernel image for this GPU).
 
-Differences from the reference / the Triton backend, stated once:
-  - Entropy (``return_entropy=True``) is differentiable here (dH/dz_j = −p_j (log p_j + H)).
-  - The CUDA runtime is linked statically into the library; it shares torch's CUDA context and
-    streams through the driver, and needs a driver at least as new as the nvcc that built it.
+The CUDA runtime is linked statically into the library; it shares torch's CUDA context and
+streams through the driver, and needs a driver at least as new as the nvcc that built it: a
+CUDA 13 build needs driver ≥ 580, a CUDA 12.2 build ≥ 535. ``available()`` names both versions
+when the driver is older (build with an older toolkit: ``NVCC=/usr/local/cuda-12.2/bin/nvcc make cuda``).
 """
 
 import ctypes
@@ -30,7 +33,6 @@ import torch
 
 from grpo_core.advantages import SCALES, check_rewards
 from grpo_core.kernels import dispatch
-from grpo_core.logprobs import check_labels
 
 ABI_VERSION = 1  # = GRPO_CORE_CUDA_ABI_VERSION in csrc/grpo_core_cuda.h
 LIB_NAME = "libgrpo_core_cuda.so"
@@ -140,11 +142,38 @@ def available(device) -> str | None:
     if index not in _probed:
         code = _lib.grpo_core_cuda_probe(index)
         rt = _lib.grpo_core_cuda_runtime_version()
-        _probed[index] = None if code == 0 else (
-            f"cannot run on cuda:{index} ({torch.cuda.get_device_name(index)}): "
-            f"{cuda_error_string(code)}; the library was built with CUDA {rt // 1000}.{rt % 1000 // 10} "
-            "(rebuild for this GPU: GRPO_CORE_CUDA_ARCHS=<major><minor> make cuda)")
+        _probed[index] = None if code == 0 else _probe_failure(index, code, rt)
     return _probed[index]
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+# Oldest Linux driver for each CUDA runtime (NVIDIA's CUDA toolkit release notes, table 3).
+MIN_DRIVER = {13000: "580", 12080: "570", 12060: "560", 12040: "550", 12020: "535", 12000: "525"}
+
+
+def _probe_failure(index: int, code: int, rt: int) -> str:
+    where = f"cannot run on cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if code == 35:  # cudaErrorInsufficientDriver
+        need = next((d for v, d in sorted(MIN_DRIVER.items(), reverse=True) if rt >= v), "?")
+        return (f"{where}: the NVIDIA driver supports CUDA up to {driver_cuda_version()}, but the "
+                f"library was built with CUDA {_cuda_version(rt)}, which needs driver >= {need}. Update "
+                "the driver, or rebuild with the toolkit your driver supports, e.g. CUDA 12.2 for driver "
+                ">= 535: NVCC=/usr/local/cuda-12.2/bin/nvcc make cuda")
+    return (f"{where}: {cuda_error_string(code)}; the library was built with CUDA {_cuda_version(rt)} "
+            "(rebuild for this GPU: GRPO_CORE_CUDA_ARCHS=<major><minor> make cuda)")
+
+
+def driver_cuda_version() -> str:
+    """The CUDA version the installed driver supports, as torch's CUDA sees it ('?' if unknown)."""
+    try:
+        v = ctypes.c_int()
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v))
+        return _cuda_version(v.value)
+    except (OSError, AttributeError):
+        return "?"
 
 
 dispatch.register("cuda", available)
@@ -170,115 +199,49 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-# ---- token log-probs -------------------------------------------------------------------------
+# ---- token log-probs: the backend contract of autograd.py ------------------------------------
+#
+# The C launchers take rows = the flat positions n·T + t of the valid tokens and the (N, T, V)
+# strides, read each row in place, and write fp32 results per valid token; the compaction, the
+# checks and the scatter back to (N, T) are the shared ones in grpo_core/kernels/__init__.py and
+# autograd.py.
 
-def _launch_fwd(logits, rows, ys, temperature, want_entropy):
-    """(K,) rows/ys → logp, lse, entropy-or-None, each (K,) fp32."""
-    K = rows.numel()
+DTYPES = tuple(_DTYPES)
+
+
+def _rows(logits, n_idx, t_idx):
+    return (n_idx * logits.shape[1] + t_idx).contiguous()                  # (M,) int64 flat positions
+
+
+def logprobs_forward(logits, n_idx, t_idx, ys, temperature, want_entropy):
+    """See torch_backend.logprobs_forward (same contract)."""
+    M = len(ys)
     _, T, V = logits.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
-    logp, lse = torch.empty(K, **f32), torch.empty(K, **f32)
-    ent = torch.empty(K, **f32) if want_entropy else None
+    logp, lse = torch.empty(M, **f32), torch.empty(M, **f32)
+    ent = torch.empty(M, **f32) if want_entropy else None
     with torch.cuda.device(logits.device):
         code = _lib.grpo_token_logprobs_fwd(
             logits.data_ptr(), _DTYPES[logits.dtype], T, V, logits.stride(0), logits.stride(1),
-            rows.data_ptr(), ys.data_ptr(), K, temperature, logp.data_ptr(), lse.data_ptr(),
-            _ptr(ent), _stream(logits.device))
-    _check(code, "token_logprobs_cuda forward")
+            _rows(logits, n_idx, t_idx).data_ptr(), ys.contiguous().data_ptr(), M, temperature,
+            logp.data_ptr(), lse.data_ptr(), _ptr(ent), _stream(logits.device))
+    _check(code, "cuda logprobs_forward")
     return logp, lse, ent
 
 
-def _launch_bwd(logits, rows, ys, lse, g, ent, g_ent, temperature, grad):
+def logprobs_backward(logits, n_idx, t_idx, ys, lse, g, temperature, out, ent=None, g_ent=None):
+    """See torch_backend.logprobs_backward; ``out`` may alias ``logits`` (each thread reads an
+    element before writing it)."""
     _, T, V = logits.shape
+    g_ent = None if g_ent is None else g_ent.float().contiguous()
+    ent = None if g_ent is None else ent.float().contiguous()
     with torch.cuda.device(logits.device):
         code = _lib.grpo_token_logprobs_bwd(
             logits.data_ptr(), _DTYPES[logits.dtype], T, V, logits.stride(0), logits.stride(1),
-            rows.data_ptr(), ys.data_ptr(), lse.data_ptr(), g.data_ptr(), _ptr(ent), _ptr(g_ent),
-            rows.numel(), temperature, grad.data_ptr(), grad.stride(0), grad.stride(1),
-            _stream(logits.device))
-    _check(code, "token_logprobs_cuda backward")
-
-
-def _scatter(values_k: torch.Tensor, rows: torch.Tensor, N: int, T: int) -> torch.Tensor:
-    out = values_k.new_zeros(N * T)                                   # (N·T,)
-    out[rows] = values_k
-    return out.view(N, T)
-
-
-class _TokenLogprobsCuda(torch.autograd.Function):
-    """logits (N, T, V) → logp (N, T) [, entropy (N, T)]; rows (K,) = counted flat positions."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, rows, temperature, want_entropy, inplace_backward):
-        N, T, _ = logits.shape
-        ys = labels.reshape(-1)[rows].to(torch.int64).contiguous()    # (K,)
-        logp_k, lse_k, ent_k = _launch_fwd(logits, rows, ys, temperature, want_entropy)
-        ctx.save_for_backward(logits, rows, ys, lse_k, ent_k)
-        ctx.temperature, ctx.inplace = temperature, inplace_backward
-        ctx.set_materialize_grads(False)
-        logp = _scatter(logp_k, rows, N, T)                           # (N, T), 0 where masked
-        if not want_entropy:
-            return logp
-        return logp, _scatter(ent_k, rows, N, T)
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_ent=None):
-        logits, rows, ys, lse_k, ent_k = ctx.saved_tensors
-        N, T, _ = logits.shape
-        K = rows.numel()
-        g_k = (grad_logp.reshape(-1)[rows].float().contiguous() if grad_logp is not None
-               else lse_k.new_zeros(K))                               # (K,) dLoss/dlogp
-        g_ent_k = grad_ent.reshape(-1)[rows].float().contiguous() if grad_ent is not None else None
-        # (N, T, V): the logits buffer itself, or a new one; the kernel writes the K counted rows,
-        # the others are zeroed here (only they: no full memset under the kernel's writes).
-        grad = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        if K < N * T:
-            skip = torch.ones(N * T, dtype=torch.bool, device=logits.device)
-            skip[rows] = False
-            grad[skip.view(N, T)] = 0
-        _launch_bwd(logits, rows, ys, lse_k, g_k, ent_k if g_ent_k is not None else None, g_ent_k,
-                    ctx.temperature, grad)
-        return grad, None, None, None, None, None
-
-
-def _check_logprob_args(logits, labels, mask, temperature, where):
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError(f"{where}: logits must be a (N, T, V) tensor, got "
-                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"{where}: labels {tuple(labels.shape)} must be logits[:2] = {tuple(logits.shape[:2])}")
-    if mask is not None and mask.shape != labels.shape:
-        raise ValueError(f"{where}: mask {tuple(mask.shape)} must match labels {tuple(labels.shape)}")
-    if logits.dtype not in _DTYPES:
-        raise TypeError(f"{where}: logits dtype {logits.dtype} not supported; use float32, bfloat16 or float16")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"{where}: labels must hold integer token ids, got {labels.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"{where}: temperature must be > 0, got {temperature}")
-    _require(where, *(t for t in (logits, labels, mask) if t is not None))
-
-
-def token_logprobs_cuda(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                        mask: torch.Tensor | None = None, return_entropy: bool = False,
-                        inplace_backward: bool = False):
-    """logits (N, T, V) fp32/bf16/fp16 on a GPU, labels (N, T) → logp (N, T) fp32 [, entropy].
-
-    Same values as grpo_core.logprobs.token_logprobs; masked positions give 0 and zero gradient.
-    ``inplace_backward`` writes d logits into the logits buffer (destroys them; see kernels/__init__).
-    """
-    where = "token_logprobs_cuda"
-    _check_logprob_args(logits, labels, mask, temperature, where)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()  # the kernel reads vocab rows as contiguous vectors
-    N, T, V = logits.shape
-    keep = None if mask is None else mask.bool()
-    check_labels(labels, V, keep, where)
-    if keep is None:
-        rows = torch.arange(N * T, device=logits.device)                   # (K = N·T,)
-    else:
-        rows = keep.reshape(-1).nonzero().squeeze(1)                        # (K,) int64, host sync
-    return _TokenLogprobsCuda.apply(logits, labels, rows, float(temperature), return_entropy,
-                                    inplace_backward)
+            _rows(logits, n_idx, t_idx).data_ptr(), ys.contiguous().data_ptr(), lse.data_ptr(),
+            g.float().contiguous().data_ptr(), _ptr(ent), _ptr(g_ent), len(ys), temperature,
+            out.data_ptr(), out.stride(0), out.stride(1), _stream(logits.device))
+    _check(code, "cuda logprobs_backward")
 
 
 # ---- group advantages ------------------------------------------------------------------------

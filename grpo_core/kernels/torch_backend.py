@@ -8,9 +8,10 @@ one fp32 block of ≤ CHUNK_ELEMS elements is alive at a time — never the full
 Per token, with z = logits / T (fp32) and y the label:
     lse   = logsumexp_j z_j                     saved for backward (one fp32 per token)
     logp  = z_y − lse
-    H     = −Σ_j p_j log p_j,  p = softmax(z)   (only when asked; a metric, no gradient)
-backward, with g = dLoss/dlogp (one scalar per token):
-    dz_j      = g · (1[j = y] − p_j)            p recomputed from the saved lse
+    H     = −Σ_j p_j log p_j,  p = softmax(z)   (only when asked)
+backward, with g = dLoss/dlogp and g_H = dLoss/dH (one scalar each per token; g_H None when the
+loss does not use the entropy, and then none of its work is done):
+    dz_j      = g · (1[j = y] − p_j) − g_H · p_j (log p_j + H)     p recomputed from the saved lse
     dlogits_j = dz_j / T
     fused-linear: z = (h Wᵀ + b) / T, so dh = (dz/T) W and dW = Σ_tokens (dz/T)ᵀ h.
 
@@ -25,12 +26,15 @@ matmul + reference log-softmax; equal at V = 1.2k (the tiny demo model).
 Module-level ``CHUNK_ELEMS`` sets the block size; tests shrink it to check the memory promise.
 """
 
+import math
+
 import torch
 
 # fp32 elements per (chunk, V) block: 4M floats = 16 MiB. Large enough that the chunk GEMM
 # (chunk × H) @ (H × V) runs at full speed on CPU, small enough to stay in the last-level cache
 # neighbourhood and far below the full logits of a real batch.
 CHUNK_ELEMS = 1 << 22
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,12 +62,28 @@ def _softmax_stats(z: torch.Tensor, ys: torch.Tensor, want_entropy: bool):
     return z_y - lse, lse, lse - s / l
 
 
-def _dz_(z: torch.Tensor, ys: torch.Tensor, lse: torch.Tensor, g_over_t: torch.Tensor) -> torch.Tensor:
-    """In place: z (C, V) fp32 → (onehot(y) − softmax(z)) · g/T, the gradient of logp wrt logits."""
-    p = z.sub_(lse[:, None]).exp_()                                     # (C, V) softmax, in place
-    d = p.mul_(-g_over_t[:, None])                                      # −p · g/T
-    d[torch.arange(len(ys), device=z.device), ys] += g_over_t           # + onehot · g/T
+def _minus_p_terms_(z, lse, g_t, ent=None, gent_t=None):
+    """In place: z (C, V) → −p_j · (g/T + g_H/T · (log p_j + H)), the gradient without its
+    one-hot term. g_t = g/T, gent_t = g_H/T (C,); ent = H (C,) or None."""
+    logp = z.sub_(lse[:, None])                                         # (C, V) log p, in place
+    if gent_t is None:
+        return logp.exp_().mul_(-g_t[:, None])                          # −p · g/T
+    p = logp.exp()                                                      # (C, V) one more block
+    # log p = −inf where p = 0: clamp so that 0 · (finite) = 0 instead of 0 · (−inf) = NaN; below
+    # log(tiny) p is 0 or subnormal, so the clamp moves the result by < tiny · 16.
+    logp.clamp_(min=math.log(torch.finfo(z.dtype).tiny))
+    return logp.add_(ent[:, None]).mul_(gent_t[:, None]).add_(g_t[:, None]).mul_(p).neg_()
+
+
+def _dz_(z, ys, lse, g_t, ent=None, gent_t=None):
+    """In place: z (C, V) fp32 → the gradient of (g·logp + g_H·H) wrt z, times 1/T."""
+    d = _minus_p_terms_(z, lse, g_t, ent, gent_t)
+    d[torch.arange(len(ys), device=z.device), ys] += g_t                # + onehot · g/T
     return d
+
+
+def _over_t(g, temperature):
+    return None if g is None else g / temperature
 
 
 # ---------------------------------------------------------------- logits (N, T, V) path
@@ -85,13 +105,16 @@ def logprobs_forward(logits, n_idx, t_idx, ys, temperature, want_entropy):
     return logp, lse, ent
 
 
-def logprobs_backward(logits, n_idx, t_idx, ys, lse, g, temperature, out):
-    """Write dlogits of the valid tokens into ``out`` (N, T, V); ``out`` may be ``logits`` itself."""
+def logprobs_backward(logits, n_idx, t_idx, ys, lse, g, temperature, out, ent=None, g_ent=None):
+    """Write dlogits of the valid tokens into ``out`` (N, T, V); ``out`` may be ``logits`` itself.
+    ent, g_ent (M,): the entropy and dLoss/dH, or None when the loss does not use the entropy."""
     step, acc = _chunk_rows(logits.shape[-1]), acc_dtype(logits.dtype)
+    g_t, gent_t = g / temperature, _over_t(g_ent, temperature)
     for s in range(0, len(ys), step):
         c = slice(s, s + step)
         z = logits[n_idx[c], t_idx[c]].to(acc).div_(temperature)        # (C, V) read before any write
-        d = _dz_(z, ys[c], lse[c], g[c] / temperature)                   # (C, V) dlogits
+        d = _dz_(z, ys[c], lse[c], g_t[c], None if gent_t is None else ent[c],
+                 None if gent_t is None else gent_t[c])                 # (C, V) dlogits
         out[n_idx[c], t_idx[c]] = d.to(out.dtype)
 
 
@@ -159,23 +182,51 @@ def linear_forward(h, weight, bias, ys, temperature, want_entropy):
     return logp, lse, ent
 
 
-def linear_backward(h, weight, bias, ys, lse, g, temperature):
+def add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with the product accumulated and added in acc's dtype (fp32/fp64), never
+    rounded to a's bf16/fp16 first. On a GPU cuBLAS takes bf16/fp16 operands with an fp32
+    output (``out_dtype``); elsewhere the operands are up-cast."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and acc.dtype == torch.float32:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):  # torch without addmm(out_dtype): up-cast below
+            pass
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as an fp32 (fp64 for fp64) tensor whose entries were never rounded to a's bf16/fp16:
+    on a GPU cuBLAS writes fp32 directly (``out_dtype``); elsewhere the operands are up-cast."""
+    acc = acc_dtype(a.dtype)
+    if a.dtype == acc:
+        return a @ b
+    if a.is_cuda and acc == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # torch without mm(out_dtype): up-cast below
+            pass
+    return a.to(acc) @ b.to(acc)
+
+
+def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=None):
     """Recompute each tile's logits, then dh (M, H) in h's dtype and dW (V, H) in W's dtype."""
     M, V, acc = h.shape[0], weight.shape[0], acc_dtype(h.dtype)
     dh = torch.zeros(h.shape, dtype=acc, device=h.device)              # (M, H) fp32 accumulator
     dw = torch.zeros(weight.shape, dtype=acc, device=h.device)         # (V, H) fp32 accumulator
+    g_t, gent_t = g / temperature, _over_t(g_ent, temperature)
     for rs, vslices in _tiles(M, V):
-        y, hc, g_t = ys[rs], h[rs], g[rs] / temperature
+        y, hc = ys[rs], h[rs]
         for vs in vslices:
             z = _tile_logits(hc, weight, bias, vs, temperature)         # (R, Vc) recomputed
-            d = z.sub_(lse[rs, None]).exp_().mul_(-g_t[:, None])         # −softmax · g/T, in place
+            d = _minus_p_terms_(z, lse[rs], g_t[rs], None if gent_t is None else ent[rs],
+                                None if gent_t is None else gent_t[rs])  # in place
             inside, col = _label_in_tile(y, vs)
-            d.scatter_add_(-1, col[:, None], (g_t * inside)[:, None])     # + onehot(y) · g/T
+            d.scatter_add_(-1, col[:, None], (g_t[rs] * inside)[:, None])  # + onehot(y) · g/T
             d = d.to(h.dtype)
-            if d.dtype == acc:
-                dh[rs].addmm_(d, weight[vs])                             # (R, H) += (R, Vc) @ (Vc, H)
-                dw[vs].addmm_(d.t(), hc)                                 # (Vc, H) += (Vc, R) @ (R, H)
-            else:
-                dh[rs] += (d @ weight[vs]).to(acc)
-                dw[vs] += (d.t() @ hc).to(acc)
+            add_matmul_(dh[rs], d, weight[vs])                           # (R, H) += (R, Vc) @ (Vc, H)
+            add_matmul_(dw[vs], d.t(), hc)                               # (Vc, H) += (Vc, R) @ (R, H)
     return dh.to(h.dtype), dw.to(weight.dtype)

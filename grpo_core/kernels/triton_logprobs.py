@@ -9,11 +9,19 @@ BLOCK_V tiles with an online softmax in fp32:
 
 with z = logits / T. The running max starts at −1e38 (finite), so a tile that is entirely −inf
 gives e^(−inf) = 0 instead of e^(−inf − −inf) = NaN. Backward recomputes softmax from the saved
-lse and writes  d logits_j = g · (1[j = y] − e^(z_j − lse)) / T.
+lse and writes  d logits_j = (g · (1[j = y] − p_j) − g_H · p_j (log p_j + H)) / T,  p_j = e^(z_j − lse);
+the entropy term only in the ENT_GRAD variant (the loss uses the entropy), so a loss without it
+pays nothing.
+
+Row starts come from a loaded offset, so the compiler cannot know their alignment and would issue
+one scalar load per logit. The launcher passes ROW_ALIGN, the largest power of two (≤ 16 bytes
+worth of elements) dividing every row offset, and the kernels assert it with ``tl.multiple_of``:
+with V a multiple of 16 (Triton specialises on that) the loads become 16-byte ``ld.global.v4``
+(the compile check, bench/compile_check.py, shows the vector widths in the PTX).
 
 Cost model per valid token (V vocab, e = bytes per logit, 2 for bf16):
     forward : read V·e, write 12 bytes (logp, lse, entropy)          ≈ 2·V bytes  (bf16)
-    backward: read V·e + 12 bytes, write V·e                          ≈ 4·V bytes  (bf16)
+    backward: read V·e + 12 bytes (+ 8 with ENT_GRAD), write V·e       ≈ 4·V bytes  (bf16)
     total   : 6 bytes per logit in bf16 — the ideal for a fwd+bwd that never stores fp32 logits.
 Memory-bound (a handful of FLOPs per byte), so BLOCK_V only needs to be wide enough to keep
 enough loads in flight.
@@ -31,9 +39,9 @@ _NEG_BIG = tl.constexpr(-1e38)  # finite "−inf" for the running max; see modul
 
 @triton.jit
 def _logprobs_fwd_kernel(x_ptr, row_off_ptr, ys_ptr, logp_ptr, lse_ptr, ent_ptr, V, temperature,
-                         WANT_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+                         WANT_ENT: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
-    row = x_ptr + tl.load(row_off_ptr + pid)                    # start of this token's logits row
+    row = x_ptr + tl.multiple_of(tl.load(row_off_ptr + pid), ROW_ALIGN)   # this token's logits row
     y = tl.load(ys_ptr + pid)
     m = tl.full((), _NEG_BIG, tl.float32)                       # running max
     l = tl.zeros((), tl.float32)                                # running Σ e^(z − m)
@@ -57,21 +65,31 @@ def _logprobs_fwd_kernel(x_ptr, row_off_ptr, ys_ptr, logp_ptr, lse_ptr, ent_ptr,
 
 
 @triton.jit
-def _logprobs_bwd_kernel(x_ptr, row_off_ptr, out_ptr, out_off_ptr, ys_ptr, lse_ptr, g_ptr, V, temperature,
+def _logprobs_bwd_kernel(x_ptr, row_off_ptr, out_ptr, out_off_ptr, ys_ptr, lse_ptr, g_ptr, ent_ptr, gent_ptr,
+                         V, temperature, ENT_GRAD: tl.constexpr, ROW_ALIGN: tl.constexpr,
                          BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
-    row = x_ptr + tl.load(row_off_ptr + pid)
-    out = out_ptr + tl.load(out_off_ptr + pid)
+    row = x_ptr + tl.multiple_of(tl.load(row_off_ptr + pid), ROW_ALIGN)
+    out = out_ptr + tl.multiple_of(tl.load(out_off_ptr + pid), ROW_ALIGN)
     y = tl.load(ys_ptr + pid)
     lse = tl.load(lse_ptr + pid)
     scale = tl.load(g_ptr + pid) / temperature                  # g / T
+    if ENT_GRAD:
+        h = tl.load(ent_ptr + pid)                              # H
+        scale_h = tl.load(gent_ptr + pid) / temperature         # g_H / T
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         ok = cols < V
         z = tl.load(row + cols, mask=ok, other=-float("inf")).to(tl.float32) / temperature
-        p = tl.exp(z - lse)                                      # softmax_j
+        logp = z - lse                                           # log p_j
+        p = tl.exp(logp)                                         # softmax_j
         d = (tl.where(cols == y, 1.0, 0.0) - p) * scale          # g · (1[j = y] − p_j) / T
+        if ENT_GRAD:                                             # − g_H p_j (log p_j + H) / T; 0 where p = 0
+            d -= tl.where(p > 0, p * (logp + h), 0.0) * scale_h
         tl.store(out + cols, d.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _block_v(V: int) -> int:
@@ -83,6 +101,18 @@ def _row_offsets(t: torch.Tensor, n_idx: torch.Tensor, t_idx: torch.Tensor) -> t
     return n_idx * t.stride(0) + t_idx * t.stride(1)
 
 
+def row_align(*tensors: torch.Tensor) -> int:
+    """Largest power of two, at most 16 bytes of elements, that divides both row strides of every
+    (N, T, V) tensor: every row offset is then a multiple of it (the base pointers are 16-byte
+    aligned or Triton specialises them as such)."""
+    align = 16 // tensors[0].element_size()
+    for t in tensors:
+        for stride in t.stride()[:2]:
+            while stride % align:
+                align //= 2
+    return max(align, 1)
+
+
 def logprobs_forward(logits, n_idx, t_idx, ys, temperature, want_entropy):
     """See torch_backend.logprobs_forward (same contract)."""
     M = len(ys)
@@ -92,15 +122,20 @@ def logprobs_forward(logits, n_idx, t_idx, ys, temperature, want_entropy):
     if M:
         _logprobs_fwd_kernel[(M,)](logits, _row_offsets(logits, n_idx, t_idx), ys, logp, lse, ent,
                                    logits.shape[-1], temperature, WANT_ENT=want_entropy,
-                                   BLOCK_V=_block_v(logits.shape[-1]), num_warps=8)
+                                   ROW_ALIGN=row_align(logits), BLOCK_V=_block_v(logits.shape[-1]),
+                                   num_warps=8)
     return logp, lse, (ent if want_entropy else None)
 
 
-def logprobs_backward(logits, n_idx, t_idx, ys, lse, g, temperature, out):
+def logprobs_backward(logits, n_idx, t_idx, ys, lse, g, temperature, out, ent=None, g_ent=None):
     """See torch_backend.logprobs_backward; ``out`` may alias ``logits`` (each program reads a
     tile of its own row before writing the same tile, so in-place is safe)."""
     M = len(ys)
     if M:
+        ent_grad = g_ent is not None
         _logprobs_bwd_kernel[(M,)](logits, _row_offsets(logits, n_idx, t_idx), out,
-                                   _row_offsets(out, n_idx, t_idx), ys, lse, g, logits.shape[-1],
-                                   temperature, BLOCK_V=_block_v(logits.shape[-1]), num_warps=8)
+                                   _row_offsets(out, n_idx, t_idx), ys, lse, g,
+                                   ent if ent_grad else lse, g_ent if ent_grad else g,
+                                   logits.shape[-1], temperature, ENT_GRAD=ent_grad,
+                                   ROW_ALIGN=row_align(logits, out), BLOCK_V=_block_v(logits.shape[-1]),
+                                   num_warps=8)
