@@ -125,7 +125,8 @@ def main(steps: int = 12) -> list[dict]:
     cfg = TrainConfig()
     cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens = 8, 4, 6
     cfg.grpo.beta, cfg.optim.lr = 0.0, 0.05
-    cfg.run.steps, cfg.run.output_dir, cfg.run.progress, cfg.run.resume = steps, "runs/toy_policy", False, False
+    cfg.run.steps, cfg.run.output_dir, cfg.run.progress = steps, "runs/toy_policy", False
+    cfg.run.resume, cfg.run.resume_force = False, True        # a fresh run; an earlier one moves aside
     trainer = GRPOTrainer(BigramPolicy(), make_synthetic_vqa(32, seed=0), cfg,
                           reward_specs=[RewardSpec("short", short_answer_reward, 1.0)])
     history = trainer.train()

@@ -35,7 +35,8 @@ def main(steps: int = 1000, out: str = "runs/python_api", warmup_steps: int = 40
     cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens = 16, 8, 4
     cfg.grpo.beta, cfg.grpo.rewards = 0.0, [{"name": "accuracy", "require_tag": False}]
     cfg.optim.lr, cfg.sft.optim.lr, cfg.sft.steps = 3e-4, 3e-3, warmup_steps
-    cfg.run.steps, cfg.run.output_dir, cfg.run.resume, cfg.run.progress = steps, f"{out}/grpo", False, False
+    cfg.run.steps, cfg.run.output_dir, cfg.run.progress = steps, f"{out}/grpo", False
+    cfg.run.resume, cfg.run.resume_force = False, True        # a fresh run; an earlier one moves aside
 
     prompts = make_prompt_fn(cfg.data.prompt)
     SFTTrainer(policy, train, cfg.sft, prompts, cfg.data.prompt).train(label_fn=random_letter, progress=False)

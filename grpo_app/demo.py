@@ -48,6 +48,7 @@ def demo_config(seed: int, out: str, quick: bool) -> TrainConfig:
     cfg.grpo.rewards = [{"name": "accuracy", "weight": 1.0, "require_tag": False}]
     cfg.optim.lr, cfg.optim.max_grad_norm = 3e-4, 1.0
     cfg.run.seed, cfg.run.output_dir, cfg.run.resume = seed, os.path.join(out, f"grpo-seed{seed}"), False
+    cfg.run.resume_force = True           # each demo is a fresh run; an earlier one moves to previous-run-K/
     cfg.run.steps = 3 if quick else 3000  # the time budget ends GRPO first on 2 CPU cores
     cfg.sft.batch_size, cfg.sft.optim.lr, cfg.sft.steps = 16, 3e-3, 2 if quick else 40
     return cfg.validate()

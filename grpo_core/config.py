@@ -24,10 +24,20 @@ from .data.synthetic import TASKS as SYNTHETIC_TASKS
 from .data.templates import TEMPLATES
 from .distributed import MODES
 from .kernels.dispatch import BACKENDS, check_backend
-from .loss import AGGS, KL_PLACEMENTS, KLS, POLICY_LOSSES, RATIO_LEVELS
+from .loss import (
+    AGGS,
+    KL_PLACEMENTS,
+    KLS,
+    POLICY_LOSSES,
+    RATIO_LEVELS,
+    check_loss_options,
+    loss_options,
+)
 from .optim import SCHEDULES
 from .options import check_options, option
 from .policy import PROMPT_WRAPPERS
+from .ref_sync import check_ref_sync
+from .rewards import check_reward_entries
 from .sampling import SamplingOptions
 from .sft import SFT_TARGETS
 
@@ -139,7 +149,8 @@ class RunConfig:
     eval_limit: int | None = option(None, ge=1)            # held-out records scored per eval (None = all of them)
     save_every: int = option(0, ge=0)                      # checkpoint every N steps; 0 = only at the end
     keep_last: int = option(2, ge=0)                       # checkpoints kept (0 = all)
-    resume: bool = True                                    # continue from the newest checkpoint in output_dir
+    resume: bool = True                                    # continue from the newest good checkpoint in output_dir
+    resume_force: bool = False                             # resume despite a changed fixed setting; with resume=false, move an earlier run in output_dir to previous-run-K/
     progress: bool = True                                  # progress bar
     bf16_autocast: bool = True                             # on GPU only
     time_budget_s: float = option(0.0, ge=0)               # stop early after this wall time (0 = none)
@@ -185,6 +196,10 @@ class TrainConfig:
             raise ValueError(f"config: grpo.max_len={g.max_len} is shorter than rollout.max_new_tokens="
                              f"{r.max_new_tokens}; Dr. GRPO's constant must cover the longest completion")
         check_backend(g.backend, paths=("linear",))        # the training path runs the fused-linear loss
+        check_loss_options(**loss_options(g), kl_placement=g.kl_placement, where="config", prefix="grpo.")
+        check_ref_sync(g.ref_sync_steps, g.ref_sync_alpha, beta=g.beta, ref=g.ref, lora_rank=self.model.lora_rank,
+                       kl_placement=g.kl_placement, where="config", prefix="grpo.")
+        check_reward_entries(g.rewards)                    # names, options vs signatures, did-you-mean
         return self
 
 

@@ -276,7 +276,8 @@ class Replica:
 
     # ---- checkpoint state (collective under fsdp2: call on every rank) ----
     def full_state(self, optimizer) -> tuple[dict | None, dict | None]:
-        """(model, optimizer) full state dicts on rank 0 for fsdp2 (FQN-keyed optimizer), else (None, None)."""
+        """(model, optimizer) full state dicts on rank 0 for fsdp2 (FQN-keyed optimizer; None without
+        an optimizer), else (None, None)."""
         if self.mode != "fsdp2":
             return None, None
         from torch.distributed.checkpoint.state_dict import (
@@ -285,8 +286,8 @@ class Replica:
             get_optimizer_state_dict,
         )
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(self.policy.model, options=opts),
-                get_optimizer_state_dict(self.policy.model, optimizer, options=opts))
+        model = get_model_state_dict(self.policy.model, options=opts)
+        return model, (get_optimizer_state_dict(self.policy.model, optimizer, options=opts) if optimizer else None)
 
 
 def _fsdp_units(root: torch.nn.Module) -> list:

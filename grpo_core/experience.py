@@ -71,4 +71,14 @@ class RowResults:
         local = torch.stack([total.float().cpu(), lengths.float().cpu(), truncated.float().cpu(),
                              *(columns[k].float().cpu() for k in names)], 1)            # (N, 3 + R)
         rows, own = dist.gather_rows(local)                                              # (N_all, 3 + R)
-        return cls(rows[:, 0], rows[:, 1], rows[:, 2], {k: rows[:, 3 + j] for j, k in enumerate(names)}, own)
+        col = [c.contiguous() for c in rows.unbind(1)]     # contiguous: reductions sum in plain row order
+        return cls(col[0], col[1], col[2], {k: col[3 + j] for j, k in enumerate(names)}, own)
+
+    @classmethod
+    def cat(cls, parts: list["RowResults"]) -> "RowResults":
+        """The rows of several rounds of one step (DAPO refills), in round order; ``own`` is the first's."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(torch.cat([p.total for p in parts]), torch.cat([p.lengths for p in parts]),
+                   torch.cat([p.truncated for p in parts]),
+                   {k: torch.cat([p.columns[k] for p in parts]) for k in parts[0].columns}, parts[0].own)

@@ -33,7 +33,6 @@ How this departs from the GRPO paper (DeepSeekMath), one line each:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -41,15 +40,18 @@ from contextlib import nullcontext
 
 import torch
 
-from .advantages import group_advantages, group_reward_std
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .advantages import DynamicSampling, group_advantages, group_reward_std
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .data.templates import make_prompt_fn
 from .distributed import DistContext, local_value
 from .experience import Experience, RowResults
 from .kernels import fused_linear_grpo_loss, linear_token_logprobs
-from .loss import kl_penalized_rewards
+from .loss import kl_penalized_rewards, loss_options, mask_truncated
+from .metrics_log import MetricsLog
 from .optim import make_optimizer, make_scheduler
+from .ref_sync import sync_reference_
+from .resume import plan_resume, set_base_lr
 from .rewards import DEFAULT_ROLES, RewardSpec, combine_rewards, get_reward
 from .rollout import NonFiniteLogitsError, Rollout, generate_groups
 from .sampling import SamplingConfig
@@ -132,17 +134,34 @@ class GRPOTrainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> dict:
-        t0 = time.perf_counter()
-        records = self.dist.shard(self._next_records())          # this rank's B/W prompts of the step's batch
-        prompts, records = self.prompt_fn(records)
-        ro = self.rollout(prompts)                                 # 1. G completions per prompt
-        t1 = time.perf_counter()
-        exp, rows = self.score(ro, records)                        # 2. rewards → advantages, old/ref log-probs
+        g, G = self.cfg.grpo, self.cfg.rollout.group_size
+        times = [0.0, 0.0, 0.0]
+        ds = DynamicSampling(self.cfg.rollout.prompts_per_step, G, g.dynamic_sampling_max_rounds)
+        exps, rows, rollouts = [], [], []
+        while True:                                                # one round, or DAPO's refill rounds
+            t0 = time.perf_counter()
+            records = self.dist.shard(self._next_records())      # this rank's B/W prompts of the step's batch
+            prompts, records = self.prompt_fn(records)
+            ro = self.rollout(prompts)                             # 1. G completions per prompt
+            t1 = time.perf_counter()
+            exp, r = self.score(ro, records)                       # 2. rewards → advantages, old/ref log-probs
+            times[0], times[1] = times[0] + t1 - t0, times[1] + time.perf_counter() - t1
+            exps.append(exp), rows.append(r), rollouts.append(ro)
+            if not g.dynamic_sampling:
+                break
+            kept = ds.add(r.total)                                 # informative groups, over every rank's rows
+            first = r.own.start // G                               # this rank's first prompt among all ranks'
+            exp.keep = [k - first for k in kept if 0 <= k - first < exp.num_prompts]
+            if not ds.wants_more():
+                break
         t2 = time.perf_counter()
-        upd = self.update(exp)                                     # 3. μ optimizer steps
-        t3 = time.perf_counter()
+        upd = self.update(exps)                                    # 3. μ optimizer steps
+        times[2] = time.perf_counter() - t2
         self.step_idx += 1
-        return self._metrics(rows, upd, ro, (t1 - t0, t2 - t1, t3 - t2))
+        if g.ref_sync_steps and self.step_idx % g.ref_sync_steps == 0:   # ref ← α·policy + (1 − α)·ref
+            sync_reference_(self.ref_policy.model, self.policy.model, g.ref_sync_alpha)
+        m = self._metrics(RowResults.cat(rows), upd, rollouts, times)
+        return {**m, **ds.metrics()} if g.dynamic_sampling else m
 
     def rollout(self, prompts) -> Rollout:
         """B prompts → N = B·G sampled completions, seeded by (run seed, step, rank)."""
@@ -159,7 +178,8 @@ class GRPOTrainer:
         """Rewards, advantages and the fixed log-probs of one rollout → (Experience, every rank's rows)."""
         g, G = self.cfg.grpo, ro.group_size
         enc, ids, mask = ro.encoded, ro.completion_ids, ro.completion_mask                  # mask (N, C) bool
-        total, columns = combine_rewards(self.specs, ro.texts, [r for r in records for _ in range(G)])  # (N,)
+        total, columns = combine_rewards(self.specs, ro.texts, [r for r in records for _ in range(G)],
+                                         completion_tokens=ro.lengths.tolist())                    # (N,)
         ref_lp = self.logprobs(enc, ids, mask, "reference") if self.ref_policy is not None else None  # (N, C)
         cur_lp = None
         if g.kl_placement == "reward" or g.mu > 1:                # the sampling policy's log-probs, once
@@ -167,9 +187,11 @@ class GRPOTrainer:
         if g.kl_placement == "reward":
             total = kl_penalized_rewards(total, cur_lp, ref_lp, mask, g.beta, g.kl)
         rows = RowResults.gather(self.dist, total, ro.lengths, ro.truncated, columns)      # one collective
-        adv = group_advantages(rows.total, G, scale=g.adv_scale)[rows.own].to(self.device)  # (N,)
+        adv = group_advantages(rows.total, G, scale=g.adv_scale, baseline=g.baseline)[rows.own].to(self.device)  # (N,)
         zero_std = group_reward_std(rows.total[rows.own], G) == 0                         # (B,)
         keep = [b for b in range(len(zero_std)) if not (g.skip_zero_std_groups and zero_std[b])]
+        if g.mask_truncated_completions:                          # DAPO: truncated completions out of the loss
+            mask = mask_truncated(mask, ro.truncated)
         exp = Experience(enc, ids, mask, adv, cur_lp if g.mu > 1 else None,
                          ref_lp if g.kl_placement == "loss" else None, G, keep)
         return exp, rows
@@ -198,32 +220,33 @@ class GRPOTrainer:
                                                  bias=which.lm_head_bias, backend=g.backend))
         return torch.cat(out)                                                                    # (N, C)
 
-    def update(self, exp: Experience) -> dict:
-        """μ optimizer steps on one Experience; every rank calls it (collectives inside).
+    def update(self, exps: Experience | list[Experience]) -> dict:
+        """μ optimizer steps on the step's Experience (a list: one per DAPO refill round); every rank
+        calls it (collectives inside).
 
         Each pass shuffles the kept groups into micro-batches of ``grpo.micro_batch_prompts`` whole
         groups and accumulates their gradients, every micro-batch loss divided by the denominators
-        of the whole step (all micro-batches, all ranks): one optimizer step = one big batch.
+        of the whole step (all micro-batches, all rounds, all ranks): one optimizer step = one big batch.
         """
         cfg, g, d = self.cfg, self.cfg.grpo, self.dist
-        if d.all_reduce(len(exp.keep)) == 0:      # every group (on every rank) had equal rewards: skipped
-            return {"loss": 0.0, "grad_norm": 0.0, "nonfinite_steps": 0, "skipped_groups": d.all_reduce(exp.num_prompts)}
+        exps = [exps] if isinstance(exps, Experience) else list(exps)
+        skipped = sum(e.num_prompts - len(e.keep) for e in exps)
+        if d.all_reduce(sum(len(e.keep) for e in exps)) == 0:   # every group (on every rank) was equal: skipped
+            return {"loss": 0.0, "grad_norm": 0.0, "nonfinite_steps": 0, "skipped_groups": d.all_reduce(skipped)}
         self.policy.model.train()
-        total_tokens = d.all_reduce(exp.kept_tokens().float())           # denominators of the step
-        total_seqs = int(d.all_reduce(len(exp.keep) * exp.group_size))
-        mb = g.micro_batch_prompts or max(len(exp.keep), 1)
+        total_tokens = d.all_reduce(sum(e.kept_tokens() for e in exps).float())    # denominators of the step
+        total_seqs = int(d.all_reduce(sum(len(e.keep) * e.group_size for e in exps)))
         sums: dict[str, float] = {"nonfinite_steps": 0}
         for it in range(g.mu):
-            order = torch.randperm(len(exp.keep), generator=self._generator(100 + it)).tolist()
-            chunks = [[exp.keep[j] for j in order[s:s + mb]] for s in range(0, len(order), mb)]
+            chunks = self._micro_batches(exps, it)                  # [(experience index, prompts)]
             n_chunks = int(d.all_reduce(len(chunks), "max"))   # every rank runs as many micro-batches
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
             for c in range(n_chunks):
-                prompts, weight = (chunks[c], 1.0) if c < len(chunks) else ([0], 0.0)   # 0.0: a filler for sync
+                (i, prompts), weight = (chunks[c], 1.0) if c < len(chunks) else ((0, [0]), 0.0)   # 0.0: a filler for sync
                 with self.replica.accumulate(sync=c == n_chunks - 1):
                     with self.autocast:
-                        loss, m = self.micro_loss(exp.groups(prompts), total_tokens, total_seqs)
+                        loss, m = self.micro_loss(exps[i].groups(prompts), total_tokens, total_seqs)
                     (loss * (weight * self.replica.grad_scale)).backward()   # × W: DDP/FSDP average over ranks
                 finite &= bool(torch.isfinite(loss))
                 w = weight * m["tokens"].item() / max(total_tokens.item(), 1.0)   # token-weighted metric average
@@ -242,31 +265,43 @@ class GRPOTrainer:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums["skipped_groups"] = exp.num_prompts - len(exp.keep)
+        sums["skipped_groups"] = skipped
         return d.reduce_sums(sums, same=("grad_norm", "nonfinite_steps"))   # local shares of global means → global
+
+    def _micro_batches(self, exps: list[Experience], it: int) -> list[tuple[int, list[int]]]:
+        """Pass ``it``: each Experience's kept prompts shuffled (seeded by step, pass and round) and cut
+        into micro-batches of ``grpo.micro_batch_prompts`` whole groups (0 = all of one round)."""
+        out = []
+        for i, e in enumerate(exps):
+            mb = self.cfg.grpo.micro_batch_prompts or max(len(e.keep), 1)
+            order = torch.randperm(len(e.keep), generator=self._generator(100 + it + 1000 * i)).tolist()
+            out += [(i, [e.keep[j] for j in order[s:s + mb]]) for s in range(0, len(order), mb)]
+        return out
 
     def micro_loss(self, mb: Experience, total_tokens, total_seqs):
         """GRPO loss of one micro-batch of whole groups, divided by the step's global denominators."""
         cfg, g = self.cfg, self.cfg.grpo
         h = self.replica.hidden(mb.encoded, mb.completion_ids, mb.mask, mb.group_size)      # (n, C, H)
+        opts = {**loss_options(g), "beta": g.beta if mb.ref_logprobs is not None else 0.0,   # every grpo.* loss option
+                "max_len": g.max_len or cfg.rollout.max_new_tokens}
         return fused_linear_grpo_loss(
             h, self.policy.lm_head_weight.to(h.dtype), mb.completion_ids,                  # autocast: bf16 h
             mb.old_logprobs, mb.ref_logprobs, mb.advantages, mb.mask, bias=self.policy.lm_head_bias,
-            temperature=cfg.rollout.temperature, clip_low=g.clip_low, clip_high=g.clip_high,
-            dual_clip=g.dual_clip, beta=g.beta if mb.ref_logprobs is not None else 0.0, kl=g.kl, agg=g.agg,
-            max_len=g.max_len or cfg.rollout.max_new_tokens,
-            total_tokens=total_tokens, total_seqs=total_seqs, backend=g.backend)
+            temperature=cfg.rollout.temperature, total_tokens=total_tokens, total_seqs=total_seqs,
+            backend=g.backend, **opts)
 
-    def _metrics(self, rows: RowResults, upd: dict, ro: Rollout, times) -> dict:
+    def _metrics(self, rows: RowResults, upd: dict, rollouts: list[Rollout], times) -> dict:
         """The step's metrics over every rank's rows; "accuracy" / "format_rate" by reward role."""
-        G = ro.group_size
+        G = self.cfg.rollout.group_size
         total = rows.total
+        tokens = sum(ro.stats.get("tokens", 0) for ro in rollouts)
+        seconds = sum(ro.stats.get("prefill_s", 0.0) + ro.stats.get("decode_s", 0.0) for ro in rollouts)
         m = {"step": self.step_idx, "lr": self.scheduler.get_last_lr()[0], **upd,
              "reward": total.mean().item(), "reward_std": total.std().item() if total.numel() > 1 else 0.0,
              "zero_std_frac": (group_reward_std(total, G) == 0).float().mean().item(),
              "completion_len": rows.lengths.mean().item(), "completion_len_max": rows.lengths.max().item(),
              "truncated_frac": rows.truncated.mean().item(),
-             "tokens_per_s": self.dist.all_reduce(float(ro.stats.get("tokens_per_s", 0.0))),  # all ranks together
+             "tokens_per_s": self.dist.all_reduce(tokens / max(seconds, 1e-9)),                # all ranks together
              "time_rollout": times[0], "time_scoring": times[1], "time_update": times[2]}     # this rank's
         for name, col in rows.columns.items():
             m[f"reward/{name}"] = col.mean().item()
@@ -279,10 +314,10 @@ class GRPOTrainer:
     def train(self) -> list[dict]:
         cfg = self.cfg
         os.makedirs(cfg.run.output_dir, exist_ok=True)
-        if cfg.run.resume and (ck := latest_checkpoint(cfg.run.output_dir)):
-            self.resume(ck)
-        log_path = os.path.join(cfg.run.output_dir, "metrics.jsonl")
         main = self.dist.is_main              # only rank 0 logs, draws and writes
+        if self.step_idx == 0:                # not placed already by an explicit .resume(path)
+            self._resume_from_output_dir()
+        log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), start_step=self.step_idx) if main else None
         writer = _tensorboard(cfg.run.output_dir) if main else None
         bar = _progress(cfg.run.steps, self.step_idx, cfg.run.progress and main)
         t_start, streak = time.perf_counter(), 0
@@ -299,9 +334,8 @@ class GRPOTrainer:
                 with self.replica.gathered():
                     m.update({f"eval/{k}": v for k, v in self.eval_fn(self.policy).items()})
             self.history.append(m)
-            if main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
+            if log:
+                log.append(m)                 # strict JSON (NaN → null), each step once across resumes
             if writer:
                 for k, v in m.items():
                     if isinstance(v, (int, float)):
@@ -327,19 +361,48 @@ class GRPOTrainer:
         if self.dist.all_reduce(float(len(bad)), "max") > 0:
             raise NonFiniteTrainingError(f"GRPOTrainer.save: step {self.step_idx} weights hold NaN/inf "
                                          f"({', '.join(bad[:3]) or 'on another rank'}); not saved")
-        state = {"data_pos": self.data_pos, "config": json.dumps(to_dict(self.cfg))}
         model_state, optim_state = self.replica.full_state(self.optimizer)   # (None, None) unless fsdp2
+        ref_state = self._synced_reference_state()
         path = None
         if self.dist.is_main:
             path = save_checkpoint(self.cfg.run.output_dir, self.step_idx, self.policy, self.optimizer,
-                                   self.scheduler, state, keep_last=self.cfg.run.keep_last,
-                                   model_state=model_state, optim_state=optim_state)
+                                   self.scheduler, {"data_pos": self.data_pos}, keep_last=self.cfg.run.keep_last,
+                                   model_state=model_state, optim_state=optim_state, config=to_dict(self.cfg),
+                                   ref_state=ref_state)
         self.dist.barrier()                   # no rank reads a checkpoint before it is whole
         return path or checkpoint_path(self.cfg.run.output_dir, self.step_idx)
 
-    def resume(self, path: str) -> None:
-        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
+    def resume(self, path: str, verify: bool = True) -> None:
+        """Continue checkpoint ``path``: weights, optimizer, schedule, step and data position (and a
+        synced reference); a changed ``optim.lr`` takes effect (grpo_core.resume.set_base_lr)."""
+        ref = self.ref_policy.model if self._ref_is_synced() else None
+        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler, verify=verify, ref_model=ref)
+        set_base_lr(self.optimizer, self.scheduler, self.cfg.optim.lr)
         self.step_idx, self.data_pos = int(state["step"]), int(state["data_pos"])
+
+    def _resume_from_output_dir(self) -> None:
+        """Rank 0 decides (grpo_core.resume.plan_resume: recover leftovers, newest verified checkpoint,
+        fixed settings unchanged) and says so; every rank then loads the checkpoint it chose."""
+        cfg = self.cfg
+        plan = plan_resume(cfg.run.output_dir, to_dict(cfg), cfg.run.resume, cfg.run.resume_force) \
+            if self.dist.is_main else None
+        for line in plan.notes if plan else ():
+            print(f"grpo: {line}", flush=True)
+        path = [plan.path if plan else None]
+        if self.dist.active:
+            torch.distributed.broadcast_object_list(path, src=0)
+        if path[0]:
+            self.resume(path[0], verify=False)   # rank 0 verified it in plan_resume
+
+    def _ref_is_synced(self) -> bool:
+        return bool(self.cfg.grpo.ref_sync_steps) and self.ref_policy not in (None, "adapters")
+
+    def _synced_reference_state(self) -> dict | None:
+        """A synced reference is run state: its (full) weights go into the checkpoint."""
+        if not self._ref_is_synced():
+            return None
+        full, _ = self.ref_replica.full_state(None)              # FSDP2: gathered to rank 0
+        return full if full is not None else self.ref_policy.model.state_dict()
 
 
 def _progress(total, start, enabled):
