@@ -20,6 +20,7 @@ import yaml
 
 from .advantages import BASELINES, SCALES
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_CHECKS
+from .data.loaders_hf import check_column_mapping
 from .data.synthetic import TASKS as SYNTHETIC_TASKS
 from .data.templates import TEMPLATES
 from .distributed import MODES
@@ -200,6 +201,7 @@ class TrainConfig:
         check_ref_sync(g.ref_sync_steps, g.ref_sync_alpha, beta=g.beta, ref=g.ref, lora_rank=self.model.lora_rank,
                        kl_placement=g.kl_placement, where="config", prefix="grpo.")
         check_reward_entries(g.rewards)                    # names, options vs signatures, did-you-mean
+        check_column_mapping(self.data.columns)            # data.columns for hf_dataset / hf_parquet
         return self
 
 

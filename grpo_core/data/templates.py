@@ -14,7 +14,7 @@ job (Policy.encode); this module only builds ``Prompt(text, images)``. Images ar
 
 Option shuffling (``shuffle_options=True``) permutes the option texts, relabels them A, B, …
 and remaps the gold letter; with a seed the permutation is a pure function of (seed, record.id),
-so the same record always gets the same order. DESIGN.md: per-item shuffled options were not
+so the same record always gets the same order. docs/DESIGN.md: per-item shuffled options were not
 learnable by the tiny CPU-demo model, so the default is the source order.
 """
 
