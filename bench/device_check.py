@@ -26,8 +26,9 @@ then ``summary.md`` / ``summary.json``: one row per stage (status, seconds, the 
 With ``--pack`` everything but the summary and the log goes into ``device_check.tar.gz`` (the
 device tool returns at most 8 files).
 
---dry-run: the same stages on CPU with tiny shapes, no build, a short budget: CI runs it so that
-the script itself is tested (tests/test_device_check.py, make device-check-dry).
+--dry-run: the same stages on CPU with tiny shapes, no build: CI runs it so that the script itself
+is tested (make device-check-dry; ~1 minute on an idle 2-core machine). Its budget is generous
+(900 s, stage limits doubled): it checks that every stage runs, not how fast a shared CI box is.
 """
 
 import argparse
@@ -170,7 +171,9 @@ def _lib_env() -> dict:
 def stage_gpu_tests(args, out, timeout) -> dict:
     xml = os.path.join(out, "gpu_tests.xml")
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=-ra",
-           f"--junitxml={xml}", "tests"]
+           f"--junitxml={xml}"]
+    # the dry run only checks that the stage works: the two GPU kernel files, not the whole suite's collection
+    cmd += ["tests/test_kernels_gpu.py", "tests/test_cuda_gpu.py"] if args.dry_run else ["tests"]
     rc, s = _run(cmd, os.path.join(out, "gpu_tests.log"), timeout, _lib_env())
     tail = open(os.path.join(out, "gpu_tests.log")).read().strip().splitlines()[-1:]
     facts = {"exit": rc, "seconds": s, "result": tail[0] if tail else ""}
@@ -226,11 +229,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: tests the script itself")
     ap.add_argument("--out", default=None, help="result folder (default bench/results/<device>/device-check, "
                                                 "dry run: build/device-check-dry)")
-    ap.add_argument("--budget-s", type=float, default=None, help="whole run (default 470, dry run 120)")
+    ap.add_argument("--budget-s", type=float, default=None, help="whole run (default 470; dry run 900: it checks the "
+                                                                 "script, not the time, and CI machines are shared)")
     ap.add_argument("--only", default=None, help=f"comma list of {','.join(STAGES)}")
     ap.add_argument("--pack", action="store_true", help="pack everything but summary and log into one tar.gz")
     args = ap.parse_args(argv)
-    budget = args.budget_s or (120.0 if args.dry_run else 470.0)
+    budget = args.budget_s or (900.0 if args.dry_run else 470.0)
     out = args.out or _default_out(args.dry_run)
     os.makedirs(out, exist_ok=True)
     stages = [s for s in STAGES if args.only is None or s in args.only.split(",")]
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
                "dry_run": args.dry_run, "budget_s": budget, "stages": {}}
     for name in stages:
         left = budget - (time.perf_counter() - t_start) - RESERVE_S
-        limit = min(LIMIT_S[name] * (0.5 if args.dry_run else 1.0), left)
+        limit = min(LIMIT_S[name] * (2.0 if args.dry_run else 1.0), left)   # dry run: a loaded 2-core CI box
         entry = {"status": "skipped", "seconds": 0.0, "facts": {}}
         if limit < 5:
             entry["error"] = "no time left in the budget"

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from .advantages import BASELINES, SCALES
+from .data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_CHECKS
+from .data.loaders_hf import check_column_mapping
 from .data.synthetic import TASKS as SYNTHETIC_TASKS
 from .data.templates import TEMPLATES
 from .distributed import MODES
@@ -69,6 +71,7 @@ class DataConfig:
     format: str | None = None                              # dataset format name (None = detect)
     split: str | None = None                               # split to read where the format has several
     eval_source: str | None = None                         # held-out records from here (None = a held-out slice of `source`)
+    eval_split: str | None = None                          # split of `eval_source` to read (e.g. "test" of the same folder)
     eval_size: int = option(200, ge=1)                     # held-out records split off `source` (synthetic: generated with another seed)
     train_size: int = option(2000, ge=1)                   # synthetic only: training items
     image_size: int = option(56, ge=28)                    # synthetic only: image side in pixels
@@ -79,6 +82,10 @@ class DataConfig:
     shuffle_options: bool = False                          # permute options per record (fixed per seed and record id)
     skip_bad: bool = False                                 # skip (and count) bad rows instead of raising
     limit: int | None = option(None, ge=1)                 # use only the first N records
+    check_images: str = option("decode", choices=IMAGE_CHECKS)  # before training: "none" | "exists" | "open" | "decode" (every pixel: catches truncated files)
+    max_image_pixels: int | None = option(DEFAULT_MAX_IMAGE_PIXELS, ge=1)  # larger images are bad rows, refused before decoding (None = PIL's limit)
+    allow_outside_root: bool = False                       # let image paths leave the dataset folder (../, absolute, symlinks)
+    columns: dict | None = None                            # hf_dataset / hf_parquet: {question: col, answer: col, image: col, options: col, ...}
 
 
 @dataclass
@@ -210,6 +217,7 @@ class TrainConfig:
         check_ref_sync(g.ref_sync_steps, g.ref_sync_alpha, beta=g.beta, ref=g.ref, lora_rank=self.model.lora_rank,
                        kl_placement=g.kl_placement, where="config", prefix="grpo.")
         check_reward_entries(g.rewards)                    # names, options vs signatures, did-you-mean
+        check_column_mapping(self.data.columns)            # data.columns for hf_dataset / hf_parquet
         return self
 
 

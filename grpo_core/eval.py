@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from .answers import FORMAT_NOTHINK_RE, FORMAT_RE, direct_letter, extract_answer, reasoning_length
+from .data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError
 from .data.record import swap_images, yes_no
 from .data.templates import TEMPLATES, records_to_prompts
 from .rewards import score_one
@@ -41,6 +42,7 @@ class EvalResult:
     by_modality: dict = field(default_factory=dict)         # modality -> {"n", "accuracy", "format_rate"}
     by_question_type: dict = field(default_factory=dict)    # question_type -> same
     items: list = field(default_factory=list)               # per record: id, prediction, gold, scores, text
+    skipped: list = field(default_factory=list)             # records whose images could not be used: id, error
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,8 +102,11 @@ def _group(items: list, key: str) -> dict:
 
 def evaluate(policy, records: Sequence, *, template: str = "think", batch_size: int = 8, max_new_tokens: int = 256,
              greedy: bool = True, generate_fn: Callable | None = None, progress: bool = True,
-             shuffle_options: bool = False, seed: int | None = None, open_metric: str = "exact") -> EvalResult:
-    """Generate, score and aggregate over ``records`` (one completion each)."""
+             shuffle_options: bool = False, seed: int | None = None, open_metric: str = "exact",
+             max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> EvalResult:
+    """Generate, score and aggregate over ``records`` (one completion each). A record whose images
+    cannot be used (ImageLoadError: unreadable, over ``max_image_pixels``) is skipped and listed in
+    ``EvalResult.skipped``; the scores are over the records that were evaluated."""
     if template not in TEMPLATES:
         raise ValueError(f"evaluate: template must be one of {TEMPLATES}, got {template!r}")
     if batch_size < 1:
@@ -114,9 +119,12 @@ def evaluate(policy, records: Sequence, *, template: str = "think", batch_size: 
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(records), desc=f"eval ({template})", dynamic_ncols=True)
-    items = []
+    items, skipped = [], []
     for s in range(0, len(records), batch_size):
-        prompts, shown = records_to_prompts(records[s: s + batch_size], template, shuffle_options, seed)
+        prompts, shown = _prompts(records[s: s + batch_size], template, shuffle_options, seed, max_image_pixels,
+                                  skipped)
+        if not prompts:
+            continue
         texts, lengths = gen(prompts)
         if len(texts) != len(prompts) or len(lengths) != len(prompts):
             raise ValueError(f"evaluate: generate_fn returned {len(texts)} texts / {len(lengths)} lengths "
@@ -136,10 +144,31 @@ def evaluate(policy, records: Sequence, *, template: str = "think", batch_size: 
     if bar is not None:
         bar.close()
     n = len(items)
+    if n == 0:
+        raise ValueError(f"evaluate: none of the {len(records)} records could be evaluated; the first error: "
+                         f"{skipped[0]['error']}")
     return EvalResult(
         template=template, n=n, accuracy=sum(i["accuracy"] for i in items) / n,
         format_rate=sum(i["format_ok"] for i in items) / n,
         mean_completion_tokens=sum(i["completion_tokens"] for i in items) / n,
         mean_reasoning_words=sum(i["reasoning_words"] for i in items) / n,
         by_modality=_group(items, "modality"), by_question_type=_group(items, "question_type"), items=items,
+        skipped=skipped,
     )
+
+
+def _prompts(records, template, shuffle_options, seed, max_image_pixels, skipped: list):
+    """records_to_prompts, but a record whose images fail is left out and appended to ``skipped``."""
+    try:
+        return records_to_prompts(records, template, shuffle_options, seed, max_image_pixels)
+    except ImageLoadError:
+        prompts, shown = [], []
+        for r in records:
+            try:
+                (p,), (s,) = records_to_prompts([r], template, shuffle_options, seed, max_image_pixels)
+            except ImageLoadError as e:
+                skipped.append({"id": r.id, "error": str(e)})
+                continue
+            prompts.append(p)
+            shown.append(s)
+        return prompts, shown

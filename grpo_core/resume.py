@@ -51,7 +51,7 @@ FIXED = {
     **dict.fromkeys(("model.min_pixels", "model.max_pixels"), "what the model sees of each image"),
     **dict.fromkeys(("data.source", "data.format", "data.split", "data.eval_source", "data.eval_size",
                      "data.train_size", "data.image_size", "data.synthetic_task", "data.lesion_sigma",
-                     "data.lesion_amplitude", "data.limit"),
+                     "data.lesion_amplitude", "data.limit", "data.eval_split", "data.columns"),
                     "the training records (the saved data position indexes them)"),
     **dict.fromkeys(("data.prompt", "data.shuffle_options"), "the prompts the policy is trained on"),
     **dict.fromkeys(("rollout.group_size", "rollout.prompts_per_step", "rollout.max_new_tokens",
@@ -85,6 +85,8 @@ MAY_CHANGE = {
                     "how steps are computed, not what: results agree up to rounding"),
     "rollout.max_batch_sequences": "other samples are drawn from the resume step on (same distribution)",
     "data.skip_bad": "records may be dropped; later batches then differ from an uninterrupted run",
+    **dict.fromkeys(("data.check_images", "data.max_image_pixels", "data.allow_outside_root"),
+                    "which bad rows are found may change; with skip_bad, later batches then differ"),
 }
 
 NOT_COMPARED = ("run.resume", "run.resume_force", "sft.")   # how to start, and the SFT trainer's own settings

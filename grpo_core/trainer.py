@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 
@@ -43,6 +44,7 @@ import torch
 from .advantages import DynamicSampling, group_advantages, group_reward_std
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
+from .data.images import ImageLoadError
 from .data.templates import make_prompt_fn
 from .distributed import DistContext, local_value
 from .experience import Experience, RowResults
@@ -90,7 +92,9 @@ class GRPOTrainer:
                              f"of the {self.dist.world} ranks; each rank takes an equal share of whole groups")
         self.policy, self.records, self.cfg = policy, list(train_records), cfg
         self.eval_records, self.eval_fn = eval_records, eval_fn
-        self.prompt_fn = prompt_fn or make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed)
+        self.prompt_fn = prompt_fn or make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed,
+                                                     max_image_pixels=cfg.data.max_image_pixels)
+        self._bad_rows: set = set()                               # (file, row) of skipped records, logged once
         self.specs = reward_specs if reward_specs is not None else rewards_from_config(cfg.grpo.rewards)
         self.ref_policy = self._make_reference(ref_policy)
         # data parallelism: wrap (DDP / FSDP2 or nothing) before the optimizer sees the parameters
@@ -125,27 +129,50 @@ class GRPOTrainer:
     def _generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.step_idx * 7919 + salt)
 
-    def _next_records(self):
-        """B records in an epoch-wise permutation seeded by (seed, epoch): resumable by position."""
-        B, n = self.cfg.rollout.prompts_per_step, len(self.records)
-        out = []
-        while len(out) < B:
-            epoch, i = divmod(self.data_pos, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.run.seed + 17 * epoch))
-            out.append(self.records[int(perm[i])])
-            self.data_pos += 1
-        return out
+    def _draw_record(self):
+        """The record at the data position in an epoch-wise permutation seeded by (seed, epoch); the
+        position moves on, so a run resumes by position."""
+        n = len(self.records)
+        epoch, i = divmod(self.data_pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.run.seed + 17 * epoch))
+        self.data_pos += 1
+        return self.records[int(perm[i])]
+
+    def _next_prompts(self):
+        """This rank's prompts of the step's B records (and the records as shown), plus how many were
+        skipped. A record whose images cannot be used (data.ImageLoadError) is skipped, logged once,
+        counted, and replaced by the next one; every rank draws and checks the same B records, so
+        the data position stays the same on all of them, and a resume never meets that record again."""
+        B, skipped, prompts, shown = self.cfg.rollout.prompts_per_step, 0, [], []
+        while len(prompts) < B:
+            record = self._draw_record()
+            try:
+                (p,), (r,) = self.prompt_fn([record])
+            except ImageLoadError as e:
+                skipped += 1
+                if skipped > len(self.records):
+                    raise ImageLoadError(e.file, e.row, f"every training record tried in step {self.step_idx + 1} "
+                                         f"has an unusable image ({skipped} in a row); the last one", str(e)) from None
+                if (e.file, e.row) not in self._bad_rows:
+                    self._bad_rows.add((e.file, e.row))
+                    if self.dist.is_main:
+                        print(f"grpo: step {self.step_idx + 1}: skipping a record: {e}", file=sys.stderr, flush=True)
+                continue
+            prompts.append(p)
+            shown.append(r)
+        own = self.dist.shard(list(range(B)))                      # this rank's B/W prompts of the batch
+        return [prompts[i] for i in own], [shown[i] for i in own], skipped
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> dict:
         g, G = self.cfg.grpo, self.cfg.rollout.group_size
         times = [0.0, 0.0, 0.0]
         ds = DynamicSampling(self.cfg.rollout.prompts_per_step, G, g.dynamic_sampling_max_rounds)
-        exps, rows, rollouts = [], [], []
+        exps, rows, rollouts, skipped_records = [], [], [], 0
         while True:                                                # one round, or DAPO's refill rounds
             t0 = time.perf_counter()
-            records = self.dist.shard(self._next_records())      # this rank's B/W prompts of the step's batch
-            prompts, records = self.prompt_fn(records)
+            prompts, records, n_bad = self._next_prompts()        # this rank's B/W prompts of the step's batch
+            skipped_records += n_bad
             ro = self.rollout(prompts)                             # 1. G completions per prompt
             t1 = time.perf_counter()
             exp, r = self.score(ro, records)                       # 2. rewards → advantages, old/ref log-probs
@@ -165,6 +192,7 @@ class GRPOTrainer:
         if g.ref_sync_steps and self.step_idx % g.ref_sync_steps == 0:   # ref ← α·policy + (1 − α)·ref
             sync_reference_(self.ref_policy.model, self.policy.model, g.ref_sync_alpha)
         m = self._metrics(RowResults.cat(rows), upd, rollouts, times)
+        m["skipped_records"] = skipped_records                  # records whose images could not be used
         return {**m, **ds.metrics()} if g.dynamic_sampling else m
 
     def rollout(self, prompts) -> Rollout:

@@ -27,6 +27,14 @@ K_FWD, K_BWD = 16, 8       # fp32 roundings allowed: log-softmax forward, its ba
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def entropy_truth(z, temperature=1.0):
+    """H = −Σ p log p per position, with a gradient that stays finite at −inf logits (p = 0): log p
+    is clamped to a finite floor there, where the reference's nan_to_num would give NaN in backward.
+    The floor keeps 2^32 of headroom below the dtype's max, so floor × upstream gradient stays finite."""
+    lp = torch.log_softmax(z / temperature, -1)
+    return -(lp.exp() * lp.clamp(min=torch.finfo(lp.dtype).min * 2.0 ** -32)).sum(-1)
+
+
 def store_rounding(want, dtype, backend="torch"):
     """Elementwise error of storing fp32 results as ``dtype``: half an ulp (round to nearest, as
     torch and the GPU do), but a whole ulp for Triton under the interpreter, whose fp32 → bf16/fp16

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from grpo_core.data import BadRowError, VQARecord, detect_format, load_dataset
+from grpo_core.data import BadRowError, VQARecord, detect_format, load_dataset, load_image
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -22,7 +22,7 @@ def by_id(records):
 def assert_images_exist(records):
     for r in records:
         for img in r.images:
-            assert isinstance(img, Image.Image) or os.path.isfile(img), img
+            assert isinstance(img, (bytes, Image.Image)) or os.path.isfile(img), img
 
 
 @pytest.mark.parametrize("path, fmt", [
@@ -152,7 +152,8 @@ def test_hf_parquet_embedded_bytes_and_corrupt_row():
         load_dataset(fx("vqa_rad_hf"), split="train")
     recs = load_dataset(fx("vqa_rad_hf"), split="train", skip_bad=True)
     assert len(recs) == 2 and recs.report.skipped["unreadable image"] == 1
-    assert isinstance(recs[0].images[0], Image.Image) and recs[0].images[0].size == (8, 8)
+    assert isinstance(recs[0].images[0], bytes)                        # kept encoded: decoded per use
+    assert load_image(recs[0].images[0]).size == (8, 8)
     assert recs[0].answer_type == "yesno" and recs[1].answer_type == "open" and recs[0].dataset == "VQA-RAD"
     path = load_dataset(fx("path-vqa"))
     assert [r.answer_type for r in path] == ["open", "yesno"] and path[0].dataset == "PathVQA"
@@ -215,3 +216,15 @@ def test_skip_bad_is_logged(caplog):
 
 def test_records_are_vqarecords():
     assert all(isinstance(r, VQARecord) for r in load_dataset(fx("pmc_vqa/test_2.csv")))
+
+
+def test_build_records_eval_split_reads_the_official_test_set():
+    from grpo_core.config import DataConfig
+    from grpo_core.data import build_records
+
+    d = DataConfig(source=fx("vqa_rad"), format="vqa_rad", split="train", eval_source=fx("vqa_rad"),
+                   eval_split="test", skip_bad=True)
+    train, held = build_records(d)
+    assert sorted(r.id for r in held) == ["vqa_rad/3", "vqa_rad/4"]   # test_freeform / test_para rows
+    assert {r.extra["phrase_type"] for r in train} <= {"freeform", "para"} and len(train) == 2
+    assert train.split.dropped_overlap == 0 and train.report.skipped["missing image file"] == 1

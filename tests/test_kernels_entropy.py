@@ -14,6 +14,7 @@ import torch
 from kernel_helpers import (  # noqa: E402,F401  (sets TRITON_INTERPRET on CPU first)
     BACKENDS,
     assert_close,
+    entropy_truth,
     linear_grad_bounds,
     logit_grad_bound,
     logp_tol,
@@ -37,13 +38,6 @@ def make_case(N=3, T=4, V=1000, seed=0):
     labels[~mask] = -100
     g, g_ent = torch.randn(N, T, generator=gen), torch.randn(N, T, generator=gen)
     return logits, labels, mask, g, g_ent
-
-
-def entropy_truth(z, temperature):
-    """H = −Σ p log p with a gradient that stays finite at −inf logits: log p is clamped to a finite
-    floor there (p = 0), where the reference's nan_to_num would give NaN in backward."""
-    lp = torch.log_softmax(z / temperature, -1)
-    return -(lp.exp() * lp.clamp(min=-1e300)).sum(-1)
 
 
 def truth_logits(x, labels, mask, temperature, g, g_ent):
@@ -141,3 +135,35 @@ def test_unused_entropy_costs_nothing_in_backward(monkeypatch, path):
                                            backend="torch")
     (lp * g).sum().backward()
     assert impls[path].seen == [None]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_bonus_through_the_fused_loss(backend):
+    """grpo_loss(entropy_coef > 0) on the fused log-probs: the bonus's gradient reaches the logits
+    through the kernels' entropy, as autograd of the fp64 reference gives it."""
+    from grpo_core.loss import grpo_loss
+
+    logits, labels, mask, _, _ = make_case(4, 5, 1000, seed=3)
+    logits[0, 1, ::3] = 0.0                                                   # finite here: plain reference
+    with torch.no_grad():
+        base = ref_logprobs(logits, labels, 1.0, mask)
+    gen = torch.Generator().manual_seed(4)
+    old, ref = base + 0.3 * torch.randn(4, 5, generator=gen), base + 0.2 * torch.randn(4, 5, generator=gen)
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    kw = dict(beta=0.04, entropy_coef=0.05)
+    x = logits.clone().requires_grad_()
+    loss, metrics = K.fused_grpo_loss(x, labels, old, ref, adv, mask, backend=backend, **kw)
+    loss.backward()
+    xr = logits.double().requires_grad_()
+    lp = ref_logprobs(xr, labels, 1.0, mask)
+    ent = torch.where(mask, entropy_truth(xr, 1.0), 0.0)
+    lp.retain_grad()
+    ent.retain_grad()
+    want, _ = grpo_loss(lp, old.double(), ref.double(), adv.double(), mask, entropy=ent, **kw)
+    want.backward()
+    assert ent.grad.abs().max() > 0, "the bonus must put a gradient on the entropy"
+    z = logits
+    loss_tol = float(((lp.grad.abs() + ent.grad.abs()) * logp_tol(z)).sum()) + 4 * torch.finfo(torch.float32).eps * abs(float(want.detach()))
+    assert_close(loss, want, "loss with entropy bonus", atol=loss_tol)
+    bound = logit_grad_bound(xr.grad, z, labels, mask, lp.grad, 1.0, g_ent=ent.grad)
+    assert_close(x.grad, xr.grad, "d logits with entropy bonus", atol=bound)

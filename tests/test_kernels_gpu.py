@@ -18,10 +18,16 @@ same computation in that dtype (flash-attention's rule).
 
 import pytest
 import torch
-from kernel_helpers import assert_close, linear_grad_bounds, logit_grad_bound, logp_tol, max_err  # noqa: E402
+from kernel_helpers import (  # noqa: E402
+    assert_close,
+    entropy_truth,
+    linear_grad_bounds,
+    logit_grad_bound,
+    logp_tol,
+    max_err,
+)
 
 from grpo_core.kernels import dispatch, linear_token_logprobs, token_logprobs
-from grpo_core.logprobs import token_entropy
 from grpo_core.logprobs import token_logprobs as ref_logprobs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -55,7 +61,7 @@ def _logits_case(N, T, V, dtype, seed=0):
 def _truth(x, labels, mask, T, g, g_ent):
     x = x.detach().double().requires_grad_()
     lp = ref_logprobs(x, labels, T, mask)
-    ent = torch.where(mask, token_entropy(x, T), 0.0)
+    ent = torch.where(mask, entropy_truth(x, T), 0.0)
     ((lp * g.double()).sum() + (ent * g_ent.double()).sum()).backward()
     return lp.detach(), ent.detach(), x.grad
 
@@ -65,7 +71,7 @@ def _torch_lowp_errors(x, labels, mask, T, g, g_ent, want_lp, want_grad):
     x = x.detach().clone().requires_grad_()
     lsm = torch.log_softmax(x / T, -1)
     lp = torch.where(mask, lsm.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).float(), 0.0)
-    ent = torch.where(mask, -(lsm.exp() * lsm).sum(-1).float(), 0.0)
+    ent = torch.where(mask, -(lsm.exp() * lsm.clamp(min=torch.finfo(lsm.dtype).min * 2.0 ** -32)).sum(-1).float(), 0.0)
     ((lp * g).sum() + (ent * g_ent).sum()).backward()
     return max_err(lp, want_lp), max_err(x.grad, want_grad)
 
@@ -132,14 +138,14 @@ def test_linear_path(backend, dtype, M, bias):
     logits = hd @ wd.t() + (b.double() if b is not None else 0.0)
     logits.retain_grad()
     want_lp = ref_logprobs(logits, labels, temp, mask)
-    want_ent = torch.where(mask, token_entropy(logits, temp).nan_to_num(0.0), 0.0)
+    want_ent = torch.where(mask, entropy_truth(logits, temp), 0.0)
     ((want_lp * g.double()).sum() + (want_ent * g_ent.double()).sum()).backward()
     z = logits.detach()
     if dtype == torch.float32:
         dot = H * EPS32 * (hidden.double().abs() @ weight.double().abs().t()).amax(-1) / temp   # (1, M)
         assert_close(lp, want_lp, "logp", atol=logp_tol(z, temp) + 2 * dot)
         assert_close(ent, want_ent, "entropy", atol=logp_tol(z, temp) + 2 * dot)
-        bdh, bdw = linear_grad_bounds(logits.grad.nan_to_num(0.0), hidden, weight, labels, mask, g, temp, z,
+        bdh, bdw = linear_grad_bounds(logits.grad, hidden, weight, labels, mask, g, temp, z,
                                       g_ent=g_ent)
         assert_close(dh, hd.grad, "d hidden", atol=bdh)
         assert_close(dw, wd.grad, "d weight", atol=bdw)
@@ -157,7 +163,7 @@ def _torch_linear_lowp(h, w, b, labels, mask, temp):
         z = z + b.to(z.dtype)
     lsm = torch.log_softmax(z / temp, -1)
     lp = torch.where(mask, lsm.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).float(), 0.0)
-    ent = torch.where(mask, -(lsm.exp() * lsm).nan_to_num(0.0).sum(-1).float(), 0.0)
+    ent = torch.where(mask, -(lsm.exp() * lsm.clamp(min=torch.finfo(lsm.dtype).min * 2.0 ** -32)).sum(-1).float(), 0.0)
     return lp, ent
 
 
@@ -177,20 +183,26 @@ def test_linear_no_entropy_forward_for_old_and_ref(backend):
 
 @pytest.mark.parametrize("backend", backends())
 def test_linear_backward_in_several_chunks(backend, monkeypatch):
-    """A small chunk budget: the backward (and the CUDA forward) walk the tokens in several chunks,
-    accumulating dW in fp32; the result equals the one-chunk run up to fp32 summation order."""
+    """A small chunk budget: the backward (and the CUDA forward) walk the tokens in four chunks,
+    accumulating dW in fp32 across them. Every output stays within 2× torch's own bf16 error of
+    the fp64 truth (the GEMMs' summation order may change with the chunk shape: no bitwise check)."""
     from grpo_core.kernels import cuda_linear, triton_linear
 
     hidden, weight, labels, mask, b, g, g_ent = _linear_case(1000, 1536, 151936, torch.bfloat16, seed=4)
     run = lambda: _linear_run(lambda h, w: linear_token_logprobs(  # noqa: E731
         h, w, labels, 1.0, mask, bias=b, return_entropy=True, backend=backend), hidden, weight, g, g_ent)
-    one = run()
     monkeypatch.setattr(triton_linear, "DZ_BUFFER_BYTES", 256 * 151936 * 2)   # 256-token chunks
     monkeypatch.setattr(cuda_linear, "CHUNK_BYTES", 256 * 151936 * 4)
-    several = run()
-    for name, a, c in zip(["logp", "entropy", "d hidden", "d weight"], one, several):
-        # chunking moves only the fp32 accumulation order of dW (then one bf16 store): ≤ 1 bf16 ulp
-        assert_close(c, a, f"{name} (4 chunks vs 1)", atol=2 * torch.finfo(torch.bfloat16).eps * a.abs().double() + 1e-30)
+    ours = run()
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    logits = hd @ wd.t() + b.double()
+    want_lp = ref_logprobs(logits, labels, 1.0, mask)
+    want_ent = torch.where(mask, entropy_truth(logits, 1.0), 0.0)
+    ((want_lp * g.double()).sum() + (want_ent * g_ent.double()).sum()).backward()
+    theirs = _linear_run(lambda h, w: _torch_linear_lowp(h, w, b, labels, mask, 1.0), hidden, weight, g, g_ent)
+    for name, o, t, want in zip(["logp", "entropy", "d hidden", "d weight"], ours, theirs,
+                                [want_lp, want_ent, hd.grad, wd.grad]):
+        assert max_err(o, want) <= 2 * max_err(t, want), (name, max_err(o, want), max_err(t, want))
 
 
 @pytest.mark.parametrize("backend", backends())

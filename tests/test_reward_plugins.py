@@ -61,7 +61,7 @@ def test_module_spec_builds_and_scores(user_module):
 
 def test_file_spec_and_the_example_config(monkeypatch):
     monkeypatch.chdir(ROOT)                        # file specs are relative to where grpo runs
-    cfg = load_config("examples/synthetic_custom_reward.yaml")
+    cfg = load_config("examples/configs/synthetic_custom_reward.yaml")
     check_reward_entries(cfg.grpo.rewards)
     entry = dict(cfg.grpo.rewards[2])
     fn = get_reward(entry.pop("name"), **{k: v for k, v in entry.items() if k not in ("weight", "role")})

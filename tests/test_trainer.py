@@ -1,6 +1,7 @@
 """GRPO trainer on the tiny Qwen2-VL: a few real steps, μ > 1, β = 0, resume, crash-safe saves."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -231,3 +232,32 @@ def test_save_refuses_nonfinite_weights(tiny_vlm_path, records, tmp_path):
     with pytest.raises(trainer_mod.NonFiniteTrainingError, match="NaN/inf"):
         tr.save()
     assert latest_checkpoint(tr.cfg.run.output_dir) is None
+
+
+def test_unusable_image_is_skipped_counted_and_never_met_again(tiny_vlm_path, tmp_path, capsys):
+    """An image that fails at run time: the record is replaced by the next one, logged once with
+    file and row, counted in skipped_records, and the data position moves past it (so a resume
+    does not meet it again)."""
+    import dataclasses
+
+    bad_file = tmp_path / "broken.png"
+    bad_file.write_bytes(b"")                                          # zero bytes: not an image
+    recs = make_synthetic_vqa(6, seed=3)
+    recs[2] = dataclasses.replace(recs[2], images=[str(bad_file)], source_file="train.csv", source_row=2)
+    cfg = _cfg(tmp_path)
+    cfg.rollout.prompts_per_step, cfg.run.steps, cfg.run.save_every, cfg.run.keep_last = 2, 3, 1, 0
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), recs, cfg, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    hist = tr.train()
+    assert sum(m["skipped_records"] for m in hist) == 1 and tr.data_pos == 3 * 2 + 1
+    err = capsys.readouterr().err
+    assert err.count("skipping a record") == 1 and "broken.png" in err and "row 2" in err
+    # resuming from the checkpoint written right after the skipped record continues past it
+    k = next(m["step"] for m in hist if m["skipped_records"])
+    cfg2 = _cfg(tmp_path / "b")
+    cfg2.rollout.prompts_per_step, cfg2.run.steps, cfg2.run.resume = 2, 3, True
+    os.makedirs(cfg2.run.output_dir)
+    shutil.copytree(os.path.join(cfg.run.output_dir, f"ckpt-{k:06d}"), os.path.join(cfg2.run.output_dir, f"ckpt-{k:06d}"))
+    again = GRPOTrainer(tiny_policy(tiny_vlm_path), recs, cfg2, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    rest = again.train()
+    assert [m["step"] for m in rest] == list(range(k + 1, 4)) and sum(m["skipped_records"] for m in rest) == 0
+    assert again.data_pos == tr.data_pos

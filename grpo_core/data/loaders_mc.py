@@ -1,37 +1,39 @@
 """Loaders for the multiple-choice sources: PMC-VQA, OmniMedVQA, Med-R1 Splits, MedVLM-R1 /
-HuatuoGPT-Vision eval JSON, MedXpertQA MM. Layouts and quirks: /work/shared/FORMATS.md §1–3, §7.
+HuatuoGPT-Vision eval JSON, MedXpertQA MM. Layouts and quirks: docs/FORMATS.md.
 
 Every ``iter_*`` function yields ``(file, row_index, make)``: ``make()`` builds one VQARecord or
 raises RowProblem; the driver in loaders.py adds the file/row and applies skip_bad. File-level
-problems (missing file, missing columns) raise at once: they are not row problems.
+problems (missing file, a column no row has, JSON that does not parse) raise at once as
+BadFileError: they are not row problems. Image paths go through ``ImageRoots.resolve``, which
+keeps them inside the dataset's image folders unless ``allow_outside_root``.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from functools import partial
 
+from .files import (
+    pick_files,
+    read_csv,
+    read_json_list,
+    read_jsonl,
+    require_columns,
+    require_json_keys,
+    unique_files,
+)
+from .images import ImageRoots
 from .record import (
     LETTERS,
     RowProblem,
     VQARecord,
     clean_cell,
     letters_for,
-    resolve_image,
     strip_letter_prefix,
     yes_no,
 )
-
-
-def read_json_list(path: str) -> list:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
 
 
 def _norm(text) -> str:
@@ -61,29 +63,6 @@ def _one_letter(value) -> str | None:
     return m.group(1).upper() if m else None
 
 
-def pick_files(path: str, pattern: str, split: str | None, what: str) -> list[str]:
-    """A file path as is, or the files under a directory matching ``pattern`` (and ``split``)."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what}: {path} does not exist")
-    files = sorted(glob.glob(os.path.join(path, "**", pattern), recursive=True))
-    if split is not None:
-        files = [f for f in files if split_of(f) == split]
-    if not files:
-        raise FileNotFoundError(f"{what}: no {pattern} files under {path}" + (f" for split={split!r}" if split else ""))
-    return files
-
-
-def split_of(file: str) -> str | None:
-    stem = os.path.splitext(os.path.basename(file))[0].lower()
-    for s in ("train", "validation", "validate", "val", "test", "dev"):
-        if stem == s or stem.endswith("_" + s) or stem.startswith(s + "-") or stem.startswith(s + "_"):
-            return "validation" if s in ("validate", "val") else s
-    parent = os.path.basename(os.path.dirname(file)).lower()
-    return parent if parent in ("train", "test", "validation", "dev") else None
-
-
 # ---------------------------------------------------------------------------------------------
 # PMC-VQA (§1): v1 = 8 columns with Answer_label; v2 = 10 columns, Answer is the letter.
 # ---------------------------------------------------------------------------------------------
@@ -93,32 +72,36 @@ def _col_key(name: str) -> str:
 
 
 _PMC_V2_ORDER = ["index", "figurepath", "caption", "question", "choicea", "choiceb", "choicec", "choiced", "answer", "split"]
+_PMC_NAMES = {"figurepath": "Figure_path", "question": "Question", "answer": "Answer", "answerlabel": "Answer_label",
+              "choicea": "Choice A", "choiceb": "Choice B"}
 
 
-def iter_pmc_vqa(path, split=None, image_root=None, **_):
-    import pandas as pd
-
+def iter_pmc_vqa(path, split=None, image_root=None, allow_outside_root=False, **_):
     if os.path.isdir(path):
         if split is None:
             found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(path, "*.csv")))
             raise ValueError(f"pmc_vqa: {path} is a directory; pass split= one of the CSV stems {found}")
         path = os.path.join(path, f"{split}.csv")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    cols = {_col_key(c): c for c in df.columns}
+    header, rows = read_csv(path)
+    cols = {_col_key(c): c for c in header}
     v1 = "answerlabel" in cols
-    if not v1 and not {"figurepath", "question", "answer"} <= set(cols):
-        if len(df.columns) != 10:
-            raise ValueError(f"{path}: not a PMC-VQA CSV (columns {list(df.columns)}); expected Figure_path, Question, Answer, Choice A..D")
-        cols = dict(zip(_PMC_V2_ORDER, df.columns))      # v2 header spelled differently: go by position
+    if not v1 and not {"figurepath", "question", "answer"} <= set(cols) and len(header) == 10:
+        cols = dict(zip(_PMC_V2_ORDER, header))          # v2 header spelled differently: go by position
+    need = ("figurepath", "question", "answerlabel", "choicea", "choiceb") if v1 else \
+        ("figurepath", "question", "answer", "choicea", "choiceb")
+    require_columns(path, header, [_PMC_NAMES[k] for k in need if k not in cols],
+                    f"a PMC-VQA {'v1' if v1 else 'v2'} CSV")
     root = os.path.dirname(os.path.abspath(path))
-    roots = [image_root] if image_root else [os.path.join(root, d) for d in (("images", "figures") if v1 else ("figures", "images"))] + [root]
+    folders = [os.path.join(root, d) for d in (("images", "figures") if v1 else ("figures", "images"))] + [root]
+    roots = ImageRoots.of(image_root, folders, allow_outside_root)
     stem = os.path.splitext(os.path.basename(path))[0]
-    for i, row in enumerate(df.to_dict("records")):
+    for i, row in enumerate(rows):
         yield path, i, partial(_pmc_row, row, cols, v1, roots, stem, i)
 
 
 def _pmc_row(row, cols, v1, roots, stem, i):
-    get = lambda k: clean_cell(row.get(cols[k], "")) if k in cols else ""  # noqa: E731
+    cells = {k: clean_cell(row.get(c)) for k, c in cols.items()}      # each cell cleaned once
+    get = lambda k: cells.get(k, "")  # noqa: E731
     options = {L: strip_letter_prefix(get(f"choice{L.lower()}")) for L in "ABCD"}
     options = {L: t for L, t in options.items() if t}
     if v1:
@@ -133,10 +116,10 @@ def _pmc_row(row, cols, v1, roots, stem, i):
     if get("split"):
         extra["split"] = get("split")
     if v1 and letter in options and _norm(options[letter]) != _norm(answer_text):
-        extra["answer_mismatch"] = True       # 31 train rows: the label decides (FORMATS.md §1)
+        extra["answer_mismatch"] = True       # 31 train rows: the label decides (docs/FORMATS.md)
     rid = get("index") or str(i)
     return VQARecord(
-        id=f"pmc_vqa/{stem}/{rid}", images=[resolve_image(get("figurepath"), roots)], question=get("question"),
+        id=f"pmc_vqa/{stem}/{rid}", images=[roots.resolve(get("figurepath"))], question=get("question"),
         options=options, answer_letter=letter, answer_text=answer_text or options.get(letter),
         answer_type="mc", dataset="PMC-VQA", extra=extra,
     )
@@ -160,7 +143,7 @@ def _omni_root(path: str) -> str:
         p = parent
 
 
-def iter_omnimedvqa(path, split=None, image_root=None, access="open", subsets=None, **_):
+def iter_omnimedvqa(path, split=None, image_root=None, access="open", subsets=None, allow_outside_root=False, **_):
     if access not in _ACCESS:
         raise ValueError(f"omnimedvqa: access must be one of {list(_ACCESS)}, got {access!r}")
     root = _omni_root(path)
@@ -172,10 +155,12 @@ def iter_omnimedvqa(path, split=None, image_root=None, access="open", subsets=No
         files = [f for f in files if os.path.splitext(os.path.basename(f))[0] in set(subsets)]
     if not files:
         raise FileNotFoundError(f"omnimedvqa: no QA JSON files under {root}/QA_information for access={access!r}")
-    roots = [image_root or root]
-    for f in files:
+    roots = ImageRoots.of(image_root, [root], allow_outside_root)
+    for f in unique_files(files):
         acc = os.path.basename(os.path.dirname(f))
-        for i, raw in enumerate(read_json_list(f)):
+        rows = read_json_list(f)
+        require_json_keys(f, rows, ["question", "gt_answer", "image_path"], "an OmniMedVQA QA file")
+        for i, raw in enumerate(rows):
             yield f, i, partial(_omni_row, raw, roots, acc, f, i)
 
 
@@ -186,7 +171,7 @@ def _omni_row(raw, roots, access, file, i):
     stem = os.path.splitext(os.path.basename(file))[0]
     return VQARecord(
         id=str(raw.get("question_id") or f"{stem}/{i}"),
-        images=[resolve_image(clean_cell(raw.get("image_path")), roots)],
+        images=[roots.resolve(raw.get("image_path"))],
         question=clean_cell(raw.get("question")), options=options,
         answer_letter=_letter_of(raw.get("gt_answer"), options), answer_text=clean_cell(raw.get("gt_answer")),
         answer_type="mc",
@@ -227,13 +212,14 @@ def _image_root_for(json_file: str, first_part: str) -> str:
     return os.path.dirname(os.path.abspath(json_file))
 
 
-def iter_med_r1(path, split=None, image_root=None, **_):
+def iter_med_r1(path, split=None, image_root=None, allow_outside_root=False, **_):
     for f in pick_files(path, "*.json", split, "med_r1"):
         rows = read_json_list(f)
+        require_json_keys(f, rows, ["image", "problem", "solution"], "a Med-R1 split file")
         name = re.sub(r"_(train|test)$", "", os.path.splitext(os.path.basename(f))[0])
         by_type = "question_type" in os.path.abspath(f).split(os.sep)
         first = str(rows[0].get("image", "")).split("/")[0] if rows and isinstance(rows[0], dict) else ""
-        roots = [image_root or _image_root_for(f, first)]
+        roots = ImageRoots.of(image_root, [_image_root_for(f, first)], allow_outside_root)
         for i, raw in enumerate(rows):
             yield f, i, partial(_med_r1_row, raw, roots, name, by_type, f, i)
 
@@ -244,7 +230,7 @@ def _med_r1_row(raw, roots, name, by_type, file, i):
     question, options = split_inline_options(clean_cell(raw.get("problem")))
     letter = _one_letter(raw.get("solution"))
     return VQARecord(
-        id=f"med_r1/{os.path.basename(file)}/{i}", images=[resolve_image(clean_cell(raw.get("image")), roots)],
+        id=f"med_r1/{os.path.basename(file)}/{i}", images=[roots.resolve(raw.get("image"))],
         question=question, options=options, answer_letter=letter, answer_text=options.get(letter),
         answer_type="mc", modality="" if by_type else name, question_type=name if by_type else "",
         dataset="OmniMedVQA", extra={"source_file": os.path.basename(file)},
@@ -255,10 +241,13 @@ def _med_r1_row(raw, roots, name, by_type, file, i):
 # MedVLM-R1 / HuatuoGPT-Vision evaluation JSON (§3b): options list, answer = option text.
 # ---------------------------------------------------------------------------------------------
 
-def iter_medvlm_r1(path, split=None, image_root=None, **_):
+def iter_medvlm_r1(path, split=None, image_root=None, allow_outside_root=False, **_):
     for f in pick_files(path, "*.json", None, "medvlm_r1"):
-        roots = [image_root or os.path.dirname(os.path.abspath(f))]
-        for i, raw in enumerate(read_json_list(f)):
+        roots = ImageRoots.of(image_root, [os.path.dirname(os.path.abspath(f))], allow_outside_root)
+        rows = read_json_list(f)
+        require_json_keys(f, rows, [("question", "problem"), ("image", "images"), ("answer", "solution")],
+                          "a MedVLM-R1 / HuatuoGPT-Vision eval file")
+        for i, raw in enumerate(rows):
             yield f, i, partial(_medvlm_row, raw, roots, f, i)
 
 
@@ -266,14 +255,14 @@ def _medvlm_row(raw, roots, file, i):
     if not isinstance(raw, dict):
         raise RowProblem("not a JSON object", type(raw).__name__)
     images = raw.get("image") or raw.get("images") or []
-    images = [images] if isinstance(images, str) else list(images)
+    images = [images] if isinstance(images, (str, bytes)) else list(images)
     opts = raw.get("options") or []
     question = clean_cell(raw.get("question"))
     if not question and raw.get("problem"):                     # "Q\nA) x\nB) y"
         question = clean_cell(re.split(r"\n\s*A\)", str(raw["problem"]))[0])
     options = {L: clean_cell(t) for L, t in zip(letters_for(len(opts)), opts)}
     answer = clean_cell(raw.get("answer"))
-    common = dict(id=f"{os.path.basename(file)}/{i}", images=[resolve_image(p, roots) for p in images], question=question,
+    common = dict(id=f"{os.path.basename(file)}/{i}", images=[roots.resolve(p) for p in images], question=question,
                   modality=clean_cell(raw.get("subset")), dataset=clean_cell(raw.get("dataset")),
                   extra={"subset": clean_cell(raw.get("subset"))})
     if not options:                                             # free-text item (HuatuoGPT eval data)
@@ -290,22 +279,23 @@ def _medvlm_row(raw, roots, file, i):
 # MedXpertQA MM (§7): JSONL, options dict, stem carries "Answer Choices: (A) ..." too.
 # ---------------------------------------------------------------------------------------------
 
-def iter_medxpertqa(path, split=None, image_root=None, **_):
+def iter_medxpertqa(path, split=None, image_root=None, allow_outside_root=False, **_):
     files = pick_files(path, "*.jsonl", split, "medxpertqa")
     for f in files:
         d = os.path.dirname(os.path.abspath(f))
-        roots = [image_root] if image_root else [os.path.join(d, "images"), os.path.join(os.path.dirname(d), "images"), d]
-        with open(f, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if line.strip():
-                    yield f, i, partial(_medxpert_row, line, roots, f, i)
+        folders = [os.path.join(d, "images"), os.path.join(os.path.dirname(d), "images"), d]
+        roots = ImageRoots.of(image_root, folders, allow_outside_root)
+        lines = read_jsonl(f)                        # [(line index, object or RowProblem)]
+        require_json_keys(f, [o for _, o in lines], ["question", "options", "label", "images"], "a MedXpertQA MM file")
+        for i, obj in lines:
+            yield f, i, partial(_medxpert_row, obj, roots, f, i)
 
 
-def _medxpert_row(line, roots, file, i):
-    try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RowProblem("invalid JSON line", str(exc)) from exc
+def _medxpert_row(raw, roots, file, i):
+    if isinstance(raw, RowProblem):                  # a line that is not UTF-8 or not JSON
+        raise raw
+    if not isinstance(raw, dict):
+        raise RowProblem("not a JSON object", type(raw).__name__)
     full = clean_cell(raw.get("question"))
     stem = clean_cell(re.split(r"\s*Answer Choices:", full)[0])
     opts = raw.get("options") or {}
@@ -314,7 +304,7 @@ def _medxpert_row(line, roots, file, i):
     letter = _one_letter(raw.get("label"))
     return VQARecord(
         id=clean_cell(raw.get("id")) or f"{os.path.basename(file)}/{i}",
-        images=[resolve_image(p, roots) for p in ([images] if isinstance(images, str) else images)],
+        images=[roots.resolve(p) for p in ([images] if isinstance(images, str) else images)],
         question=stem, options=options, answer_letter=letter, answer_text=options.get(letter), answer_type="mc",
         question_type=clean_cell(raw.get("question_type")), dataset="MedXpertQA",
         extra={k: raw[k] for k in ("medical_task", "body_system") if k in raw} | {"question_full": full},

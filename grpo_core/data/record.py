@@ -1,26 +1,26 @@
 """One record type for every medical VQA source, plus the row-level checks the loaders share.
 
 A loader turns one raw row into a ``VQARecord``; ``check_record`` then decides whether the row is
-usable (question present, answer letter among the options, images exist / open). A bad row raises
-``BadRowError`` naming the file and the 0-based data row (the CSV header is not counted), or, with
-``skip_bad=True``, is counted in a ``LoadReport`` by reason — never dropped silently.
+usable (question present, answer letter among the options). A bad row raises ``BadRowError``
+naming the file and the 0-based data row (the CSV header is not counted), or, with
+``skip_bad=True``, is counted in a ``LoadReport`` by reason — never dropped silently. A problem
+with a whole file (a required column missing, JSON that does not parse) is one ``BadFileError``.
+Image checks (paths inside the dataset root, decoding, the pixel cap) live in images.py.
+
+Text cells: ``clean_cell`` decodes bytes cells as UTF-8 (never ``str(b'...')``) and rejects text
+holding invalid bytes (kept as U+DC80–U+DCFF by files.py), so the row that has them is named.
 """
 
 from __future__ import annotations
 
-import io
-import os
 import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
 ANSWER_TYPES = ("mc", "yesno", "open")
 LETTERS = string.ascii_uppercase[:10]          # A–J: the most options any source uses (MedXpertQA Text)
-IMAGE_CHECKS = ("exists", "open", "none")
 
 # Closed answers that mean yes / no (English and SLAKE's Chinese).
 YES_WORDS = frozenset({"yes", "y", "true", "是", "是的", "包含", "有", "对"})
@@ -32,7 +32,7 @@ class VQARecord:
     """One visual question with its gold answer, whatever the source format."""
 
     id: str                                            # unique within the dataset (source id or file:row)
-    images: list                                       # image paths (str) or PIL images, in order
+    images: list                                       # image paths (str), encoded image bytes or PIL images, in order
     question: str                                      # question stem only (options live in `options`)
     options: dict = field(default_factory=dict)        # letter -> option text, in display order
     answer_letter: str | None = None                   # gold letter (mc), else None
@@ -42,17 +42,29 @@ class VQARecord:
     question_type: str = ""                            # source's question category; "" when unknown
     dataset: str = ""                                  # source dataset name
     extra: dict = field(default_factory=dict)          # everything else the source carried
+    source_file: str = ""                              # file the record was read from ("" = built in code)
+    source_row: int | None = None                      # its 0-based data row there (None = unknown)
+
+
+SKIP_HINT = "Fix the row, or pass skip_bad=True to load_dataset (data.skip_bad: true) to skip such rows (they are counted)"
 
 
 class BadRowError(ValueError):
     """A row that cannot become a usable record; ``reason`` is a short category for counting."""
 
-    def __init__(self, file: str, row: Any, reason: str, detail: str = ""):
+    def __init__(self, file: str, row: Any, reason: str, detail: str = "", hint: str = SKIP_HINT):
         self.file, self.row, self.reason, self.detail = str(file), row, reason, detail
-        msg = f"{file}, row {row}: {reason}" + (f" ({detail})" if detail else "")
-        super().__init__(
-            msg + ". Fix the row, or pass skip_bad=True to load_dataset to skip such rows (they are counted)."
-        )
+        self.where = f"{file}, row {row}" if row is not None else str(file)
+        self.short = f"{self.where}: {reason}" + (f" ({detail})" if detail else "")   # without the hint
+        super().__init__(f"{self.short}. {hint}.")
+
+
+class BadFileError(ValueError):
+    """A whole file that cannot be read as the format says (a missing column, broken JSON)."""
+
+    def __init__(self, file: str, problem: str, hint: str = ""):
+        self.file, self.problem = str(file), problem
+        super().__init__(f"{file}: {problem}" + (f". {hint[0].upper()}{hint[1:]}." if hint else "."))
 
 
 class RowProblem(ValueError):
@@ -61,6 +73,10 @@ class RowProblem(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+    def error(self, file: str, row: Any) -> BadRowError:
+        """This problem as the BadRowError of ``file`` / ``row`` (subclasses pick a subclass)."""
+        return BadRowError(file, row, self.reason, self.detail)
 
 
 class Filtered(Exception):
@@ -79,6 +95,10 @@ class LoadReport:
     skipped: Counter = field(default_factory=Counter)        # reason -> count (skip_bad=True)
     filtered: Counter = field(default_factory=Counter)       # reason -> count (requested filters)
     examples: list = field(default_factory=list)             # first few skipped-row messages
+    duplicates: int = 0                                      # kept rows repeating an earlier one (same question, options, answer, images)
+    duplicate_examples: list = field(default_factory=list)   # first few "file, row 7 repeats file, row 2"
+    images_checked: int = 0                                  # distinct images opened/decoded (check_images open|decode)
+    check_seconds: float = 0.0                               # wall time of that image check
 
     def summary(self) -> str:
         parts = [f"loaded {self.loaded}"]
@@ -86,6 +106,10 @@ class LoadReport:
             parts.append("skipped " + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())))
         if self.filtered:
             parts.append("filtered " + ", ".join(f"{k}: {v}" for k, v in sorted(self.filtered.items())))
+        if self.duplicates:
+            parts.append(f"duplicates kept: {self.duplicates}")
+        if self.images_checked:
+            parts.append(f"images checked: {self.images_checked} in {self.check_seconds:.1f} s")
         return "; ".join(parts)
 
 
@@ -93,6 +117,7 @@ class RecordList(list):
     """A plain list of VQARecord that also carries the LoadReport of how it was loaded."""
 
     report: LoadReport
+    split: Any = None                                        # sources.SplitReport when build_records made it
 
     def __init__(self, items=(), report: LoadReport | None = None):
         super().__init__(items)
@@ -107,12 +132,43 @@ _STRIP_CHARS = " \t\r\n\"'\xa0\u200a\u200b\u3000"
 
 
 def clean_cell(value: Any) -> str:
-    """Any cell -> str with padding, quotes, NBSP and hair spaces stripped; None/NaN -> ""."""
+    """Any cell -> str with padding, quotes, NBSP and hair spaces stripped; None/NaN -> "".
+
+    Bytes (binary parquet / pickle cells) are decoded as UTF-8; text that is not valid UTF-8 is a
+    RowProblem("invalid UTF-8") naming the byte, never its Python repr "b'...'" passed on as text.
+    """
     if value is None:
         return ""
     if isinstance(value, float) and value != value:   # NaN
         return ""
-    return str(value).strip(_STRIP_CHARS)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value)
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RowProblem("invalid UTF-8", f"byte 0x{value[exc.start]:02x} at offset {exc.start} of the "
+                                              f"bytes cell {value[:60]!r}") from None
+    text = str(value)
+    bad = bad_byte_at(text)
+    if bad is not None:                                # an invalid byte kept by surrogateescape (files.py)
+        raise RowProblem("invalid UTF-8", f"byte 0x{ord(text[bad]) - 0xDC00:02x} in {escape(text)}")
+    return text.strip(_STRIP_CHARS)
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def bad_byte_at(text: str) -> int | None:
+    """Index of the first invalid byte kept by surrogateescape (U+DC80–U+DCFF) in ``text``, or None."""
+    if text.isascii():
+        return None
+    m = _ESCAPED_BYTE.search(text)
+    return m.start() if m else None
+
+
+def escape(text: str, limit: int = 60) -> str:
+    """A printable preview of text that may hold escaped invalid bytes: 'Qu\\xe9?'."""
+    return "'" + text.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "backslashreplace") + "'"
 
 
 _LETTER_PREFIX = re.compile(r"^(?:\(([A-J])\)|([A-J])\s*[:)])\s*")
@@ -150,51 +206,8 @@ def letters_for(n: int) -> list[str]:
 # Row checks
 # ---------------------------------------------------------------------------------------------
 
-def resolve_image(rel: str, roots: list[str]) -> str:
-    """First existing ``root/rel``; if none exists, the first candidate (the check reports it)."""
-    rel = str(rel)
-    if os.path.isabs(rel):
-        return rel
-    candidates = [os.path.join(r, rel) for r in roots if r is not None]
-    for c in candidates:
-        if os.path.exists(c):
-            return c
-    return candidates[0] if candidates else rel
-
-
-def open_image_bytes(data: bytes) -> Image.Image:
-    """Embedded image bytes (HF parquet `{bytes, path}`) -> PIL image (header parsed, lazy pixels)."""
-    try:
-        return Image.open(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001 - PIL raises several types for corrupt data
-        raise RowProblem("unreadable image", f"embedded bytes: {type(exc).__name__}: {exc}") from exc
-
-
-def _check_image(img: Any, check: str) -> None:
-    if check == "none":
-        return
-    if isinstance(img, Image.Image):
-        if check == "open":
-            try:
-                img.load()
-            except Exception as exc:  # noqa: BLE001
-                raise RowProblem("unreadable image", f"{type(exc).__name__}: {exc}") from exc
-        return
-    path = str(img)
-    if not os.path.isfile(path):
-        raise RowProblem("missing image file", path)
-    if check == "open":
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except Exception as exc:  # noqa: BLE001
-            raise RowProblem("unreadable image", f"{path}: {type(exc).__name__}: {exc}") from exc
-
-
-def check_record(rec: VQARecord, check_images: str = "exists") -> None:
-    """Raise RowProblem when the record cannot be used for training or evaluation."""
-    if check_images not in IMAGE_CHECKS:
-        raise ValueError(f"check_images must be one of {IMAGE_CHECKS}, got {check_images!r}")
+def check_record(rec: VQARecord) -> None:
+    """Raise RowProblem when the record's text cannot be used for training or evaluation."""
     if rec.answer_type not in ANSWER_TYPES:
         raise RowProblem("unknown answer type", repr(rec.answer_type))
     if not rec.question or not rec.question.strip():
@@ -210,16 +223,6 @@ def check_record(rec: VQARecord, check_images: str = "exists") -> None:
             )
     elif not (rec.answer_text or "").strip():
         raise RowProblem("empty answer")
-    for img in rec.images:
-        _check_image(img, check_images)
-
-
-def load_image(img: Any) -> Image.Image:
-    """Path or PIL image -> RGB PIL image (what Prompt.images holds)."""
-    if isinstance(img, Image.Image):
-        return img if img.mode == "RGB" else img.convert("RGB")
-    with Image.open(str(img)) as im:
-        return im.convert("RGB")
 
 
 def swap_images(records, seed: int = 0) -> list:

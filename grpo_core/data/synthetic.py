@@ -16,7 +16,7 @@ Design choices:
     question phrasings and modality come from other streams, so the text carries no information
     about the answer. ``oracle_answer`` reads the answer from the pixels alone (the tests use it to
     show that swapping images permutes the answers).
-  - Options are in a fixed A–D order (DESIGN.md: per-item shuffling was unlearnable for the tiny
+  - Options are in a fixed A–D order (docs/DESIGN.md: per-item shuffling was unlearnable for the tiny
     demo model); shuffle later with templates.record_to_prompt(shuffle_options=True) if wanted.
   - "Left"/"right" mean the image's left/right, not the patient's (no radiological convention).
   - Everything is deterministic in ``seed``; item i's image depends only on (seed, i).

@@ -8,11 +8,13 @@ Templates (the reward that fits each one is named beside it):
 
 The answer asked for follows the record: the option letter for "mc", yes or no for "yesno", a
 short phrase for "open". The chat-vs-plain wrapping and the image placeholders are the policy's
-job (Policy.encode); this module only builds ``Prompt(text, images)``.
+job (Policy.encode); this module only builds ``Prompt(text, images)``. Images are decoded here
+(images.record_images, under ``max_image_pixels``): an image that cannot be used raises
+``ImageLoadError`` naming the record's file, row and path, so the caller can skip that record.
 
 Option shuffling (``shuffle_options=True``) permutes the option texts, relabels them A, B, …
 and remaps the gold letter; with a seed the permutation is a pure function of (seed, record.id),
-so the same record always gets the same order. DESIGN.md: per-item shuffled options were not
+so the same record always gets the same order. docs/DESIGN.md: per-item shuffled options were not
 learnable by the tiny CPU-demo model, so the default is the source order.
 """
 
@@ -23,7 +25,8 @@ import hashlib
 import random
 
 from ..policy import Prompt
-from .record import LETTERS, VQARecord, load_image
+from .images import DEFAULT_MAX_IMAGE_PIXELS, record_images
+from .record import LETTERS, VQARecord
 
 TEMPLATES = ("think", "nothink", "direct")
 
@@ -85,31 +88,36 @@ def shuffle_record_options(record: VQARecord, seed=None) -> VQARecord:
 
 
 def record_to_prompt(record: VQARecord, template: str = "think", shuffle_options: bool = False, seed=None,
-                     system: str | None = None) -> tuple[Prompt, VQARecord]:
+                     system: str | None = None, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                     ) -> tuple[Prompt, VQARecord]:
     """Record -> (Prompt(text, RGB images), record as shown: options possibly shuffled).
 
     Score completions against the returned record: its answer_letter matches the shown order.
+    Raises ImageLoadError (file, row, path) when one of the record's images cannot be used.
     """
     shown = shuffle_record_options(record, seed) if shuffle_options else record
-    images = [load_image(img) for img in shown.images]
-    return Prompt(text=render_text(shown, template), images=images, system=system), shown
+    text = render_text(shown, template)
+    return Prompt(text=text, images=record_images(shown, max_image_pixels), system=system), shown
 
 
-def records_to_prompts(records, template: str = "think", shuffle_options: bool = False, seed=None):
-    """Batch form of record_to_prompt -> (list[Prompt], list[VQARecord])."""
-    pairs = [record_to_prompt(r, template, shuffle_options, seed) for r in records]
+def records_to_prompts(records, template: str = "think", shuffle_options: bool = False, seed=None,
+                       max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    """Batch form of record_to_prompt -> (list[Prompt], list[VQARecord]); the first bad image raises."""
+    pairs = [record_to_prompt(r, template, shuffle_options, seed, max_image_pixels=max_image_pixels) for r in records]
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
-def make_prompt_fn(template: str = "think", shuffle_options: bool = False, seed=None):
+def make_prompt_fn(template: str = "think", shuffle_options: bool = False, seed=None,
+                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """records -> (prompts, records as shown): the trainers' prompt function for one template.
 
     With ``shuffle_options`` the option order is fixed per (seed, record id), so a record gets the
-    same order in every step, in eval and after a resume.
+    same order in every step, in eval and after a resume. Call it on one record at a time to
+    skip records whose images fail (ImageLoadError) and take the next one instead.
     """
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
     def prompt_fn(records):
-        return records_to_prompts(records, template, shuffle_options, seed)
+        return records_to_prompts(records, template, shuffle_options, seed, max_image_pixels)
     return prompt_fn
