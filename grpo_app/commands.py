@@ -127,8 +127,9 @@ def eval_records(cfg: TrainConfig, whole: bool) -> list:
         return build_records(d, cfg.run.seed)[1]
     from grpo_core.data import load_dataset
 
-    records = list(load_dataset(d.source, format=d.format, split=d.split, skip_bad=d.skip_bad))
-    return records[: d.limit] if d.limit else records
+    return list(load_dataset(d.source, split=d.split, limit=d.limit, format=d.format, skip_bad=d.skip_bad,
+                             check_images=d.check_images, max_image_pixels=d.max_image_pixels,
+                             allow_outside_root=d.allow_outside_root, columns=d.columns))   # as build_records reads it
 
 
 def cmd_eval(cfg: TrainConfig, out: str | None, whole: bool = False, samples: int = 16) -> int:

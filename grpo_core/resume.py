@@ -87,6 +87,10 @@ MAY_CHANGE = {
     "data.skip_bad": "records may be dropped; later batches then differ from an uninterrupted run",
     **dict.fromkeys(("data.check_images", "data.max_image_pixels", "data.allow_outside_root"),
                     "which bad rows are found may change; with skip_bad, later batches then differ"),
+    **dict.fromkeys(("run.log_completions", "run.log_completions_every", "run.report_to"),
+                    "logging only: applies from the resume step on"),                      # grpo_core.samples / reporting
+    **dict.fromkeys(("warmup.steps", "warmup.batch_size", "warmup.lr"),
+                    "the warm-up runs only before step 1 of a new run, never on resume"),  # grpo_app.warmup
 }
 
 NOT_COMPARED = ("run.resume", "run.resume_force", "sft.")   # how to start, and the SFT trainer's own settings

@@ -27,7 +27,7 @@ import html
 import json
 import os
 
-from .data.record import load_image
+from .data.images import load_image
 
 THUMB_PX = 160                 # longest side of an image thumbnail
 MAX_HTML_ROWS = 400            # rows shown on samples.html (samples.jsonl keeps every row)
@@ -65,9 +65,13 @@ def eval_rows(records, items, k: int = 8) -> list[dict]:
             for rec, it in list(zip(records, items))[:k]]
 
 
-def _thumbnail(image, out_dir: str) -> str:
-    """Save one image (PIL or path) as a PNG thumbnail once; its path relative to ``out_dir``."""
-    im = load_image(image).copy()
+def _thumbnail(image, out_dir: str) -> str | None:
+    """Save one image (PIL or path) as a PNG thumbnail once; its path relative to ``out_dir``, or
+    None when it cannot be read (the row is logged without it: logging never stops a run)."""
+    try:
+        im = load_image(image).copy()
+    except Exception:  # noqa: BLE001 - a bad image is the data checks' business, not the logger's
+        return None
     im.thumbnail((THUMB_PX, THUMB_PX))
     name = f"samples/img-{hashlib.sha1(im.tobytes() + str(im.size).encode()).hexdigest()[:16]}.png"
     path = os.path.join(out_dir, name)
@@ -84,7 +88,8 @@ def write_samples(out_dir: str, step: int, rows: list[dict], split: str = "train
     path = os.path.join(out_dir, "samples.jsonl")
     with open(path, "a", encoding="utf-8") as f:
         for r in rows:
-            r = {"step": step, "split": split, **r, "images": [_thumbnail(im, out_dir) for im in r.get("images", [])]}
+            thumbs = [_thumbnail(im, out_dir) for im in r.get("images", [])]
+            r = {"step": step, "split": split, **r, "images": [t for t in thumbs if t]}
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return write_html(out_dir, read_samples(path))
 

@@ -25,9 +25,16 @@ def test_every_subcommand_has_a_description(capsys):
 
 
 def test_eval_scores_the_whole_split_or_the_held_out_slice(tmp_path, monkeypatch):
+    from grpo_core.data import LoadReport, RecordList
+
     records = make_synthetic_vqa(30, seed=0)
-    monkeypatch.setattr("grpo_core.data.load_dataset", lambda *a, **k: list(records))
-    monkeypatch.setattr("grpo_core.data.sources.load_dataset", lambda *a, **k: list(records))
+
+    def fake_load(*a, limit=None, **k):             # the loader's own limit, as load_dataset applies it
+        out = RecordList(records[:limit] if limit else records)
+        out.report = LoadReport(loaded=len(out))
+        return out
+    monkeypatch.setattr("grpo_core.data.load_dataset", fake_load)
+    monkeypatch.setattr("grpo_core.data.sources.load_dataset", fake_load)
     cfg = load_config(None, [f"data.source={tmp_path}", "data.eval_size=5", "run.eval_limit=3"])
     assert len(commands.eval_records(cfg, whole=True)) == 30                 # every record of the split
     held = commands.eval_records(cfg, whole=False)
