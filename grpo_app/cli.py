@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from grpo_core.checkpoint import CheckpointError
 from grpo_core.config import load_config
+from grpo_core.resume import ResumeError
 
 from .commands import cmd_eval, cmd_sft, cmd_train, make_eval_fn  # noqa: F401  (re-exported: grpo_app.cli.cmd_train)
 
@@ -59,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="every record of data.source / data.split (data.limit applies, run.eval_limit not), "
                                 "instead of the held-out slice")
             p.add_argument("--samples", type=int, default=16, help="completions shown in samples.html (0 = none)")
+        if name == "train":
+            p.add_argument("--fresh", action="store_true",
+                           help="start a new run even if run.output_dir holds one (it moves to previous-run-K/)")
+            p.add_argument("--force-resume", action="store_true",
+                           help="resume even though a fixed setting changed (model, data, objective...): "
+                                "the run then mixes two configurations; it is reported as forced")
     p = sub.add_parser("demo", help=COMMANDS["demo"][0], description=COMMANDS["demo"][1])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo")
@@ -77,14 +85,19 @@ def main(argv=None) -> int:
         if args.cmd == "study":
             from .study import run_study_cli
             return run_study_cli(args)
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "fresh", False):
+            overrides += ["run.resume=false", "run.resume_force=true"]
+        elif getattr(args, "force_resume", False):
+            overrides += ["run.resume_force=true"]
+        cfg = load_config(args.config, overrides)
         if args.cmd == "train":
             return cmd_train(cfg)
         if args.cmd == "sft":
             return cmd_sft(cfg)
         return cmd_eval(cfg, args.out, whole=args.whole, samples=args.samples)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"grpo {args.cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ImportError, ResumeError, CheckpointError, FloatingPointError) as e:
+        print(f"grpo {args.cmd}: error: {e}", file=sys.stderr)   # what, where and what to do; no traceback
         return 2
 
 

@@ -79,3 +79,21 @@ def test_resumed_run_is_plotted_and_logged_whole(tiny_vlm_path, tmp_path, monkey
     assert steps == [1, 2, 3, 4]
     logged = {json.loads(x)["step"] for x in open(tmp_path / "samples.jsonl")}
     assert {1, 2, 3, 4} <= logged and os.path.exists(tmp_path / "eval_final.json")
+
+
+def test_train_refuses_to_mix_runs_and_fresh_starts_over(tmp_path, capsys):
+    """A second `grpo train` with a changed fixed setting is one clear error (exit 2, no traceback);
+    --fresh moves the earlier run aside and starts a new one."""
+    from grpo_app.cli import main
+
+    base = ["--config", "examples/configs/synthetic_grpo_instruct.yaml", f"model.path={tmp_path}/tiny",
+            f"run.output_dir={tmp_path}/run", "run.steps=1", "run.save_every=1", "run.eval_every=0",
+            "run.progress=false", "warmup.steps=1", "data.train_size=16", "data.eval_size=4",
+            "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=4", "run.eval_limit=2"]
+    assert main(["train", *base]) == 0
+    capsys.readouterr()
+    assert main(["train", *base, "run.steps=2", "rollout.group_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert "grpo train: error:" in err and "rollout.group_size" in err and "Traceback" not in err
+    assert main(["train", "--fresh", *base, "rollout.group_size=3"]) == 0
+    assert any(d.startswith("previous-run") for d in os.listdir(tmp_path / "run"))
