@@ -9,11 +9,12 @@ answer the judge prompt of ``grpo_core.rewards_judge`` (same template, same "Yes
 synthetic completions of the quadrant task:
 
     Yes  the reasoning names the option text of the answer's letter          ("upper left" … A)
+    Yes  it is the format warm-up's sentence, which names no option          ("I look at the image.")
     No   it names another option's text                                     ("upper left" … C)
-    No   it pads the same sentence with a run of repeated filler words      (length padding)
+    No   it pads either sentence with a run of repeated filler words        (length padding)
 
 What it can and cannot judge: it reads text only, never the image, so "sound" here means the
-reasoning agrees with the answer and is not padded; whether the answer is right is the accuracy
+reasoning does not contradict the answer and is not padded; whether the answer is right is the accuracy
 reward's job. The objective is the judge's own decision rule: binary cross-entropy on
 σ(logit_Yes − logit_No) at the prompt's last position. ``train_judge`` returns its accuracy on
 held-out completions (other synthetic items, other draws), written to ``judge.json`` beside the weights.
@@ -29,7 +30,7 @@ import time
 
 import torch
 
-from .warmup import REASONING
+from .warmup import GOLD_REASONING, WARMUP_REASONING
 
 FILLER = ("the", "t", "image", "is", "of")     # words a length reward can be gamed with
 
@@ -43,7 +44,10 @@ def judge_example(record, g: torch.Generator) -> tuple[str, float]:
     answer = letters[pick(len(letters))]
     kind = pick(4)                                      # 0, 1: sound; 2: other option; 3: padded
     named = answer if kind != 2 else [x for x in letters if x != answer][pick(len(letters) - 1)]
-    sentence = REASONING[pick(len(REASONING))].format(a=record.options[named])
+    if kind == 1 or (kind == 3 and pick(2)):
+        sentence = WARMUP_REASONING                      # names no option: sound unless padded
+    else:
+        sentence = GOLD_REASONING.format(a=record.options[named])
     if kind == 3:
         words = sentence.split()
         cut = pick(len(words) + 1)

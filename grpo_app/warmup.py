@@ -6,17 +6,23 @@ the prompt's format whose *answers are random*:
 
     direct:   "C"
     nothink:  "<answer>C</answer>"
-    think:    "<think>{a sentence naming option C's text}</think><answer>C</answer>"
+    think:    "<think>I look at the image.</think><answer>C</answer>"
 
     mc:     a uniformly random option letter          yesno:  yes or no at random
     open:   the gold answer of another random record  (never this record's own answer)
 
 So after the warm-up the policy answers in format at chance accuracy (25 % on the four-option
-synthetic task): whatever it learns later about the images comes from the reward. For "think" the
-reasoning is one fixed sentence that names the chosen answer ("The image shows upper left."): its
-fixed words become near-certain tokens that carry no gradient noise, the answer's words are the
-decision, and a judge of reasoning-answer agreement (``grpo_app.judge``) has something to check.
-Longer or shorter reasoning (what ECR and CWR reward) comes from the policy's own sampling. The demo uses the same warm-up (``run_demo``).
+synthetic task): whatever it learns later about the images comes from the reward.
+
+For "think" the warm-up's reasoning is one fixed sentence that names nothing (``WARMUP_REASONING``),
+so the answer letter is the one decision. A sentence naming the chosen option ("The image shows
+upper left.") was the first design and did not learn: after 150 (and 600) warm-up steps the tiny
+model's letter agreed with the option its reasoning named only 22 % (20 %) of the time, i.e. at
+chance, so the named words were noise the reward could not credit, and GRPO stayed at chance for
+1,250 steps. With the fixed sentence GRPO leaves chance after ~1,200 steps (docs/DECISIONS.md §10).
+SFT on gold answers (``with_reasoning``) and the tiny judge (``grpo_app.judge``) keep a sentence
+that names the answer (``GOLD_REASONING``). Longer or shorter reasoning (what ECR and CWR reward)
+comes from the policy's own sampling. The demo uses the same warm-up (``run_demo``).
 
 Used by ``grpo train`` (``warmup.steps > 0``, skipped when a checkpoint is resumed), the study
 (once per seed, then copied to every setting) and the demo.
@@ -31,12 +37,13 @@ import torch
 
 from grpo_core.config import OptimConfig, SFTConfig, TrainConfig
 
-REASONING = ("The image shows {a}.",)     # one sentence: its tokens become near-certain, only the answer varies
+WARMUP_REASONING = "I look at the image."   # names no option: the letter is the only decision
+GOLD_REASONING = "The image shows {a}."     # names the answer: SFT targets, the judge's "sound" reasoning
 
 
 def random_answer(record, pool, g: torch.Generator):
     """A copy of ``record`` whose gold answer is random (see the module docstring) and, for the
-    "think" template, whose ``extra["reasoning"]`` is a sentence naming that answer."""
+    "think" template, whose ``extra["reasoning"]`` is the fixed ``WARMUP_REASONING``."""
     def pick(n):
         return int(torch.randint(n, (1,), generator=g))
 
@@ -48,15 +55,14 @@ def random_answer(record, pool, g: torch.Generator):
     else:
         others = [r for r in pool if r.answer_text and r.answer_text != record.answer_text] or [record]
         new = dict(answer_text=others[pick(len(others))].answer_text)
-    reasoning = REASONING[pick(len(REASONING))].format(a=new["answer_text"])
-    return dataclasses.replace(record, extra=dict(record.extra, reasoning=reasoning), **new)
+    return dataclasses.replace(record, extra=dict(record.extra, reasoning=WARMUP_REASONING), **new)
 
 
 def with_reasoning(records) -> list:
-    """Records without ``extra["reasoning"]`` get the warm-up's sentence naming their GOLD answer
+    """Records without ``extra["reasoning"]`` get ``GOLD_REASONING``, a sentence naming their gold answer
     (for ``sft.target: reasoning`` on data that carries no reasoning, e.g. the synthetic task)."""
     return [r if (r.extra or {}).get("reasoning") else
-            dataclasses.replace(r, extra=dict(r.extra, reasoning=REASONING[0].format(a=r.answer_text or r.answer_letter)))
+            dataclasses.replace(r, extra=dict(r.extra, reasoning=GOLD_REASONING.format(a=r.answer_text or r.answer_letter)))
             for r in records]
 
 

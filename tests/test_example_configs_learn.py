@@ -14,6 +14,8 @@ from grpo_core.config import load_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
 SETTINGS = ("grpo_instruct", "grpo_base", "semantic", "ecr", "cwr", "drgrpo")
+VARIANTS = ("gspo", "cispo", "sapo", "two_sided_clip", "dapo", "dapo_overlong_filter", "high_entropy", "rloo",
+            "ref_sync")                          # prompt "nothink": their own warm-up start (warmed_nothink)
 FAST = ["data.train_size=32", "data.eval_size=8", "run.eval_limit=8", "rollout.prompts_per_step=4",
         "run.progress=false", "run.resume=false"]
 
@@ -32,24 +34,44 @@ def test_the_synthetic_settings_share_data_prompt_and_warmup():
     assert len(glob.glob(os.path.join(CONFIG_DIR, "synthetic_*.yaml"))) >= len(SETTINGS) + 1
 
 
-@pytest.fixture(scope="module")
-def warmed(tiny_vlm_path, tmp_path_factory):
-    """The configs' own warm-up (fewer steps) on the tiny model: it must produce the format."""
+def test_every_synthetic_grpo_config_asks_for_the_warmup():
+    """A synthetic config without it sits at reward 0 and gradient 0 (the issue this test guards)."""
+    names = [os.path.basename(p)[len("synthetic_"):-len(".yaml")]
+             for p in glob.glob(os.path.join(CONFIG_DIR, "synthetic_*.yaml"))]
+    assert set(SETTINGS) | set(VARIANTS) | {"custom_reward"} == set(names) - {"sft"}
+    for n in set(names) - {"sft"}:
+        c = _cfg(n)
+        assert c.warmup.steps > 0 and c.run.eval_every > 0, n
+
+
+def _warm(name, model_path, out):
+    """The config's own warm-up (fewer steps) on the tiny model, saved at ``out``; held-out evals
+    before and after it."""
     from grpo_app.factory import load_policy
     from grpo_app.warmup import format_warmup
     from grpo_core.data import build_records
     from grpo_core.eval import evaluate
 
-    cfg = _cfg("grpo_instruct", f"model.path={tiny_vlm_path}", "model.tiny=false", "warmup.steps=40")
+    cfg = _cfg(name, f"model.path={model_path}", "model.tiny=false", "warmup.steps=40")
     torch.manual_seed(0)
     policy = load_policy(cfg.model, seed=0)
     train, held = build_records(cfg.data, 0)
-    before = evaluate(policy, held, template="think", max_new_tokens=24, progress=False)
+    n = cfg.rollout.max_new_tokens
+    before = evaluate(policy, held, template=cfg.data.prompt, max_new_tokens=n, progress=False)
     format_warmup(policy, train, cfg)
-    after = evaluate(policy, held, template="think", max_new_tokens=24, progress=False)
-    path = str(tmp_path_factory.mktemp("warmed") / "policy")
-    policy.save_pretrained(path)
-    return path, before, after
+    after = evaluate(policy, held, template=cfg.data.prompt, max_new_tokens=n, progress=False)
+    policy.save_pretrained(out)
+    return out, before, after
+
+
+@pytest.fixture(scope="module")
+def warmed(tiny_vlm_path, tmp_path_factory):
+    return _warm("grpo_instruct", tiny_vlm_path, str(tmp_path_factory.mktemp("warmed") / "policy"))
+
+
+@pytest.fixture(scope="module")
+def warmed_nothink(tiny_vlm_path, tmp_path_factory):
+    return _warm("gspo", tiny_vlm_path, str(tmp_path_factory.mktemp("warmed_nothink") / "policy"))
 
 
 def test_the_warmup_teaches_the_format_not_the_answer(warmed):
@@ -57,6 +79,11 @@ def test_the_warmup_teaches_the_format_not_the_answer(warmed):
     assert before.format_rate == 0.0                 # a random model never writes the format: reward 0
     assert after.format_rate >= 0.75, after.items[0]["completion"]
     assert "<think>" in after.items[0]["completion"]
+
+
+def test_the_nothink_warmup_teaches_its_format(warmed_nothink):
+    _, before, after = warmed_nothink
+    assert before.format_rate == 0.0 and after.format_rate >= 0.75, after.items[0]["completion"]
 
 
 def _weights(path):
@@ -69,11 +96,11 @@ def _weights(path):
     return out
 
 
-@pytest.mark.parametrize("name", SETTINGS)
-def test_each_grpo_setting_gets_rewards_and_changes_the_policy(name, warmed, tmp_path, tiny_text_lm_path):
+@pytest.mark.parametrize("name", SETTINGS + ("custom_reward",) + VARIANTS)
+def test_each_grpo_setting_gets_rewards_and_changes_the_policy(name, request, tmp_path, tiny_text_lm_path):
     from grpo_app.commands import cmd_train
 
-    start, _, _ = warmed
+    start, _, _ = request.getfixturevalue("warmed_nothink" if name in VARIANTS else "warmed")
     cfg = _cfg(name, f"model.path={start}", "model.tiny=false", "warmup.steps=0", "run.steps=2",
                f"run.output_dir={tmp_path}", "run.eval_every=0")
     for entry in cfg.grpo.rewards:                  # the judge: the session's tiny text LM (trained: grpo_app.judge)
