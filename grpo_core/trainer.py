@@ -105,7 +105,7 @@ class GRPOTrainer:
         self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
         self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.run.steps * cfg.grpo.mu, o.schedule)
         self.step_idx, self.data_pos, self.history = 0, 0, []
-        self.last_samples: list[dict] = []   # a few rows of the last step, for samples.jsonl (grpo_core.samples)
+        self._last_scored: tuple | None = None   # the last scored batch, for samples.jsonl (last_samples)
         self.device = policy.device
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if cfg.run.bf16_autocast and self.device.type == "cuda" else nullcontext())
@@ -226,9 +226,16 @@ class GRPOTrainer:
             mask = mask_truncated(mask, ro.truncated)
         exp = Experience(enc, ids, mask, adv, cur_lp if g.mu > 1 else None,
                          ref_lp if g.kl_placement == "loss" else None, G, keep)
-        # -- sample logging (grpo_core.samples): a few of this rank's rows, written by train() --
-        self.last_samples = train_rows(records, ro.texts, columns, total, adv, G, self.cfg.run.log_completions)
+        # -- sample logging (grpo_core.samples): kept by reference; rows are built only when written --
+        self._last_scored = (records, ro.texts, columns, total, adv, G)
         return exp, rows
+
+    def last_samples(self) -> list[dict]:
+        """A few rows (prompt, completion, rewards, advantage) of the last scored batch on this rank;
+        built on demand, so a step that writes no samples pays nothing (no device syncs)."""
+        if self._last_scored is None:
+            return []
+        return train_rows(*self._last_scored, self.cfg.run.log_completions)
 
     def logprobs(self, enc, ids, mask, of: str = "policy") -> torch.Tensor:
         """Log-probs (N, C) of given completions (N = B·G rows of the B prompts in ``enc``) under the
@@ -373,8 +380,8 @@ class GRPOTrainer:
             if log:
                 log.append(m)                 # strict JSON (NaN → null), each step once across resumes
                 # -- sample logging (grpo_core.samples): at each eval and every run.log_completions_every steps --
-                if self.last_samples and samples_due(cfg.run.log_completions_every, self.step_idx, evaluated):
-                    write_samples(cfg.run.output_dir, self.step_idx, self.last_samples)
+                if samples_due(cfg.run.log_completions_every, self.step_idx, evaluated) and (rows := self.last_samples()):
+                    write_samples(cfg.run.output_dir, self.step_idx, rows)
             reporters.log(m, self.step_idx)
             bar.step(dict(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", kl=f"{m.get('kl', 0):.3f}",
                           len=f"{m['completion_len']:.0f}"))
