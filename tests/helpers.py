@@ -13,6 +13,10 @@ from PIL import Image
 
 from grpo_core.policy import Prompt
 
+# The GRPO-variant example configs (examples/configs/synthetic_<name>.yaml, prompt "nothink").
+VARIANT_CONFIGS = ("gspo", "cispo", "sapo", "two_sided_clip", "dapo", "dapo_overlong_filter", "high_entropy", "rloo",
+                   "ref_sync")
+
 
 def img(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     """A random w×h image (seeded)."""

@@ -9,13 +9,13 @@ import shutil
 
 import pytest
 import torch
+from helpers import VARIANT_CONFIGS
 
 from grpo_core.config import load_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
 SETTINGS = ("grpo_instruct", "grpo_base", "semantic", "ecr", "cwr", "drgrpo")
-VARIANTS = ("gspo", "cispo", "sapo", "two_sided_clip", "dapo", "dapo_overlong_filter", "high_entropy", "rloo",
-            "ref_sync")                          # prompt "nothink": their own warm-up start (warmed_nothink)
+VARIANTS = VARIANT_CONFIGS                  # prompt "nothink": their own warm-up start (warmed_nothink)
 FAST = ["data.train_size=32", "data.eval_size=8", "run.eval_limit=8", "rollout.prompts_per_step=4",
         "run.progress=false", "run.resume=false"]
 

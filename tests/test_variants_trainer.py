@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from helpers import tiny_policy
+from helpers import VARIANT_CONFIGS, tiny_policy
 
 from grpo_core.config import load_config
 from grpo_core.data import make_synthetic_vqa
@@ -19,8 +19,7 @@ from grpo_core.rewards import RewardSpec
 from grpo_core.trainer import GRPOTrainer, rewards_from_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
-VARIANTS = ["gspo", "cispo", "sapo", "two_sided_clip", "dapo", "dapo_overlong_filter", "high_entropy", "rloo",
-            "ref_sync"]
+VARIANTS = list(VARIANT_CONFIGS)
 
 
 def length_parity_reward(completions, records):
