@@ -161,3 +161,19 @@ def test_the_check_can_fail():
     assert _imports("grpo_core.x", os.path.join(ROOT, "grpo_app", "factory.py"))   # reads real files
     factory = os.path.join(ROOT, "grpo_app", "factory.py")
     assert any("grpo_models." in s for _, s in _code_strings(factory))             # the app names policies
+
+
+def test_a_plain_checkout_imports_grpo_models():
+    """Without any install (``PYTHONPATH`` = the checkout, ``-S``: no site-packages, so no editable
+    finder), ``grpo_models`` is the ``models/`` folder (the shim ``grpo_models/__init__.py``; the
+    device script's fallback relies on it)."""
+    import subprocess
+    import sys
+
+    code = "import grpo_models, os; print(os.path.realpath(grpo_models.__path__[0])); print(grpo_models.__all__)"
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd="/", capture_output=True, text=True,
+                         env={"PYTHONPATH": ROOT, "PATH": os.environ.get("PATH", "")})
+    assert out.returncode == 0, out.stderr
+    path, names = out.stdout.splitlines()
+    assert path == os.path.realpath(os.path.join(ROOT, "models"))
+    assert "Qwen2VLPolicy" in names
