@@ -106,11 +106,12 @@ class BigramPolicy:
     def disable_adapters(self):
         raise NotImplementedError("BigramPolicy has no adapters; the trainer keeps a frozen copy as reference")
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         import os
 
         os.makedirs(path, exist_ok=True)
-        torch.save(self.model.state_dict(), os.path.join(path, "bigram.pt"))
+        state = {k: v.to(dtype) if dtype is not None else v for k, v in self.model.state_dict().items()}
+        torch.save(state, os.path.join(path, "bigram.pt"))
 
 
 def short_answer_reward(completions, records):

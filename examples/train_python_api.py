@@ -39,7 +39,8 @@ def main(steps: int = 1000, out: str = "runs/python_api", warmup_steps: int = 40
     cfg.run.resume, cfg.run.resume_force = False, True        # a fresh run; an earlier one moves aside
 
     prompts = make_prompt_fn(cfg.data.prompt)
-    SFTTrainer(policy, train, cfg.sft, prompts, cfg.data.prompt).train(label_fn=random_letter, progress=False)
+    SFTTrainer(policy, train, cfg.sft, prompts, cfg.data.prompt, dtype=cfg.model.dtype).train(
+        label_fn=random_letter, progress=False)
     before = evaluate(policy, held, template=cfg.data.prompt, max_new_tokens=4, progress=False).accuracy
     GRPOTrainer(policy, train, cfg).train()
     after = evaluate(policy, held, template=cfg.data.prompt, max_new_tokens=4, progress=False).accuracy

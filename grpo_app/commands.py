@@ -18,6 +18,7 @@ import torch
 
 from grpo_core.config import TrainConfig
 from grpo_core.data import build_records, make_prompt_fn
+from grpo_core.precision import resolve_export_dtype
 
 
 def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | None = None, step_of=None):
@@ -73,7 +74,7 @@ def cmd_train(cfg: TrainConfig) -> int:
         trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn, dist=dist)
         start = None
         if cfg.run.eval_every and not resuming:   # the first point of the held-out curve
-            with trainer.replica.gathered():
+            with trainer.replica.gathered(), trainer.autocast:   # evals compute in model.dtype
                 start = eval_fn(policy)
             if main:
                 eval_fn.last.to_json(os.path.join(out, "eval_start.json"))
@@ -83,7 +84,7 @@ def cmd_train(cfg: TrainConfig) -> int:
         # eval is replicated on every rank (under fsdp2 it needs all of them to gather the weights)
         final_fn = make_eval_fn(cfg, held, progress=cfg.run.progress and main, samples_dir=out if main else None,
                                 step_of=lambda: trainer.step_idx)
-        with trainer.replica.gathered():
+        with trainer.replica.gathered(), trainer.autocast:
             final = final_fn(policy)
         if main:
             final_fn.last.to_json(os.path.join(out, "eval_final.json"))
@@ -109,10 +110,12 @@ def cmd_sft(cfg: TrainConfig) -> int:
         train = with_reasoning(train)         # synthetic records carry no reasoning: name the gold answer
     policy = load_policy(cfg.model, seed=cfg.run.seed)
     prompt_fn = make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed)
-    SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, cfg.run.seed).train(progress=cfg.run.progress)
+    SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, cfg.run.seed,
+               dtype=cfg.model.dtype).train(progress=cfg.run.progress)
     out = cfg.run.output_dir
     os.makedirs(out, exist_ok=True)
-    policy.save_pretrained(os.path.join(out, "policy"))
+    policy.save_pretrained(os.path.join(out, "policy"),
+                           dtype=resolve_export_dtype(cfg.run.export_dtype, cfg.model.dtype, policy.device))
     fn = make_eval_fn(cfg, held, progress=cfg.run.progress, samples_dir=out, step_of=lambda: cfg.sft.steps)
     final = fn(policy)
     fn.last.to_json(os.path.join(out, "eval_final.json"))

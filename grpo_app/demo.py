@@ -135,7 +135,7 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     print(f"[4/5] SFT-only baseline: gold letters, same init, same training time ({grpo_time:.0f} s)")
     policy.model.load_state_dict(init_state)
     prompt_fn = make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, seed)
-    sft = SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, seed + 1)
+    sft = SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, seed + 1, dtype=cfg.model.dtype)
     sft_evals = {"SFT baseline (gold letters)": {"fn": lambda: _accuracy(policy, sub, cfg)["accuracy"], "points": []}}
     sft_hist, _ = timed_training(sft.step, grpo_time, 10**9, sft_evals, "sft baseline", progress=not quick)
     sft_res = _accuracy(policy, held, cfg)

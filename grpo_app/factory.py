@@ -15,10 +15,10 @@ import sys
 import torch
 
 from grpo_core.config import ModelConfig
+from grpo_core.precision import resolve_compute_dtype
 
 POLICY_CLASSES = {"qwen2_vl": "grpo_models.qwen2_vl:Qwen2VLPolicy", "text": "grpo_models.text_lm:TextLMPolicy"}
 TINY_BUILDERS = {"qwen2_vl": "grpo_models.tiny:build_tiny_qwen2_vl", "text": "grpo_models.tiny:build_tiny_qwen2"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def import_object(spec: str):
@@ -39,9 +39,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    """``model.dtype`` → the dtype the checkpoint is loaded in: the compute dtype. The trainers then
+    upcast what they train to fp32 master weights (grpo_core.precision); what stays frozen (the
+    reference, LoRA's base, a frozen vision tower) keeps this dtype."""
+    return resolve_compute_dtype(name, device)
 
 
 def load_policy(cfg: ModelConfig, seed: int = 0):

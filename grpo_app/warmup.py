@@ -96,6 +96,7 @@ def format_warmup(policy, records, cfg: TrainConfig, progress: bool = False) -> 
     seed = cfg.run.seed
     prompt_fn = random_answer_prompt_fn(make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, seed), records, seed)
     t0 = time.perf_counter()
-    hist = SFTTrainer(policy, records, warmup_sft_config(cfg), prompt_fn, cfg.data.prompt, seed).train(progress=progress)
+    hist = SFTTrainer(policy, records, warmup_sft_config(cfg), prompt_fn, cfg.data.prompt, seed,
+                      dtype=cfg.model.dtype).train(progress=progress)
     return {"steps": len(hist), "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"],
             "seconds": time.perf_counter() - t0}

@@ -248,7 +248,8 @@ def _state_dict_for_save(model: torch.nn.Module | None, sd: dict | None = None) 
 
 def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, state: dict, keep_last: int = 2,
                     *, model_state: dict | None = None, optim_state: dict | None = None,
-                    config: dict | None = None, ref_state: dict | None = None) -> str:
+                    config: dict | None = None, ref_state: dict | None = None,
+                    export_dtype: torch.dtype | None = None) -> str:
     """Write checkpoint ``step`` (write → fsync → swap, see module doc) and keep the newest ``keep_last``.
 
     ``model_state`` / ``optim_state``: full state dicts gathered from a sharded model (FSDP2, on
@@ -257,7 +258,8 @@ def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, st
     None, a JSON string in ``state["config"]`` is used. ``ref_state``: the state dict of a reference
     model that the run moves (grpo.ref_sync_steps), written to reference.safetensors. Refuses
     (CheckpointError, nothing written) weights holding NaN/inf, so a diverged run cannot replace
-    its last good checkpoint.
+    its last good checkpoint. ``export_dtype``: the dtype of the loadable ``policy/`` copy (the
+    resume weights, weights.safetensors, are always written as stored: fp32 masters).
     """
     os.makedirs(output_dir, exist_ok=True)
     final = checkpoint_path(output_dir, step)
@@ -272,9 +274,9 @@ def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, st
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if model_state is None:
-        policy.save_pretrained(os.path.join(tmp, "policy"))
+        policy.save_pretrained(os.path.join(tmp, "policy"), **({"dtype": export_dtype} if export_dtype else {}))
     else:
-        _save_policy_from_state(policy, os.path.join(tmp, "policy"), weights)
+        _save_policy_from_state(policy, os.path.join(tmp, "policy"), weights, export_dtype)
     save_file(weights, os.path.join(tmp, "weights.safetensors"))
     if ref is not None:
         save_file(ref, os.path.join(tmp, REFERENCE))
@@ -322,9 +324,11 @@ def _remove(path: str) -> None:
     shutil.rmtree(trash)
 
 
-def _save_policy_from_state(policy, path: str, weights: dict) -> None:
+def _save_policy_from_state(policy, path: str, weights: dict, dtype: torch.dtype | None = None) -> None:
     """``policy.save_pretrained`` for a sharded model: the HF module writes the gathered weights."""
     os.makedirs(path, exist_ok=True)
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     policy.model.save_pretrained(path, state_dict=weights)
     for part in ("tokenizer", "image_processor"):
         if getattr(policy, part, None) is not None:

@@ -37,13 +37,13 @@ from .loss import (
 from .optim import SCHEDULES
 from .options import check_options, option
 from .policy import PROMPT_WRAPPERS
+from .precision import DTYPES
 from .ref_sync import check_ref_sync
 from .reporting import check_report_to
 from .rewards import check_reward_entries
 from .sampling import SamplingOptions
 from .sft import SFT_TARGETS
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")      # model.dtype ("auto": bf16 on GPU, fp32 on CPU)
 REFERENCES = ("auto", "copy", "adapters")                  # grpo.ref
 KERNEL_BACKENDS = ("auto",) + BACKENDS                     # grpo.backend
 DIST_BACKENDS = ("auto", "nccl", "gloo")                   # dist.backend
@@ -54,7 +54,7 @@ class ModelConfig:
     path: str = ""                                         # local checkpoint dir (a real Qwen2-VL, or a tiny one: model.tiny)
     kind: str = "qwen2_vl"                                 # "qwen2_vl" (also 2.5-VL), "text", or "module:Class" (resolved by the app layer)
     template: str = option("chat", choices=PROMPT_WRAPPERS)  # "chat" = instruct init, "plain" = base init (the study's axis)
-    dtype: str = option("auto", choices=DTYPES)            # weights and activations; "auto" = bf16 on GPU, fp32 on CPU
+    dtype: str = option("auto", choices=DTYPES)            # compute dtype; trained weights stay fp32 (grpo_core.precision); "auto" = bf16 on GPU, fp32 on CPU
     device: str = "auto"                                   # "auto" = cuda if available else cpu
     gradient_checkpointing: bool = False                   # recompute activations in backward (less memory)
     freeze_vision: bool = False                            # keep the vision tower fixed
@@ -154,12 +154,12 @@ class RunConfig:
     resume: bool = True                                    # continue from the newest good checkpoint in output_dir
     resume_force: bool = False                             # resume despite a changed fixed setting; with resume=false, move an earlier run in output_dir to previous-run-K/
     progress: bool = True                                  # progress bar
-    bf16_autocast: bool = True                             # on GPU only
     time_budget_s: float = option(0.0, ge=0)               # stop early after this wall time (0 = none)
     log_completions: int = option(4, ge=0)                 # rows (prompt, completion, rewards) to samples.jsonl/.html per log; 0 = none
     log_completions_every: int = option(0, ge=0)           # also log samples every N steps (they are always logged at each eval); 0 = only at evals
     report_to: list = field(default_factory=list)          # extra metric sinks: "tensorboard", "wandb" (optional extras; grpo_core.reporting)
     max_nonfinite_steps: int = option(3, ge=1)             # stop after this many steps in a row with a NaN/inf loss or gradient
+    export_dtype: str = option("auto", choices=DTYPES)     # dtype of the loadable policy/ copy in checkpoints and exports ("auto" = model.dtype); resume weights stay fp32
 
 
 @dataclass

@@ -45,6 +45,8 @@ Choices and limits, one line each:
     zero-weight micro-batches so every rank makes the same collectives.
   - FSDP2 units: the classes in the HF model's ``_no_split_modules`` (decoder layers, vision
     blocks); embeddings, lm_head (tied to them) and norms stay in the root unit.
+  - Precision (grpo_core.precision): DDP all-reduces the fp32 master gradients; FSDP2 shards the
+    fp32 masters, gathers them in the compute dtype and reduce-scatters gradients in fp32.
   - Under ``gathered()`` peak memory is the full model (every unit unsharded); it is freed after.
   - With β > 0 the frozen reference is sharded too (FSDP2) or kept whole per rank (DDP).
   - Checkpoints: full state dict gathered to rank 0 (the single-process format, loadable by
@@ -142,9 +144,10 @@ class DistContext:
         return {**d, **dict(zip(keys, t.tolist()))}
 
     # ---- policies -----------------------------------------------------------------------------
-    def replicate(self, policy, trainable: bool = True, reshard_after_forward: bool = True) -> "Replica":
+    def replicate(self, policy, trainable: bool = True, reshard_after_forward: bool = True,
+                  compute_dtype: torch.dtype | None = None) -> "Replica":
         """How ``policy`` runs under this context's mode (see Replica)."""
-        return Replica(self, policy, trainable, reshard_after_forward)
+        return Replica(self, policy, trainable, reshard_after_forward, compute_dtype)
 
 
 def local_value(x) -> float:
@@ -233,7 +236,8 @@ class Replica:
     ``full_state(optimizer)``       FSDP2: full model / optimizer state dicts on rank 0
     """
 
-    def __init__(self, ctx: DistContext, policy, trainable: bool = True, reshard_after_forward: bool = True):
+    def __init__(self, ctx: DistContext, policy, trainable: bool = True, reshard_after_forward: bool = True,
+                 compute_dtype: torch.dtype | None = None):
         self.ctx, self.policy, self.mode = ctx, policy, ctx.mode
         self.reshard_after_forward = reshard_after_forward
         self.grad_scale = ctx.world if ctx.mode in ("ddp", "fsdp2") and trainable else 1
@@ -243,7 +247,7 @@ class Replica:
             # broadcasts rank 0's weights at construction: all ranks start identical
             self._root = DDP(_Root(policy), device_ids=None, forward_sync_buffers=False)
         elif ctx.mode == "fsdp2":
-            self._root = _fully_shard(_Root(policy), ctx, reshard_after_forward)
+            self._root = _fully_shard(_Root(policy), ctx, reshard_after_forward, compute_dtype)
 
     def hidden(self, enc, ids, mask, group_size: int) -> torch.Tensor:
         """The policy's training forward (N, C, H), run where the mode's gradient sync sees it."""
@@ -296,11 +300,18 @@ def _fsdp_units(root: torch.nn.Module) -> list:
     return [m for m in root.modules() if isinstance(m, FSDPModule)]
 
 
-def _fully_shard(root: _Root, ctx: DistContext, reshard_after_forward: bool) -> _Root:
+def _fully_shard(root: _Root, ctx: DistContext, reshard_after_forward: bool,
+                 compute_dtype: torch.dtype | None = None) -> _Root:
     """fully_shard each decoder layer / vision block, then the root; run one empty forward so that
-    FSDP2's lazy initialisation (which module is the root) happens before any other call."""
+    FSDP2's lazy initialisation (which module is the root) happens before any other call.
+
+    Precision: the shards hold the fp32 master weights; with a bf16/fp16 ``compute_dtype`` the
+    all-gathered copies are cast to it (half the all-gather traffic) and gradients are
+    reduce-scattered in fp32 (``MixedPrecisionPolicy``), into fp32 sharded gradients."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .precision import uses_autocast
 
     model = root.model
     if hasattr(model, "peft_config"):
@@ -311,9 +322,11 @@ def _fully_shard(root: _Root, ctx: DistContext, reshard_after_forward: bool) -> 
     if not units:
         raise ValueError(f"dist.mode=fsdp2: {type(model).__name__} lists no _no_split_modules to shard by; "
                          "use dist.mode=ddp")
+    mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+          if compute_dtype is not None and uses_autocast(compute_dtype) else MixedPrecisionPolicy())
     for m in units:
-        fully_shard(m, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mesh=mesh, reshard_after_forward=False)   # the root unit stays gathered after forward
+        fully_shard(m, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(root, mesh=mesh, reshard_after_forward=False, mp_policy=mp)   # the root stays gathered after forward
     _lazy_init(root)
     return root
 

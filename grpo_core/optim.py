@@ -15,13 +15,18 @@ import math
 
 import torch
 
+from .precision import check_master_weights
+
 SCHEDULES = ("constant", "cosine", "linear")
 
 
 def make_optimizer(model: torch.nn.Module, lr, weight_decay, betas=(0.9, 0.99)):
+    """AdamW over the trainable parameters, which must be fp32/fp64 master weights: a 16-bit weight
+    loses updates of ~lr to rounding (grpo_core.precision), so it is refused here, whoever calls."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("make_optimizer: the model has no trainable parameters (all frozen?)")
+    check_master_weights(model, "make_optimizer")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
 
 

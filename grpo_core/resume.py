@@ -46,7 +46,8 @@ from .optim import lr_factor
 # What may not change mid-run, and why (the "why" is printed in the error).
 FIXED = {
     **dict.fromkeys(("model.path", "model.kind", "model.template"), "the model the run trains"),
-    **dict.fromkeys(("model.dtype", "model.lora_rank", "model.lora_alpha", "model.freeze_vision"),
+    "model.dtype": "the compute dtype: the same steps in another dtype give other weights, beyond rounding",
+    **dict.fromkeys(("model.lora_rank", "model.lora_alpha", "model.freeze_vision"),
                     "the parameters the optimizer state belongs to"),
     **dict.fromkeys(("model.min_pixels", "model.max_pixels"), "what the model sees of each image"),
     **dict.fromkeys(("data.source", "data.format", "data.split", "data.eval_source", "data.eval_size",
@@ -79,7 +80,7 @@ MAY_CHANGE = {
     "run.time_budget_s": "counted from this start",
     **dict.fromkeys(("run.eval_every", "run.eval_limit", "run.save_every", "run.keep_last", "run.progress",
                      "run.output_dir", "run.max_nonfinite_steps"), "applies from the resume step on"),
-    **dict.fromkeys(("model.device", "model.gradient_checkpointing", "model.tiny", "run.bf16_autocast",
+    **dict.fromkeys(("model.device", "model.gradient_checkpointing", "model.tiny",
                      "grpo.backend", "grpo.micro_batch_prompts", "dist.mode", "dist.backend",
                      "dist.timeout_s", "dist.reshard_after_forward"),
                     "how steps are computed, not what: results agree up to rounding"),
@@ -87,6 +88,7 @@ MAY_CHANGE = {
     "data.skip_bad": "records may be dropped; later batches then differ from an uninterrupted run",
     **dict.fromkeys(("data.check_images", "data.max_image_pixels", "data.allow_outside_root"),
                     "which bad rows are found may change; with skip_bad, later batches then differ"),
+    "run.export_dtype": "only the loadable policy/ copy: the resume weights stay fp32",
     **dict.fromkeys(("run.log_completions", "run.log_completions_every", "run.report_to"),
                     "logging only: applies from the resume step on"),                      # grpo_core.samples / reporting
     **dict.fromkeys(("warmup.steps", "warmup.batch_size", "warmup.lr"),

@@ -18,6 +18,13 @@ import torch
 
 from .kernels import linear_token_logprobs
 from .optim import make_optimizer, make_scheduler
+from .precision import (
+    autocast,
+    check_trainable_compute,
+    compute_cast,
+    master_weights_,
+    resolve_compute_dtype,
+)
 
 SFT_TARGETS = ("answer", "reasoning")
 
@@ -48,22 +55,30 @@ def tokenize_targets(policy, texts: list[str]):
     return ids.to(policy.device), mask.to(policy.device)
 
 
-def sft_loss(policy, enc, ids, mask, backend="auto"):
-    """Token-mean negative log-likelihood of targets (N, C) given prompts (N rows, G = 1)."""
+def sft_loss(policy, enc, ids, mask, backend="auto", compute_dtype=None):
+    """Token-mean negative log-likelihood of targets (N, C) given prompts (N rows, G = 1); the fused
+    lm_head runs in ``compute_dtype`` where that is bf16/fp16 (grpo_core.precision)."""
     h = policy.completion_hidden(enc, ids, mask, 1)                                    # (N, C, H)
-    lp = linear_token_logprobs(h, policy.lm_head_weight, ids, 1.0, mask=mask, bias=policy.lm_head_bias,
-                               backend=backend)                                        # (N, C)
+    if compute_dtype is not None:
+        h = compute_cast(h, compute_dtype)
+    lp = linear_token_logprobs(h, policy.lm_head_weight.to(h.dtype), ids, 1.0, mask=mask,
+                               bias=policy.lm_head_bias, backend=backend)              # (N, C)
     return -(lp * mask).sum() / mask.sum().clamp(min=1)
 
 
 class SFTTrainer:
     """Cross-entropy on the answer (or reasoning + answer) of each record."""
 
-    def __init__(self, policy, records, cfg, prompt_fn, prompt_style="nothink", seed=0, backend="auto"):
+    def __init__(self, policy, records, cfg, prompt_fn, prompt_style="nothink", seed=0, backend="auto",
+                 dtype: str = "auto"):
+        """``dtype``: the compute dtype (``model.dtype``); trained weights become fp32 masters."""
         if not records:
             raise ValueError("SFTTrainer: no training records")
         self.policy, self.records, self.cfg = policy, list(records), cfg
         self.prompt_fn, self.prompt_style, self.seed, self.backend = prompt_fn, prompt_style, seed, backend
+        self.compute_dtype = resolve_compute_dtype(dtype, policy.device)
+        check_trainable_compute(self.compute_dtype, "SFTTrainer")
+        master_weights_(policy.model)
         o = cfg.optim
         self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
         self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.steps, o.schedule)
@@ -78,7 +93,8 @@ class SFTTrainer:
         enc = self.policy.encode(prompts)
         ids, mask = tokenize_targets(self.policy, targets)
         self.policy.model.train()
-        loss = sft_loss(self.policy, enc, ids, mask, self.backend)
+        with autocast(self.policy.device, self.compute_dtype):
+            loss = sft_loss(self.policy, enc, ids, mask, self.backend, self.compute_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.optim.max_grad_norm > 0:

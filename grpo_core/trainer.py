@@ -37,7 +37,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -52,6 +51,16 @@ from .kernels import fused_linear_grpo_loss, linear_token_logprobs
 from .loss import kl_penalized_rewards, loss_options, mask_truncated
 from .metrics_log import MetricsLog
 from .optim import make_optimizer, make_scheduler
+from .precision import (
+    autocast,
+    cast_frozen_,
+    check_trainable_compute,
+    compute_cast,
+    master_weights_,
+    resolve_compute_dtype,
+    resolve_export_dtype,
+    uses_autocast,
+)
 from .ref_sync import sync_reference_
 from .reporting import Reporters, progress_bar
 from .resume import plan_resume, set_base_lr
@@ -96,19 +105,24 @@ class GRPOTrainer:
                                                      max_image_pixels=cfg.data.max_image_pixels)
         self._bad_rows: set = set()                               # (file, row) of skipped records, logged once
         self.specs = reward_specs if reward_specs is not None else rewards_from_config(cfg.grpo.rewards)
-        self.ref_policy = self._make_reference(ref_policy)
+        # precision (grpo_core.precision): fp32 master weights, arithmetic in model.dtype under autocast
+        self.device = policy.device
+        self.compute_dtype = resolve_compute_dtype(cfg.model.dtype, self.device)
+        check_trainable_compute(self.compute_dtype, "GRPOTrainer")
+        self.ref_policy = self._make_reference(ref_policy)        # copied before the upcast: may stay bf16
+        master_weights_(policy.model)
         # data parallelism: wrap (DDP / FSDP2 or nothing) before the optimizer sees the parameters
-        self.replica = self.dist.replicate(policy, reshard_after_forward=cfg.dist.reshard_after_forward)
-        self.ref_replica = (self.dist.replicate(self.ref_policy, trainable=False)
+        self.replica = self.dist.replicate(policy, reshard_after_forward=cfg.dist.reshard_after_forward,
+                                           compute_dtype=self.compute_dtype)
+        self.ref_replica = (self.dist.replicate(self.ref_policy, trainable=False, compute_dtype=self.compute_dtype)
                             if self.ref_policy not in (None, "adapters") else None)
         o = cfg.optim
         self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
         self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.run.steps * cfg.grpo.mu, o.schedule)
         self.step_idx, self.data_pos, self.history = 0, 0, []
         self._last_scored: tuple | None = None   # the last scored batch, for samples.jsonl (last_samples)
-        self.device = policy.device
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if cfg.run.bf16_autocast and self.device.type == "cuda" else nullcontext())
+        self.autocast = autocast(self.device, self.compute_dtype)
+        self.export_dtype = resolve_export_dtype(cfg.run.export_dtype, cfg.model.dtype, self.device)
 
     # ---- setup -----------------------------------------------------------------------------
     def _make_reference(self, ref_policy):
@@ -123,6 +137,8 @@ class GRPOTrainer:
         ref = copy.deepcopy(self.policy)     # a frozen copy of the initial policy
         for p in ref.model.parameters():
             p.requires_grad_(False)
+        if uses_autocast(self.compute_dtype):
+            cast_frozen_(ref.model, self.compute_dtype)   # stored as it computes: half the memory of fp32
         ref.model.eval()
         return ref
 
@@ -256,7 +272,7 @@ class GRPOTrainer:
             for s in range(0, B, step):
                 pidx = list(range(s, min(B, s + step)))
                 rows = slice(s * G, (s + len(pidx)) * G)
-                h = replica.hidden(enc.select(pidx), ids[rows], mask[rows], G)                    # (n, C, H)
+                h = self._compute(replica.hidden(enc.select(pidx), ids[rows], mask[rows], G))   # (n, C, H)
                 out.append(linear_token_logprobs(h, which.lm_head_weight.to(h.dtype), ids[rows], T, mask=mask[rows],
                                                  bias=which.lm_head_bias, backend=g.backend))
         return torch.cat(out)                                                                    # (N, C)
@@ -319,14 +335,19 @@ class GRPOTrainer:
             out += [(i, [e.keep[j] for j in order[s:s + mb]]) for s in range(0, len(order), mb)]
         return out
 
+    def _compute(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states in the compute dtype for the fused lm_head + loss: it runs outside autocast's op
+        lists, and the fp32 residual stream of an fp32-master model would make its GEMM fp32."""
+        return compute_cast(h, self.compute_dtype)
+
     def micro_loss(self, mb: Experience, total_tokens, total_seqs):
         """GRPO loss of one micro-batch of whole groups, divided by the step's global denominators."""
         cfg, g = self.cfg, self.cfg.grpo
-        h = self.replica.hidden(mb.encoded, mb.completion_ids, mb.mask, mb.group_size)      # (n, C, H)
+        h = self._compute(self.replica.hidden(mb.encoded, mb.completion_ids, mb.mask, mb.group_size))  # (n, C, H)
         opts = {**loss_options(g), "beta": g.beta if mb.ref_logprobs is not None else 0.0,   # every grpo.* loss option
                 "max_len": g.max_len or cfg.rollout.max_new_tokens}
         return fused_linear_grpo_loss(
-            h, self.policy.lm_head_weight.to(h.dtype), mb.completion_ids,                  # autocast: bf16 h
+            h, self.policy.lm_head_weight.to(h.dtype), mb.completion_ids,                  # bf16 h and W: fp32 grads
             mb.old_logprobs, mb.ref_logprobs, mb.advantages, mb.mask, bias=self.policy.lm_head_bias,
             temperature=cfg.rollout.temperature, total_tokens=total_tokens, total_seqs=total_seqs,
             backend=g.backend, **opts)
@@ -374,7 +395,7 @@ class GRPOTrainer:
                     "data, or resume from the last checkpoint in run.output_dir")
             evaluated = bool(self.eval_fn and cfg.run.eval_every and self.step_idx % cfg.run.eval_every == 0)
             if evaluated:
-                with self.replica.gathered():
+                with self.replica.gathered(), self.autocast:   # evals compute like rollouts (model.dtype)
                     m.update({f"eval/{k}": v for k, v in self.eval_fn(self.policy).items()})
             self.history.append(m)
             if log:
@@ -407,7 +428,7 @@ class GRPOTrainer:
             path = save_checkpoint(self.cfg.run.output_dir, self.step_idx, self.policy, self.optimizer,
                                    self.scheduler, {"data_pos": self.data_pos}, keep_last=self.cfg.run.keep_last,
                                    model_state=model_state, optim_state=optim_state, config=to_dict(self.cfg),
-                                   ref_state=ref_state)
+                                   ref_state=ref_state, export_dtype=self.export_dtype)
         self.dist.barrier()                   # no rank reads a checkpoint before it is whole
         return path or checkpoint_path(self.cfg.run.output_dir, self.step_idx)
 

@@ -201,14 +201,20 @@ def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: torch.nn.Module, path: str) -> None:
-    """save_pretrained as plain transformers safetensors (LoRA merged into the weights)."""
+def save_model(model: torch.nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
+    """save_pretrained as plain transformers safetensors (LoRA merged into the weights); ``dtype``:
+    floating tensors written in that dtype (None: as stored, e.g. fp32 masters beside a bf16 base)."""
     os.makedirs(path, exist_ok=True)
-    if is_peft(model):
-        base = model.get_base_model()
-        base.save_pretrained(path, state_dict=merged_state_dict(model))
-    else:
-        model.save_pretrained(path)
+    base = model.get_base_model() if is_peft(model) else model
+    state = merged_state_dict(model) if is_peft(model) else None
+    if dtype is not None:
+        state = cast_state(state if state is not None else model.state_dict(), dtype)
+    base.save_pretrained(path, state_dict=state)
+
+
+def cast_state(state: dict, dtype: torch.dtype) -> dict:
+    """A state dict with its floating tensors in ``dtype`` (integer buffers untouched)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def decode_completions(tokenizer, ids: torch.Tensor, mask: torch.Tensor | None, eos_ids) -> list[str]:

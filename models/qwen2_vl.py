@@ -113,9 +113,9 @@ class Qwen2VLPolicy:
         return cls(model, tokenizer, image_processor, template=template, max_prompt_len=max_prompt_len,
                    on_long_prompt=on_long_prompt)
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         """Model (safetensors, LoRA merged) + tokenizer + image processor: ``from_pretrained(path)`` round-trips."""
-        pu.save_model(self.model, path)
+        pu.save_model(self.model, path, dtype)
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
 

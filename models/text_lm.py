@@ -60,8 +60,8 @@ class TextLMPolicy:
         return cls(model, AutoTokenizer.from_pretrained(path), template=template, max_prompt_len=max_prompt_len,
                    on_long_prompt=on_long_prompt)
 
-    def save_pretrained(self, path: str) -> None:
-        pu.save_model(self.model, path)
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        pu.save_model(self.model, path, dtype)
         self.tokenizer.save_pretrained(path)
 
     @property
