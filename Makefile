@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_core_installed
 
-.PHONY: demo test test-numerics cpu-info install bench bench-quick lint cuda memcheck compile-check device-check device-check-dry clean
+.PHONY: demo test test-numerics cpu-info install bench bench-quick lint cuda memcheck compile-check device-check device-check-dry device-wheels clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,9 +76,15 @@ compile-check: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m bench.compile_check
 
 # The one prepared GPU run (bench/device_check.py): tests, benchmarks, peak memory, one folder.
-# On the device machine run `bash bench/device_check.sh` instead (no venv, no network there).
-device-check: $(STAMP)
-	$(PY) -m bench.device_check
+# It builds no venv (the device machine is offline): bench/device_check.sh with .venv's python
+# where one exists here, else python3; it stops in seconds, naming the wheels to carry, if needed.
+device-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/device_check.sh
+
+# The wheels the device lacks (bench/device_wheels.txt, or WHEELS="spec ...") into .whl/, here.
+WHEELS ?= $(shell grep -v '^\s*\(#\|$$\)' bench/device_wheels.txt)
+device-wheels:
+	$(PYTHON) bench/device_preflight.py --download $(foreach w,$(WHEELS),'$(w)')
 
 # The same script on CPU with tiny shapes: checks the script itself (CI).
 device-check-dry: $(STAMP)

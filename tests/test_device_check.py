@@ -5,12 +5,23 @@ import json
 import os
 import tarfile
 
-from bench import compile_check, device_check
+from bench import compile_check, device_check, device_preflight
 
 
 def test_transformers_pin_is_read_from_setup_py():
     low, high = device_check._pin("transformers")
     assert device_check._vtuple(low) < device_check._vtuple(high)
+
+
+def test_preflight_reads_setup_py_and_names_what_is_unmet():
+    reqs = device_preflight.install_requires()
+    assert any(r.startswith("transformers>=") for r in reqs) and any(r.startswith("torch") for r in reqs)
+    bad = dict(device_preflight.unmet(["pytest>=999", "surely-no-such-package>=1", "pytest>=1",
+                                       "surely-no-such-package; sys_platform == 'no-such-os'"]))
+    assert bad == {"pytest>=999": f"{device_preflight.metadata.version('pytest')} installed",
+                   "surely-no-such-package>=1": "not installed"}
+    line = device_preflight.download_line(["transformers<5.25,>=5.17"])
+    assert "--python-version 3.12" in line and line.endswith("-d .whl 'transformers<5.25,>=5.17'")
 
 
 def test_summary_and_pack_leave_at_most_four_files(tmp_path):
