@@ -12,7 +12,7 @@ $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,bench,lora]"
+	$(PY) -m pip install -q -e ".[dev,bench,lora,data]"
 	touch $(STAMP)
 
 install: $(STAMP)
