@@ -27,9 +27,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" bench/device_preflight.py || exit 3
-# The project itself: editable, no dependencies, no network; the CUDA library is left to the
-# cuda-lib stage (carried, or built for this GPU only). A failed install falls back to the tree
-# (grpo_models/ is a shim package that points at models/).
-GRPO_CORE_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-  || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The project itself runs from the tree, not installed (nothing to fetch, no interpreter's
+# site-packages changed): grpo_core, grpo_app and grpo_models (a shim package pointing at models/).
+# The CUDA library is the cuda-lib stage's (carried build/cuda, or built for this GPU only).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m bench.device_check --out "$OUT_DIR" --pack "$@"

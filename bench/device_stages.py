@@ -17,7 +17,8 @@ precision: does a bf16 run update the weights as an fp32 run does? One ``Experie
 learn: the demo's task (grpo_app.demo: a tiny Qwen2-VL, synthetic scans, lesion quadrant A–D) on the
   GPU in bf16: format warm-up, then GRPO for ``--seconds`` of training; held-out accuracy (200 items,
   greedy) before and after must rise by ≥ ``MIN_RISE``. The dry run uses a tiny budget, no rise.
-Each writes ``<out>/<stage>.json`` (its facts) and exits 1 when the check fails.
+Each writes ``<out>/<stage>.json`` (its facts, ``pass`` the verdict) and exits 1 when the check
+fails on a GPU; the dry run exits 0 either way (it checks that the stage runs, not the engine).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def learn(out: str, dry_run: bool, seconds: float) -> dict:
     from grpo_core.trainer import GRPOTrainer
 
     cfg = _config(out, "float32" if dry_run else "bfloat16", "cpu" if dry_run else "cuda", quick=dry_run)
+    cfg.data.eval_size = 20 if dry_run else 200                # held-out items, greedy
     torch.manual_seed(0)
     policy = load_policy(cfg.model, seed=0)
     train, held = build_records(cfg.data, 0)
@@ -116,7 +118,7 @@ def learn(out: str, dry_run: bool, seconds: float) -> dict:
     facts = {"dtype": cfg.model.dtype, "warmup_s": warm_s, "grpo_steps": steps, "grpo_s": train_s,
              "acc_start": start["accuracy"], "acc_end": end["accuracy"], "format_end": end["format_rate"],
              "held_out": len(held)}
-    facts["pass"] = dry_run or end["accuracy"] - start["accuracy"] >= MIN_RISE
+    facts["pass"] = end["accuracy"] - start["accuracy"] >= MIN_RISE
     return facts
 
 
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"{args.stage}.json"), "w") as f:
         json.dump(facts, f, indent=1)
     print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in facts.items()}))
-    return 0 if facts["pass"] else 1
+    return 0 if facts["pass"] or args.dry_run else 1        # the dry run checks that the stage runs
 
 
 if __name__ == "__main__":

@@ -74,3 +74,28 @@ def test_compile_check_budgets():
     cuda = dict(kind="cuda", kernel="k", arch="sm_80", regs=64, stack=8, spill_bytes=4)
     assert "budget 0" in compile_check.problems([cuda])[0]
     assert "nvcc failed" in compile_check.problems([dict(kind="cuda", kernel="k", arch="sm_80", error="nvcc failed")])[0]
+
+
+def _alive(pid: int) -> bool:
+    """pid exists and is not a zombie (an orphan may wait a moment for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_time_plan_fits_six_minutes():
+    assert sum(est for _, est in device_check.PLAN.values()) <= 360
+    assert all(limit >= est for limit, est in device_check.PLAN.values())
+
+
+def test_stage_timeout_and_exit_kill_the_whole_process_group(tmp_path):
+    """A stage's grandchild (bench_step's provider process) must not outlive the stage: on a GPU it
+    would keep its memory through every later stage."""
+    for timeout, tail, want_rc in ((1.0, "wait", 124), (60.0, "exit 0", 0)):
+        pidfile = tmp_path / "pid"
+        cmd = ["bash", "-c", f"sleep 120 & echo $! > {pidfile}; {tail}"]
+        rc, seconds = device_check._run(cmd, str(tmp_path / "stage.log"), timeout)
+        assert rc == want_rc and seconds < 30
+        assert not _alive(int(pidfile.read_text()))
