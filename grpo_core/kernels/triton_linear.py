@@ -48,7 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
+from grpo_core.kernels import triton_interpreter
 from grpo_core.kernels.torch_backend import add_matmul_, dz_dtype, matmul_into
+
+triton_interpreter.fix()         # Triton 3.6's CPU interpreter under numpy ≥ 2.5 (no-op on a GPU)
 
 _NEG_BIG = tl.constexpr(-1e38)  # finite start for the running max: an all −inf tile gives 0, not NaN
 DZ_BUFFER_BYTES = 1 << 29       # ≤ 512 MiB for the backward dz chunk (C, V)
