@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_core_installed
 
-.PHONY: demo test test-numerics cpu-info install bench bench-quick lint cuda memcheck compile-check device-check device-check-dry device-wheels clean
+.PHONY: demo test test-numerics cpu-info install bench bench-quick lint cuda memcheck compile-check device-check device-check-dry device-wheels device-env-check clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -86,9 +86,14 @@ WHEELS ?= $(shell grep -v '^\s*\(#\|$$\)' bench/device_wheels.txt)
 device-wheels:
 	$(PYTHON) bench/device_preflight.py --download $(foreach w,$(WHEELS),'$(w)')
 
-# The same script on CPU with tiny shapes: checks the script itself (CI).
+# The same script on CPU with tiny shapes: checks the script itself.
 device-check-dry: $(STAMP)
 	$(PY) -m bench.device_check --dry-run
+
+# CI: the device run's install path under the device image's versions (triton 3.6, transformers
+# 5.17, numpy 2.5's scalar rule), offline: the .sh dry run and the Triton kernel tests.
+device-env-check: $(STAMP)
+	BASE_VENV=$(VENV) bash .ci/device_env.sh
 
 clean:
 	rm -rf build grpo_core/kernels/_lib *.egg-info
