@@ -118,28 +118,44 @@ def stage_env(args) -> dict:
     return facts
 
 
-def stage_ceilings(args) -> dict:
-    """Copy bandwidth (bytes read + written per second) and bf16 matrix rate on this device."""
-    import torch
+def _copy_bps(dev, n: int) -> float:
+    """Bytes read + written per second of an n-element fp32 device-to-device copy."""
+    from bench.common import time_ms
 
+    src = _randn(n, dev)
+    dst = src.new_empty(src.shape)
+    ms, _, _ = time_ms(lambda: dst.copy_(src), dev)
+    return 2 * n * 4 / (ms * 1e-3)                                     # tensors freed on return
+
+
+def _matmul_flops(dev, k: int, dtype) -> float:
+    """FLOP/s of a k³ matrix product on random data."""
     from bench.common import sync, time_ms
 
-    dev = torch.device("cpu" if args.dry_run else "cuda")
-    n = (1 << 20) if args.dry_run else (1 << 30)                       # fp32 elements: 4 MiB / 4 GiB
-    src = torch.randn(n, device=dev)
-    dst = torch.empty_like(src)
-    ms, _, _ = time_ms(lambda: dst.copy_(src), dev)
-    copy_bps = 2 * src.numel() * 4 / (ms * 1e-3)
-    del src, dst                                                       # 8 GiB: free before the matmul
-    k = 256 if args.dry_run else 8192
-    a = torch.randn(k, k, device=dev, dtype=torch.float32 if args.dry_run else torch.bfloat16)
-    b = torch.randn_like(a)
-    ms_mm, _, _ = time_ms(lambda: a @ b, dev)
+    a, b = _randn((k, k), dev, dtype), _randn((k, k), dev, dtype)
+    ms, _, _ = time_ms(lambda: a @ b, dev)
     sync(dev)
-    del a, b
+    return 2 * k ** 3 / (ms * 1e-3)
+
+
+def _randn(shape, dev, dtype=None):
+    import torch
+
+    return torch.randn(shape, device=dev, dtype=dtype or torch.float32)
+
+
+def stage_ceilings(args) -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matrix rate on this device; the
+    8 GiB of copy buffers and the matmul operands are freed, the CUDA cache emptied, before return."""
+    import torch
+
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    copy_bps = _copy_bps(dev, (1 << 20) if args.dry_run else (1 << 30))   # fp32: 4 MiB / 4 GiB
+    k = 256 if args.dry_run else 8192
+    flops = _matmul_flops(dev, k, torch.float32 if args.dry_run else torch.bfloat16)
     if dev.type == "cuda":
         torch.cuda.empty_cache()                                       # nothing held for later stages
-    return {"copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": 2 * k ** 3 / (ms_mm * 1e-3) / 1e12,
+    return {"copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": flops / 1e12,
             "matmul": f"{k}³ {'fp32' if args.dry_run else 'bf16'}, random data"}
 
 

@@ -24,7 +24,6 @@ fails on a GPU; the dry run exits 0 either way (it checks that the stage runs, n
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys

@@ -1,9 +1,11 @@
 """bench/device_check.py and bench/compile_check.py: the pieces that need neither a GPU nor a
-compiler (CI runs both scripts for real: `make compile-check device-check-dry` in .ci/run)."""
+compiler (CI runs both scripts for real: `make compile-check device-env-check` in .ci/run)."""
 
 import json
 import os
 import tarfile
+
+import pytest
 
 from bench import compile_check, device_check, device_preflight
 
@@ -99,3 +101,23 @@ def test_stage_timeout_and_exit_kill_the_whole_process_group(tmp_path):
         rc, seconds = device_check._run(cmd, str(tmp_path / "stage.log"), timeout)
         assert rc == want_rc and seconds < 30
         assert not _alive(int(pidfile.read_text()))
+
+
+def test_every_stage_has_a_command_and_only_rejects_unknown_stages(tmp_path):
+    from types import SimpleNamespace
+
+    for dry in (True, False):
+        for name in device_check.STAGES[1:]:                        # env runs in the driver itself
+            cmd = device_check._command(SimpleNamespace(dry_run=dry), str(tmp_path), name)
+            assert cmd[0] == device_check.sys.executable and "-m" in cmd
+    with pytest.raises(SystemExit):
+        device_check.main(["--dry-run", "--only", "no-such-stage", "--out", str(tmp_path)])
+
+
+def test_only_rerun_keeps_the_other_stages_rows(tmp_path):
+    first = {"command": "c", "dry_run": True, "budget_s": 9, "stages": {
+        "ceilings": {"status": "ok", "seconds": 1.0, "facts": {"copy_GBps": 3.0}}}}
+    device_check._write_summary(str(tmp_path), first)
+    assert device_check.main(["--dry-run", "--only", "env", "--out", str(tmp_path)]) == 0
+    stages = json.load(open(tmp_path / "summary.json"))["stages"]
+    assert set(stages) == {"ceilings", "env"} and stages["ceilings"]["facts"]["copy_GBps"] == 3.0
