@@ -11,8 +11,9 @@
 #    with 2.5's one relevant change switched on: converting a 1-element array to a scalar is an
 #    error (PYTHONWARNINGS below; 2.4 warns, 2.5 raises the same "only 0-dimensional arrays" error).
 # 2. With no network (unshare -n; else PIP_NO_INDEX and HF offline only, said in the log):
-#    bench/device_check.sh --dry-run (the preflight against setup.py, then every stage on CPU), and
-#    the Triton kernel tests in the interpreter under Triton 3.6.
+#    bench/device_check.sh --dry-run (the preflight against setup.py, then every stage on CPU),
+#    the Triton kernel tests in the interpreter under Triton 3.6, and the compile check of the
+#    Triton kernels for sm_90a (the device's H100/H200) under Triton 3.6 (--quick: bf16, one H).
 # Budget: <= 4 minutes on an idle 2-core machine; the seconds of each part are printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,4 +49,8 @@ echo "device-env: device_check.sh --dry-run passed in $((SECONDS - t1)) s"
 t2=$SECONDS
 "${OFFLINE[@]}" env TRITON_INTERPRET=1 "$ENV_DIR/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_kernels_logprobs.py tests/test_kernels_linear.py
-echo "device-env: kernel tests (Triton 3.6 interpreter) passed in $((SECONDS - t2)) s; total $((SECONDS - t0)) s"
+echo "device-env: kernel tests (Triton 3.6 interpreter) passed in $((SECONDS - t2)) s"
+t3=$SECONDS
+"${OFFLINE[@]}" env TRITON_INTERPRET=0 "$ENV_DIR/bin/python" -m bench.compile_check --archs 90 --quick \
+  --no-csrc --out "$ROOT/build/compile-check-triton36"
+echo "device-env: Triton 3.6 compile check (sm_90a) passed in $((SECONDS - t3)) s; total $((SECONDS - t0)) s"
