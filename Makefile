@@ -6,13 +6,13 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_core_installed
 
-.PHONY: demo test test-numerics cpu-info install bench bench-quick lint cuda memcheck compile-check device-check device-check-dry clean
+.PHONY: demo test test-numerics cpu-info install bench bench-quick lint cuda memcheck compile-check device-check device-check-dry device-wheels device-env-check clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,bench,lora]"
+	$(PY) -m pip install -q -e ".[dev,bench,lora,data]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -76,13 +76,24 @@ compile-check: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m bench.compile_check
 
 # The one prepared GPU run (bench/device_check.py): tests, benchmarks, peak memory, one folder.
-# On the device machine run `bash bench/device_check.sh` instead (no venv, no network there).
-device-check: $(STAMP)
-	$(PY) -m bench.device_check
+# It builds no venv (the device machine is offline): bench/device_check.sh with .venv's python
+# where one exists here, else python3; it stops in seconds, naming the wheels to carry, if needed.
+device-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/device_check.sh
 
-# The same script on CPU with tiny shapes: checks the script itself (CI).
+# The wheels the device lacks (bench/device_wheels.txt, or WHEELS="spec ...") into .whl/, here.
+WHEELS ?= $(shell grep -v '^\s*\(#\|$$\)' bench/device_wheels.txt)
+device-wheels:
+	$(PYTHON) bench/device_preflight.py --download $(foreach w,$(WHEELS),'$(w)')
+
+# The same script on CPU with tiny shapes: checks the script itself.
 device-check-dry: $(STAMP)
 	$(PY) -m bench.device_check --dry-run
+
+# CI: the device run's install path under the device image's versions (triton 3.6, transformers
+# 5.17, numpy 2.5's scalar rule), offline: the .sh dry run and the Triton kernel tests.
+device-env-check: $(STAMP)
+	BASE_VENV=$(VENV) bash .ci/device_env.sh
 
 clean:
 	rm -rf build grpo_core/kernels/_lib *.egg-info

@@ -70,18 +70,16 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.16",
-        "transformers>=5.20,<5.25",
+        "transformers>=5.17,<5.25",         # 5.17: the GPU device image's (no output .cache)
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "numpy>=1.24",
-        "datasets>=3.0",
         "pillow>=10.0",
         "tqdm>=4.60",
         "pyyaml>=6.0",
-        "pandas>=2.0",
-        "pyarrow>=14",
     ],
     extras_require={
+        "data": ["datasets>=3.0", "pandas>=2.0", "pyarrow>=14"],  # data.format hf_dataset / hf_parquet
         "gpu": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "tensorboard>=2.14", "wandb>=0.17"],   # CI tests both reporters
         "tensorboard": ["tensorboard>=2.14"],       # run.report_to: [tensorboard]

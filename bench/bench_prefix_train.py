@@ -7,8 +7,11 @@ On the CPU demo shape (tiny Qwen2-VL, 8 prompts × G = 16, 5 completion tokens):
 N = B·G full [prompt ; completion] rows, the shared path runs each prompt once and lets its G
 completions attend to its K/V (grpo_models.prefix_train), in the "rows" and "grouped" layouts.
 CPU: the median process CPU time per call (1 thread: robust to other load on the machine).
-GPU (``--model 2b``: Qwen2-VL-2B architecture, random bf16 weights, 448² images, 8 prompts × G = 8,
-128 completion tokens): median wall time per call (CUDA events), and peak memory; the plain path
+GPU (``--model 2b``: Qwen2-VL-2B architecture, random bf16 weights, 448² images (256 image tokens
+a prompt), 8 prompts × G = 8, 128 completion tokens): median wall time per call (CUDA events), and
+peak memory. The plain path runs 64 full [prompt ; completion] rows: ≈ 99 GiB of activations at
+448², more than an 80 GB H100 holds; its out-of-memory is recorded as the row's result (and the
+memory freed) instead of ending the run. The plain path
 uses the model's attention implementation (flash_attention_2 when flash_attn imports, else sdpa),
 the shared path its own sdpa attention: this is the measurement that decides which path the
 trainer should take on that GPU (grpo_models.policy_utils.pick_attn_implementation).
@@ -47,22 +50,33 @@ def _cpu_ms(step, steps: int) -> float:
     return statistics.median(runs[1:]) * 1e3
 
 
+def _free(pol) -> None:
+    """Gradients dropped and the CUDA cache emptied: the next path starts from the same memory."""
+    pol.model.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", choices=["tiny", "2b"], help="2b: Qwen2-VL-2B shapes on a GPU")
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--prompts", type=int, default=None, help="B (default 8)")
     ap.add_argument("--group", type=int, default=None, help="G (default 16 on CPU, 8 on a GPU)")
+    ap.add_argument("--image-size", type=int, default=None, help="square scans, px (default 56 on CPU, "
+                                                                 "448 on a GPU)")
     ap.add_argument("--out", default=None, help="results root; writes <out>/<device>/prefix_train.{json,md}")
     args = ap.parse_args(argv)
     gpu = args.model == "2b"
     B, g, c = (8, 8, 128) if gpu else (8, 16, 5)
     B, g = args.prompts or B, args.group or g
+    px = args.image_size or (448 if gpu else 56)
     if not gpu:
         torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         pol = _policy(args.model, tmp)
-    enc = pol.encode([record_to_prompt(r, template="nothink")[0] for r in make_synthetic_vqa(B, seed=0)])
+    records = make_synthetic_vqa(B, seed=0, image_size=px)
+    enc = pol.encode([record_to_prompt(r, template="nothink")[0] for r in records])
     ids = torch.randint(10, 500, (B * g, c), generator=torch.Generator().manual_seed(0)).to(pol.device)
     ones = torch.ones_like(ids)
 
@@ -82,14 +96,15 @@ def main(argv=None) -> None:
             else:
                 ms, mem = _cpu_ms(step, args.steps), None
             rows.append({"path": name, "ms": ms, "peak_mem_mb": mem})
-        except torch.OutOfMemoryError as exc:
+        except torch.OutOfMemoryError as exc:                                   # a result, not a crash
             rows.append({"path": name, "ms": None, "note": f"out of memory: {str(exc)[:80]}"})
+        _free(pol)
     mod.ENABLED, mod.LAYOUT = True, "auto"
     plain = rows[0]["ms"]
     for r in rows:
         r["speedup_vs_plain"] = plain / r["ms"] if plain and r["ms"] else None
     attn = pol._lm.config._attn_implementation
-    print(f"B={B} G={g} P={enc.input_ids.shape[1]} C={c}, {'GPU wall' if gpu else 'CPU'} ms per forward+backward "
+    print(f"B={B} G={g} P={enc.input_ids.shape[1]} C={c}, {px}² images, {'GPU wall' if gpu else 'CPU'} ms per forward+backward "
           f"(plain: {attn}): " + ", ".join(f"{r['path']} {r['ms']:.0f}" if r["ms"] else f"{r['path']} OOM" for r in rows))
     if args.out or gpu:
         from bench.common import device_label, results_dir, write_table
@@ -97,7 +112,7 @@ def main(argv=None) -> None:
         dev = torch.device("cuda" if gpu else "cpu")
         meta = {"title": "shared-prefix training forward vs plain (completion_hidden fwd+bwd)",
                 "device": device_label(dev), "command": "python -m bench.bench_prefix_train --model " + args.model,
-                "notes": [f"B={B} G={g} P={enc.input_ids.shape[1]} C={c}; plain path attention: {attn}; "
+                "notes": [f"B={B} G={g} P={enc.input_ids.shape[1]} C={c}, {px}² images; plain path attention: {attn}; "
                           "shared path: its own sdpa attention"]}
         stem = write_table(os.path.join(results_dir(dev, args.out), "prefix_train"), meta, rows,
                            ["path", "ms", "speedup_vs_plain", "peak_mem_mb", "note"])

@@ -1,36 +1,34 @@
 #!/usr/bin/env bash
 # The one prepared GPU run, on the bare, offline device machine (bench/device_check.py says what
-# it measures). Its python3 has torch, triton, peft, pandas, pytest ... but transformers 5.17,
-# below setup.py's >=5.20,<5.25, and pip there reaches no registry: the wheels travel along.
+# it measures). Its python3 has torch 2.11, triton 3.6, transformers 5.17, peft, pandas, pytest ...
+# and pip there reaches no registry: whatever setup.py needs beyond that travels as wheels in .whl/.
 #
-# Prepare once, on a machine with pip access, in the repository root (.whl/ is git-ignored):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-#     -d .whl transformers==5.24.0 regex==2026.11.19
-#   (transformers 5.24 needs regex >= 2025.10.22, tokenizers 0.23.x, huggingface-hub >= 1.31 and
-#    safetensors >= 0.8: the device has the last three.)
-#   make cuda      # optional: build/cuda/ is used there if it runs, else built there for the GPU
+#   make device-check                 # = this script (never builds a venv: no network there)
+#   bash bench/device_check.sh [--only bench-step,learn] [...]   # extra args go to device_check.py
 #
-# Run there with .whl and build/cuda carried along:
-#   bash bench/device_check.sh            # results in $OUT (the device tool's folder) or
-#                                         # bench/results/device-check/; extra args go to the script
+# First seconds: bench/device_preflight.py checks this Python against setup.py's install_requires
+# (after installing any carried .whl/*.whl into $SITE); if something is missing it stops (exit 3)
+# and prints the exact `pip download` line (or `make device-wheels WHEELS=...`) to run on a machine
+# with pip access. Carried along: .whl (if any) and build/cuda (optional: `make cuda`; built there
+# for the GPU otherwise). Results in $OUT (the device tool's folder) or bench/results/device-check/.
+# PYTHON=/path/to/python picks the interpreter (default python3; make passes .venv's if present).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+SITE="${SITE:-/tmp/site}"
 OUT_DIR="${OUT:-bench/results/device-check}"
 mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/device_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "device_check.sh: installing the carried wheels failed"; exit 1; }
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-else
-  echo "device_check.sh: no .whl/ carried; using the machine's packages as they are"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" .whl/*.whl || { echo "device_check.sh: installing the carried wheels failed"; exit 1; }
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# The project itself: editable, no dependencies, no network; the CUDA library is left to the
-# cuda-lib stage (carried, or built for this GPU only). A failed install falls back to the tree.
-GRPO_CORE_SKIP_CUDA_BUILD=1 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-  || export PYTHONPATH="$PWD:$PYTHONPATH"
-python3 -m bench.device_check --out "$OUT_DIR" --pack "$@"
+"$PY" bench/device_preflight.py || exit 3
+# The project itself runs from the tree, not installed (nothing to fetch, no interpreter's
+# site-packages changed): grpo_core, grpo_app and grpo_models (a shim package pointing at models/).
+# The CUDA library is the cuda-lib stage's (carried build/cuda, or built for this GPU only).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -m bench.device_check --out "$OUT_DIR" --pack "$@"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -93,6 +94,23 @@ def _growing_layer_class():
             return self.keys.shape[-2]
 
     return GrowingLayer
+
+
+def cache_of(out) -> Any:
+    """The KV cache a model output returns: ``out.cache`` (newer transformers, e.g. 5.24) or
+    ``out.past_key_values`` (older ones, e.g. 5.17: the GPU device image's)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def cache_arg(module, cache) -> dict:
+    """``{name: cache}`` for ``module(...)``: the forward's ``cache`` argument, or
+    ``past_key_values`` where an older transformers (e.g. 5.17) still calls it that."""
+    return {_cache_arg_name(type(module)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg_name(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def expand_state(state: DecodeState, group_size: int) -> DecodeState:

@@ -223,7 +223,7 @@ class Qwen2VLPolicy:
         out = self._lm(inputs_embeds=self._prompt_embeds(enc), attention_mask=enc.attention_mask,
                        position_ids=enc.position_ids, use_cache=True)
         state = pu.DecodeState(
-            cache=out.cache, attention_mask=enc.attention_mask,
+            cache=pu.cache_of(out), attention_mask=enc.attention_mask,
             next_position=enc.prompt_lengths + enc.rope_deltas[:, 0],      # (B,) = L + δ
             rope_deltas=enc.rope_deltas,
         )
@@ -244,8 +244,8 @@ class Qwen2VLPolicy:
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(n, 1)], 1)  # (N, T+1)
         pos = state.next_position.view(1, n, 1).expand(3, n, 1)                           # (3, N, 1)
         out = self._lm(input_ids=tokens.view(n, 1), attention_mask=mask, position_ids=pos,
-                       cache=state.cache, use_cache=True)
-        new = pu.DecodeState(out.cache, mask, state.next_position + 1, state.rope_deltas)
+                       **pu.cache_arg(self._lm, state.cache), use_cache=True)
+        new = pu.DecodeState(pu.cache_of(out), mask, state.next_position + 1, state.rope_deltas)
         return self._logits_last(out.last_hidden_state), new
 
     # ------------------------------------------------------------------ training

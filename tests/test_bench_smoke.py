@@ -107,3 +107,28 @@ def test_one_results_folder_per_machine_kind(monkeypatch):
         pytest.skip("not a git checkout")
     cpu_dirs = sorted({p.split("/")[2] for p in tracked if p.split("/")[2].startswith("cpu")})
     assert cpu_dirs == ["cpu-AMD-EPYC"], f"one folder per machine kind under bench/results, got {cpu_dirs}"
+
+
+def test_prefix_train_records_a_paths_out_of_memory(tmp_path, monkeypatch):
+    """At 448² the plain path needs ≈ 99 GiB on a GPU: its OOM is that row's result, the other
+    paths still run (here the plain path's timing raises the OOM on CPU)."""
+    import glob
+
+    import torch
+
+    from bench import bench_prefix_train as bpt
+
+    calls = []
+
+    def fake_ms(step, steps):
+        calls.append(bpt.mod.ENABLED)
+        if not bpt.mod.ENABLED:                                     # the plain path
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 99.00 GiB")
+        return 1.0
+
+    monkeypatch.setattr(bpt, "_cpu_ms", fake_ms)
+    bpt.main(["--prompts", "1", "--group", "2", "--out", str(tmp_path)])
+    (path,) = glob.glob(str(tmp_path / "*" / "prefix_train.json"))
+    rows = {r["path"]: r for r in json.load(open(path))["rows"]}
+    assert calls == [False, True, True] and rows["plain"]["ms"] is None
+    assert "out of memory" in rows["plain"]["note"] and rows["rows"]["ms"] == rows["grouped"]["ms"] == 1.0

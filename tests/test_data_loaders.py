@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 
 import pytest
 from PIL import Image
@@ -228,3 +229,16 @@ def test_build_records_eval_split_reads_the_official_test_set():
     assert sorted(r.id for r in held) == ["vqa_rad/3", "vqa_rad/4"]   # test_freeform / test_para rows
     assert {r.extra["phrase_type"] for r in train} <= {"freeform", "para"} and len(train) == 2
     assert train.split.dropped_overlap == 0 and train.report.skipped["missing image file"] == 1
+
+
+@pytest.mark.parametrize("fmt,missing", [("hf_parquet", "pandas"), ("hf_parquet", "pyarrow"),
+                                         ("hf_dataset", "datasets")])
+def test_data_extra_missing_names_the_extra(monkeypatch, tmp_path, fmt, missing):
+    """datasets / pandas / pyarrow are setup.py's optional 'data' extra: a loader that needs one
+    says so, with the install line, instead of a bare ModuleNotFoundError."""
+    from grpo_core.data import loaders_hf
+
+    monkeypatch.setitem(sys.modules, missing, None)                  # import → ImportError
+    read = loaders_hf.iter_hf_parquet if fmt == "hf_parquet" else loaders_hf.iter_hf_dataset
+    with pytest.raises(ImportError, match=rf"{fmt} needs '{missing}'.*pip install -e '\.\[data\]'"):
+        list(read(str(tmp_path)))

@@ -1,16 +1,29 @@
 """bench/device_check.py and bench/compile_check.py: the pieces that need neither a GPU nor a
-compiler (CI runs both scripts for real: `make compile-check device-check-dry` in .ci/run)."""
+compiler (CI runs both scripts for real: `make compile-check device-env-check` in .ci/run)."""
 
 import json
 import os
 import tarfile
 
-from bench import compile_check, device_check
+import pytest
+
+from bench import compile_check, device_check, device_preflight
 
 
 def test_transformers_pin_is_read_from_setup_py():
     low, high = device_check._pin("transformers")
     assert device_check._vtuple(low) < device_check._vtuple(high)
+
+
+def test_preflight_reads_setup_py_and_names_what_is_unmet():
+    reqs = device_preflight.install_requires()
+    assert any(r.startswith("transformers>=") for r in reqs) and any(r.startswith("torch") for r in reqs)
+    bad = dict(device_preflight.unmet(["pytest>=999", "surely-no-such-package>=1", "pytest>=1",
+                                       "surely-no-such-package; sys_platform == 'no-such-os'"]))
+    assert bad == {"pytest>=999": f"{device_preflight.metadata.version('pytest')} installed",
+                   "surely-no-such-package>=1": "not installed"}
+    line = device_preflight.download_line(["transformers<5.25,>=5.17"])
+    assert "--python-version 3.12" in line and line.endswith("-d .whl 'transformers<5.25,>=5.17'")
 
 
 def test_summary_and_pack_leave_at_most_four_files(tmp_path):
@@ -63,3 +76,48 @@ def test_compile_check_budgets():
     cuda = dict(kind="cuda", kernel="k", arch="sm_80", regs=64, stack=8, spill_bytes=4)
     assert "budget 0" in compile_check.problems([cuda])[0]
     assert "nvcc failed" in compile_check.problems([dict(kind="cuda", kernel="k", arch="sm_80", error="nvcc failed")])[0]
+
+
+def _alive(pid: int) -> bool:
+    """pid exists and is not a zombie (an orphan may wait a moment for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_time_plan_fits_six_minutes():
+    assert sum(est for _, est in device_check.PLAN.values()) <= 360
+    assert all(limit >= est for limit, est in device_check.PLAN.values())
+
+
+def test_stage_timeout_and_exit_kill_the_whole_process_group(tmp_path):
+    """A stage's grandchild (bench_step's provider process) must not outlive the stage: on a GPU it
+    would keep its memory through every later stage."""
+    for timeout, tail, want_rc in ((1.0, "wait", 124), (60.0, "exit 0", 0)):
+        pidfile = tmp_path / "pid"
+        cmd = ["bash", "-c", f"sleep 120 & echo $! > {pidfile}; {tail}"]
+        rc, seconds = device_check._run(cmd, str(tmp_path / "stage.log"), timeout)
+        assert rc == want_rc and seconds < 30
+        assert not _alive(int(pidfile.read_text()))
+
+
+def test_every_stage_has_a_command_and_only_rejects_unknown_stages(tmp_path):
+    from types import SimpleNamespace
+
+    for dry in (True, False):
+        for name in device_check.STAGES[1:]:                        # env runs in the driver itself
+            cmd = device_check._command(SimpleNamespace(dry_run=dry), str(tmp_path), name)
+            assert cmd[0] == device_check.sys.executable and "-m" in cmd
+    with pytest.raises(SystemExit):
+        device_check.main(["--dry-run", "--only", "no-such-stage", "--out", str(tmp_path)])
+
+
+def test_only_rerun_keeps_the_other_stages_rows(tmp_path):
+    first = {"command": "c", "dry_run": True, "budget_s": 9, "stages": {
+        "ceilings": {"status": "ok", "seconds": 1.0, "facts": {"copy_GBps": 3.0}}}}
+    device_check._write_summary(str(tmp_path), first)
+    assert device_check.main(["--dry-run", "--only", "env", "--out", str(tmp_path)]) == 0
+    stages = json.load(open(tmp_path / "summary.json"))["stages"]
+    assert set(stages) == {"ceilings", "env"} and stages["ceilings"]["facts"]["copy_GBps"] == 3.0

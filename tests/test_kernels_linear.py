@@ -14,6 +14,7 @@ from kernel_helpers import (  # noqa: E402,F401  (sets TRITON_INTERPRET on CPU f
     linear_grad_bounds,
     logp_tol,
     max_err,
+    rounding,
     tol,
 )
 
@@ -112,6 +113,28 @@ def test_bf16_error_at_most_twice_torch_bf16(backend):
     assert max_err(lp, want) <= 2 * max_err(lpt, want) + 1e-6
     assert max_err(dh, rdh) <= 2 * max_err(tdh, rdh) + 1e-6
     assert max_err(dw, rdw) <= 2 * max_err(tdw, rdw) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("g_size", [1e-4, 1e-6])
+def test_fp16_realistic_gradient_does_not_underflow(backend, g_size):
+    """fp16 model, upstream g = advantage / tokens (1e-4 … 1e-6), V = 8,192: p_j·g ≈ 1e-8 … 1e-10 is
+    below fp16's smallest subnormal, so an fp16 dz loses dh's −g·Σ p_j W_j term. The bound: dz and
+    the GEMM operands rounded to bf16 (``dz_dtype``) on terms of size Σ|dz|·max|W| ≤ 2|g|·max|W|
+    (dh) and Σ_i |g_i|·max|h| (dW), plus storing the result in fp16 (subnormals included)."""
+    hidden, weight, labels, mask, _, up = make_case(2, 4, 32, 8192, seed=3)
+    mask[:] = True
+    labels = torch.randint(0, 8192, labels.shape, generator=torch.Generator().manual_seed(4))
+    up = torch.where(torch.arange(8) % 2 == 0, g_size, -g_size).view(2, 4)        # ±g per token
+    h16, w16 = hidden.half(), weight.half()
+    _, dh, dw = grads(linear_token_logprobs, h16, w16, up, labels, 1.0, mask, backend=backend)
+    _, rdh, rdw = grads(ref_linear, h16.double(), w16.double(), up.double(), labels, 1.0, mask)
+    assert dh.dtype == dw.dtype == torch.float16
+    k = 4 * torch.finfo(torch.bfloat16).eps                                      # 2^-9 per rounding, 8 of them
+    bound_dh = k * 2 * g_size * w16.double().abs().max() + rounding(rdh, torch.float16)
+    bound_dw = k * up.abs().sum() * h16.double().abs().max() + rounding(rdw, torch.float16)
+    assert ((dh.double() - rdh).abs() <= bound_dh).all(), max_err(dh, rdh) / rdh.abs().max().item()
+    assert ((dw.double() - rdw).abs() <= bound_dw).all(), max_err(dw, rdw) / rdw.abs().max().item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -65,3 +65,23 @@ def test_qwen2_vl_2b_config_shapes():
     assert 2.1e9 < n < 2.3e9, n                      # Qwen2-VL-2B: 2.21 B parameters
     assert model.lm_head.weight.shape == (151936, 1536)
     assert sum(cfg.text_config.rope_parameters["mrope_section"]) * 2 == 1536 // 12
+
+
+def test_kv_cache_names_of_old_and_new_transformers():
+    """transformers 5.17 (the GPU device image's) returns and takes ``past_key_values``; newer ones
+    ``cache``: policy_utils reads and passes whichever the installed version uses."""
+    from types import SimpleNamespace
+
+    from grpo_models import policy_utils as pu
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return SimpleNamespace(past_key_values=("old", past_key_values))
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None):
+            return SimpleNamespace(cache=("new", cache))
+
+    for mod, name in ((Old(), "old"), (New(), "new")):
+        out = mod(None, **pu.cache_arg(mod, "kv"), use_cache=True)
+        assert pu.cache_of(out) == (name, "kv")

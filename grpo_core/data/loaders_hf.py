@@ -20,12 +20,14 @@ options column, a question that carries its options inline ("Q? A)x, B)y", Med-R
 ``problem`` / ``solution`` = "<answer> B </answer>") with a letter answer is split into stem and
 options; other rows without options are yes/no or open questions.
 
-``datasets`` is imported only here, and only when this format is used: the engine runs without it.
+``datasets``, ``pandas`` and ``pyarrow`` (setup.py's ``data`` extra) are imported only here, and
+only when these formats are used: the engine runs without them (``_import_extra``).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from functools import partial
 
@@ -37,6 +39,16 @@ from .record import ANSWER_TYPES, RowProblem, VQARecord, clean_cell, letters_for
 COLUMN_KEYS = ("question", "answer", "image", "options", "id", "answer_type", "modality", "question_type")
 REQUIRED = ("question", "answer", "image")
 _DEFAULT_NAMES = {"image": ("image", "images")}
+
+
+def _import_extra(module: str, fmt: str):
+    """``import module``, or an ImportError naming the format and the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"data.format {fmt} needs {module!r}, which is not installed: it comes with "
+                          "the optional 'data' extra (pip install -e '.[data]', or pip install "
+                          "datasets pandas pyarrow)") from exc
 
 
 def check_column_mapping(columns) -> dict:
@@ -150,8 +162,8 @@ def mapped_row(row: dict, cols: dict, roots: ImageRoots, name: str, split: str, 
 # ---------------------------------------------------------------------------------------------
 
 def iter_hf_parquet(path, split=None, image_root=None, dataset=None, columns=None, allow_outside_root=False, **_):
-    import pandas as pd
-
+    pd = _import_extra("pandas", "hf_parquet")
+    _import_extra("pyarrow", "hf_parquet")                              # pandas' parquet engine
     for f in pick_files(path, "*.parquet", split, "parquet"):
         df = pd.read_parquet(f)
         cols = resolve_columns(columns, df.columns, f)
@@ -184,7 +196,7 @@ def is_hf_object(obj) -> bool:
 
 def _open_hf(path, split):
     """(datasets.Dataset, name for messages, folder or None) for a save_to_disk folder or an object."""
-    import datasets
+    datasets = _import_extra("datasets", "hf_dataset")
 
     if is_hf_object(path):
         obj, where, folder = path, f"<datasets.{type(path).__name__}>", None

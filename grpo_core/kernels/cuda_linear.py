@@ -9,7 +9,8 @@ never exist. Per chunk:
             (csrc/logprobs.cu) reads it as C tokens of one position each → logp, lse, H.
   backward: recompute z; the CUDA backward kernel overwrites it in place with
             d z_j = (g (1[j = y] − p_j) − g_H p_j (log p_j + H)) / T; then, in the input dtype,
-            dh_c = dz W and dW += dzᵀ h_c with an fp32 accumulator (``torch_backend.add_matmul_``).
+            dh_c = dz W and dW += dzᵀ h_c with an fp32 accumulator (``torch_backend.add_matmul_``);
+            dz is bf16 for fp16 inputs (fp16 flushes p_j·g to 0 at realistic g: ``dz_dtype``).
 
 Against triton_linear.py (logits never leave the chip): this path writes and reads the fp32 (C, V)
 tile once per pass, 8·M·V extra bytes forward and 16·M·V backward, and needs no Triton. Which is
@@ -19,7 +20,7 @@ faster on a given GPU is measured by bench/bench_loss.py ("linear" rows, ours-cu
 import torch
 
 from grpo_core.kernels import cuda
-from grpo_core.kernels.torch_backend import add_matmul_, matmul_fp32
+from grpo_core.kernels.torch_backend import add_matmul_, dz_dtype, matmul_fp32, matmul_into
 
 CHUNK_BYTES = 1 << 29          # ≤ 512 MiB for the fp32 (C, V) logits tile
 DTYPES = cuda.DTYPES
@@ -62,11 +63,13 @@ def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=No
     """See torch_backend.linear_backward (same contract)."""
     dh = torch.empty_like(h)                                           # (M, H)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+    dzt = dz_dtype(h.dtype)                                            # bf16 for fp16 inputs
+    w_g = weight.to(dzt)                                               # (V, H) GEMM operand
     for c in _chunks(h.shape[0], weight.shape[0]):
         z = _logits(h[c], weight, bias)                                # (C, 1, V) recomputed
         cuda.logprobs_backward(z, *_positions(z.shape[0], h.device), ys[c], lse[c], g[c], temperature,
                                z, None if g_ent is None else ent[c], None if g_ent is None else g_ent[c])
-        dz = z[:, 0].to(h.dtype)                                       # (C, V) d logits, in place above
-        torch.matmul(dz, weight, out=dh[c])                            # (C, H)
-        add_matmul_(dw, dz.t(), h[c])                                  # (V, H) fp32
+        dz = z[:, 0].to(dzt)                                           # (C, V) d logits, in place above
+        matmul_into(dh[c], dz, w_g)                                    # (C, H)
+        add_matmul_(dw, dz.t(), h[c].to(dzt))                          # (V, H) fp32
     return dh, dw.to(weight.dtype)

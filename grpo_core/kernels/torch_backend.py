@@ -43,6 +43,21 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def dz_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype d logits are stored in for the dh / dW GEMMs: the input dtype, but bf16 for fp16.
+
+    dz_j = g·(1[j = y] − p_j)/T with a realistic upstream g (advantage / tokens ≈ 1e-4 … 1e-6)
+    and p_j ≈ 1/V is ≈ 1e-9 … 1e-11: below fp16's smallest subnormal (6e-8), so an fp16 dz is 0 for
+    nearly the whole vocabulary and dh loses its −g·Σ p_j W_j term (and the label's own term is a
+    coarse subnormal). Chosen by accuracy at such g: bf16 keeps fp32's exponent range with an 8-bit
+    significand (each dz within 2^-9 of exact: the precision of every bf16 run), and the GEMMs stay
+    on tensor cores; an fp32 dz would need fp32 GEMMs (no tensor cores, ~15× slower on an H100) for
+    bits that the fp16 W operand and the fp16 dh cannot keep anyway
+    (tests/test_kernels_linear.py::test_fp16_realistic_gradient_does_not_underflow).
+    """
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
 def _chunk_rows(V: int) -> int:
     return max(1, CHUNK_ELEMS // max(V, 1))
 
@@ -212,9 +227,18 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.to(acc) @ b.to(acc)
 
 
+def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b: in place when the dtypes agree, else computed in a's dtype and cast (an fp16
+    dh from a bf16 dz: ``dz_dtype``)."""
+    if out.dtype == a.dtype:
+        torch.matmul(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=None):
     """Recompute each tile's logits, then dh (M, H) in h's dtype and dW (V, H) in W's dtype."""
-    M, V, acc = h.shape[0], weight.shape[0], acc_dtype(h.dtype)
+    M, V, acc, dzt = h.shape[0], weight.shape[0], acc_dtype(h.dtype), dz_dtype(h.dtype)
     dh = torch.zeros(h.shape, dtype=acc, device=h.device)              # (M, H) fp32 accumulator
     dw = torch.zeros(weight.shape, dtype=acc, device=h.device)         # (V, H) fp32 accumulator
     g_t, gent_t = g / temperature, _over_t(g_ent, temperature)
@@ -226,7 +250,7 @@ def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=No
                                 None if gent_t is None else gent_t[rs])  # in place
             inside, col = _label_in_tile(y, vs)
             d.scatter_add_(-1, col[:, None], (g_t[rs] * inside)[:, None])  # + onehot(y) · g/T
-            d = d.to(h.dtype)
-            add_matmul_(dh[rs], d, weight[vs])                           # (R, H) += (R, Vc) @ (Vc, H)
-            add_matmul_(dw[vs], d.t(), hc)                               # (Vc, H) += (Vc, R) @ (R, H)
+            d = d.to(dzt)                                                # bf16 for fp16: dz_dtype
+            add_matmul_(dh[rs], d, weight[vs].to(dzt))                   # (R, H) += (R, Vc) @ (Vc, H)
+            add_matmul_(dw[vs], d.t(), hc.to(dzt))                       # (Vc, H) += (Vc, R) @ (R, H)
     return dh.to(h.dtype), dw.to(weight.dtype)

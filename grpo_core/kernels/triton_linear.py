@@ -18,7 +18,8 @@ fills the GPU too. S = 1 when the tokens alone fill it.
 Backward, in token chunks of C rows:
   1. ``_linear_dz_kernel`` (grid: token blocks × vocab tiles) recomputes each logits tile on chip
      and writes dz = (g (1[j = y] − p_j) − g_H p_j (log p_j + H)) / T into a (C, V) buffer in the
-     input dtype (the g_H term only in the ENT_GRAD variant);
+     input dtype, bf16 for fp16 inputs (fp16 flushes p_j·g to 0 at realistic g:
+     ``torch_backend.dz_dtype``) (the g_H term only in the ENT_GRAD variant);
   2. dh_chunk = dz @ W and dW += dzᵀ @ h_chunk run as tensor-core GEMMs (cuBLAS via torch); dW is
      accumulated in fp32 with an fp32 GEMM output (``torch_backend.add_matmul_``), so no partial
      gradient is rounded to bf16.
@@ -47,7 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_core.kernels.torch_backend import add_matmul_
+from grpo_core.kernels import triton_interpreter
+from grpo_core.kernels.torch_backend import add_matmul_, dz_dtype, matmul_into
+
+triton_interpreter.fix()         # Triton 3.6's CPU interpreter under numpy ≥ 2.5 (no-op on a GPU)
 
 _NEG_BIG = tl.constexpr(-1e38)  # finite start for the running max: an all −inf tile gives 0, not NaN
 DZ_BUFFER_BYTES = 1 << 29       # ≤ 512 MiB for the backward dz chunk (C, V)
@@ -205,7 +209,9 @@ def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=No
     cfg = _config(h)
     rows = max(cfg["BLOCK_M"], DZ_BUFFER_BYTES // (V * h.element_size()))
     rows = min(M, rows // cfg["BLOCK_M"] * cfg["BLOCK_M"])
-    dz = torch.empty((max(rows, 1), V), dtype=h.dtype, device=h.device)          # (C, V) reused buffer
+    dzt = dz_dtype(h.dtype)                                                      # bf16 for fp16 inputs
+    dz = torch.empty((max(rows, 1), V), dtype=dzt, device=h.device)              # (C, V) reused buffer
+    w_g = weight.to(dzt)                                                         # (V, H) GEMM operand
     ent_grad = g_ent is not None
     for s in range(0, M, max(rows, 1)):
         C = min(rows, M - s)
@@ -215,6 +221,6 @@ def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=No
                                 C, V, H, h.stride(0), weight.stride(0), temperature,
                                 HAS_BIAS=bias is not None, ENT_GRAD=ent_grad, **cfg)
         dzc = dz[:C]                                                             # (C, V)
-        torch.matmul(dzc, weight, out=dh[s:s + C])                               # (C, H)
-        add_matmul_(dw, dzc.t(), h[s:s + C])                                     # (V, H) fp32 += fp32 product
+        matmul_into(dh[s:s + C], dzc, w_g)                                       # (C, H)
+        add_matmul_(dw, dzc.t(), h[s:s + C].to(dzt))                             # (V, H) fp32 += fp32 product
     return dh, dw.to(weight.dtype)

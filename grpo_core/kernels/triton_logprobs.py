@@ -34,6 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from grpo_core.kernels import triton_interpreter
+
+triton_interpreter.fix()         # Triton 3.6's CPU interpreter under numpy ≥ 2.5 (no-op on a GPU)
+
 _NEG_BIG = tl.constexpr(-1e38)  # finite "−inf" for the running max; see module docstring
 
 
