@@ -407,6 +407,18 @@ def test_judge_nonfinite_and_narrow_logits_are_errors(judge_parts):
         judge(texts, recs)
 
 
+def test_judge_returning_a_tuple_is_a_clear_error(judge_parts):
+    from grpo_core.rewards_judge import LLMJudgeReward
+
+    _, tok = judge_parts
+    fake = FakeJudge(0.0, len(tok))
+    tuple_judge = lambda **kw: (fake(**kw).logits,)        # noqa: E731  (as return_dict=False)
+    tuple_judge.eval, tuple_judge.parameters = (lambda: tuple_judge), fake.parameters
+    judge = LLMJudgeReward(tuple_judge, tok, yes_token="Yes", no_token="No")
+    with pytest.raises(ValueError, match=r"the judge model returned a tuple, not an output with"):
+        judge([fmt("some reasoning", "A")], [mc("A")])
+
+
 def test_judge_prompt_is_capped_in_tokens(judge_parts):
     from grpo_core.rewards_judge import LLMJudgeReward
 
