@@ -161,15 +161,16 @@ def clean_cell(value: Any) -> str:
 def _single_item(value: Any) -> Any:
     """A one-item list / tuple / 1-D array cell -> its item; other containers -> RowProblem."""
     if isinstance(value, dict):
-        raise RowProblem("list in a text cell", f"a mapping {_short_repr(value)} where text belongs; "
-                         "map a text column (data.columns)")
+        raise RowProblem("list in a text cell", f"a mapping {_short_repr(value)} where text "
+                         "belongs; map a text column (data.columns)")
     if getattr(value, "ndim", 0) >= 1 and hasattr(value, "tolist"):         # numpy / pandas arrays
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
         return value
     if len(value) != 1:
-        raise RowProblem("list in a text cell", f"{len(value)} items {_short_repr(value)} where one text "
-                         "belongs; map a text column (data.columns) or make each cell one string")
+        raise RowProblem("list in a text cell", f"{len(value)} items {_short_repr(value)} where "
+                         "one text belongs; map a text column (data.columns) or make each cell "
+                         "one string")
     return _single_item(value[0])
 
 
