@@ -446,7 +446,8 @@ def test_medvlm_reading_is_their_regex_in_linear_time():
     from grpo_core.answers import extract_answer_medvlm
 
     theirs = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-    parts = ["<answer>", "</answer>", "<ANSWER>", "</Answer>", "A", " b ", "\n", "<think>", "<answer"]
+    parts = ["<answer>", "</answer>", "<ANSWER>", "</Answer>", "A", " b ", "\n", "<think>",
+             "<answer"]
     rng = random.Random(0)
     for _ in range(2000):
         text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 12)))
