@@ -19,6 +19,28 @@ import torch
 from grpo_core.config import TrainConfig
 from grpo_core.data import build_records, make_prompt_fn
 
+# The config keys each command reads (a section, or one key); an override of any other key is an
+# error (`grpo sft ... run.steps=3` ran sft.steps = 2,000 steps). train reads every key. A YAML
+# --config may hold other keys (one file serves train, sft and eval), so only overrides are checked.
+_EVAL_READS = ("model", "data", "rollout.max_new_tokens", "run.seed", "run.eval_limit",
+               "run.progress", "run.output_dir", "run.log_completions", "run.threads")
+READS = {"sft": _EVAL_READS + ("sft",), "eval": _EVAL_READS}
+INSTEAD = {"sft": {"run.steps": "sft.steps", "optim": "sft.optim"}}   # the key meant, by its prefix
+
+
+def check_overrides(command: str, overrides) -> None:
+    """ValueError for an override ``key=value`` whose key ``command`` does not read (READS)."""
+    reads = READS.get(command)
+    for item in overrides if reads else ():
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or any(key == r or key.startswith(r + ".") for r in reads):
+            continue
+        hint = next((f"; did you mean {new + key[len(old):]}?"
+                     for old, new in INSTEAD.get(command, {}).items()
+                     if key == old or key.startswith(old + ".")), ".")
+        raise ValueError(f"grpo {command} does not read {key} (override {item!r}){hint} It reads "
+                         f"{', '.join(r if '.' in r else r + '.*' for r in reads)}.")
+
 
 def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | None = None, step_of=None):
     """policy → {"accuracy", "format_rate"} on the first ``run.eval_limit`` records; with ``samples_dir``

@@ -160,6 +160,7 @@ class RunConfig:
     log_completions: int = option(4, ge=0)                 # rows (prompt, completion, rewards) to samples.jsonl/.html per log; 0 = none
     log_completions_every: int = option(0, ge=0)           # also log samples every N steps (they are always logged at each eval); 0 = only at evals
     report_to: list = field(default_factory=list)          # extra metric sinks: "tensorboard", "wandb" (optional extras; grpo_core.reporting)
+    threads: int = option(0, ge=0)                         # torch CPU threads per process; 0 = auto
     max_nonfinite_steps: int = option(3, ge=1)             # stop after this many steps in a row with a NaN/inf loss or gradient
 
 

@@ -117,8 +117,8 @@ def evaluate(policy, records: Sequence, *, template: str = "think", batch_size: 
     require_tag = template != "direct"
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(records), desc=f"eval ({template})", dynamic_ncols=True)
+        from .progress import bar as progress_bar
+        bar = progress_bar(len(records), f"eval ({template})", "rec")
     items, skipped = [], []
     for s in range(0, len(records), batch_size):
         prompts, shown = _prompts(records[s: s + batch_size], template, shuffle_options, seed, max_image_pixels,

@@ -93,8 +93,8 @@ class SFTTrainer:
         steps = steps or self.cfg.steps
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=steps, desc="sft", dynamic_ncols=True)
+            from .progress import bar as progress_bar
+            bar = progress_bar(steps, "sft", "step")
         t0 = time.perf_counter()
         for _ in range(steps):
             m = self.step(label_fn)
