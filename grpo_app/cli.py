@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from grpo_core.checkpoint import CheckpointError       # after parsing: these import torch
+    from grpo_core.checkpoint import CheckpointError  # after parsing: these import torch
     from grpo_core.resume import ResumeError
 
     try:

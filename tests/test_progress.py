@@ -40,7 +40,7 @@ def test_a_line_per_tenth_then_none_at_close(clock):
 def test_a_line_per_30_s_when_slow_or_without_total(clock):
     out = io.StringIO()
     b = LogBar(None, "checking images", "img", stream=out)
-    for i in range(10):
+    for _ in range(10):
         clock.t += 10.0                                     # 100 s in all: 3 lines + close
         b.update(5)
     b.set_postfix({"bad": 0})
