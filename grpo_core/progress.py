@@ -20,6 +20,16 @@ LOG_EVERY_S = 30.0       # outside a terminal: a line at least this often while 
 LOG_FRACTION = 0.10      # ... and one each time the count crosses another 10 % of the total
 
 
+def say(line: str) -> None:
+    """Print ``line`` to stdout without breaking a tqdm bar drawn in the terminal."""
+    if is_terminal():
+        from tqdm.auto import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+    else:
+        print(line, flush=True)
+
+
 def is_terminal(stream=None) -> bool:
     stream = sys.stderr if stream is None else stream
     return bool(getattr(stream, "isatty", lambda: False)())

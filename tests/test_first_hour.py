@@ -60,3 +60,19 @@ def test_run_threads_auto_and_explicit(monkeypatch):
         assert main(["train", "run.threads=2"]) == 0 and seen["n"] == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_evals_along_the_way_are_printed(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from grpo_core.config import TrainConfig
+
+    res = SimpleNamespace(accuracy=0.625, format_rate=1.0, items=[{}] * 8)
+    monkeypatch.setattr("grpo_core.eval.evaluate", lambda *a, **k: res)
+    step = [0]
+    fn = commands.make_eval_fn(TrainConfig(), [], step_of=lambda: step[0], announce=True)
+    fn(None)                                                    # the start eval: printed as JSON
+    step[0] = 250
+    assert fn(None) == {"accuracy": 0.625, "format_rate": 1.0}
+    out = capsys.readouterr().out
+    assert out == "held-out eval at step 250: accuracy 0.625, format 1.000 (8 records)\n"
