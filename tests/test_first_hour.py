@@ -1,6 +1,7 @@
 """A new user's first hour with `grpo` (issue #28): a fast --help, overrides a command ignores
 refused, run.threads applied, and what a finished or resumed run prints."""
 
+import os
 import subprocess
 import sys
 
@@ -76,3 +77,12 @@ def test_evals_along_the_way_are_printed(monkeypatch, capsys):
     assert fn(None) == {"accuracy": 0.625, "format_rate": 1.0}
     out = capsys.readouterr().out
     assert out == "held-out eval at step 250: accuracy 0.625, format 1.000 (8 records)\n"
+
+
+def test_make_help_lists_every_target():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = subprocess.run(["make", "-s", "-C", root, "help"], capture_output=True, text=True,
+                         timeout=60)
+    phony = next(line for line in open(os.path.join(root, "Makefile")) if line.startswith(".PHONY"))
+    listed = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("  make ")}
+    assert listed == set(phony.split(":")[1].split()), out.stderr
