@@ -103,8 +103,8 @@ def train_judge(path: str, seed: int = 0, steps: int = 200, batch_size: int = 32
         loss.backward()
         opt.step()
         if bar:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
     if bar:
         bar.close()
     model.eval()

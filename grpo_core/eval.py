@@ -139,8 +139,9 @@ def evaluate(policy, records: Sequence, *, template: str = "think", batch_size: 
                 "reasoning_words": reasoning_length(text), "completion": text,
             })
         if bar is not None:
+            acc = sum(i["accuracy"] for i in items) / len(items)
+            bar.set_postfix(acc=f"{acc:.3f}", refresh=False)    # first: a log line shows this batch
             bar.update(len(prompts))
-            bar.set_postfix(acc=f"{sum(i['accuracy'] for i in items) / len(items):.3f}")
     if bar is not None:
         bar.close()
     n = len(items)

@@ -102,8 +102,8 @@ class SFTTrainer:
                 m.update(callback(self) or {})
             self.history.append(m)
             if bar:
+                bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}")
             if time_budget_s and time.perf_counter() - t0 > time_budget_s:
                 break
         if bar:
