@@ -45,7 +45,7 @@ def call_reward(fn: Callable, name: str, step: int | None, *args, **kw):
     except Exception as e:  # noqa: BLE001  (a user's function: any error, named, cause kept)
         raise RewardError(
             f"{_where(name, step)} raised {type(e).__name__}: {e}{_raised_at(e)}; "
-            "fix that reward function (the full traceback is chained)"
+            "fix that reward function (in Python, the error's __cause__ holds its traceback)"
         ) from e
 
 
