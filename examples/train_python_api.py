@@ -22,6 +22,7 @@ from grpo_core import (
     make_synthetic_vqa,
 )
 from grpo_core.sft import random_letter
+from grpo_core.threads import apply_threads
 
 
 def main(steps: int = 1000, out: str = "runs/python_api", warmup_steps: int = 40, n_eval: int = 100) -> float:
@@ -37,6 +38,7 @@ def main(steps: int = 1000, out: str = "runs/python_api", warmup_steps: int = 40
     cfg.optim.lr, cfg.sft.optim.lr, cfg.sft.steps = 3e-4, 3e-3, warmup_steps
     cfg.run.steps, cfg.run.output_dir, cfg.run.progress = steps, f"{out}/grpo", False
     cfg.run.resume, cfg.run.resume_force = False, True        # a fresh run; an earlier one moves aside
+    apply_threads(cfg.run.threads, cfg.model.device)          # as `grpo train` does
 
     prompts = make_prompt_fn(cfg.data.prompt)
     SFTTrainer(policy, train, cfg.sft, prompts, cfg.data.prompt, dtype=cfg.model.dtype).train(

@@ -8,6 +8,8 @@
     grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 150]
 
 The subcommands' work is in grpo_app.commands (train, sft, eval), grpo_app.demo and grpo_app.study.
+Nothing here imports torch or grpo_core before the arguments are parsed: ``grpo --help`` and a
+mistyped command answer at once (grpo_core, and torch with it, load after parsing).
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grpo_core.checkpoint import CheckpointError
-from grpo_core.config import load_config
-from grpo_core.resume import ResumeError
+LAZY = ("cmd_eval", "cmd_sft", "cmd_train", "make_eval_fn")    # grpo_app.cli.cmd_train etc.
 
-from .commands import cmd_eval, cmd_sft, cmd_train, make_eval_fn  # noqa: F401  (re-exported: grpo_app.cli.cmd_train)
+
+def __getattr__(name):
+    """The commands re-exported from grpo_app.commands, imported on first use (it imports torch)."""
+    if name in LAZY:
+        from . import commands
+        return getattr(commands, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NAME --help`)
     "train": ("GRPO training from a YAML config (also one rank of a torchrun job)",
@@ -45,6 +52,15 @@ COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NA
 }
 
 
+OVERRIDE_HELP = {   # examples of the keys each command reads (grpo_app.commands.READS)
+    "train": "section.key=value overrides, e.g. run.steps=500 optim.lr=2e-6",
+    "sft": "section.key=value overrides of the keys sft reads, e.g. sft.steps=500 "
+           "sft.optim.lr=3e-4 (run.steps / optim.* are GRPO's: an error here)",
+    "eval": "section.key=value overrides of the keys eval reads, e.g. model.path=runs/x/policy "
+            "data.split=test run.eval_limit=200",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .study import add_study_arguments
 
@@ -54,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("train", "sft", "eval"):
         p = sub.add_parser(name, help=COMMANDS[name][0], description=COMMANDS[name][1])
         p.add_argument("--config", help="YAML config (examples/configs/; keys in docs/CONFIG.md)")
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.steps=500 optim.lr=2e-6")
+        p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP[name])
         if name == "eval":
             p.add_argument("--out", help="write the EvalResult JSON here (samples.html goes beside it)")
             p.add_argument("--whole", action="store_true",
@@ -78,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from grpo_core.checkpoint import CheckpointError  # after parsing: these import torch
+    from grpo_core.resume import ResumeError
+
     try:
         if args.cmd == "demo":
             from .demo import run_demo
@@ -90,12 +109,19 @@ def main(argv=None) -> int:
             overrides += ["run.resume=false", "run.resume_force=true"]
         elif getattr(args, "force_resume", False):
             overrides += ["run.resume_force=true"]
+        from grpo_core.config import load_config
+        from grpo_core.threads import apply_threads
+
+        from . import commands
+
+        commands.check_overrides(args.cmd, args.overrides)        # keys this command does not read
         cfg = load_config(args.config, overrides)
+        apply_threads(cfg.run.threads, cfg.model.device)
         if args.cmd == "train":
-            return cmd_train(cfg)
+            return commands.cmd_train(cfg)
         if args.cmd == "sft":
-            return cmd_sft(cfg)
-        return cmd_eval(cfg, args.out, whole=args.whole, samples=args.samples)
+            return commands.cmd_sft(cfg)
+        return commands.cmd_eval(cfg, args.out, whole=args.whole, samples=args.samples)
     except (ValueError, FileNotFoundError, ImportError, ResumeError, CheckpointError, FloatingPointError) as e:
         print(f"grpo {args.cmd}: error: {e}", file=sys.stderr)   # what, where and what to do; no traceback
         return 2

@@ -20,10 +20,34 @@ from grpo_core.config import TrainConfig
 from grpo_core.data import build_records, make_prompt_fn
 from grpo_core.precision import resolve_export_dtype
 
+# The config keys each command reads (a section, or one key); an override of any other key is an
+# error (`grpo sft ... run.steps=3` ran sft.steps = 2,000 steps). train reads every key. A YAML
+# --config may hold other keys (one file serves train, sft and eval), so only overrides are checked.
+_EVAL_READS = ("model", "data", "rollout.max_new_tokens", "run.seed", "run.eval_limit",
+               "run.progress", "run.output_dir", "run.log_completions", "run.threads")
+READS = {"sft": _EVAL_READS + ("sft",), "eval": _EVAL_READS}
+INSTEAD = {"sft": {"run.steps": "sft.steps", "optim": "sft.optim"}}   # the key meant, by its prefix
 
-def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | None = None, step_of=None):
+
+def check_overrides(command: str, overrides) -> None:
+    """ValueError for an override ``key=value`` whose key ``command`` does not read (READS)."""
+    reads = READS.get(command)
+    for item in overrides if reads else ():
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or any(key == r or key.startswith(r + ".") for r in reads):
+            continue
+        hint = next((f"; did you mean {new + key[len(old):]}?"
+                     for old, new in INSTEAD.get(command, {}).items()
+                     if key == old or key.startswith(old + ".")), ".")
+        raise ValueError(f"grpo {command} does not read {key} (override {item!r}){hint} It reads "
+                         f"{', '.join(r if '.' in r else r + '.*' for r in reads)}.")
+
+
+def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | None = None,
+                 step_of=None, announce: bool = False):
     """policy → {"accuracy", "format_rate"} on the first ``run.eval_limit`` records; with ``samples_dir``
-    the first ``2 · run.log_completions`` completions go to its samples.jsonl/.html (split "eval")."""
+    the first ``2 · run.log_completions`` completions go to its samples.jsonl/.html (split "eval");
+    ``announce``: print one line per eval after step 0 (the evals along the way of `grpo train`)."""
     from grpo_core.eval import evaluate
     from grpo_core.samples import eval_rows, write_samples
 
@@ -36,6 +60,11 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | N
             write_samples(samples_dir, step_of() if step_of else 0, eval_rows(recs, res.items, 2 * cfg.run.log_completions),
                           split="eval")
         fn.last = res
+        step = step_of() if step_of else 0
+        if announce and step:
+            from grpo_core.progress import say
+            say(f"held-out eval at step {step}: accuracy {res.accuracy:.3f}, "
+                f"format {res.format_rate:.3f} ({len(res.items)} records)")
         return {"accuracy": res.accuracy, "format_rate": res.format_rate}
     return fn
 
@@ -55,7 +84,8 @@ def cmd_train(cfg: TrainConfig) -> int:
     with D.session(cfg.dist) as dist:
         main = dist.is_main
         torch.manual_seed(cfg.run.seed)
-        train, held = build_records(cfg.data, cfg.run.seed)       # data errors before any model loads
+        train, held = build_records(cfg.data, cfg.run.seed,   # data errors before any model loads
+                                    progress=cfg.run.progress and main)
         prepare_judges(cfg, progress=cfg.run.progress and main, build=main)   # a missing synthetic judge: rank 0 trains it
         dist.barrier()
         if cfg.model.tiny and not dist.is_main:
@@ -70,7 +100,8 @@ def cmd_train(cfg: TrainConfig) -> int:
                 print(f"format warm-up: {w['steps']} SFT steps on random answers, loss {w['loss_first']:.2f} -> "
                       f"{w['loss_last']:.2f} ({w['seconds']:.0f} s)")
         trainer = None
-        eval_fn = make_eval_fn(cfg, held, samples_dir=out if main else None, step_of=lambda: trainer.step_idx)
+        eval_fn = make_eval_fn(cfg, held, samples_dir=out if main else None,
+                               step_of=lambda: trainer.step_idx, announce=main)
         trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn, dist=dist)
         start = None
         if cfg.run.eval_every and not resuming:   # the first point of the held-out curve
@@ -105,7 +136,8 @@ def cmd_sft(cfg: TrainConfig) -> int:
     from .warmup import with_reasoning
 
     torch.manual_seed(cfg.run.seed)
-    train, held = build_records(cfg.data, cfg.run.seed)           # data errors before any model loads
+    train, held = build_records(cfg.data, cfg.run.seed,       # data errors before any model loads
+                                progress=cfg.run.progress)
     if cfg.sft.target == "reasoning" and cfg.data.source == "synthetic":
         train = with_reasoning(train)         # synthetic records carry no reasoning: name the gold answer
     policy = load_policy(cfg.model, seed=cfg.run.seed)
@@ -127,12 +159,13 @@ def eval_records(cfg: TrainConfig, whole: bool) -> list:
     """The records ``grpo eval`` scores: the held-out ones, or (``whole``) all of data.source's split."""
     d = cfg.data
     if not whole or d.source == "synthetic":   # synthetic: the held-out items are generated, never trained on
-        return build_records(d, cfg.run.seed)[1]
+        return build_records(d, cfg.run.seed, progress=cfg.run.progress)[1]
     from grpo_core.data import load_dataset
 
     return list(load_dataset(d.source, split=d.split, limit=d.limit, format=d.format, skip_bad=d.skip_bad,
                              check_images=d.check_images, max_image_pixels=d.max_image_pixels,
-                             allow_outside_root=d.allow_outside_root, columns=d.columns))   # as build_records reads it
+                             allow_outside_root=d.allow_outside_root, columns=d.columns,
+                             progress=cfg.run.progress))   # as build_records reads it
 
 
 def cmd_eval(cfg: TrainConfig, out: str | None, whole: bool = False, samples: int = 16) -> int:

@@ -101,6 +101,7 @@ def timed_training(step_fn, budget_s: float, max_steps: int, evals: dict, desc: 
 def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None = None, quick: bool = False) -> int:
     from grpo_core.data import build_records, make_prompt_fn, swap_images
     from grpo_core.sft import SFTTrainer
+    from grpo_core.threads import apply_threads
     from grpo_core.trainer import GRPOTrainer
 
     from .factory import load_policy
@@ -108,9 +109,9 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     from .warmup import format_warmup
 
     torch.manual_seed(seed)
-    torch.set_num_threads(1)  # tiny model: one thread beats two (thread sync costs more than it saves)
     budget = 10.0 if quick else (grpo_seconds or GRPO_SECONDS)
     cfg = demo_config(seed, out, quick)
+    apply_threads(cfg.run.threads, cfg.model.device)   # auto on CPU: 1 (grpo_core.threads)
     t_all = time.perf_counter()
     print(f"[1/5] tiny Qwen2-VL (hidden 64, 2 layers) + synthetic scans, seed {seed}")
     policy = load_policy(cfg.model, seed=seed)

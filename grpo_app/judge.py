@@ -90,8 +90,8 @@ def train_judge(path: str, seed: int = 0, steps: int = 200, batch_size: int = 32
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="judge", dynamic_ncols=True)
+        from grpo_core.progress import bar as progress_bar
+        bar = progress_bar(steps, "judge", "step")
     model.train()
     for _ in range(steps):
         idx = torch.randint(len(train_recs), (batch_size,), generator=g).tolist()
@@ -103,8 +103,8 @@ def train_judge(path: str, seed: int = 0, steps: int = 200, batch_size: int = 32
         loss.backward()
         opt.step()
         if bar:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
     if bar:
         bar.close()
     model.eval()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -74,7 +75,7 @@ class DataConfig:
     eval_split: str | None = None                          # split of `eval_source` to read (e.g. "test" of the same folder)
     eval_size: int = option(200, ge=1)                     # held-out records split off `source` (synthetic: generated with another seed)
     train_size: int = option(2000, ge=1)                   # synthetic only: training items
-    image_size: int = option(56, ge=28)                    # synthetic only: image side in pixels
+    image_size: int = option(56, ge=28, le=1024)           # synthetic only: image side in pixels
     synthetic_task: str = option("quadrant", choices=tuple(SYNTHETIC_TASKS))  # synthetic only
     lesion_sigma: float = option(0.036, gt=0)              # synthetic only: lesion std / image size
     lesion_amplitude: float = option(0.5, gt=0)            # synthetic only: lesion peak brightness
@@ -145,7 +146,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     steps: int = option(100, ge=1)                         # GRPO steps (each: one rollout batch, μ optimizer steps)
-    seed: int = 0                                          # every random draw of step k derives from (seed, k)
+    seed: int = option(0, ge=0, le=2**32 - 1)             # step k's draws derive from (seed, k)
     output_dir: str = "runs/grpo"                          # checkpoints, metrics.jsonl, plots
     eval_every: int = option(0, ge=0)                      # held-out eval every N steps; 0 = only at the end
     eval_limit: int | None = option(None, ge=1)            # held-out records scored per eval (None = all of them)
@@ -158,6 +159,7 @@ class RunConfig:
     log_completions: int = option(4, ge=0)                 # rows (prompt, completion, rewards) to samples.jsonl/.html per log; 0 = none
     log_completions_every: int = option(0, ge=0)           # also log samples every N steps (they are always logged at each eval); 0 = only at evals
     report_to: list = field(default_factory=list)          # extra metric sinks: "tensorboard", "wandb" (optional extras; grpo_core.reporting)
+    threads: int = option(0, ge=0)                         # torch CPU threads per process; 0 = auto
     max_nonfinite_steps: int = option(3, ge=1)             # stop after this many steps in a row with a NaN/inf loss or gradient
     export_dtype: str = option("auto", choices=DTYPES)     # dtype of the loadable policy/ copy in checkpoints and exports ("auto" = model.dtype); resume weights stay fp32
 
@@ -218,7 +220,31 @@ class TrainConfig:
                        kl_placement=g.kl_placement, where="config", prefix="grpo.")
         check_reward_entries(g.rewards)                    # names, options vs signatures, did-you-mean
         check_column_mapping(self.data.columns)            # data.columns for hf_dataset / hf_parquet
+        check_device(self.model.device)                    # "gpu" → what to write instead
+        check_synthetic_memory(self.data)                  # (train + eval) × image_size² × 3 bytes
         return self
+
+
+DEVICE_RE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")   # model.device: the devices we run on
+SYNTHETIC_MAX_BYTES = 16 * 2**30                           # synthetic images are all held in memory
+
+
+def check_device(device: str) -> None:
+    """``model.device`` is auto, cpu, mps, cuda or cuda:N (xpu likewise); ValueError otherwise."""
+    if not DEVICE_RE.fullmatch(device):
+        raise ValueError(f"config: model.device={device!r} is not a device; write auto (cuda when "
+                         "available, else cpu), cpu, cuda or cuda:N (e.g. cuda:1)")
+
+
+def check_synthetic_memory(d) -> None:
+    """The synthetic records' images, (train_size + eval_size) × image_size² × 3 bytes, fit in
+    SYNTHETIC_MAX_BYTES; ValueError with the estimate otherwise (not a MemoryError later)."""
+    need = (d.train_size + d.eval_size) * d.image_size ** 2 * 3
+    if d.source == "synthetic" and need > SYNTHETIC_MAX_BYTES:
+        raise ValueError(f"config: the synthetic data would hold {need / 2**30:.0f} GiB of images "
+                         f"((data.train_size {d.train_size} + data.eval_size {d.eval_size}) × "
+                         f"{d.image_size}² × 3 bytes; at most {SYNTHETIC_MAX_BYTES // 2**30} GiB); "
+                         "lower data.train_size or data.image_size")
 
 
 def _check_all(obj, where: str) -> None:

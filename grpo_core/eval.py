@@ -117,8 +117,8 @@ def evaluate(policy, records: Sequence, *, template: str = "think", batch_size: 
     require_tag = template != "direct"
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(records), desc=f"eval ({template})", dynamic_ncols=True)
+        from .progress import bar as progress_bar
+        bar = progress_bar(len(records), f"eval ({template})", "rec")
     items, skipped = [], []
     for s in range(0, len(records), batch_size):
         prompts, shown = _prompts(records[s: s + batch_size], template, shuffle_options, seed, max_image_pixels,
@@ -139,8 +139,9 @@ def evaluate(policy, records: Sequence, *, template: str = "think", batch_size: 
                 "reasoning_words": reasoning_length(text), "completion": text,
             })
         if bar is not None:
+            acc = sum(i["accuracy"] for i in items) / len(items)
+            bar.set_postfix(acc=f"{acc:.3f}", refresh=False)    # first: a log line shows this batch
             bar.update(len(prompts))
-            bar.set_postfix(acc=f"{sum(i['accuracy'] for i in items) / len(items):.3f}")
     if bar is not None:
         bar.close()
     n = len(items)

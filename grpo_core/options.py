@@ -5,8 +5,9 @@
 
 ``check_options(obj, where)`` checks every field of a dataclass instance against what its field
 declares (``choices``, ``gt``/``ge``/``lt``/``le`` bounds, finiteness of every float, the length of
-a tuple) and raises one ValueError that names the key, the value and what is allowed, with a
-"did you mean" for a near-miss choice. The configs (config.py) and SamplingConfig use it, so an
+a tuple; a value under bounds must be a number: a string inside ``optim.betas`` is refused) and
+raises one ValueError that names the key, the value and what is allowed, with a "did you mean"
+for a near-miss choice. The configs (config.py) and SamplingConfig use it, so an
 allowed value is written once, beside the code that gives it meaning, and never retyped.
 """
 
@@ -47,6 +48,9 @@ def check_value(value, meta: dict, key: str) -> None:
             check_value(v, {k: x for k, x in meta.items() if k not in ("length", "choices")}, f"{key}[{i}]")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if any(k in meta for k in ("gt", "ge", "lt", "le")):     # bounds: a number ("0.9" is not)
+            raise ValueError(f"config: {key} must be a number ({_bounds_text(meta)}), "
+                             f"got {value!r}")
         return
     if isinstance(value, float) and not math.isfinite(value) and not meta.get("nonfinite_ok"):
         raise ValueError(f"config: {key} must be a finite number, got {value!r}")

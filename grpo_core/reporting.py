@@ -9,7 +9,10 @@ Progress bars tell the truth about what ends the loop:
   - a time bar (``total`` = the budget in seconds, steps shown beside it) when a wall-time budget
     can end it first; a step bar there would stop at e.g. 65 % of a step count never reached;
   - ``close()`` fills the bar: when the loop ends normally, by steps or by budget, the work asked
-    for is done (an exception leaves it where it stopped).
+    for is done (an exception leaves it where it stopped);
+  - the steps beside a time bar show their total only when it is a real cap (below NO_STEP_CAP,
+    the sentinel of a loop that only time ends: "step 812", not "step 812/1000000000");
+  - outside a terminal the bar is a line per 10 % or 30 s (grpo_core.progress), not a redraw.
 
 Reporters (``run.report_to``; both optional extras, imported only when selected):
   - "tensorboard": ``torch.utils.tensorboard.SummaryWriter`` into the output folder
@@ -26,6 +29,7 @@ import math
 import os
 import time
 
+NO_STEP_CAP = 10**9                          # total_steps this large: only the budget ends the loop
 REPORTERS = ("tensorboard", "wandb")                      # run.report_to
 _EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}   # name → (module, extra)
 
@@ -96,12 +100,12 @@ class ProgressBar:
         self.bar = None
         if not enabled:
             return
-        from tqdm.auto import tqdm
+        from .progress import bar
         if self.budget > 0:
-            self.bar = tqdm(total=round(self.budget), desc=f"{desc} (time budget)", unit="s", dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+            fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
+            self.bar = bar(round(self.budget), f"{desc} (time budget)", "s", bar_format=fmt)
         else:
-            self.bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+            self.bar = bar(total_steps, desc, "step", initial=start)
 
     def step(self, postfix: dict | None = None, elapsed: float | None = None) -> None:
         """One step done; ``postfix`` (name → value) is shown beside the bar; ``elapsed`` (s) is the
@@ -111,14 +115,17 @@ class ProgressBar:
             return
         shown = dict(postfix or {})
         if self.budget > 0:
-            shown = {"step": f"{self.steps}/{self.total_steps}", **shown}
+            capped = self.total_steps < NO_STEP_CAP
+            count = f"{self.steps}/{self.total_steps}" if capped else f"{self.steps}"
+            shown = {"step": count, **shown}
+        if shown:                             # before the redraw: a log line shows this step
+            self.bar.set_postfix(shown, refresh=False)
+        if self.budget > 0:
             used = time.perf_counter() - self.t0 if elapsed is None else elapsed
             self.bar.n = min(used, self.bar.total)
             self.bar.refresh()
         else:
             self.bar.update(1)
-        if shown:
-            self.bar.set_postfix(shown, refresh=True)
 
     def close(self, done: bool = True) -> None:
         """Fill the bar when the loop ended normally (``done``), then close it."""

@@ -245,7 +245,11 @@ def plan_resume(output_dir: str, current: dict, resume: bool = True, force: bool
     if path is None:
         return ResumePlan(None, 0, notes + [f"starting a new run in {output_dir} (no checkpoint there)"])
     step = checkpoint_step(path)
-    notes.append(f"resuming from {path} (step {step} done; next step {step + 1} of {current['run']['steps']})")
+    total = current["run"]["steps"]
+    notes.append(f"resuming from {path} (step {step} done; next step {step + 1} of {total})"
+                 if step < total else
+                 f"{path}: the run is finished (step {step} of run.steps={total} done); nothing "
+                 "to train: raise run.steps to continue it, or pass --fresh to start over")
     saved = read_run_config(path)
     if saved is None:
         notes.append(f"{path} holds no run config (written by an older grpo_core): settings not compared")

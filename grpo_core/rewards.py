@@ -66,6 +66,7 @@ from .answers import (  # noqa: F401  (parsers re-exported: rewards are where us
 )
 from .data.record import yes_no
 from .rewards_judge import LLMJudgeReward
+from .rewards_output import RewardError, call_reward, reward_column  # noqa: F401 (re-export)
 
 # ---------------------------------------------------------------------------------------------
 # Format
@@ -264,9 +265,12 @@ class RewardSpec:
 
 
 def combine_rewards(specs: Sequence[RewardSpec], completions, records, *,
-                    completion_tokens: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:
-    """-> (total (N,) fp32 = Σ weight·column, {name: column (N,) fp32}); NaN/inf is an error.
+                    completion_tokens: Sequence[int] | None = None,
+                    step: int | None = None) -> tuple[torch.Tensor, dict]:
+    """-> (total (N,) fp32 = Σ weight·column, {name: column (N,) fp32}).
 
+    Each reward's return value is checked (grpo_core.rewards_output: N finite real numbers) and
+    any error, raised inside the reward or about what it returned, names the reward and ``step``.
     ``completion_tokens`` (N,) ints, optional: each completion's token count from the sampler,
     passed on to the rewards that declare a ``completion_tokens`` keyword (e.g. overlong).
     """
@@ -283,14 +287,9 @@ def combine_rewards(specs: Sequence[RewardSpec], completions, records, *,
             raise ValueError(f"combine_rewards: two rewards are named {spec.name!r}; names must be unique")
         context = ({"completion_tokens": completion_tokens}
                    if completion_tokens is not None and plugins.takes_keyword(spec.fn, "completion_tokens") else {})
-        values = spec.fn(list(completions), list(records) if records is not None else None, **context)
-        if len(values) != n:
-            raise ValueError(f"reward {spec.name!r} returned {len(values)} values for {n} completions")
-        col = torch.as_tensor([float(v) for v in values], dtype=torch.float32)   # (N,)
-        bad = (~torch.isfinite(col)).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(f"reward {spec.name!r} returned NaN/inf at completions {bad[:8]} "
-                             f"(values {[values[i] for i in bad[:4]]}); fix that reward function")
+        values = call_reward(spec.fn, spec.name, step, list(completions),
+                             list(records) if records is not None else None, **context)
+        col = reward_column(values, n, spec.name, step)                  # (N,)
         columns[spec.name] = col
         total += spec.weight * col
     return total, columns
@@ -325,6 +324,14 @@ def _options(name: str, fn: Callable) -> tuple[tuple, tuple, bool]:
     return plugins.signature_options(fn)
 
 
+def _option_types(fn: Callable) -> dict:
+    """{option: allowed types} of a reward (the judge: its loading and its own options)."""
+    if fn is _judge:
+        return {**plugins.option_types(LLMJudgeReward.from_kwargs, skip=0),
+                **plugins.option_types(LLMJudgeReward.__init__, skip=3)}
+    return plugins.option_types(fn)
+
+
 def resolve_reward(name: str, where: str = "get_reward") -> Callable:
     """The function behind a config name: a built-in, or a 'module:function' spec."""
     if not isinstance(name, str) or not name:
@@ -342,6 +349,7 @@ def resolve_reward(name: str, where: str = "get_reward") -> Callable:
 def get_reward(name: str, **kw) -> Callable:
     """A reward function by config name (built-in or 'module:function'); keywords fix its options."""
     fn = resolve_reward(name)
+    kw = plugins.coerce_options(kw, _option_types(fn), "get_reward", name)   # "1e-3" → 0.001
     if fn is _judge:
         return _judge(**kw)
     return partial(fn, **kw) if kw else fn
@@ -371,6 +379,7 @@ def check_reward_entries(entries: list[dict], where: str = "config: grpo.rewards
             raise ValueError(f"{at}.name: {name!r} {e}") from None
         options = {k: v for k, v in entry.items() if k not in plugins.ENTRY_KEYS}
         plugins.check_options(options, names, required, any_ok, at, name)
+        plugins.coerce_options(options, _option_types(fn), at, name)        # scale: big → refused
         if fn is _judge and "model_path" not in options:
             raise ValueError(f"{at}: semantic_judge needs model_path (a local folder with the judge model)")
         if name in seen:

@@ -139,6 +139,17 @@ class LLMJudgeReward:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return text if len(ids) <= k else self.tokenizer.decode(ids[:k])
 
+    def _logits_of(self, out) -> torch.Tensor:
+        """The judge model's output → its logits tensor; a clear error for a tuple or anything else
+        without ``.logits`` (a model called with return_dict=False, or a custom judge)."""
+        logits = getattr(out, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(f"LLMJudgeReward: the judge model returned a {type(out).__name__}, "
+                             "not an output with a .logits tensor; use a transformers causal LM "
+                             "with return_dict=True (the default), or wrap your model so that "
+                             "model(...).logits is (b, T, V)")
+        return logits
+
     def _logits_yes_no(self, logits: torch.Tensor, b: int) -> torch.Tensor:
         """Last-position logits (b, V') → (b, 2) [yes, no], checked: shape and finiteness."""
         need = max(self.yes_id, self.no_id) + 1
@@ -169,8 +180,9 @@ class LLMJudgeReward:
                 input_ids[i, T - len(x):] = torch.tensor(x)
                 mask[i, T - len(x):] = 1
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)                         # (b, T)
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                position_ids=position_ids.to(device)).logits                  # (b, T, V)
+            res = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             position_ids=position_ids.to(device))
+            logits = self._logits_of(res)                                             # (b, T, V)
             yn = self._logits_yes_no(logits, len(ids))                                        # (b, 2)
             out.append(torch.sigmoid(yn[:, 0] - yn[:, 1]).cpu())                              # (b,)
         return torch.cat(out) if out else torch.zeros(0)

@@ -10,6 +10,9 @@ is a reward like the built-ins,
 and the entry's other keys are its options: each must be a keyword parameter after the first two
 (unless the function takes ``**kwargs``), and every parameter without a default must be given.
 ``completion_tokens`` is not an option: it is context that ``combine_rewards`` fills in.
+An option's value must have its parameter's type (``option_types``: the annotation, else the
+default's type, among bool / int / float / str; ``scale: big`` for a float is refused when the
+config loads); a float option also takes a number YAML left as a string ("1e-3").
 
 Everything here answers with ValueError(what, where, what to do), so a config with a typo fails
 when it loads, not after the first rollout. This module knows no reward; grpo_core.rewards holds
@@ -22,6 +25,7 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 from typing import Callable
@@ -110,3 +114,56 @@ def takes_keyword(fn: Callable, keyword: str) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == keyword and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in params)
+
+
+SIMPLE_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}
+
+
+def _param_types(p) -> tuple | None:
+    """The types a parameter takes: its annotation (a simple type or a union of them), else the
+    default's type; None when it cannot be said (no annotation, no simple default)."""
+    ann = p.annotation
+    if isinstance(ann, str):
+        names = [a.strip() for a in ann.split("|")]
+        if all(a in SIMPLE_TYPES for a in names):
+            return tuple(SIMPLE_TYPES[a] for a in names)
+        return None
+    if ann in SIMPLE_TYPES.values():
+        return (ann,)
+    if ann is p.empty and p.default is not p.empty and type(p.default) in SIMPLE_TYPES.values():
+        return (type(p.default),) if p.default is not None else None
+    return None
+
+
+def option_types(fn: Callable, skip: int = 2) -> dict:
+    """{option name: allowed types} for the options of ``fn`` whose type can be read (see above)."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    return {p.name: t for p in params if (t := _param_types(p)) is not None}
+
+
+def coerce_option(value, types: tuple, where: str, label: str):
+    """``value`` as one of ``types`` (an int or "1e-3" is a float); ValueError otherwise."""
+    for t in types:
+        if t is type(None) and value is None:
+            return None
+        if t is bool and isinstance(value, bool) or t is str and isinstance(value, str):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and not isinstance(value, bool):
+            try:
+                number = float(value) if isinstance(value, (int, float, str)) else None
+            except ValueError:
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
+    names = " or ".join("null" if t is type(None) else "a finite number" if t is float
+                        else "an integer" if t is int else "true/false" if t is bool else "a string"
+                        for t in types)
+    raise ValueError(f"{where}: reward {label!r} takes {names} here, got {value!r}")
+
+
+def coerce_options(options: dict, types: dict, where: str, label: str) -> dict:
+    """Every option whose type is known, checked and converted (``coerce_option``)."""
+    return {k: coerce_option(v, types[k], f"{where}.{k}", label) if k in types else v
+            for k, v in options.items()}

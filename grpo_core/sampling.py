@@ -45,7 +45,7 @@ from .options import check_options, option
 class SamplingOptions:
     """How completions are drawn; shared by SamplingConfig and the trainer's RolloutConfig."""
 
-    max_new_tokens: int = option(256, ge=1)         # completion budget; rows still open at the end are "truncated"
+    max_new_tokens: int = option(256, ge=1, le=2**17)  # completion budget; open rows: "truncated"
     temperature: float = option(1.0, gt=0)          # T: logits are divided by T before softmax (and for log-probs)
     top_p: float = option(1.0, gt=0, le=1)          # nucleus: keep the smallest set with mass ≥ top_p (1.0 = off)
     top_k: int = option(0, ge=0)                    # keep the k highest logits (0 = off)

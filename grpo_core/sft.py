@@ -109,8 +109,8 @@ class SFTTrainer:
         steps = steps or self.cfg.steps
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=steps, desc="sft", dynamic_ncols=True)
+            from .progress import bar as progress_bar
+            bar = progress_bar(steps, "sft", "step")
         t0 = time.perf_counter()
         for _ in range(steps):
             m = self.step(label_fn)
@@ -118,8 +118,8 @@ class SFTTrainer:
                 m.update(callback(self) or {})
             self.history.append(m)
             if bar:
+                bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}")
             if time_budget_s and time.perf_counter() - t0 > time_budget_s:
                 break
         if bar:

@@ -227,7 +227,8 @@ class GRPOTrainer:
         g, G = self.cfg.grpo, ro.group_size
         enc, ids, mask = ro.encoded, ro.completion_ids, ro.completion_mask                  # mask (N, C) bool
         total, columns = combine_rewards(self.specs, ro.texts, [r for r in records for _ in range(G)],
-                                         completion_tokens=ro.lengths.tolist())                    # (N,)
+                                         completion_tokens=ro.lengths.tolist(),
+                                         step=self.step_idx + 1)                           # (N,)
         ref_lp = self.logprobs(enc, ids, mask, "reference") if self.ref_policy is not None else None  # (N, C)
         cur_lp = None
         if g.kl_placement == "reward" or g.mu > 1:                # the sampling policy's log-probs, once

@@ -336,6 +336,13 @@ def test_plan_resume_says_where_from_and_what_changed(tmp_path):
                           "changed: optim.lr: 1e-06 -> 3e-06 (the new peak LR applies from the resume step on)"]
 
 
+def test_plan_resume_of_a_finished_run_says_so(tmp_path):
+    out = _run_dir(tmp_path, run__steps=2)
+    note = plan_resume(out, cfg_dict(run__steps=2)).notes[0]
+    assert "the run is finished (step 2 of run.steps=2 done)" in note and "raise run.steps" in note
+    assert "next step" not in note                                   # was "next step 3 of 2"
+
+
 def test_plan_resume_refuses_a_changed_model_unless_forced(tmp_path):
     out = _run_dir(tmp_path, model__path="/models/a")
     with pytest.raises(ResumeError) as e:

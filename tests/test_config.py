@@ -41,6 +41,14 @@ def test_yaml_and_overrides(tmp_path):
         ("rollout:\n  min_p: 1.0\n", "rollout.min_p must be ≥ 0 and < 1"),
         ("grpo:\n  agg: constant\n  max_len: 8\nrollout:\n  max_new_tokens: 16\n", "shorter than rollout.max_new_tokens"),
         ("sft:\n  optim:\n    lr: 0\n", "sft.optim.lr must be > 0"),
+        # absurd or mistyped values: refused at load, not as raw errors after the model loads
+        ("model:\n  device: gpu\n", r"model.device='gpu' is not a device; write auto .* cuda:N"),
+        ("optim:\n  betas: [0.9, '0.99']\n", r"optim.betas\[1\] must be a number \(≥ 0 and < 1\)"),
+        ("run:\n  seed: -1\n", r"run.seed must be ≥ 0 and ≤ 4294967295"),
+        ("run:\n  seed: 4294967296\n", r"run.seed must be ≥ 0 and ≤ 4294967295"),
+        ("data:\n  image_size: 1000000\n", r"data.image_size must be ≥ 28 and ≤ 1024"),
+        ("rollout:\n  max_new_tokens: 1000000000\n", r"max_new_tokens must be ≥ 1 and ≤ 131072"),
+        ("data:\n  train_size: 2000000\n  image_size: 1024\n", r"would hold 5\d\d\d GiB of images"),
     ],
 )
 def test_bad_config_errors_name_the_key(tmp_path, text, match):

@@ -91,6 +91,30 @@ def test_bad_image_errors_name_file_row_and_path(bad_pmc):
         load_dataset(bad_pmc, check_images="decode")                  # without skip_bad: the first bad row
 
 
+def test_one_check_names_every_bad_image_with_progress_lines(bad_pmc, capsys):
+    with pytest.raises(ImageLoadError) as ei:
+        load_dataset(bad_pmc, check_images="decode", progress=True)
+    msg, err = str(ei.value), capsys.readouterr().err
+    assert msg.startswith("3 records have unusable images:\n  - ") and ei.value.row == 1
+    for row, name in ((1, "zero.jpg"), (2, "trunc.jpg"), (3, "huge.png")):
+        assert f"train.csv, row {row}: " in msg and name in msg
+    assert err.startswith("checking images (decode): ") and "\r" not in err   # a line, no redraw
+
+
+def test_the_documented_preflight_is_grpo_trains_check(bad_pmc, monkeypatch):
+    """docs/TRAINING.md's pre-flight command, run on a folder with a truncated JPEG, fails as
+    `grpo train` would (build_records, check_images: decode); `exists` would have approved it."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    doc = open(os.path.join(root, "docs", "TRAINING.md"), encoding="utf-8").read()
+    code = doc.split('python -c "\nfrom grpo_core.config', 1)[1].split('"\n```', 1)[0]
+    code = "from grpo_core.config" + code
+    assert "build_records" in code and "/data/PMC-VQA" in code
+    monkeypatch.chdir(root)
+    assert len(load_dataset(bad_pmc, check_images="exists", split="train")) == 5
+    with pytest.raises(ImageLoadError, match=r"(?s)trunc\.jpg.*image file is truncated"):
+        exec(code.replace("/data/PMC-VQA", os.path.dirname(bad_pmc)), {})
+
+
 def test_pixel_cap_is_checked_before_decoding(bad_pmc, monkeypatch):
     recs = load_dataset(bad_pmc, check_images="none")
 

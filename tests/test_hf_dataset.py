@@ -71,6 +71,24 @@ def test_default_column_names_yes_no_and_open_answers():
     assert (open_.answer_type, open_.answer_text) == ("open", "left lung")
 
 
+def test_list_valued_text_cells_flatten_or_are_refused_naming_the_row(tmp_path):
+    """A one-item list is its item; longer / empty lists are bad rows, never "['...']" as text."""
+    ds = datasets.Dataset.from_dict({
+        "image": [image_bytes(1)] * 3, "question": [["Is there a lesion?"], ["Q1?", "Q2?"], []],
+        "answer": [["yes"], ["no"], ["no"]]})
+    one = load_dataset(ds.select([0]))[0]
+    assert (one.question, one.answer_text) == ("Is there a lesion?", "yes")
+    assert one.answer_type == "yesno"
+    with pytest.raises(BadRowError, match=r"row 1: list in a text cell \(2 items \['Q1\?', 'Q2\?'"):
+        load_dataset(ds)
+    recs = load_dataset(ds, skip_bad=True)
+    assert [r.source_row for r in recs] == [0]
+    assert dict(recs.report.skipped) == {"list in a text cell": 2}
+    ds.to_parquet(str(tmp_path / "train.parquet"))                    # parquet lists: numpy arrays
+    with pytest.raises(BadRowError, match=r"row 1: list in a text cell \(2 items"):
+        load_dataset(str(tmp_path / "train.parquet"), format="hf_parquet")
+
+
 def test_image_paths_inside_the_saved_folder_and_lists_of_images(tmp_path):
     root = tmp_path / "ds"
     small_image(str(root / "images" / "a.png"), 1)

@@ -407,6 +407,18 @@ def test_judge_nonfinite_and_narrow_logits_are_errors(judge_parts):
         judge(texts, recs)
 
 
+def test_judge_returning_a_tuple_is_a_clear_error(judge_parts):
+    from grpo_core.rewards_judge import LLMJudgeReward
+
+    _, tok = judge_parts
+    fake = FakeJudge(0.0, len(tok))
+    tuple_judge = lambda **kw: (fake(**kw).logits,)        # noqa: E731  (as return_dict=False)
+    tuple_judge.eval, tuple_judge.parameters = (lambda: tuple_judge), fake.parameters
+    judge = LLMJudgeReward(tuple_judge, tok, yes_token="Yes", no_token="No")
+    with pytest.raises(ValueError, match=r"the judge model returned a tuple, not an output with"):
+        judge([fmt("some reasoning", "A")], [mc("A")])
+
+
 def test_judge_prompt_is_capped_in_tokens(judge_parts):
     from grpo_core.rewards_judge import LLMJudgeReward
 
@@ -422,3 +434,26 @@ def test_judge_prompt_is_capped_in_tokens(judge_parts):
     long_q = VQARecord(id="q", images=[], question="why " * 5000, options={}, answer_letter="A")
     judge([fmt("short reasoning", "A")], [long_q])
     assert fake.lengths == [200]                                             # the prompt's last 200 tokens
+
+
+def test_medvlm_reading_is_their_regex_in_linear_time():
+    """extract_answer_medvlm against MedVLM-R1's regex (the plain reference) on tag soups, and
+    linear on repeated unclosed openings (the regex took 32-39 s on 125k characters)."""
+    import random
+    import re
+    import time
+
+    from grpo_core.answers import extract_answer_medvlm
+
+    theirs = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+    parts = ["<answer>", "</answer>", "<ANSWER>", "</Answer>", "A", " b ", "\n", "<think>",
+             "<answer"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 12)))
+        m = theirs.search(text)
+        assert extract_answer_medvlm(text) == (m.group(1).strip() if m else None), text
+    for soup in ("<answer>" * 15625, "<answer>A" * 12500, "<think><answer>" * 8929):
+        t0 = time.perf_counter()
+        assert accuracy_graded_reward([soup], [mc("A")]) == [0.0]
+        assert time.perf_counter() - t0 < 2.0                   # quadratic: ~30 s; linear: ~0.01 s

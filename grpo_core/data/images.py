@@ -317,6 +317,6 @@ def _check_key(src: Any) -> str:
 
 
 def progress_bar(total: int | None, desc: str):
-    from tqdm.auto import tqdm
+    from ..progress import bar
 
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+    return bar(total, desc, "img")

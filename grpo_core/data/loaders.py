@@ -104,15 +104,19 @@ def load_dataset(path, format=None, split=None, skip_bad=False, check_images="ex
     candidates = _row_pass(rows, check_images == "exists", skip_bad, report)
     heavy, seen = check_images in ("open", "decode"), {}      # seen: image key -> problem, across chunks
     bar = progress_bar(None, f"checking images ({check_images})") if heavy and progress else None
+    bad_images: list = []                            # without skip_bad: all of them, then raise
     while limit is None or len(records) < limit:
         chunk = list(itertools.islice(candidates, CHUNK if limit is None else min(CHUNK, limit - len(records))))
         if not chunk:
             break
         if heavy:
-            chunk = _image_pass(chunk, check_images, max_image_pixels, threads, bar, skip_bad, report, seen)
+            chunk = _image_pass(chunk, check_images, max_image_pixels, threads, bar, skip_bad,
+                                report, seen, bad_images)
         records.extend(chunk)
     if bar is not None:
         bar.close()
+    if bad_images:
+        raise every_bad_image(bad_images)
     _count_duplicates(records, report)
     report.loaded = len(records)
     records.report = report
@@ -175,15 +179,35 @@ def _exists(img) -> None:
     check_image(img, "open" if isinstance(img, (bytes, bytearray)) else "exists", None)
 
 
-def _image_pass(chunk, check_images, max_image_pixels, threads, bar, skip_bad, report, seen) -> list:
-    """The chunk without the records whose images fail (pass 2); the first failure raises unless skip_bad."""
+def _image_pass(chunk, check_images, max_image_pixels, threads, bar, skip_bad, report, seen,
+                bad_images: list) -> list:
+    """The chunk without the records whose images fail (pass 2): counted with skip_bad, else added
+    to ``bad_images`` (load_dataset raises once every image is checked, naming them all)."""
     res = check_dataset(chunk, check_images, max_image_pixels, threads, bar, seen)
     report.images_checked += res.checked
     report.check_seconds += res.seconds
     for _, err in res.bad:
-        _skip(err, skip_bad, report)
+        if skip_bad:
+            _skip(err, skip_bad, report)
+        else:
+            bad_images.append(err)
     bad = {i for i, _ in res.bad}
     return [r for i, r in enumerate(chunk) if i not in bad]
+
+
+MAX_NAMED = 20                                   # bad images listed by name in one error
+
+
+def every_bad_image(errors: list) -> Exception:
+    """The first bad image's error (its type, path, row), its message followed by every bad image
+    found (MAX_NAMED at most, then a count), so one run of the check lists what to fix."""
+    first = errors[0]
+    if len(errors) == 1:
+        return first
+    named = "\n".join(f"  - {e.short}" for e in errors[:MAX_NAMED])
+    more = f"\n  ... and {len(errors) - MAX_NAMED} more" if len(errors) > MAX_NAMED else ""
+    first.args = (f"{len(errors)} records have unusable images:\n{named}{more}\n{first.args[0]}",)
+    return first
 
 
 def record_key(rec) -> tuple:

@@ -136,7 +136,10 @@ def clean_cell(value: Any) -> str:
 
     Bytes (binary parquet / pickle cells) are decoded as UTF-8; text that is not valid UTF-8 is a
     RowProblem("invalid UTF-8") naming the byte, never its Python repr "b'...'" passed on as text.
+    A list cell (HF Sequence, parquet list, numpy array) of one item is that item; an empty or
+    longer list, or a dict, is a RowProblem("list in a text cell"), never its repr "['...']".
     """
+    value = _single_item(value)
     if value is None:
         return ""
     if isinstance(value, float) and value != value:   # NaN
@@ -153,6 +156,27 @@ def clean_cell(value: Any) -> str:
     if bad is not None:                                # an invalid byte kept by surrogateescape (files.py)
         raise RowProblem("invalid UTF-8", f"byte 0x{ord(text[bad]) - 0xDC00:02x} in {escape(text)}")
     return text.strip(_STRIP_CHARS)
+
+
+def _single_item(value: Any) -> Any:
+    """A one-item list / tuple / 1-D array cell -> its item; other containers -> RowProblem."""
+    if isinstance(value, dict):
+        raise RowProblem("list in a text cell", f"a mapping {_short_repr(value)} where text "
+                         "belongs; map a text column (data.columns)")
+    if getattr(value, "ndim", 0) >= 1 and hasattr(value, "tolist"):         # numpy / pandas arrays
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return value
+    if len(value) != 1:
+        raise RowProblem("list in a text cell", f"{len(value)} items {_short_repr(value)} where "
+                         "one text belongs; map a text column (data.columns) or make each cell "
+                         "one string")
+    return _single_item(value[0])
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
