@@ -21,7 +21,8 @@ from grpo_core.data import build_records, make_prompt_fn
 
 
 def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | None = None, step_of=None):
-    """policy → {"accuracy", "format_rate"} on the first ``run.eval_limit`` records; with ``samples_dir``
+    """policy → {"accuracy", "format_rate"} (+ "pass@k" with ``run.eval_samples``) on the first
+    ``run.eval_limit`` records; with ``samples_dir``
     the first ``2 · run.log_completions`` completions go to its samples.jsonl/.html (split "eval")."""
     from grpo_core.eval import evaluate
     from grpo_core.samples import eval_rows, write_samples
@@ -30,12 +31,14 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | N
 
     def fn(policy):
         res = evaluate(policy, recs, template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                       progress=progress)
+                       progress=progress, samples=cfg.run.eval_samples,
+                       temperature=cfg.rollout.temperature, sample_seed=cfg.run.seed)
         if samples_dir and cfg.run.log_completions:
             write_samples(samples_dir, step_of() if step_of else 0, eval_rows(recs, res.items, 2 * cfg.run.log_completions),
                           split="eval")
         fn.last = res
-        return {"accuracy": res.accuracy, "format_rate": res.format_rate}
+        return {"accuracy": res.accuracy, "format_rate": res.format_rate,
+                **{f"pass@{k}": v for k, v in res.pass_at_k.items()}}
     return fn
 
 
