@@ -2,7 +2,8 @@
 
     cmd_train(cfg)            GRPO (warm-up, start eval, train, final eval, curves, samples)
     cmd_sft(cfg)              the SFT baseline
-    cmd_eval(cfg, out, whole) held-out records, or a whole split
+    cmd_eval(cfg, out, whole) held-out records, or a whole split (grpo_app.evaluation: also
+                              pass@k, counterfactuals, --compare, --over-time)
 
 What a run leaves in ``run.output_dir``: metrics.jsonl (every step), curves.png (the whole run,
 resumed parts included), samples.jsonl + samples.html (prompts, completions, rewards, images),
@@ -18,6 +19,8 @@ import torch
 
 from grpo_core.config import TrainConfig
 from grpo_core.data import build_records, make_prompt_fn
+
+from .evaluation import cmd_eval, eval_records  # noqa: F401  (grpo eval lives in grpo_app.evaluation)
 
 
 def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | None = None, step_of=None):
@@ -120,38 +123,4 @@ def cmd_sft(cfg: TrainConfig) -> int:
     final = fn(policy)
     fn.last.to_json(os.path.join(out, "eval_final.json"))
     print(json.dumps({"final_eval": final}, indent=2))
-    return 0
-
-
-def eval_records(cfg: TrainConfig, whole: bool) -> list:
-    """The records ``grpo eval`` scores: the held-out ones, or (``whole``) all of data.source's split."""
-    d = cfg.data
-    if not whole or d.source == "synthetic":   # synthetic: the held-out items are generated, never trained on
-        return build_records(d, cfg.run.seed)[1]
-    from grpo_core.data import load_dataset
-
-    return list(load_dataset(d.source, split=d.split, limit=d.limit, format=d.format, skip_bad=d.skip_bad,
-                             check_images=d.check_images, max_image_pixels=d.max_image_pixels,
-                             allow_outside_root=d.allow_outside_root, columns=d.columns))   # as build_records reads it
-
-
-def cmd_eval(cfg: TrainConfig, out: str | None, whole: bool = False, samples: int = 16) -> int:
-    from grpo_core.eval import evaluate
-    from grpo_core.samples import eval_rows, write_samples
-
-    from .factory import load_policy
-
-    records = eval_records(cfg, whole)                            # data errors before any model loads
-    if not whole and cfg.run.eval_limit:
-        records = records[: cfg.run.eval_limit]
-    policy = load_policy(cfg.model, seed=cfg.run.seed)
-    res = evaluate(policy, records, template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                   progress=cfg.run.progress)
-    print(res.table())
-    if out:
-        res.to_json(out)
-    if samples:
-        folder = os.path.dirname(os.path.abspath(out)) if out else cfg.run.output_dir
-        page = write_samples(folder, 0, eval_rows(records, res.items, samples), split="eval")
-        print(f"samples: {page}")
     return 0
