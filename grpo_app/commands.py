@@ -20,7 +20,7 @@ import torch
 from grpo_core.config import TrainConfig
 from grpo_core.data import build_records, make_prompt_fn
 
-from .evaluation import cmd_eval, eval_records  # noqa: F401  (grpo eval lives in grpo_app.evaluation)
+from .evaluation import cmd_eval, eval_records  # noqa: F401  (grpo eval: grpo_app.evaluation)
 
 
 def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | None = None, step_of=None):

@@ -16,7 +16,8 @@ Steps, each printed:
      time for GRPO, swapped images and the SFT baseline, and GRPO's reward per step.
 
 Both trainings are timed the same way: the budget counts training steps only; the held-out evals
-along the way (every ``budget / 10`` s, the 200 held-out items, the same for both) are not charged to it.
+along the way (every ``budget / 10`` s, the 200 held-out items, the same for both) are not
+charged to it.
 
 Choices and why (measured on this 2-core CPU, one thread, seed 0; docs/DESIGN.md lists more):
   - letter-only answers ("direct" prompt) instead of "<answer>X</answer>": with the tag format
@@ -131,8 +132,9 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     grpo_evals = {"GRPO": {"fn": lambda: _accuracy(policy, sub, cfg)["accuracy"], "points": []},
                   "GRPO, images swapped": {"fn": lambda: _accuracy(policy, sub_swapped, cfg)["accuracy"], "points": []}}
     history, grpo_time = timed_training(trainer.step, budget, cfg.run.steps, grpo_evals, "grpo", progress=not quick)
-    cf = evaluate_counterfactual(policy, held, ("image", "blank", "swapped"), seed=seed, template=cfg.data.prompt,
-                                 max_new_tokens=cfg.rollout.max_new_tokens, batch_size=50, progress=False)
+    cf = evaluate_counterfactual(policy, held, ("image", "blank", "swapped"), seed=seed,
+                                 template=cfg.data.prompt, batch_size=50, progress=False,
+                                 max_new_tokens=cfg.rollout.max_new_tokens)
     after, swapped, blank = ({"accuracy": r.accuracy, "format_rate": r.format_rate}
                              for r in (cf.variants[k] for k in ("image", "swapped", "blank")))
 
@@ -162,7 +164,8 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     with open(os.path.join(out, f"demo-seed{seed}.json"), "w") as f:
         json.dump(result, f, indent=2)
     print("      visual reliance (GRPO accuracy drop, paired 95 % CI): " + ", ".join(
-        f"{k} {100 * t['difference']:+.1f} points [{100 * t['ci'][0]:+.1f}, {100 * t['ci'][1]:+.1f}]"
+        f"{k} {100 * t['difference']:+.1f} points "
+        f"[{100 * t['ci'][0]:+.1f}, {100 * t['ci'][1]:+.1f}]"
         for k, t in cf.reliance.items()))
     print(f"      curves: {png}   results: {os.path.join(out, f'demo-seed{seed}.json')}")
     print(f"      total wall time {result['total_seconds']:.0f} s")

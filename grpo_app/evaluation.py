@@ -2,9 +2,9 @@
 comparison of two runs, and a run's checkpoints over time, always on the same items.
 
     grpo eval --config C [--samples 8]           accuracy (95 % CI) by group; pass@k from 8 samples
-    grpo eval --config C --counterfactual        own / blank / swapped images (+ --no-image): reliance
+    grpo eval --config C --counterfactual        own / blank / swapped images (+ --no-image)
     grpo eval --config C --compare RUN_A RUN_B   both on the same items: difference, CI, p-value
-    grpo eval --over-time RUN_DIR                every checkpoint of a run (and its start): table + plot
+    grpo eval --over-time RUN_DIR                a run's start and checkpoints: table + plot
 
 A RUN (``--compare``, ``--over-time``) is a run folder (its newest checkpoint: ``ckpt-N/policy``;
 an SFT run: ``policy/``), a checkpoint folder, a policy folder (config.json), or an EvalResult
@@ -25,19 +25,32 @@ from grpo_core.data import build_records
 
 
 def eval_records(cfg: TrainConfig, whole: bool) -> list:
-    """The records ``grpo eval`` scores: the held-out ones, or (``whole``) all of data.source's split."""
+    """The records ``grpo eval`` scores: the held-out ones, or (``whole``) all of data.source's
+    split."""
     d = cfg.data
-    if not whole or d.source == "synthetic":   # synthetic: the held-out items are generated, never trained on
+    if (
+        not whole or d.source == "synthetic"
+    ):  # synthetic: the held-out items are generated, never trained on
         return build_records(d, cfg.run.seed)[1]
     from grpo_core.data import load_dataset
 
-    return list(load_dataset(d.source, split=d.split, limit=d.limit, format=d.format, skip_bad=d.skip_bad,
-                             check_images=d.check_images, max_image_pixels=d.max_image_pixels,
-                             allow_outside_root=d.allow_outside_root, columns=d.columns))   # as build_records reads it
+    return list(
+        load_dataset(
+            d.source,
+            split=d.split,
+            limit=d.limit,
+            format=d.format,
+            skip_bad=d.skip_bad,
+            check_images=d.check_images,
+            max_image_pixels=d.max_image_pixels,
+            allow_outside_root=d.allow_outside_root,
+            columns=d.columns,
+        )
+    )  # as build_records reads it
 
 
 def scored_records(cfg: TrainConfig, whole: bool = False) -> list:
-    """eval_records, cut to ``run.eval_limit`` for the held-out slice (the training evals' items)."""
+    """eval_records, cut to ``run.eval_limit`` for the held-out slice (the training evals')."""
     records = eval_records(cfg, whole)
     return records if whole or not cfg.run.eval_limit else records[: cfg.run.eval_limit]
 
@@ -49,15 +62,21 @@ def policy_dir(path: str) -> str:
     for cand in (path, os.path.join(path, "policy")):
         if os.path.exists(os.path.join(cand, "config.json")):
             return cand
-    ckpts = [c for c in list_checkpoints(path) if os.path.exists(os.path.join(c, "policy", "config.json"))]
+    ckpts = [
+        c
+        for c in list_checkpoints(path)
+        if os.path.exists(os.path.join(c, "policy", "config.json"))
+    ]
     if ckpts:
         return os.path.join(ckpts[-1], "policy")
-    raise FileNotFoundError(f"grpo eval: {path!r} is no policy folder (config.json), checkpoint (policy/) or run "
-                            "folder with ckpt-N/policy; give one of those, or an EvalResult JSON")
+    raise FileNotFoundError(
+        f"grpo eval: {path!r} is no policy folder (config.json), checkpoint (policy/) or run "
+        "folder with ckpt-N/policy; give one of those, or an EvalResult JSON"
+    )
 
 
 def run_config(path: str, config: str | None, overrides) -> TrainConfig:
-    """--config, else the resolved config saved in the run's newest checkpoint, else the defaults."""
+    """--config, else the resolved config in the run's newest checkpoint, else the defaults."""
     from grpo_core.checkpoint import RUN_CONFIG, list_checkpoints
 
     if config or not os.path.isdir(path):
@@ -68,7 +87,7 @@ def run_config(path: str, config: str | None, overrides) -> TrainConfig:
 
 
 def load_at(cfg: TrainConfig, path: str):
-    """The policy saved at ``path``, loaded with the config's model settings (template, dtype...)."""
+    """The policy saved at ``path``, loaded with the config's model settings (template...)."""
     from .factory import load_policy
 
     m = copy.deepcopy(cfg.model)
@@ -79,25 +98,45 @@ def load_at(cfg: TrainConfig, path: str):
 def _evaluate(cfg: TrainConfig, policy, records, samples: int = 0):
     from grpo_core.eval import evaluate
 
-    return evaluate(policy, records, template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                    progress=cfg.run.progress, samples=samples, temperature=cfg.rollout.temperature,
-                    sample_seed=cfg.run.seed)
+    return evaluate(
+        policy,
+        records,
+        template=cfg.data.prompt,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        progress=cfg.run.progress,
+        samples=samples,
+        temperature=cfg.rollout.temperature,
+        sample_seed=cfg.run.seed,
+    )
 
 
-def cmd_eval(cfg: TrainConfig, out: str | None, whole: bool = False, show: int = 16, samples: int = 0,
-             counterfactual: bool = False, no_image: bool = False) -> int:
+def cmd_eval(
+    cfg: TrainConfig,
+    out: str | None,
+    whole: bool = False,
+    show: int = 16,
+    samples: int = 0,
+    counterfactual: bool = False,
+    no_image: bool = False,
+) -> int:
     from grpo_core.samples import eval_rows, write_samples
 
     from .factory import load_policy
 
-    records = scored_records(cfg, whole)                          # data errors before any model loads
+    records = scored_records(cfg, whole)  # data errors before any model loads
     policy = load_policy(cfg.model, seed=cfg.run.seed)
     if counterfactual:
         from grpo_core.counterfactual import DEFAULT_VARIANTS, evaluate_counterfactual
 
-        cf = evaluate_counterfactual(policy, records, DEFAULT_VARIANTS + (("none",) if no_image else ()),
-                                     seed=cfg.run.seed, template=cfg.data.prompt, progress=cfg.run.progress,
-                                     max_new_tokens=cfg.rollout.max_new_tokens)
+        cf = evaluate_counterfactual(
+            policy,
+            records,
+            DEFAULT_VARIANTS + (("none",) if no_image else ()),
+            seed=cfg.run.seed,
+            template=cfg.data.prompt,
+            progress=cfg.run.progress,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
         print(cf.table())
         if out:
             cf.to_json(out)
@@ -115,14 +154,16 @@ def cmd_eval(cfg: TrainConfig, out: str | None, whole: bool = False, show: int =
 
 
 def _scores(cfg: TrainConfig, run: str, records) -> dict:
-    """item id → accuracy of RUN on ``records`` (read back from an EvalResult JSON, or generated)."""
+    """item id → accuracy of RUN on ``records`` (read from an EvalResult JSON, or generated)."""
     if run.endswith(".json") and os.path.isfile(run):
         with open(run) as f:
             data = json.load(f)
         items = data.get("items") or data.get("variants", {}).get("image", {}).get("items")
         if not items:
-            raise ValueError(f"grpo eval --compare: {run} holds no per-item results ('items'); write one with "
-                             "grpo eval --out")
+            raise ValueError(
+                f"grpo eval --compare: {run} holds no per-item results ('items'); write one with "
+                "grpo eval --out"
+            )
         return {it["id"]: float(it["accuracy"]) for it in items}
     res = _evaluate(cfg, load_at(cfg, run), records)
     return {it["id"]: float(it["accuracy"]) for it in res.items}
@@ -133,15 +174,21 @@ def compare(cfg: TrainConfig, run_a: str, run_b: str) -> dict:
     from grpo_core.stats import paired_test
 
     files = all(r.endswith(".json") and os.path.isfile(r) for r in (run_a, run_b))
-    records = [] if files else scored_records(cfg)               # two result files: nothing to generate
+    records = [] if files else scored_records(cfg)  # two result files: nothing to generate
     a, b = _scores(cfg, run_a, records), _scores(cfg, run_b, records)
     if set(a) != set(b):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-        raise ValueError(f"grpo eval --compare: the runs were scored on different items ({len(only_a)} only in "
-                         f"{run_a}, e.g. {only_a[:3]}; {len(only_b)} only in {run_b}, e.g. {only_b[:3]}); "
-                         "evaluate both with the same config")
+        raise ValueError(
+            f"grpo eval --compare: the runs were scored on different items ({len(only_a)} only in "
+            f"{run_a}, e.g. {only_a[:3]}; {len(only_b)} only in {run_b}, e.g. {only_b[:3]}); "
+            "evaluate both with the same config"
+        )
     ids = sorted(a)
-    return {"a": run_a, "b": run_b, **paired_test([a[i] for i in ids], [b[i] for i in ids], seed=cfg.run.seed)}
+    return {
+        "a": run_a,
+        "b": run_b,
+        **paired_test([a[i] for i in ids], [b[i] for i in ids], seed=cfg.run.seed),
+    }
 
 
 def cmd_compare(cfg: TrainConfig, run_a: str, run_b: str, out: str | None) -> int:
@@ -170,26 +217,54 @@ def over_time(cfg: TrainConfig, run_dir: str) -> list[dict]:
 
     records = scored_records(cfg)
     points = []
-    ckpts = [c for c in list_checkpoints(run_dir) if os.path.exists(os.path.join(c, "policy", "config.json"))]
+    ckpts = [
+        c
+        for c in list_checkpoints(run_dir)
+        if os.path.exists(os.path.join(c, "policy", "config.json"))
+    ]
     if not ckpts:
-        raise FileNotFoundError(f"grpo eval --over-time: {run_dir!r} holds no checkpoint with a policy/ "
-                                "(ckpt-N/policy); set run.save_every > 0 and run.keep_last: 0 to keep them all")
-    starts = [(0, cfg.model.path, lambda: load_policy(cfg.model, seed=cfg.run.seed))] \
-        if os.path.exists(os.path.join(cfg.model.path, "config.json")) else []
-    for step, path, make in starts + [(checkpoint_step(c), c, lambda c=c: load_at(cfg, c)) for c in ckpts]:
+        raise FileNotFoundError(
+            f"grpo eval --over-time: {run_dir!r} holds no checkpoint with a policy/ "
+            "(ckpt-N/policy); set run.save_every > 0 and run.keep_last: 0 to keep them all"
+        )
+    starts = (
+        [(0, cfg.model.path, lambda: load_policy(cfg.model, seed=cfg.run.seed))]
+        if os.path.exists(os.path.join(cfg.model.path, "config.json"))
+        else []
+    )
+    for step, path, make in starts + [
+        (checkpoint_step(c), c, lambda c=c: load_at(cfg, c)) for c in ckpts
+    ]:
         res = _evaluate(cfg, make(), records)
-        points.append({"step": step, "path": path, "n": res.n, "accuracy": res.accuracy, "ci": res.accuracy_ci,
-                       "format_rate": res.format_rate})
-        print(f"  step {step:>6}: accuracy {res.accuracy:.2%} {points[-1]['ci']}  ({path})", flush=True)
+        points.append(
+            {
+                "step": step,
+                "path": path,
+                "n": res.n,
+                "accuracy": res.accuracy,
+                "ci": res.accuracy_ci,
+                "format_rate": res.format_rate,
+            }
+        )
+        print(
+            f"  step {step:>6}: accuracy {res.accuracy:.2%} {points[-1]['ci']}  ({path})",
+            flush=True,
+        )
     return points
 
 
 def over_time_table(points: list[dict]) -> str:
     from grpo_core.eval import ci_text
 
-    lines = ["| step | items | accuracy % | 95 % CI | format % | policy |", "|---:|---:|---:|---|---:|---|"]
-    lines += [f"| {p['step']} | {p['n']} | {100 * p['accuracy']:.1f} | {ci_text(p['ci'])} | "
-              f"{100 * p['format_rate']:.1f} | `{p['path']}` |" for p in points]
+    lines = [
+        "| step | items | accuracy % | 95 % CI | format % | policy |",
+        "|---:|---:|---:|---|---:|---|",
+    ]
+    lines += [
+        f"| {p['step']} | {p['n']} | {100 * p['accuracy']:.1f} | {ci_text(p['ci'])} | "
+        f"{100 * p['format_rate']:.1f} | `{p['path']}` |"
+        for p in points
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +274,11 @@ def cmd_over_time(cfg: TrainConfig, run_dir: str, out: str | None) -> int:
     points = over_time(cfg, run_dir)
     table = over_time_table(points)
     print(table)
-    base = out[:-5] if out and out.endswith(".json") else (out or os.path.join(run_dir, "eval_over_time"))
+    base = (
+        out[:-5]
+        if out and out.endswith(".json")
+        else (out or os.path.join(run_dir, "eval_over_time"))
+    )
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     with open(base + ".json", "w") as f:
         json.dump(points, f, indent=2)

@@ -189,13 +189,14 @@ def plot_study(summary: dict, path: str, title: str = "study") -> str | None:
 
 
 def plot_over_time(points: list[dict], path: str, title: str = "over time") -> str | None:
-    """Held-out accuracy (95 % interval as error bars) vs checkpoint step, the same items at each."""
+    """Held-out accuracy (95 % interval as error bars) vs checkpoint step, same items at each."""
     plt = _pyplot()
     if plt is None or not points:
         return None
     steps = [p["step"] for p in points]
     acc = [p["accuracy"] for p in points]
-    err = [[a - p["ci"][0] for a, p in zip(acc, points)], [p["ci"][1] - a for a, p in zip(acc, points)]]
+    err = [[a - p["ci"][0] for a, p in zip(acc, points)],
+           [p["ci"][1] - a for a, p in zip(acc, points)]]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.errorbar(steps, acc, yerr=err, fmt="o-", capsize=3, color="#35608f",
                 label=f"held-out accuracy, {points[0]['n']} items (95 % bootstrap CI)")

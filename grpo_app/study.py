@@ -131,8 +131,9 @@ def cell_config(command: str, path: str, seed: int, out: str, steps: int, overri
     return judge_inside(cfg, study_out) if study_out else cfg
 
 
-def study_key(steps: int | None, overrides, eval_size: int | None, command: str | None = None) -> dict:
-    """What a finished cell (or start: steps and command None) must have been run with to be reused."""
+def study_key(steps: int | None, overrides, eval_size: int | None, command: str | None = None,
+              ) -> dict:
+    """What a finished cell (a start: no steps, no command) must have been run with to be reused."""
     key = {"overrides": list(overrides), "eval_size": eval_size}
     if steps is not None:
         key.update(steps=steps, command=command)
@@ -140,16 +141,19 @@ def study_key(steps: int | None, overrides, eval_size: int | None, command: str 
 
 
 def check_reuse(path: str, want: dict, what: str) -> dict:
-    """The JSON at ``path`` if it was made with ``want`` (study_key); else a ValueError naming the change."""
+    """The JSON at ``path`` if it was made with ``want`` (study_key); else a ValueError naming
+    the difference and what to do."""
     with open(path) as f:
         done = json.load(f)
     have = done.get("study_key")
     if have != want:
-        diff = {k: (have or {}).get(k, "(not recorded)") for k in want if (have or {}).get(k) != want[k]}
-        raise ValueError(f"study: {what} in {os.path.dirname(path)} was run with "
-                         f"{', '.join(f'{k}={v!r}' for k, v in diff.items())}; this call asks "
-                         f"{', '.join(f'{k}={want[k]!r}' for k in diff)}. Use another --out for the new setting, "
-                         f"or delete {os.path.dirname(path)} to run it again")
+        have = have or {}
+        diff = {k: have.get(k, "(not recorded)") for k in want if have.get(k) != want[k]}
+        was = ", ".join(f"{k}={v!r}" for k, v in diff.items())
+        asks = ", ".join(f"{k}={want[k]!r}" for k in diff)
+        raise ValueError(f"study: {what} in {os.path.dirname(path)} was run with {was}; this call "
+                         f"asks {asks}. Use another --out for the new setting, or delete "
+                         f"{os.path.dirname(path)} to run it again")
     return done
 
 
@@ -159,13 +163,14 @@ def scores_of(items: list) -> dict:
 
 
 def counterfactual_scores(policy, cfg, seed: int) -> dict:
-    """condition → id → accuracy of ``policy`` with own / blank / swapped images on the cell's items."""
+    """condition → id → accuracy of ``policy`` with own / blank / swapped images, cell's items."""
     from grpo_core.counterfactual import evaluate_counterfactual
 
     from .evaluation import scored_records
 
-    cf = evaluate_counterfactual(policy, scored_records(cfg), ("image", "blank", "swapped"), seed=seed,
-                                 template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens, progress=False)
+    cf = evaluate_counterfactual(policy, scored_records(cfg), ("image", "blank", "swapped"),
+                                 seed=seed, template=cfg.data.prompt, progress=False,
+                                 max_new_tokens=cfg.rollout.max_new_tokens)
     return {k: scores_of(r.items) for k, r in cf.variants.items()}
 
 
@@ -204,10 +209,11 @@ def build_start(grid: dict, seed: int, out: str, overrides: list[str], eval_size
     policy = load_policy(cfg.model, seed=seed)
     info = format_warmup(policy, train, cfg)
     policy.save_pretrained(policy_dir)
-    res = evaluate(policy, scored_records(cfg), template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                   progress=False)                     # the items every cell of this seed is scored on
+    res = evaluate(policy, scored_records(cfg), template=cfg.data.prompt, progress=False,
+                   max_new_tokens=cfg.rollout.max_new_tokens)   # every cell's items (this seed)
     res.to_json(os.path.join(folder, "eval_start.json"))
-    start = {"study_key": key, "seed": seed, "eval": {k: v for k, v in res.to_dict().items() if k != "items"},
+    start = {"study_key": key, "seed": seed,
+             "eval": {k: v for k, v in res.to_dict().items() if k != "items"},
              "scores": scores_of(res.items), "cf_scores": counterfactual_scores(policy, cfg, seed)}
     with open(os.path.join(folder, "start.json"), "w") as f:
         json.dump(start, f, indent=2)
@@ -223,7 +229,8 @@ def prepare_grid_judges(grid: dict, seed: int, overrides: list[str], out: str) -
 
     for command, path in grid.values():
         if command == "train":
-            prepare_judges(judge_inside(load_config(path, [f"run.seed={seed}"] + overrides), out), progress=False)
+            cfg = load_config(path, [f"run.seed={seed}"] + overrides)
+            prepare_judges(judge_inside(cfg, out), progress=False)
 
 
 def _prepare(task: tuple):
@@ -260,13 +267,15 @@ def run_cell(job: dict) -> dict:
     seconds = time.perf_counter() - t0
     from .evaluation import load_at
 
-    cf = counterfactual_scores(load_at(cfg, job["dir"]), cfg, job["seed"])     # the saved final policy
-    cell = {"setting": job["setting"], "seed": job["seed"], "command": job["command"], "steps": job["steps"],
-            "study_key": study_key(job["steps"], job["overrides"], job["eval_size"], job["command"]),
+    cf = counterfactual_scores(load_at(cfg, job["dir"]), cfg, job["seed"])   # the saved policy
+    cell = {"setting": job["setting"], "seed": job["seed"], "command": job["command"],
+            "steps": job["steps"],
+            "study_key": study_key(job["steps"], job["overrides"], job["eval_size"],
+                                   job["command"]),
             "seconds": seconds, "counterfactual_seconds": time.perf_counter() - t0 - seconds,
             "load_average": list(os.getloadavg()),
-            "eval": {k: v for k, v in final.items() if k != "items"}, "scores": scores_of(final["items"]),
-            "cf_scores": cf}
+            "eval": {k: v for k, v in final.items() if k != "items"},
+            "scores": scores_of(final["items"]), "cf_scores": cf}
     with open(os.path.join(job["dir"], "cell.json"), "w") as f:
         json.dump(cell, f, indent=2)
     return cell
@@ -287,8 +296,8 @@ def run_study(grid_name="synthetic", seeds=(0, 1, 2), steps=DEFAULT_STEPS, out="
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     print(f"study: {len(grid)} settings × {len(seeds)} seeds, {steps} steps each, into {out}", flush=True)
-    # before any cell: the start model of each seed and the judge (built once: parallel cells must not race);
-    # the whole grid's start, so that a subset (--only) starts where the whole grid does
+    # before any cell: the start model of each seed and the judge (built once: parallel cells
+    # must not race); the whole grid's start, so that a subset (--only) starts where it does
     prep = [("start", s, whole, out, list(overrides), eval_size) for s in seeds] + \
         [("judge", seeds[0], grid, list(overrides), out)]
     done = dict(_pool_map(_prepare, prep, workers, gpus))
@@ -300,16 +309,18 @@ def run_study(grid_name="synthetic", seeds=(0, 1, 2), steps=DEFAULT_STEPS, out="
             key = study_key(steps, overrides, eval_size, command)
             if os.path.exists(os.path.join(d, "cell.json")):
                 try:
-                    cells.append(check_reuse(os.path.join(d, "cell.json"), key, f"cell {name} seed {s}"))
+                    cells.append(check_reuse(os.path.join(d, "cell.json"), key,
+                                             f"cell {name} seed {s}"))
                 except ValueError as e:
                     if name in grid:
                         raise
                     print(f"  left out of the table: {e}", flush=True)   # not asked for: not re-run
                 continue
             if name in grid:
-                jobs.append(dict(setting=name, seed=s, command=command, config=path, dir=d, steps=steps,
-                                 init=inits[s], overrides=list(overrides), threads=threads, eval_size=eval_size,
-                                 save_every=save_every, out=out))
+                jobs.append(dict(setting=name, seed=s, command=command, config=path, dir=d,
+                                 steps=steps, init=inits[s], overrides=list(overrides),
+                                 threads=threads, eval_size=eval_size, save_every=save_every,
+                                 out=out))
     print(f"  {len(cells)} cells already done, {len(jobs)} to run", flush=True)
     for cell in _run_jobs(jobs, workers, gpus, len(cells), len(cells) + len(jobs)):
         cells.append(cell)
@@ -361,7 +372,7 @@ def add_study_arguments(p) -> None:
                    help=f"built-in grid {sorted(GRIDS)} or a YAML file {{settings: {{name: {{command, config}}}}}}")
     p.add_argument("--only", default=None, help="comma-separated settings to run (default: all of the grid)")
     p.add_argument("--seeds", nargs="+", default=["0", "1", "2"],
-                   help="seeds (integers); a key=value after them is an override, as after the other options")
+                   help="seeds (integers); a key=value after them is an override")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per cell (the budget)")
     p.add_argument("--eval-size", type=int, default=None, help="held-out items per eval (default: each config's)")
     p.add_argument("--out", default="runs/study")
@@ -373,7 +384,7 @@ def add_study_arguments(p) -> None:
 
 
 def split_seeds(tokens: list[str]) -> tuple[list[int], list[str]]:
-    """--seeds' tokens → (seeds, overrides): ``--seeds 0 1 run.x=1`` is seeds 0, 1 and one override."""
+    """--seeds' tokens → (seeds, overrides): ``--seeds 0 1 run.x=1`` = seeds 0, 1 + an override."""
     seeds, over = [], []
     for t in tokens:
         if "=" in t:
@@ -389,6 +400,7 @@ def run_study_cli(args) -> int:
     seeds, more = split_seeds(args.seeds)
     if args.steps < 1 or args.workers < 1 or args.threads < 1 or not seeds:
         raise ValueError("study: --steps, --workers and --threads must be ≥ 1 and --seeds non-empty")
-    run_study(args.grid, tuple(seeds), args.steps, args.out, args.only.split(",") if args.only else None,
-              list(args.overrides) + more, args.workers, args.threads, args.gpus, args.eval_size, args.save_every)
+    run_study(args.grid, tuple(seeds), args.steps, args.out,
+              args.only.split(",") if args.only else None, list(args.overrides) + more,
+              args.workers, args.threads, args.gpus, args.eval_size, args.save_every)
     return 0

@@ -47,8 +47,12 @@ def blank_image(img):
     return Image.new("RGB", rgb.size, tuple(int(round(m)) for m in ImageStat.Stat(rgb).mean))
 
 
-def variant_records(records: Sequence, variant: str, seed: int = 0,
-                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list:
+def variant_records(
+    records: Sequence,
+    variant: str,
+    seed: int = 0,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> list:
     """Copies of ``records`` under one condition (module docstring). ``blank`` decodes each image
     to learn its size and colour; a record whose image cannot be used keeps its sources, so
     evaluate() skips and lists it as it would under ``image``."""
@@ -59,7 +63,10 @@ def variant_records(records: Sequence, variant: str, seed: int = 0,
     if variant == "swapped":
         return swap_images(records, seed=seed)
     if variant == "none":
-        return [dataclasses.replace(r, images=[], extra=dict(r.extra, image_variant="none")) for r in records]
+        return [
+            dataclasses.replace(r, images=[], extra=dict(r.extra, image_variant="none"))
+            for r in records
+        ]
     out = []
     for r in records:
         try:
@@ -73,14 +80,20 @@ def variant_records(records: Sequence, variant: str, seed: int = 0,
 
 @dataclass
 class CounterfactualResult:
-    variants: dict                                       # condition -> EvalResult
-    reliance: dict                                       # condition -> paired_test(image, condition) on shared items
-    by_modality: dict = field(default_factory=dict)      # modality -> {condition: accuracy, "drop_<c>": drop}
+    variants: dict  # condition -> EvalResult
+    reliance: dict  # condition -> paired_test(image, condition) on shared items
+    by_modality: dict = field(
+        default_factory=dict
+    )  # modality -> {condition: accuracy, "drop_<c>": drop}
     by_question_type: dict = field(default_factory=dict)  # question type -> same
 
     def to_dict(self) -> dict:
-        return {"variants": {k: v.to_dict() for k, v in self.variants.items()}, "reliance": self.reliance,
-                "by_modality": self.by_modality, "by_question_type": self.by_question_type}
+        return {
+            "variants": {k: v.to_dict() for k, v in self.variants.items()},
+            "reliance": self.reliance,
+            "by_modality": self.by_modality,
+            "by_question_type": self.by_question_type,
+        }
 
     def to_json(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -88,30 +101,52 @@ class CounterfactualResult:
             json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
 
     def summary(self) -> dict:
-        """Small form for tables: {condition: accuracy, "reliance_<c>": drop, "reliance_<c>_ci": [lo, hi]}."""
+        """Small form for tables: {condition: accuracy, "reliance_<c>": drop,
+        "reliance_<c>_ci": [lo, hi], "reliance_<c>_p": p}."""
         out = {k: v.accuracy for k, v in self.variants.items()}
         for k, t in self.reliance.items():
-            out[f"reliance_{k}"], out[f"reliance_{k}_ci"], out[f"reliance_{k}_p"] = \
-                t["difference"], t["ci"], t["p_value"]
+            out[f"reliance_{k}"], out[f"reliance_{k}_ci"], out[f"reliance_{k}_p"] = (
+                t["difference"],
+                t["ci"],
+                t["p_value"],
+            )
         return out
 
     def table(self) -> str:
         """Accuracy per condition (with its interval), then the drop from ``image``, by group."""
         names = list(self.variants)
-        lines = [f"{'condition':<10}  {'n':>5}  {'accuracy':>8}  {'95 % CI':>14}  {'reliance (drop)':>16}"
-                 f"  {'95 % CI':>15}  {'p':>8}", "-" * 88]
+        lines = [
+            f"{'condition':<10}  {'n':>5}  {'accuracy':>8}  {'95 % CI':>14}  "
+            f"{'reliance (drop)':>16}  {'95 % CI':>15}  {'p':>8}",
+            "-" * 88,
+        ]
         for k in names:
             r, t = self.variants[k], self.reliance.get(k)
-            drop = f"{100 * t['difference']:+.1f} pts  {ci_text(t['ci']):>15}  {t['p_value']:>8.3g}" if t else ""
-            lines.append(f"{k:<10}  {r.n:>5}  {r.accuracy:>8.2%}  {ci_text(r.accuracy_ci):>14}  {drop:>16}")
-        for title, groups in (("modality", self.by_modality), ("question type", self.by_question_type)):
+            drop = (
+                f"{100 * t['difference']:+.1f} pts  {ci_text(t['ci']):>15}  {t['p_value']:>8.3g}"
+                if t
+                else ""
+            )
+            lines.append(
+                f"{k:<10}  {r.n:>5}  {r.accuracy:>8.2%}  {ci_text(r.accuracy_ci):>14}  {drop:>16}"
+            )
+        for title, groups in (
+            ("modality", self.by_modality),
+            ("question type", self.by_question_type),
+        ):
             if len(groups) < 2:
                 continue
-            lines += ["", f"accuracy % by {title} (drop from image, points)",
-                      f"{'group':<14}" + "".join(f"  {k:>16}" for k in names)]
+            lines += [
+                "",
+                f"accuracy % by {title} (drop from image, points)",
+                f"{'group':<14}" + "".join(f"  {k:>16}" for k in names),
+            ]
             for g, row in groups.items():
-                cells = [f"{100 * row[k]:.1f}" + (f" ({100 * row['drop_' + k]:+.1f})" if k != "image" else "")
-                         for k in names]
+                cells = [
+                    f"{100 * row[k]:.1f}"
+                    + (f" ({100 * row['drop_' + k]:+.1f})" if k != "image" else "")
+                    for k in names
+                ]
                 lines.append(f"{g:<14}" + "".join(f"  {c:>16}" for c in cells))
         return "\n".join(lines)
 
@@ -131,8 +166,13 @@ def _by_group(results: dict, ids: list, key: str) -> dict:
     return out
 
 
-def evaluate_counterfactual(policy, records: Sequence, variants: Sequence[str] = DEFAULT_VARIANTS,
-                            seed: int = 0, **evaluate_kw) -> CounterfactualResult:
+def evaluate_counterfactual(
+    policy,
+    records: Sequence,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    seed: int = 0,
+    **evaluate_kw,
+) -> CounterfactualResult:
     """Evaluate ``records`` under each condition (``image`` always first) and compare on the items
     every condition scored. ``evaluate_kw`` go to grpo_core.eval.evaluate (template, batch_size,
     max_new_tokens, generate_fn, progress, ...); decoding stays greedy."""
@@ -149,7 +189,14 @@ def evaluate_counterfactual(policy, records: Sequence, variants: Sequence[str] =
         have = {it["id"] for it in r.items}
         ids = [i for i in ids if i in have]
     score = {k: {it["id"]: it["accuracy"] for it in r.items} for k, r in results.items()}
-    reliance = {k: paired_test([score["image"][i] for i in ids], [score[k][i] for i in ids], seed=seed)
-                for k in variants if k != "image"}
-    return CounterfactualResult(results, reliance, _by_group(results, ids, "modality"),
-                                _by_group(results, ids, "question_type"))
+    reliance = {
+        k: paired_test([score["image"][i] for i in ids], [score[k][i] for i in ids], seed=seed)
+        for k in variants
+        if k != "image"
+    }
+    return CounterfactualResult(
+        results,
+        reliance,
+        _by_group(results, ids, "modality"),
+        _by_group(results, ids, "question_type"),
+    )

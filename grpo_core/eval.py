@@ -47,15 +47,15 @@ class EvalResult:
     format_rate: float                                      # fraction of well-formed completions
     mean_completion_tokens: float                           # generated tokens per completion
     mean_reasoning_words: float                             # whitespace tokens inside <think>
-    accuracy_ci: list = field(default_factory=list)         # 95 % bootstrap interval over items [lo, hi]
+    accuracy_ci: list = field(default_factory=list)         # 95 % bootstrap interval over items
     by_modality: dict = field(default_factory=dict)         # modality -> {"n", "accuracy", "format_rate"}
     by_question_type: dict = field(default_factory=dict)    # question_type -> same
     items: list = field(default_factory=list)               # per record: id, prediction, gold, scores, text
     skipped: list = field(default_factory=list)             # records whose images could not be used: id, error
-    samples: int = 0                                        # sampled completions per item for pass@k (0 = none)
+    samples: int = 0                                        # sampled completions per item (pass@k)
     temperature: float = 1.0                                # their sampling temperature
     pass_at_k: dict = field(default_factory=dict)           # "k" -> mean unbiased pass@k over items
-    pass_at_k_ci: dict = field(default_factory=dict)        # "k" -> its 95 % bootstrap interval over items
+    pass_at_k_ci: dict = field(default_factory=dict)        # "k" -> its 95 % bootstrap interval
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -191,8 +191,9 @@ def evaluate(policy, records: Sequence, *, template: str = "think", batch_size: 
                              f"for {len(prompts)} prompts; it must return one completion per prompt")
         many = sample_fn(prompts, samples) if samples else []
         if len(many) != samples * len(prompts):
-            raise ValueError(f"evaluate: sample_fn returned {len(many)} texts for {len(prompts)} prompts × "
-                             f"{samples} samples; it must return prompt-major B·n completions")
+            raise ValueError(f"evaluate: sample_fn returned {len(many)} texts for {len(prompts)} "
+                             f"prompts × {samples} samples; it must return prompt-major B·n "
+                             "completions")
         for j, (rec, text, ln) in enumerate(zip(shown, texts, lengths)):
             items.append({
                 "id": rec.id, "modality": rec.modality, "question_type": rec.question_type,

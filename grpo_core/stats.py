@@ -24,15 +24,15 @@ from typing import Sequence
 
 import numpy as np
 
-LEVEL = 0.95          # every interval the project prints
-RESAMPLES = 2000      # bootstrap resamples (Monte-Carlo error of a 95 % bound ≈ ±0.5 % of its quantile)
+LEVEL = 0.95  # every interval the project prints
+RESAMPLES = 2000  # bootstrap resamples (Monte-Carlo error of a 95 % bound ≈ ±0.5 % of its quantile)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased P(at least one of k draws without replacement from n samples is correct), c correct."""
+    """Unbiased P(one of k draws without replacement from n samples is correct), c correct."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass_at_k: need 0 ≤ c ≤ n and 1 ≤ k ≤ n, got n={n}, c={c}, k={k}")
-    if n - c < k:                     # every k-subset holds a correct sample
+    if n - c < k:  # every k-subset holds a correct sample
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
@@ -62,7 +62,7 @@ def bootstrap_means(values, resamples: int = RESAMPLES, seed: int = 0) -> np.nda
         g = groups[0]
         return g[rng.integers(0, g.size, (resamples, g.size))].mean(axis=1)
     S = len(groups)
-    picks = rng.integers(0, S, (resamples, S))                        # seeds, with replacement
+    picks = rng.integers(0, S, (resamples, S))  # seeds, with replacement
     # slot (r, j) holds seed picks[r, j] with its own, independent item resample
     slots = np.empty((resamples, S))
     for s, g in enumerate(groups):
@@ -72,35 +72,52 @@ def bootstrap_means(values, resamples: int = RESAMPLES, seed: int = 0) -> np.nda
     return out / S
 
 
-def bootstrap_ci(values, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of ``values`` (flat: items; nested: seeds × items)."""
+def bootstrap_ci(
+    values, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (flat: items; nested: seeds)."""
     reps = bootstrap_means(values, resamples, seed)
     a = (1.0 - level) / 2
     return float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a))
 
 
 def mcnemar_exact(b: int, c: int) -> float:
-    """Exact two-sided McNemar p from the discordant counts b (A right, B wrong) and c (A wrong, B right)."""
+    """Exact two-sided McNemar p from the discordant counts b (A right, B wrong), c (A wrong,
+    B right)."""
     n = b + c
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2.0 ** n
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2.0**n
     return min(1.0, 2.0 * tail)
 
 
-def paired_test(a: Sequence[float], b: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES,
-                seed: int = 0) -> dict:
+def paired_test(
+    a: Sequence[float],
+    b: Sequence[float],
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> dict:
     """A vs B on the same items (a[i], b[i] score item i): the difference of means, its paired
     percentile-bootstrap interval, and a two-sided p-value: exact McNemar when every score is 0/1,
     else a sign-flip permutation test on the per-item differences (``resamples`` flips)."""
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or x.size == 0:
-        raise ValueError(f"paired_test: need two equal-length, non-empty score lists, got {x.shape} and {y.shape}")
+        raise ValueError(
+            f"paired_test: need two equal-length, non-empty score lists, got {x.shape} and "
+            f"{y.shape}"
+        )
     d = x - y
     lo, hi = bootstrap_ci(d.tolist(), level, resamples, seed)
     binary = bool(np.isin(x, (0.0, 1.0)).all() and np.isin(y, (0.0, 1.0)).all())
-    out = {"n": int(d.size), "a": float(x.mean()), "b": float(y.mean()), "difference": float(d.mean()),
-           "ci": [lo, hi], "level": level}
+    out = {
+        "n": int(d.size),
+        "a": float(x.mean()),
+        "b": float(y.mean()),
+        "difference": float(d.mean()),
+        "ci": [lo, hi],
+        "level": level,
+    }
     if binary:
         nb, nc = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
         out.update(test="mcnemar_exact", a_only=nb, b_only=nc, p_value=mcnemar_exact(nb, nc))
@@ -116,5 +133,8 @@ def paired_test(a: Sequence[float], b: Sequence[float], level: float = LEVEL, re
 def describe(t: dict) -> str:
     """One line: 'A − B = +4.0 points [95 % CI +1.0, +7.0], p = 0.012 (mcnemar_exact, n = 200)'."""
     lo, hi = t["ci"]
-    return (f"A − B = {100 * t['difference']:+.1f} points [{100 * t['level']:.0f} % CI {100 * lo:+.1f}, "
-            f"{100 * hi:+.1f}], p = {t['p_value']:.3g} ({t['test']}, n = {t['n']})")
+    return (
+        f"A − B = {100 * t['difference']:+.1f} points "
+        f"[{100 * t['level']:.0f} % CI {100 * lo:+.1f}, {100 * hi:+.1f}], "
+        f"p = {t['p_value']:.3g} ({t['test']}, n = {t['n']})"
+    )

@@ -97,17 +97,18 @@ def test_pass_at_k_from_scripted_samples_by_hand():
 
     def sample_fn(prompts, n):
         assert n == 4 and len(prompts) == 4
-        return [f"<answer>{right[i] if j < correct[i] else wrong[i]}</answer>" for i in range(4) for j in range(n)]
-    res = evaluate(None, recs, template="nothink", generate_fn=oracle_gen("nothink"), sample_fn=sample_fn,
-                   samples=4, progress=False)
+        return [f"<answer>{right[i] if j < correct[i] else wrong[i]}</answer>"
+                for i in range(4) for j in range(n)]
+    res = evaluate(None, recs, template="nothink", generate_fn=oracle_gen("nothink"),
+                   sample_fn=sample_fn, samples=4, progress=False)
     assert res.accuracy == 1.0 and [it["sample_correct"] for it in res.items] == correct
     assert res.pass_at_k["1"] == pytest.approx(7 / 16)
     assert res.pass_at_k["2"] == pytest.approx((0 + 1 / 2 + 5 / 6 + 1) / 4)
     assert res.pass_at_k["4"] == pytest.approx(3 / 4) and set(res.pass_at_k) == {"1", "2", "4"}
     assert "pass@2 58.33%" in res.table()
     with pytest.raises(ValueError, match="prompt-major"):
-        evaluate(None, recs, template="nothink", generate_fn=oracle_gen("nothink"), samples=2, progress=False,
-                 sample_fn=lambda ps, n: ["x"])
+        evaluate(None, recs, template="nothink", generate_fn=oracle_gen("nothink"), samples=2,
+                 progress=False, sample_fn=lambda ps, n: ["x"])
 
 
 def test_bad_generator_and_arguments():
@@ -130,7 +131,8 @@ def test_default_generation_through_rollout(tiny_vlm_policy):
     res = evaluate(tiny_vlm_policy, recs, template="nothink", batch_size=2, max_new_tokens=4, progress=False)
     assert res.n == 3 and 1 <= res.mean_completion_tokens <= 4
     assert all(isinstance(it["completion"], str) for it in res.items)
-    again = evaluate(tiny_vlm_policy, recs, template="nothink", batch_size=3, max_new_tokens=4, progress=False,
-                     samples=2)
+    again = evaluate(tiny_vlm_policy, recs, template="nothink", batch_size=3, max_new_tokens=4,
+                     progress=False, samples=2)
     assert [it["completion"] for it in again.items] == [it["completion"] for it in res.items]   # greedy
-    assert set(again.pass_at_k) == {"1", "2"} and all(0 <= it["sample_correct"] <= 2 for it in again.items)
+    assert set(again.pass_at_k) == {"1", "2"}
+    assert all(0 <= it["sample_correct"] <= 2 for it in again.items)

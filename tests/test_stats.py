@@ -14,15 +14,19 @@ def test_pass_at_k_by_hand():
     assert stats.pass_at_k(4, 1, 2) == pytest.approx(0.5, abs=1e-15)
     # n = 5, c = 2, k = 2: 1 − C(3,2)/C(5,2) = 1 − 3/10
     assert stats.pass_at_k(5, 2, 2) == pytest.approx(0.7, abs=1e-15)
-    assert stats.pass_at_k(8, 3, 1) == pytest.approx(3 / 8, abs=1e-15)     # pass@1 = c / n
+    assert stats.pass_at_k(8, 3, 1) == pytest.approx(3 / 8, abs=1e-15)  # pass@1 = c / n
     assert stats.pass_at_k(8, 0, 8) == 0.0 and stats.pass_at_k(8, 1, 8) == 1.0
     for n, c, k in [(10, 3, 4), (16, 5, 8), (200, 7, 16)]:
         want = 1 - math.comb(n - c, k) / math.comb(n, k)
         assert stats.pass_at_k(n, c, k) == pytest.approx(want, rel=1e-12)
-    assert 0.0 < stats.pass_at_k(2000, 1, 10) < 0.01                       # large n: no overflow
+    assert 0.0 < stats.pass_at_k(2000, 1, 10) < 0.01  # large n: no overflow
     with pytest.raises(ValueError, match="c ≤ n"):
         stats.pass_at_k(4, 5, 1)
-    assert stats.ks_for(8) == [1, 2, 4, 8] and stats.ks_for(6) == [1, 2, 4, 6] and stats.ks_for(1) == [1]
+    assert (
+        stats.ks_for(8) == [1, 2, 4, 8]
+        and stats.ks_for(6) == [1, 2, 4, 6]
+        and stats.ks_for(1) == [1]
+    )
 
 
 def test_mcnemar_exact_by_hand():
@@ -61,15 +65,17 @@ def test_seed_bootstrap_covers_and_is_wider_than_items_alone():
 
 
 def test_paired_test_binary_and_graded():
-    a = [1] * 30 + [1] * 10 + [0] * 2 + [0] * 58          # A right on 40, B right on 32 (30 shared)
+    a = [1] * 30 + [1] * 10 + [0] * 2 + [0] * 58  # A right on 40, B right on 32 (30 shared)
     b = [1] * 30 + [0] * 10 + [1] * 2 + [0] * 58
     t = stats.paired_test(a, b)
     assert t["test"] == "mcnemar_exact" and (t["a_only"], t["b_only"]) == (10, 2)
-    assert t["difference"] == pytest.approx(0.08) and t["p_value"] == pytest.approx(stats.mcnemar_exact(10, 2))
+    assert t["difference"] == pytest.approx(0.08) and t["p_value"] == pytest.approx(
+        stats.mcnemar_exact(10, 2)
+    )
     assert t["ci"][0] < 0.08 < t["ci"][1]
     same = stats.paired_test(a, a)
     assert same["difference"] == 0.0 and same["p_value"] == 1.0 and same["ci"] == [0.0, 0.0]
-    g = stats.paired_test([0.5, 0.9, 0.7, 0.8] * 10, [0.4, 0.5, 0.6, 0.7] * 10)     # F1-like scores
+    g = stats.paired_test([0.5, 0.9, 0.7, 0.8] * 10, [0.4, 0.5, 0.6, 0.7] * 10)  # F1-like scores
     assert g["test"] == "sign_flip_permutation" and g["p_value"] < 0.01 and g["ci"][0] > 0
     assert "A − B = +17.5 points" in stats.describe(g)
     with pytest.raises(ValueError, match="equal-length"):

@@ -41,8 +41,9 @@ def test_mean_sd_by_hand():
 def _cell(setting, seed, acc, ct=0.5, scores=None):
     by = {"CT": {"accuracy": ct, "n": 2}, "MR": {"accuracy": 1 - ct, "n": 2}}
     c = {"setting": setting, "seed": seed, "steps": 5, "seconds": 60.0,
-         "eval": {"accuracy": acc, "format_rate": 1.0, "mean_completion_tokens": 10.0, "mean_reasoning_words": 5.0,
-                  "by_modality": by, "by_question_type": {"quadrant": {"accuracy": acc, "n": 4}}}}
+         "eval": {"accuracy": acc, "format_rate": 1.0, "mean_completion_tokens": 10.0,
+                  "mean_reasoning_words": 5.0, "by_modality": by,
+                  "by_question_type": {"quadrant": {"accuracy": acc, "n": 4}}}}
     if scores is not None:
         c["scores"] = {f"i{k}": float(v) for k, v in enumerate(scores)}
     return c
@@ -85,8 +86,10 @@ def test_intervals_deltas_reliance_and_orderings_are_paired_on_items():
     lo, hi = g["accuracy_ci"]["ci"]
     assert 0.45 < lo < 0.7 < hi < 0.9
     assert g["delta_ci"]["mean"] == pytest.approx(0.45) and g["delta_ci"]["ci"][0] > 0.2
-    assert g["reliance"]["blank"]["mean"] == pytest.approx(0.45) and g["reliance"]["swapped"]["ci"][0] > 0.2
-    assert s["start"]["reliance"]["blank"]["mean"] == 0.0 and s["start"]["reliance"]["blank"]["ci"] == [0.0, 0.0]
+    assert g["reliance"]["blank"]["mean"] == pytest.approx(0.45)
+    assert g["reliance"]["swapped"]["ci"][0] > 0.2
+    blind = s["start"]["reliance"]["blank"]
+    assert blind["mean"] == 0.0 and blind["ci"] == [0.0, 0.0]
     (o,) = s["orderings"]
     assert o["claim"] == "grpo_instruct > sft" and o["difference"] == pytest.approx(0.4)
     assert o["verdict"] == "grpo_instruct > sft" and o["reproduced"] and o["ci"][0] > 0.15
@@ -94,11 +97,13 @@ def test_intervals_deltas_reliance_and_orderings_are_paired_on_items():
     md = markdown({**s, "grid": "synthetic"})
     assert "| grpo_instruct > sft | +40.0 [" in md and "**grpo_instruct > sft**" in md
     same = summarize(grid, (0, 1, 2), [dict(c, scores=cells[0]["scores"]) for c in cells], {})
-    assert same["orderings"][0]["verdict"] == "not separated" and same["orderings"][0]["mcnemar_p"] == 1.0
+    assert same["orderings"][0]["verdict"] == "not separated"
+    assert same["orderings"][0]["mcnemar_p"] == 1.0
 
 
 def test_seeds_then_overrides_parse():
-    assert study.split_seeds(["0", "1", "run.steps=3", "data.x=1"]) == ([0, 1], ["run.steps=3", "data.x=1"])
+    got = study.split_seeds(["0", "1", "run.steps=3", "data.x=1"])
+    assert got == ([0, 1], ["run.steps=3", "data.x=1"])
     with pytest.raises(ValueError, match="--seeds takes integers"):
         study.split_seeds(["0", "one"])
     from grpo_app.cli import build_parser
@@ -107,8 +112,8 @@ def test_seeds_then_overrides_parse():
 
 
 def test_the_synthetic_judge_lives_inside_out(tmp_path):
-    cfg = study.cell_config("train", study.config_path("synthetic_semantic.yaml"), 0, str(tmp_path / "c"), 3, [],
-                            None, None, 50, str(tmp_path / "study"))
+    cfg = study.cell_config("train", study.config_path("synthetic_semantic.yaml"), 0,
+                            str(tmp_path / "c"), 3, [], None, None, 50, str(tmp_path / "study"))
     (judge,) = [e for e in cfg.grpo.rewards if e["name"] == "semantic_judge"]
     assert judge["model_path"] == str(tmp_path / "study" / "judge")
 
@@ -127,9 +132,9 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_vlm_path, monkeypatch)
 
     start = json.load(open(os.path.join(out, "init/seed0/start.json")))
     cell = json.load(open(os.path.join(out, "grpo_instruct/seed0/cell.json")))
-    assert set(cell["scores"]) == set(start["scores"]) == set(cell["cf_scores"]["swapped"])   # the same items
-    assert set(s["settings"][0]["reliance"]) == {"blank", "swapped"} and s["orderings"][0]["claim"] == \
-        "grpo_instruct > sft"
+    assert set(cell["scores"]) == set(start["scores"]) == set(cell["cf_scores"]["swapped"])
+    assert set(s["settings"][0]["reliance"]) == {"blank", "swapped"}
+    assert s["orderings"][0]["claim"] == "grpo_instruct > sft"
 
     def no_run(job):
         raise AssertionError(f"cell {job['setting']} ran again")
@@ -144,4 +149,5 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_vlm_path, monkeypatch)
     with pytest.raises(ValueError, match="was run with steps=1.*asks steps=2"):
         study.run_study("synthetic", seeds=(0,), steps=2, out=out, only=["sft"], overrides=over)
     with pytest.raises(ValueError, match="overrides="):
-        study.run_study("synthetic", seeds=(0,), steps=1, out=out, only=["sft"], overrides=over + ["optim.lr=1e-3"])
+        study.run_study("synthetic", seeds=(0,), steps=1, out=out, only=["sft"],
+                        overrides=over + ["optim.lr=1e-3"])
