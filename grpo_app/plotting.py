@@ -10,7 +10,8 @@ Every axis is labelled with its quantity and unit; a panel with nothing to show 
   on swapped images (the control) and the SFT baseline, chance level, and GRPO's training reward.
 - ``plot_over_time(points, path)``: held-out accuracy with its 95 % interval against the step of
   each checkpoint of a run (``grpo eval --over-time``).
-- ``plot_study(summary, path)``: held-out accuracy per setting, mean ± sd over seeds, each seed a
+- ``plot_study(summary, path)``: held-out accuracy per setting, mean with its 95 % interval over
+  seeds and items (± sd when the cells carry no per-item scores), each seed a
   dot, the start (format-warmed model) as a line; format rate and reasoning length beside it.
 """
 
@@ -159,7 +160,7 @@ def plot_demo(result: dict, history: list[dict], path: str) -> str | None:
 
 
 def plot_study(summary: dict, path: str, title: str = "study") -> str | None:
-    """Bars per setting: held-out accuracy (mean ± sd, seeds as dots), format rate, reasoning words."""
+    """Bars per setting: held-out accuracy (mean, 95 % CI, seeds as dots), format, reasoning."""
     plt = _pyplot()
     rows = summary.get("settings", [])
     if plt is None or not rows:
@@ -171,8 +172,12 @@ def plot_study(summary: dict, path: str, title: str = "study") -> str | None:
                             (axes[1], "format_rate", "format rate (fraction well formed)"),
                             (axes[2], "reasoning_words", "reasoning length (words in <think>)")):
         means = [r[key]["mean"] for r in rows]
-        sds = [r[key]["sd"] for r in rows]
-        ax.bar(x, means, yerr=sds, capsize=3, color="#8fb3d9", edgecolor="#35608f")
+        err = [r[key]["sd"] for r in rows]
+        if key == "accuracy" and all(r.get("accuracy_ci") for r in rows):   # the 95 % interval
+            cis = [r["accuracy_ci"]["ci"] for r in rows]
+            err = [[max(0.0, m - c[0]) for m, c in zip(means, cis)],
+                   [max(0.0, c[1] - m) for m, c in zip(means, cis)]]
+        ax.bar(x, means, yerr=err, capsize=3, color="#8fb3d9", edgecolor="#35608f")
         for i, r in enumerate(rows):
             vals = r[key]["values"]
             ax.plot([i] * len(vals), vals, "k.", ms=4)
