@@ -7,7 +7,7 @@
     grpo eval  --config C --counterfactual | --samples 8 | --compare RUN_A RUN_B
     grpo eval  --over-time RUN_DIR
     grpo demo  [--seed 0] [--quick]
-    grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 150]
+    grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 2000]
 
 The subcommands' work is in grpo_app.commands (train, sft, eval), grpo_app.demo and grpo_app.study.
 """

@@ -1,7 +1,8 @@
 """`grpo study`: the experiment grid of arXiv 2505.13973 as one resumable command.
 
     grpo study                                            # the synthetic grid on CPU (defaults below)
-    grpo study --seeds 0 1 2 3 4 --steps 300 --workers 2  # more seeds, a bigger budget, 2 cells at once
+    grpo study --steps 150 --out runs/study-smoke         # a quick look (nothing leaves chance)
+    grpo study --seeds 0 1 2 3 4 --workers 2              # more seeds, 2 cells at once
     grpo study --grid pmc_vqa --steps 1000 --workers 8 --gpus 0,1,2,3,4,5,6,7 data.source=/data/PMC-VQA
 
 Grid = settings × seeds. A setting is a config file and a command (``train`` = GRPO, ``sft``);
@@ -65,7 +66,8 @@ GRIDS = {   # grid → setting → (command, config file in examples/configs)
                 "sft": ("sft", "pmc_vqa_sft.yaml")},
 }
 COMMANDS = ("train", "sft")
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 2000     # the smallest budget measured to leave chance on the synthetic task
+GRID_EVAL_SIZE = {"synthetic": 200}   # held-out items per seed by default (None: each config's)
 
 
 def config_path(name: str) -> str:
@@ -374,9 +376,13 @@ def add_study_arguments(p) -> None:
     p.add_argument("--seeds", nargs="+", default=["0", "1", "2"],
                    help="seeds (integers); a key=value after them is an override")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per cell (the budget)")
-    p.add_argument("--eval-size", type=int, default=None, help="held-out items per eval (default: each config's)")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help=f"held-out items per eval (default: {GRID_EVAL_SIZE} by grid, else each "
+                        "config's)")
     p.add_argument("--out", default="runs/study")
-    p.add_argument("--workers", type=int, default=1, help="cells run at once (processes)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="cells run at once (processes); default: one per GPU of --gpus, else one "
+                        "per usable CPU core (at most 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids, one per worker (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--save-every", type=int, default=50, help="GRPO checkpoint interval, for resuming a cell")
@@ -396,8 +402,20 @@ def split_seeds(tokens: list[str]) -> tuple[list[int], list[str]]:
     return seeds, over
 
 
+def default_workers(gpus: str | None) -> int:
+    """One cell per GPU of ``gpus``; on CPU one per usable core, at most 8 (one thread each)."""
+    if gpus:
+        return len([g for g in gpus.split(",") if g.strip()])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores or 1))
+
+
 def run_study_cli(args) -> int:
     seeds, more = split_seeds(args.seeds)
+    if args.workers is None:
+        args.workers = default_workers(args.gpus)
+    if args.eval_size is None:
+        args.eval_size = GRID_EVAL_SIZE.get(args.grid)
     if args.steps < 1 or args.workers < 1 or args.threads < 1 or not seeds:
         raise ValueError("study: --steps, --workers and --threads must be ≥ 1 and --seeds non-empty")
     run_study(args.grid, tuple(seeds), args.steps, args.out,

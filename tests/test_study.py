@@ -151,3 +151,16 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_vlm_path, monkeypatch)
     with pytest.raises(ValueError, match="overrides="):
         study.run_study("synthetic", seeds=(0,), steps=1, out=out, only=["sft"],
                         overrides=over + ["optim.lr=1e-3"])
+
+
+def test_cli_defaults_budget_items_and_workers(monkeypatch):
+    from grpo_app.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(study, "run_study", lambda *a: seen.setdefault("args", a))
+    args = build_parser().parse_args(["study"])
+    study.run_study_cli(args)
+    grid, seeds, steps, out, only, over, workers, threads, gpus, eval_size, _ = seen["args"]
+    assert (grid, seeds, steps, eval_size) == ("synthetic", (0, 1, 2), 2000, 200)
+    assert workers == study.default_workers(None) >= 1 and threads == 1
+    assert study.default_workers("0,1,2") == 3
