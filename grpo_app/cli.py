@@ -116,7 +116,8 @@ def main(argv=None) -> int:
         if args.cmd == "eval" and (args.compare or args.over_time):
             from .evaluation import cmd_compare, cmd_over_time, run_config
 
-            cfg = run_config(args.over_time or args.compare[0], args.config, overrides)
+            cfg = run_config([args.over_time] if args.over_time else args.compare, args.config,
+                             overrides)
             if args.over_time:
                 return cmd_over_time(cfg, args.over_time, args.out)
             return cmd_compare(cfg, *args.compare, args.out)

@@ -75,15 +75,20 @@ def policy_dir(path: str) -> str:
     )
 
 
-def run_config(path: str, config: str | None, overrides) -> TrainConfig:
-    """--config, else the resolved config in the run's newest checkpoint, else the defaults."""
+def run_config(paths: list[str], config: str | None, overrides) -> TrainConfig:
+    """--config, else the resolved config saved in the newest checkpoint of the first run folder
+    (or checkpoint) among ``paths`` that has one; two result JSONs need none (the defaults)."""
     from grpo_core.checkpoint import RUN_CONFIG, list_checkpoints
 
-    if config or not os.path.isdir(path):
+    if config or all(p.endswith(".json") and os.path.isfile(p) for p in paths):
         return load_config(config, overrides)
-    saved = [os.path.join(c, RUN_CONFIG) for c in list_checkpoints(path)]
-    saved = [p for p in saved if os.path.exists(p)]
-    return load_config(saved[-1] if saved else None, overrides)
+    for path in paths:
+        saved = [os.path.join(c, RUN_CONFIG) for c in list_checkpoints(path) + [path]]
+        saved = [p for p in saved if os.path.exists(p)]
+        if saved:
+            return load_config(saved[-1], overrides)
+    raise ValueError(f"grpo eval: none of {paths} holds a run config (ckpt-N/{RUN_CONFIG}); "
+                     "pass the run's --config, so the items and the prompt are the ones it was trained with")
 
 
 def load_at(cfg: TrainConfig, path: str):

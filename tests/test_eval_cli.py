@@ -142,8 +142,11 @@ def test_over_time_scores_every_checkpoint_on_the_same_items(tiny_run, capsys):
     assert all(p["ci"][0] <= p["accuracy"] <= p["ci"][1] for p in pts)
     assert os.path.exists(os.path.join(run, "eval_over_time.md"))
     assert os.path.getsize(os.path.join(run, "eval_over_time.png")) > 1000
-    assert main(["eval", "--over-time", str(tiny_run), *BASE]) == 2  # no checkpoints there
+    cfg = ["--config", "examples/configs/synthetic_grpo_instruct.yaml"]
+    assert main(["eval", "--over-time", str(tiny_run), *cfg, *BASE]) == 2  # no checkpoints there
     assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--over-time", str(tiny_run), *BASE]) == 2  # and no run config either
+    assert "pass the run's --config" in capsys.readouterr().err
 
 
 def test_training_evals_report_pass_at_k_with_run_eval_samples(tiny_vlm_path, tiny_vlm_policy):
