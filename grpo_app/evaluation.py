@@ -88,7 +88,8 @@ def run_config(paths: list[str], config: str | None, overrides) -> TrainConfig:
         if saved:
             return load_config(saved[-1], overrides)
     raise ValueError(f"grpo eval: none of {paths} holds a run config (ckpt-N/{RUN_CONFIG}); "
-                     "pass the run's --config, so the items and the prompt are the ones it was trained with")
+                     "pass the run's --config, so the items and the prompt are the ones it was "
+                     "trained with")
 
 
 def load_at(cfg: TrainConfig, path: str):
