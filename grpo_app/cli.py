@@ -48,7 +48,8 @@ COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NA
     "study": ("the study's grid as one resumable command: settings × seeds, a table and a plot",
               "GRPO from the instruct- and base-style init, + semantic judge, ECR, CWR, Dr. GRPO and SFT, each "
               "from the same starting model with the same budget, over several seeds; writes study.md / "
-              "study.json / study.png and skips cells already done (docs/STUDY.md)."),
+              "study.json / study.png (95 % intervals, paired orderings, visual reliance) and "
+              "reuses finished cells run with the same steps and overrides (docs/STUDY.md)."),
 }
 
 
