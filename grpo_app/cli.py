@@ -4,8 +4,10 @@
     torchrun --nproc_per_node 8 -m grpo_app train --config examples/configs/pmc_vqa_grpo_ddp.yaml
     grpo sft   --config examples/configs/synthetic_sft.yaml
     grpo eval  --config examples/configs/pmc_vqa_grpo_instruct.yaml --whole data.split=test model.path=...
+    grpo eval  --config C --counterfactual | --samples 8 | --compare RUN_A RUN_B
+    grpo eval  --over-time RUN_DIR
     grpo demo  [--seed 0] [--quick]
-    grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 150]
+    grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 2000]
 
 The subcommands' work is in grpo_app.commands (train, sft, eval), grpo_app.demo and grpo_app.study.
 Nothing here imports torch or grpo_core before the arguments are parsed: ``grpo --help`` and a
@@ -38,17 +40,23 @@ COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NA
             "Cross-entropy on the gold answers (sft.target: answer, or reasoning + answer) of data.source, then "
             "the same held-out eval as GRPO; the policy is saved to run.output_dir/policy."),
     "eval": ("evaluate a policy: held-out records, or a whole split (--whole)",
-             "Greedy generation on the held-out records of the config (the slice GRPO never trains on, or "
-             "data.eval_source), or with --whole on every record of data.source / data.split (e.g. a test split). "
-             "Prints accuracy and format rate overall, by modality and by question type; --out writes the JSON, "
-             "and samples.html beside it shows the first completions with their images."),
+             "Greedy generation on the held-out records of the config (the slice GRPO never trains "
+             "on, or data.eval_source; run.eval_limit applies), or with --whole on every record "
+             "of data.source / data.split (e.g. a test split). Prints accuracy with its 95 % "
+             "bootstrap interval and format rate overall, by modality and by question type; "
+             "--samples N adds "
+             "pass@k; --counterfactual evaluates own, blank and swapped images (visual reliance); "
+             "--compare A B tests two runs on the same items; --over-time RUN scores every "
+             "checkpoint of a run. --out writes the JSON, and samples.html beside it shows the "
+             "first completions with their images."),
     "demo": ("the CPU demo: a tiny Qwen2-VL learns the synthetic scan task",
              "Format warm-up, GRPO for a training-time budget, the swapped-images control and an SFT baseline "
              "with the same training time; prints a table and writes runs/demo/demo-seed{S}.{json,png}."),
     "study": ("the study's grid as one resumable command: settings × seeds, a table and a plot",
               "GRPO from the instruct- and base-style init, + semantic judge, ECR, CWR, Dr. GRPO and SFT, each "
               "from the same starting model with the same budget, over several seeds; writes study.md / "
-              "study.json / study.png and skips cells already done (docs/STUDY.md)."),
+              "study.json / study.png (95 % intervals, paired orderings, visual reliance) and "
+              "reuses finished cells run with the same steps and overrides (docs/STUDY.md)."),
 }
 
 
@@ -76,7 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--whole", action="store_true",
                            help="every record of data.source / data.split (data.limit applies, run.eval_limit not), "
                                 "instead of the held-out slice")
-            p.add_argument("--samples", type=int, default=16, help="completions shown in samples.html (0 = none)")
+            p.add_argument("--show", type=int, default=16,
+                           help="completions shown in samples.html (0 = none)")
+            p.add_argument("--samples", type=int, default=0,
+                           help="also sample N completions per item (T = rollout.temperature): "
+                                "pass@k")
+            p.add_argument("--counterfactual", action="store_true",
+                           help="each item with its own, a blank and another item's image: "
+                                "visual reliance")
+            p.add_argument("--no-image", action="store_true",
+                           help="with --counterfactual: also text only")
+            p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                           help="two runs / checkpoints / policy folders / eval JSONs on the "
+                                "same items: the difference, its 95 %% interval and a paired "
+                                "p-value (exact McNemar)")
+            p.add_argument("--over-time", metavar="RUN_DIR",
+                           help="the start and every checkpoint of a run on the same items: "
+                                "table and plot")
         if name == "train":
             p.add_argument("--fresh", action="store_true",
                            help="start a new run even if run.output_dir holds one (it moves to previous-run-K/)")
@@ -115,13 +139,23 @@ def main(argv=None) -> int:
         from . import commands
 
         commands.check_overrides(args.cmd, args.overrides)        # keys this command does not read
+        if args.cmd == "eval" and (args.compare or args.over_time):
+            from .evaluation import cmd_compare, cmd_over_time, run_config
+
+            cfg = run_config([args.over_time] if args.over_time else args.compare, args.config,
+                             overrides)
+            apply_threads(cfg.run.threads, cfg.model.device)
+            if args.over_time:
+                return cmd_over_time(cfg, args.over_time, args.out)
+            return cmd_compare(cfg, *args.compare, args.out)
         cfg = load_config(args.config, overrides)
         apply_threads(cfg.run.threads, cfg.model.device)
         if args.cmd == "train":
             return commands.cmd_train(cfg)
         if args.cmd == "sft":
             return commands.cmd_sft(cfg)
-        return commands.cmd_eval(cfg, args.out, whole=args.whole, samples=args.samples)
+        return commands.cmd_eval(cfg, args.out, whole=args.whole, show=args.show, samples=args.samples,
+                                 counterfactual=args.counterfactual, no_image=args.no_image)
     except (ValueError, FileNotFoundError, ImportError, ResumeError, CheckpointError, FloatingPointError) as e:
         print(f"grpo {args.cmd}: error: {e}", file=sys.stderr)   # what, where and what to do; no traceback
         return 2

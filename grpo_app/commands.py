@@ -2,7 +2,8 @@
 
     cmd_train(cfg)            GRPO (warm-up, start eval, train, final eval, curves, samples)
     cmd_sft(cfg)              the SFT baseline
-    cmd_eval(cfg, out, whole) held-out records, or a whole split
+    cmd_eval(cfg, out, whole) held-out records, or a whole split (grpo_app.evaluation: also
+                              pass@k, counterfactuals, --compare, --over-time)
 
 What a run leaves in ``run.output_dir``: metrics.jsonl (every step), curves.png (the whole run,
 resumed parts included), samples.jsonl + samples.html (prompts, completions, rewards, images),
@@ -20,12 +21,14 @@ from grpo_core.config import TrainConfig
 from grpo_core.data import build_records, make_prompt_fn
 from grpo_core.precision import resolve_export_dtype
 
+from .evaluation import cmd_eval, eval_records  # noqa: F401  (grpo eval: grpo_app.evaluation)
+
 # The config keys each command reads (a section, or one key); an override of any other key is an
 # error (`grpo sft ... run.steps=3` ran sft.steps = 2,000 steps). train reads every key. A YAML
 # --config may hold other keys (one file serves train, sft and eval), so only overrides are checked.
 _EVAL_READS = ("model", "data", "rollout.max_new_tokens", "run.seed", "run.eval_limit",
-               "run.progress", "run.output_dir", "run.log_completions", "run.threads")
-READS = {"sft": _EVAL_READS + ("sft",), "eval": _EVAL_READS}
+               "run.progress", "run.output_dir", "run.log_completions", "run.threads", "run.eval_samples")
+READS = {"sft": _EVAL_READS + ("sft", "run.export_dtype"), "eval": _EVAL_READS}
 INSTEAD = {"sft": {"run.steps": "sft.steps", "optim": "sft.optim"}}   # the key meant, by its prefix
 
 
@@ -45,7 +48,8 @@ def check_overrides(command: str, overrides) -> None:
 
 def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | None = None,
                  step_of=None, announce: bool = False):
-    """policy → {"accuracy", "format_rate"} on the first ``run.eval_limit`` records; with ``samples_dir``
+    """policy → {"accuracy", "format_rate"} (+ "pass@k" with ``run.eval_samples``) on the first
+    ``run.eval_limit`` records; with ``samples_dir``
     the first ``2 · run.log_completions`` completions go to its samples.jsonl/.html (split "eval");
     ``announce``: print one line per eval after step 0 (the evals along the way of `grpo train`)."""
     from grpo_core.eval import evaluate
@@ -55,7 +59,8 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | N
 
     def fn(policy):
         res = evaluate(policy, recs, template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                       progress=progress)
+                       progress=progress, samples=cfg.run.eval_samples,
+                       temperature=cfg.rollout.temperature, sample_seed=cfg.run.seed)
         if samples_dir and cfg.run.log_completions:
             write_samples(samples_dir, step_of() if step_of else 0, eval_rows(recs, res.items, 2 * cfg.run.log_completions),
                           split="eval")
@@ -65,7 +70,8 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | N
             from grpo_core.progress import say
             say(f"held-out eval at step {step}: accuracy {res.accuracy:.3f}, "
                 f"format {res.format_rate:.3f} ({len(res.items)} records)")
-        return {"accuracy": res.accuracy, "format_rate": res.format_rate}
+        return {"accuracy": res.accuracy, "format_rate": res.format_rate,
+                **{f"pass@{k}": v for k, v in res.pass_at_k.items()}}
     return fn
 
 
@@ -152,39 +158,4 @@ def cmd_sft(cfg: TrainConfig) -> int:
     final = fn(policy)
     fn.last.to_json(os.path.join(out, "eval_final.json"))
     print(json.dumps({"final_eval": final}, indent=2))
-    return 0
-
-
-def eval_records(cfg: TrainConfig, whole: bool) -> list:
-    """The records ``grpo eval`` scores: the held-out ones, or (``whole``) all of data.source's split."""
-    d = cfg.data
-    if not whole or d.source == "synthetic":   # synthetic: the held-out items are generated, never trained on
-        return build_records(d, cfg.run.seed, progress=cfg.run.progress)[1]
-    from grpo_core.data import load_dataset
-
-    return list(load_dataset(d.source, split=d.split, limit=d.limit, format=d.format, skip_bad=d.skip_bad,
-                             check_images=d.check_images, max_image_pixels=d.max_image_pixels,
-                             allow_outside_root=d.allow_outside_root, columns=d.columns,
-                             progress=cfg.run.progress))   # as build_records reads it
-
-
-def cmd_eval(cfg: TrainConfig, out: str | None, whole: bool = False, samples: int = 16) -> int:
-    from grpo_core.eval import evaluate
-    from grpo_core.samples import eval_rows, write_samples
-
-    from .factory import load_policy
-
-    records = eval_records(cfg, whole)                            # data errors before any model loads
-    if not whole and cfg.run.eval_limit:
-        records = records[: cfg.run.eval_limit]
-    policy = load_policy(cfg.model, seed=cfg.run.seed)
-    res = evaluate(policy, records, template=cfg.data.prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                   progress=cfg.run.progress)
-    print(res.table())
-    if out:
-        res.to_json(out)
-    if samples:
-        folder = os.path.dirname(os.path.abspath(out)) if out else cfg.run.output_dir
-        page = write_samples(folder, 0, eval_rows(records, res.items, samples), split="eval")
-        print(f"samples: {page}")
     return 0

@@ -9,13 +9,15 @@ Steps, each printed:
   2. format warm-up (grpo_app.warmup): a few SFT steps on *random* letters teach "answer with one
      letter, then stop" but not the answer (the "instruct init" axis in miniature: chance start);
   3. GRPO (G=16, 8 prompts/step, β=0, lr 3e-4, reward = accuracy) for a training-time budget;
-  4. controls: the GRPO policy on images swapped between items (falls to chance when the image is
-     what it reads) and the SFT-only baseline (gold letters, same init, same training time);
+  4. controls: the GRPO policy on images swapped between items and on blank images
+     (grpo_core.counterfactual: falls to chance when the image is what it reads) and the SFT-only
+     baseline (gold letters, same init, same training time);
   5. a before/after table, a JSON of the numbers and a PNG: held-out accuracy against training
      time for GRPO, swapped images and the SFT baseline, and GRPO's reward per step.
 
 Both trainings are timed the same way: the budget counts training steps only; the held-out evals
-along the way (every ``budget / 10`` s, 100 items, the same for both) are not charged to it.
+along the way (every ``budget / 10`` s, the 200 held-out items, the same for both) are not
+charged to it.
 
 Choices and why (measured on this 2-core CPU, one thread, seed 0; docs/DESIGN.md lists more):
   - letter-only answers ("direct" prompt) instead of "<answer>X</answer>": with the tag format
@@ -41,7 +43,7 @@ from grpo_core.config import TrainConfig
 
 GRPO_SECONDS = 270.0
 EVAL_POINTS = 10          # held-out evals along each training (plus one at the start)
-EVAL_ITEMS = 100          # items per eval along the way (the table uses all 200)
+EVAL_ITEMS = 200          # items per eval along the way: all held-out ones, the table's items too
 
 
 def demo_config(seed: int, out: str, quick: bool) -> TrainConfig:
@@ -99,7 +101,8 @@ def timed_training(step_fn, budget_s: float, max_steps: int, evals: dict, desc: 
 
 
 def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None = None, quick: bool = False) -> int:
-    from grpo_core.data import build_records, make_prompt_fn, swap_images
+    from grpo_core.counterfactual import evaluate_counterfactual, variant_records
+    from grpo_core.data import build_records, make_prompt_fn
     from grpo_core.sft import SFTTrainer
     from grpo_core.threads import apply_threads
     from grpo_core.trainer import GRPOTrainer
@@ -116,7 +119,7 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     print(f"[1/5] tiny Qwen2-VL (hidden 64, 2 layers) + synthetic scans, seed {seed}")
     policy = load_policy(cfg.model, seed=seed)
     train, held = build_records(cfg.data, seed)
-    sub, sub_swapped = held[:EVAL_ITEMS], swap_images(held[:EVAL_ITEMS], seed=seed)
+    sub, sub_swapped = held[:EVAL_ITEMS], variant_records(held[:EVAL_ITEMS], "swapped", seed=seed)
 
     print(f"[2/5] format warm-up: {cfg.warmup.steps} SFT steps on random letters (format only)")
     format_warmup(policy, train, cfg)
@@ -130,8 +133,11 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     grpo_evals = {"GRPO": {"fn": lambda: _accuracy(policy, sub, cfg)["accuracy"], "points": []},
                   "GRPO, images swapped": {"fn": lambda: _accuracy(policy, sub_swapped, cfg)["accuracy"], "points": []}}
     history, grpo_time = timed_training(trainer.step, budget, cfg.run.steps, grpo_evals, "grpo", progress=not quick)
-    after = _accuracy(policy, held, cfg)
-    swapped = _accuracy(policy, swap_images(held, seed=seed), cfg)
+    cf = evaluate_counterfactual(policy, held, ("image", "blank", "swapped"), seed=seed,
+                                 template=cfg.data.prompt, batch_size=50, progress=False,
+                                 max_new_tokens=cfg.rollout.max_new_tokens)
+    after, swapped, blank = ({"accuracy": r.accuracy, "format_rate": r.format_rate}
+                             for r in (cf.variants[k] for k in ("image", "swapped", "blank")))
 
     print(f"[4/5] SFT-only baseline: gold letters, same init, same training time ({grpo_time:.0f} s)")
     policy.model.load_state_dict(init_state)
@@ -142,7 +148,7 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     sft_res = _accuracy(policy, held, cfg)
 
     rows = [("start (format warm-up)", start), ("GRPO", after), ("GRPO, images swapped", swapped),
-            ("SFT baseline", sft_res)]
+            ("GRPO, blank images", blank), ("SFT baseline", sft_res)]
     print(f"[5/5] held-out accuracy ({len(held)} items, greedy), seed {seed}, GRPO {len(history)} steps and "
           f"SFT {len(sft_hist)} steps, {grpo_time:.0f} s of training each")
     print(f"      {'policy':<24} {'accuracy':>9} {'format':>8}")
@@ -152,11 +158,16 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     first80 = next((t for t, a in grpo_evals["GRPO"]["points"] if a >= 0.8), None)
     result = {"seed": seed, "grpo_steps": len(history), "grpo_seconds": grpo_time, "sft_steps": len(sft_hist),
               **{name: r for name, r in rows}, "chance": 0.25, "first_80pct_eval_s": first80,
+              "counterfactual": cf.summary(),
               "curves": {k: v["points"] for k, v in {**grpo_evals, **sft_evals}.items()},
               "load_average": list(os.getloadavg()), "total_seconds": time.perf_counter() - t_all}
     png = plot_demo(result, history, os.path.join(out, f"demo-seed{seed}.png"))
     with open(os.path.join(out, f"demo-seed{seed}.json"), "w") as f:
         json.dump(result, f, indent=2)
+    print("      visual reliance (GRPO accuracy drop, paired 95 % CI): " + ", ".join(
+        f"{k} {100 * t['difference']:+.1f} points "
+        f"[{100 * t['ci'][0]:+.1f}, {100 * t['ci'][1]:+.1f}]"
+        for k, t in cf.reliance.items()))
     print(f"      curves: {png}   results: {os.path.join(out, f'demo-seed{seed}.json')}")
     print(f"      total wall time {result['total_seconds']:.0f} s")
     return 0

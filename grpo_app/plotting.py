@@ -8,7 +8,10 @@ Every axis is labelled with its quantity and unit; a panel with nothing to show 
   whole ``metrics.jsonl``, so the plot of a resumed run shows every step, not only the new ones.
 - ``plot_demo(result, path)``: held-out accuracy against wall time for GRPO, the same GRPO policy
   on swapped images (the control) and the SFT baseline, chance level, and GRPO's training reward.
-- ``plot_study(summary, path)``: held-out accuracy per setting, mean ± sd over seeds, each seed a
+- ``plot_over_time(points, path)``: held-out accuracy with its 95 % interval against the step of
+  each checkpoint of a run (``grpo eval --over-time``).
+- ``plot_study(summary, path)``: held-out accuracy per setting, mean with its 95 % interval over
+  seeds and items (± sd when the cells carry no per-item scores), each seed a
   dot, the start (format-warmed model) as a line; format rate and reasoning length beside it.
 """
 
@@ -157,7 +160,7 @@ def plot_demo(result: dict, history: list[dict], path: str) -> str | None:
 
 
 def plot_study(summary: dict, path: str, title: str = "study") -> str | None:
-    """Bars per setting: held-out accuracy (mean ± sd, seeds as dots), format rate, reasoning words."""
+    """Bars per setting: held-out accuracy (mean, 95 % CI, seeds as dots), format, reasoning."""
     plt = _pyplot()
     rows = summary.get("settings", [])
     if plt is None or not rows:
@@ -169,8 +172,12 @@ def plot_study(summary: dict, path: str, title: str = "study") -> str | None:
                             (axes[1], "format_rate", "format rate (fraction well formed)"),
                             (axes[2], "reasoning_words", "reasoning length (words in <think>)")):
         means = [r[key]["mean"] for r in rows]
-        sds = [r[key]["sd"] for r in rows]
-        ax.bar(x, means, yerr=sds, capsize=3, color="#8fb3d9", edgecolor="#35608f")
+        err = [r[key]["sd"] for r in rows]
+        if key == "accuracy" and all(r.get("accuracy_ci") for r in rows):   # the 95 % interval
+            cis = [r["accuracy_ci"]["ci"] for r in rows]
+            err = [[max(0.0, m - c[0]) for m, c in zip(means, cis)],
+                   [max(0.0, c[1] - m) for m, c in zip(means, cis)]]
+        ax.bar(x, means, yerr=err, capsize=3, color="#8fb3d9", edgecolor="#35608f")
         for i, r in enumerate(rows):
             vals = r[key]["values"]
             ax.plot([i] * len(vals), vals, "k.", ms=4)
@@ -183,4 +190,24 @@ def plot_study(summary: dict, path: str, title: str = "study") -> str | None:
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylim(0, 1)
     axes[1].set_ylim(0, 1.05)
+    return _save(plt, fig, path, title)
+
+
+def plot_over_time(points: list[dict], path: str, title: str = "over time") -> str | None:
+    """Held-out accuracy (95 % interval as error bars) vs checkpoint step, same items at each."""
+    plt = _pyplot()
+    if plt is None or not points:
+        return None
+    steps = [p["step"] for p in points]
+    acc = [p["accuracy"] for p in points]
+    err = [[a - p["ci"][0] for a, p in zip(acc, points)],
+           [p["ci"][1] - a for a, p in zip(acc, points)]]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.errorbar(steps, acc, yerr=err, fmt="o-", capsize=3, color="#35608f",
+                label=f"held-out accuracy, {points[0]['n']} items (95 % bootstrap CI)")
+    ax.set_xlabel("GRPO step (checkpoint)")
+    ax.set_ylabel("held-out accuracy (fraction correct)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(plt, fig, path, title)

@@ -150,6 +150,7 @@ class RunConfig:
     output_dir: str = "runs/grpo"                          # checkpoints, metrics.jsonl, plots
     eval_every: int = option(0, ge=0)                      # held-out eval every N steps; 0 = only at the end
     eval_limit: int | None = option(None, ge=1)            # held-out records scored per eval (None = all of them)
+    eval_samples: int = option(0, ge=0)                    # samples per item for pass@k; 0 = none
     save_every: int = option(0, ge=0)                      # checkpoint every N steps; 0 = only at the end
     keep_last: int = option(2, ge=0)                       # checkpoints kept (0 = all)
     resume: bool = True                                    # continue from the newest good checkpoint in output_dir

@@ -46,7 +46,7 @@ def test_eval_scores_the_whole_split_or_the_held_out_slice(tmp_path, monkeypatch
 def test_grpo_eval_writes_json_and_a_samples_page(tiny_vlm_path, tmp_path, capsys):
     out = tmp_path / "ev" / "eval.json"
     rc = main(["eval", f"model.path={tiny_vlm_path}", "data.eval_size=3", "data.train_size=4", "data.prompt=direct",
-               "rollout.max_new_tokens=2", "run.progress=false", "--out", str(out), "--samples", "2"])
+               "rollout.max_new_tokens=2", "run.progress=false", "--out", str(out), "--show", "2"])
     assert rc == 0
     assert json.load(open(out))["n"] == 3
     rows = [json.loads(x) for x in open(tmp_path / "ev" / "samples.jsonl")]

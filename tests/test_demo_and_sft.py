@@ -16,9 +16,16 @@ def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):
 
     assert run_demo(seed=0, out=str(tmp_path), quick=True) == 0
     out = capsys.readouterr().out
-    for row in ("start (format warm-up)", "GRPO, images swapped", "SFT baseline"):
+    for row in ("start (format warm-up)", "GRPO, images swapped", "GRPO, blank images",
+                "SFT baseline", "visual reliance"):
         assert row in out
     res = json.load(open(tmp_path / "demo-seed0.json"))
+    cf = res["counterfactual"]                 # the swapped control is grpo_core.counterfactual's
+    grpo, swapped = res["GRPO"]["accuracy"], res["GRPO, images swapped"]["accuracy"]
+    assert cf["reliance_swapped"] == pytest.approx(grpo - swapped)
+    assert cf["image"] == grpo and cf["blank"] == res["GRPO, blank images"]["accuracy"]
+    start = res["start (format warm-up)"]["accuracy"]
+    assert res["curves"]["GRPO"][0][1] == start          # the curve on the table's items
     assert res["grpo_steps"] >= 1 and 0.0 <= res["GRPO"]["accuracy"] <= 1.0
     # the plot's three curves: held-out accuracy at the start and at the end of each training
     assert set(res["curves"]) == {"GRPO", "GRPO, images swapped", "SFT baseline (gold letters)"}

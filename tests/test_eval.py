@@ -7,6 +7,7 @@ import pytest
 
 from grpo_core.data import VQARecord, make_synthetic_vqa, oracle_answer, swap_images
 from grpo_core.eval import EvalResult, evaluate
+from grpo_core.stats import bootstrap_ci
 
 LETTER = {"upper left": "A", "upper right": "B", "lower left": "C", "lower right": "D"}
 
@@ -57,7 +58,10 @@ def test_groups_format_rate_and_lengths():
         items = [it for it in res.items if it["modality"] == m]
         assert g["n"] == len(items) and g["accuracy"] == pytest.approx(sum(it["accuracy"] for it in items) / len(items))
     assert sum(g["n"] for g in res.by_modality.values()) == 12
-    assert res.by_question_type == {"quadrant": {"n": 12, "accuracy": 0.5, "format_rate": pytest.approx(8 / 12)}}
+    q = res.by_question_type["quadrant"]
+    assert (q["n"], q["accuracy"], q["format_rate"]) == (12, 0.5, pytest.approx(8 / 12))
+    assert q["ci"] == list(bootstrap_ci([it["accuracy"] for it in res.items]))
+    assert res.accuracy_ci[0] < 0.5 < res.accuracy_ci[1] and "[" in res.table().splitlines()[2]
 
 
 def test_mixed_answer_types():
@@ -83,6 +87,30 @@ def test_to_json_and_table(tmp_path):
     assert "modality: CT" in table or "modality: MR" in table
 
 
+def test_pass_at_k_from_scripted_samples_by_hand():
+    """4 items × 4 samples with 0, 1, 2, 4 correct: pass@1 = mean c/n = 7/16;
+    pass@2 = mean of 1 − C(4−c, 2)/C(4, 2) = (0 + 1/2 + 5/6 + 1)/4; pass@4 = 3/4."""
+    recs = make_synthetic_vqa(4, seed=5)
+    right = [LETTER[oracle_answer(r.images[0], "quadrant")] for r in recs]
+    wrong = ["A" if L != "A" else "B" for L in right]
+    correct = [0, 1, 2, 4]
+
+    def sample_fn(prompts, n):
+        assert n == 4 and len(prompts) == 4
+        return [f"<answer>{right[i] if j < correct[i] else wrong[i]}</answer>"
+                for i in range(4) for j in range(n)]
+    res = evaluate(None, recs, template="nothink", generate_fn=oracle_gen("nothink"),
+                   sample_fn=sample_fn, samples=4, progress=False)
+    assert res.accuracy == 1.0 and [it["sample_correct"] for it in res.items] == correct
+    assert res.pass_at_k["1"] == pytest.approx(7 / 16)
+    assert res.pass_at_k["2"] == pytest.approx((0 + 1 / 2 + 5 / 6 + 1) / 4)
+    assert res.pass_at_k["4"] == pytest.approx(3 / 4) and set(res.pass_at_k) == {"1", "2", "4"}
+    assert "pass@2 58.33%" in res.table()
+    with pytest.raises(ValueError, match="prompt-major"):
+        evaluate(None, recs, template="nothink", generate_fn=oracle_gen("nothink"), samples=2,
+                 progress=False, sample_fn=lambda ps, n: ["x"])
+
+
 def test_bad_generator_and_arguments():
     recs = make_synthetic_vqa(4, seed=0)
     with pytest.raises(ValueError, match="one completion per prompt"):
@@ -103,5 +131,8 @@ def test_default_generation_through_rollout(tiny_vlm_policy):
     res = evaluate(tiny_vlm_policy, recs, template="nothink", batch_size=2, max_new_tokens=4, progress=False)
     assert res.n == 3 and 1 <= res.mean_completion_tokens <= 4
     assert all(isinstance(it["completion"], str) for it in res.items)
-    again = evaluate(tiny_vlm_policy, recs, template="nothink", batch_size=3, max_new_tokens=4, progress=False)
+    again = evaluate(tiny_vlm_policy, recs, template="nothink", batch_size=3, max_new_tokens=4,
+                     progress=False, samples=2)
     assert [it["completion"] for it in again.items] == [it["completion"] for it in res.items]   # greedy
+    assert set(again.pass_at_k) == {"1", "2"}
+    assert all(0 <= it["sample_correct"] <= 2 for it in again.items)

@@ -8,6 +8,7 @@ import pytest
 
 from grpo_app import study
 from grpo_app.study_table import markdown, mean_sd, summarize
+from grpo_core.stats import mcnemar_exact
 
 
 def test_built_in_grids_name_the_seven_settings_and_real_files():
@@ -37,30 +38,84 @@ def test_mean_sd_by_hand():
     assert mean_sd([0.3])["sd"] == 0.0
 
 
-def _cell(setting, seed, acc, ct=0.5):
+def _cell(setting, seed, acc, ct=0.5, scores=None):
     by = {"CT": {"accuracy": ct, "n": 2}, "MR": {"accuracy": 1 - ct, "n": 2}}
-    return {"setting": setting, "seed": seed, "steps": 5, "seconds": 60.0,
-            "eval": {"accuracy": acc, "format_rate": 1.0, "mean_completion_tokens": 10.0, "mean_reasoning_words": 5.0,
-                     "by_modality": by, "by_question_type": {"quadrant": {"accuracy": acc, "n": 4}}}}
+    c = {"setting": setting, "seed": seed, "steps": 5, "seconds": 60.0,
+         "eval": {"accuracy": acc, "format_rate": 1.0, "mean_completion_tokens": 10.0,
+                  "mean_reasoning_words": 5.0, "by_modality": by,
+                  "by_question_type": {"quadrant": {"accuracy": acc, "n": 4}}}}
+    if scores is not None:
+        c["scores"] = {f"i{k}": float(v) for k, v in enumerate(scores)}
+    return c
 
 
-def test_summary_and_table_by_hand(tmp_path):
-    starts = {}
-    for s in (0, 1):
-        p = tmp_path / f"start{s}.json"
-        p.write_text(json.dumps({"accuracy": 0.25, "format_rate": 1.0, "mean_completion_tokens": 9.0,
-                                 "mean_reasoning_words": 5.0}))
-        starts[s] = str(p)
+def test_summary_and_table_by_hand():
+    start = {"eval": {"accuracy": 0.25, "format_rate": 1.0, "mean_completion_tokens": 9.0,
+                      "mean_reasoning_words": 5.0}}
     grid = {"grpo_instruct": ("train", "a.yaml"), "sft": ("sft", "b.yaml")}
     cells = [_cell("grpo_instruct", 0, 0.5), _cell("grpo_instruct", 1, 0.7), _cell("sft", 0, 0.9), _cell("sft", 1, 0.9)]
-    s = summarize(grid, (0, 1), cells, starts)
+    s = summarize(grid, (0, 1), cells, {0: start, 1: start})
     g = s["settings"][0]
     assert g["accuracy"]["mean"] == pytest.approx(0.6) and g["delta_accuracy"]["mean"] == pytest.approx(0.35)
     assert set(g["by_modality"]) == {"CT", "MR"} and g["by_question_type"] == {}   # one question type: no column
     s["grid"] = "synthetic"
     md = markdown(s)
-    assert "| grpo_instruct | 60.0 ± 14.1 | +35.0 ± 14.1 |" in md and "| 58.0 |" in md
+    assert "| grpo_instruct | 60.0 | 14.1 | +35.0 |" in md and "| 58.0 |" in md
     assert "| start (format-warmed model) | 25.0 |" in md and "by modality" in md
+
+
+def test_intervals_deltas_reliance_and_orderings_are_paired_on_items():
+    """Per seed, 20 items. GRPO right on items 0–13, SFT on 0–5, the start on 0–4: GRPO − SFT is
+    +40 points on every seed (McNemar: 8 vs 0 discordant per seed), Δ vs start +45."""
+    n = 20
+    grpo, sft, st = [k < 14 for k in range(n)], [k < 6 for k in range(n)], [k < 5 for k in range(n)]
+    ids = {f"i{k}": float(v) for k, v in enumerate(st)}
+    start = {"eval": {"accuracy": 0.25, "format_rate": 1.0, "mean_completion_tokens": 9.0,
+                      "mean_reasoning_words": 5.0}, "scores": ids,
+             "cf_scores": {"image": ids, "blank": ids, "swapped": ids}}
+    cells = []
+    for seed in (0, 1, 2):
+        g = _cell("grpo_instruct", seed, 0.7, scores=grpo)
+        blind = {f"i{k}": float(k < 5) for k in range(n)}
+        g["cf_scores"] = {"image": g["scores"], "blank": blind, "swapped": blind}
+        cells += [g, _cell("sft", seed, 0.3, scores=sft)]
+    grid = {"grpo_instruct": ("train", "a.yaml"), "sft": ("sft", "b.yaml")}
+    s = summarize(grid, (0, 1, 2), cells, {k: start for k in (0, 1, 2)})
+    g = s["settings"][0]
+    assert g["accuracy_ci"]["mean"] == pytest.approx(0.7) and g["accuracy_ci"]["n_items"] == 60
+    lo, hi = g["accuracy_ci"]["ci"]
+    assert 0.45 < lo < 0.7 < hi < 0.9
+    assert g["delta_ci"]["mean"] == pytest.approx(0.45) and g["delta_ci"]["ci"][0] > 0.2
+    assert g["reliance"]["blank"]["mean"] == pytest.approx(0.45)
+    assert g["reliance"]["swapped"]["ci"][0] > 0.2
+    blind = s["start"]["reliance"]["blank"]
+    assert blind["mean"] == 0.0 and blind["ci"] == [0.0, 0.0]
+    (o,) = s["orderings"]
+    assert o["claim"] == "grpo_instruct > sft" and o["difference"] == pytest.approx(0.4)
+    assert o["verdict"] == "grpo_instruct > sft" and o["reproduced"] and o["ci"][0] > 0.15
+    assert o["mcnemar_p"] == pytest.approx(mcnemar_exact(24, 0))
+    md = markdown({**s, "grid": "synthetic"})
+    assert "| grpo_instruct > sft | +40.0 [" in md and "**grpo_instruct > sft**" in md
+    same = summarize(grid, (0, 1, 2), [dict(c, scores=cells[0]["scores"]) for c in cells], {})
+    assert same["orderings"][0]["verdict"] == "not separated"
+    assert same["orderings"][0]["mcnemar_p"] == 1.0
+
+
+def test_seeds_then_overrides_parse():
+    got = study.split_seeds(["0", "1", "run.steps=3", "data.x=1"])
+    assert got == ([0, 1], ["run.steps=3", "data.x=1"])
+    with pytest.raises(ValueError, match="--seeds takes integers"):
+        study.split_seeds(["0", "one"])
+    from grpo_app.cli import build_parser
+    args = build_parser().parse_args(["study", "--seeds", "0", "optim.lr=1e-3"])
+    assert study.split_seeds(args.seeds) == ([0], ["optim.lr=1e-3"])
+
+
+def test_the_synthetic_judge_lives_inside_out(tmp_path):
+    cfg = study.cell_config("train", study.config_path("synthetic_semantic.yaml"), 0,
+                            str(tmp_path / "c"), 3, [], None, None, 50, str(tmp_path / "study"))
+    (judge,) = [e for e in cfg.grpo.rewards if e["name"] == "semantic_judge"]
+    assert judge["model_path"] == str(tmp_path / "study" / "judge")
 
 
 def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_vlm_path, monkeypatch):
@@ -75,8 +130,37 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_vlm_path, monkeypatch)
         assert os.path.exists(os.path.join(out, f)), f
     assert json.load(open(os.path.join(out, "grpo_instruct/seed0/cell.json")))["eval"]["n"] == 4
 
+    start = json.load(open(os.path.join(out, "init/seed0/start.json")))
+    cell = json.load(open(os.path.join(out, "grpo_instruct/seed0/cell.json")))
+    assert set(cell["scores"]) == set(start["scores"]) == set(cell["cf_scores"]["swapped"])
+    assert set(s["settings"][0]["reliance"]) == {"blank", "swapped"}
+    assert s["orderings"][0]["claim"] == "grpo_instruct > sft"
+
     def no_run(job):
         raise AssertionError(f"cell {job['setting']} ran again")
     monkeypatch.setattr(study, "run_cell", no_run)
     again = study.run_study("synthetic", seeds=(0,), steps=1, out=out, only=["grpo_instruct", "sft"], overrides=over)
     assert again["settings"][0]["accuracy"] == s["settings"][0]["accuracy"]
+    # --only one setting: the table keeps every finished cell of the grid
+    one = study.run_study("synthetic", seeds=(0,), steps=1, out=out, only=["sft"], overrides=over)
+    assert [r["setting"] for r in one["settings"]] == ["grpo_instruct", "sft"]
+    assert "| grpo_instruct |" in open(os.path.join(out, "study.md")).read()
+    # another budget or other overrides: the finished cells are not silently reused
+    with pytest.raises(ValueError, match="was run with steps=1.*asks steps=2"):
+        study.run_study("synthetic", seeds=(0,), steps=2, out=out, only=["sft"], overrides=over)
+    with pytest.raises(ValueError, match="overrides="):
+        study.run_study("synthetic", seeds=(0,), steps=1, out=out, only=["sft"],
+                        overrides=over + ["optim.lr=1e-3"])
+
+
+def test_cli_defaults_budget_items_and_workers(monkeypatch):
+    from grpo_app.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(study, "run_study", lambda *a: seen.setdefault("args", a))
+    args = build_parser().parse_args(["study"])
+    study.run_study_cli(args)
+    grid, seeds, steps, out, only, over, workers, threads, gpus, eval_size, _ = seen["args"]
+    assert (grid, seeds, steps, eval_size) == ("synthetic", (0, 1, 2), 2000, 200)
+    assert workers == study.default_workers(None) >= 1 and threads == 1
+    assert study.default_workers("0,1,2") == 3
