@@ -26,7 +26,13 @@ import json
 import math
 import os
 
-from grpo_core.stats import bootstrap_ci, mcnemar_exact
+
+def _stats():
+    """grpo_core.stats, imported on first use: `grpo study --help` must not load grpo_core (torch)."""
+    from grpo_core import stats
+
+    return stats
+
 
 METRICS = {
     "accuracy": "accuracy",
@@ -71,7 +77,7 @@ def interval(per_seed: list[list[float]]) -> dict | None:
     mean = sum(sum(v) / len(v) for v in per_seed) / len(per_seed)
     return {
         "mean": mean,
-        "ci": list(bootstrap_ci(per_seed if len(per_seed) > 1 else per_seed[0])),
+        "ci": list(_stats().bootstrap_ci(per_seed if len(per_seed) > 1 else per_seed[0])),
         "n_items": sum(len(v) for v in per_seed),
         "seeds": len(per_seed),
     }
@@ -161,7 +167,7 @@ def ordering(hi: str, lo: str, cells: list[dict]) -> dict | None:
         "ci": res["ci"],
         "seeds": seeds,
         "n_items": res["n_items"],
-        "mcnemar_p": mcnemar_exact(b, c),
+        "mcnemar_p": _stats().mcnemar_exact(b, c),
         "verdict": verdict,
         "reproduced": lo_ci > 0,
     }

@@ -68,7 +68,7 @@ def test_evals_along_the_way_are_printed(monkeypatch, capsys):
 
     from grpo_core.config import TrainConfig
 
-    res = SimpleNamespace(accuracy=0.625, format_rate=1.0, items=[{}] * 8)
+    res = SimpleNamespace(accuracy=0.625, format_rate=1.0, items=[{}] * 8, pass_at_k={})
     monkeypatch.setattr("grpo_core.eval.evaluate", lambda *a, **k: res)
     step = [0]
     fn = commands.make_eval_fn(TrainConfig(), [], step_of=lambda: step[0], announce=True)
