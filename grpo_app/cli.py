@@ -18,6 +18,7 @@ import sys
 from grpo_core.checkpoint import CheckpointError
 from grpo_core.config import load_config
 from grpo_core.resume import ResumeError
+from grpo_core.safeguards import RunStopped
 
 from .commands import cmd_eval, cmd_sft, cmd_train, make_eval_fn  # noqa: F401  (re-exported: grpo_app.cli.cmd_train)
 
@@ -96,6 +97,9 @@ def main(argv=None) -> int:
         if args.cmd == "sft":
             return cmd_sft(cfg)
         return cmd_eval(cfg, args.out, whole=args.whole, samples=args.samples)
+    except RunStopped as e:                  # interrupted, diverged, disk full, folder locked
+        print(f"grpo {args.cmd}: {e}", file=sys.stderr)
+        return e.exit_code
     except (ValueError, FileNotFoundError, ImportError, ResumeError, CheckpointError, FloatingPointError) as e:
         print(f"grpo {args.cmd}: error: {e}", file=sys.stderr)   # what, where and what to do; no traceback
         return 2

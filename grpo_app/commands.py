@@ -43,6 +43,7 @@ def cmd_train(cfg: TrainConfig) -> int:
     """Single process, or one rank of a torchrun job (dist.mode=ddp|fsdp2): see grpo_core.distributed."""
     from grpo_core import distributed as D
     from grpo_core.checkpoint import latest_checkpoint
+    from grpo_core.safeguards import RunLock, check_output_dir
     from grpo_core.trainer import GRPOTrainer
 
     from .factory import load_policy
@@ -51,8 +52,11 @@ def cmd_train(cfg: TrainConfig) -> int:
     from .warmup import format_warmup
 
     out = cfg.run.output_dir
-    with D.session(cfg.dist) as dist:
+    check_output_dir(out)                     # a file, read-only: one line, before any model loads
+    with D.session(cfg.dist) as dist, RunLock(out, enabled=dist.is_main) as lock:   # one run per folder
         main = dist.is_main
+        for note in lock.notes:
+            print(f"grpo: {note}", flush=True)
         torch.manual_seed(cfg.run.seed)
         train, held = build_records(cfg.data, cfg.run.seed)       # data errors before any model loads
         prepare_judges(cfg, progress=cfg.run.progress and main, build=main)   # a missing synthetic judge: rank 0 trains it
@@ -78,8 +82,7 @@ def cmd_train(cfg: TrainConfig) -> int:
             if main:
                 eval_fn.last.to_json(os.path.join(out, "eval_start.json"))
                 print(json.dumps({"start_eval": start}))
-        history = trainer.train()
-        trainer.save()                        # every rank: fsdp2 gathers, rank 0 writes
+        history = trainer.train()             # ends with a checkpoint (grpo_core.harness)
         # eval is replicated on every rank (under fsdp2 it needs all of them to gather the weights)
         final_fn = make_eval_fn(cfg, held, progress=cfg.run.progress and main, samples_dir=out if main else None,
                                 step_of=lambda: trainer.step_idx)

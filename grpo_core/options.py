@@ -25,7 +25,6 @@ import difflib
 import math
 from typing import Any
 
-
 RESUME_CLASSES = ("fixed", "may_change", "not_compared")
 
 

@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 from .optim import lr_factor
 
+
 def resume_classes(obj=None, prefix: str = "") -> dict:
     """{"section.field": (class, reason)} from the ``resume=`` declarations on the config fields
     (grpo_core.options: "fixed" / "may_change" / "not_compared"); a nested section declared
