@@ -194,15 +194,16 @@ class Harness:
     # ---- messages -----------------------------------------------------------------------------
     def _resume_hint(self) -> str:
         if self.last_good:
-            return f"the last good checkpoint is {self.last_good}: the same command resumes from it"
-        return "no checkpoint was written; the same command starts over"
+            return f"The last good checkpoint is {self.last_good}: the same command resumes from it"
+        return "No checkpoint was written; the same command starts over"
 
     def _nonfinite_message(self, streak: int) -> str:
         step, run = self.trainer.step_idx, self.run
         return (f"{self.name.upper()} steps {step - streak + 1}..{step}: the loss or gradient was "
                 f"NaN/inf in {streak} consecutive steps (run.max_nonfinite_steps="
-                f"{run.max_nonfinite_steps}); every update was skipped and nothing was saved since. "
-                f"{self._resume_hint()} (lower optim.lr, check the rewards and the data first)")
+                f"{run.max_nonfinite_steps}); every update was skipped, so the weights are those of "
+                f"step {step - streak}. {self._resume_hint()} (lower optim.lr, check the rewards "
+                "and the data first)")
 
     def _interrupted(self, signum: int, bar, reporters) -> None:
         bar.close(done=False)
