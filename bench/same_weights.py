@@ -54,11 +54,12 @@ def _policy(path):
 
 
 def run(root: str) -> list[str]:
+    from grpo_models.tiny import build_tiny_qwen2_vl
+
     from grpo_app.warmup import format_warmup
     from grpo_core.data import build_records, make_prompt_fn
     from grpo_core.sft import SFTTrainer
     from grpo_core.trainer import GRPOTrainer
-    from grpo_models.tiny import build_tiny_qwen2_vl
 
     model = build_tiny_qwen2_vl(os.path.join(root, "tiny"), seed=0)
     lines = []

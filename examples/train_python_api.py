@@ -21,7 +21,7 @@ from grpo_core import (
     make_prompt_fn,
     make_synthetic_vqa,
 )
-from grpo_core.sft import random_letter
+from grpo_core.sft import random_answer_prompt_fn
 
 
 def main(steps: int = 1000, out: str = "runs/python_api", warmup_steps: int = 40, n_eval: int = 100) -> float:
@@ -39,7 +39,8 @@ def main(steps: int = 1000, out: str = "runs/python_api", warmup_steps: int = 40
     cfg.run.resume, cfg.run.resume_force = False, True        # a fresh run; an earlier one moves aside
 
     prompts = make_prompt_fn(cfg.data.prompt)
-    SFTTrainer(policy, train, cfg.sft, prompts, cfg.data.prompt).train(label_fn=random_letter, progress=False)
+    random_answers = random_answer_prompt_fn(prompts, train, seed=0)     # format only, not the answer
+    SFTTrainer(policy, train, cfg.sft, random_answers, cfg.data.prompt).train(progress=False)
     before = evaluate(policy, held, template=cfg.data.prompt, max_new_tokens=4, progress=False).accuracy
     GRPOTrainer(policy, train, cfg).train()
     after = evaluate(policy, held, template=cfg.data.prompt, max_new_tokens=4, progress=False).accuracy

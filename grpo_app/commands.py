@@ -101,18 +101,23 @@ def cmd_train(cfg: TrainConfig) -> int:
 
 
 def cmd_sft(cfg: TrainConfig) -> int:
+    """The SFT baseline under the run harness: metrics.jsonl, checkpoints, resume, as for GRPO."""
+    from grpo_core.config import to_dict
+    from grpo_core.safeguards import check_output_dir
     from grpo_core.sft import SFTTrainer
 
     from .factory import load_policy
     from .warmup import with_reasoning
 
+    check_output_dir(cfg.run.output_dir)      # a file, read-only: one line, before any model loads
     torch.manual_seed(cfg.run.seed)
     train, held = build_records(cfg.data, cfg.run.seed)           # data errors before any model loads
     if cfg.sft.target == "reasoning" and cfg.data.source == "synthetic":
         train = with_reasoning(train)         # synthetic records carry no reasoning: name the gold answer
     policy = load_policy(cfg.model, seed=cfg.run.seed)
     prompt_fn = make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed)
-    SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, cfg.run.seed).train(progress=cfg.run.progress)
+    sft = SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, cfg.run.seed)
+    sft.train(cfg.run, config=to_dict(cfg))
     out = cfg.run.output_dir
     os.makedirs(out, exist_ok=True)
     policy.save_pretrained(os.path.join(out, "policy"))

@@ -251,7 +251,8 @@ class Harness:
         """Rank 0 decides (plan_resume: recover leftovers, newest verified checkpoint, fixed
         settings unchanged) and says so; every rank then loads the checkpoint it chose."""
         run, main = self.run, self.dist.is_main
-        plan = plan_resume(self.out, self.config, run.resume, run.resume_force) if main else None
+        plan = plan_resume(self.out, self.config, run.resume, run.resume_force, self.steps) \
+            if main else None
         for line in plan.notes if plan else ():
             print(f"{self.name}: {line}", flush=True)
         path = [plan.path if plan else None]

@@ -205,9 +205,11 @@ def _earlier_run(output_dir: str) -> list[str]:
     return sorted(d for d in os.listdir(output_dir) if d.startswith("ckpt-"))
 
 
-def plan_resume(output_dir: str, current: dict, resume: bool = True, force: bool = False) -> ResumePlan:
+def plan_resume(output_dir: str, current: dict, resume: bool = True, force: bool = False,
+                steps: int | None = None) -> ResumePlan:
     """Decide how the run in ``output_dir`` starts (see module doc); rank 0 only (it may rename).
-    ``current``: ``dataclasses.asdict`` of the config. Raises ResumeError or CheckpointError."""
+    ``current``: ``dataclasses.asdict`` of the config; ``steps``: the run's length (default
+    run.steps). Raises ResumeError or CheckpointError."""
     if not resume:
         earlier = _earlier_run(output_dir)
         if not earlier:
@@ -222,7 +224,8 @@ def plan_resume(output_dir: str, current: dict, resume: bool = True, force: bool
     if path is None:
         return ResumePlan(None, 0, notes + [f"starting a new run in {output_dir} (no checkpoint there)"])
     step = checkpoint_step(path)
-    notes.append(f"resuming from {path} (step {step} done; next step {step + 1} of {current['run']['steps']})")
+    total = steps if steps is not None else current["run"]["steps"]
+    notes.append(f"resuming from {path} (step {step} done; next step {step + 1} of {total})")
     saved = read_run_config(path)
     if saved is None:
         notes.append(f"{path} holds no run config (written by an older grpo_core): settings not compared")
