@@ -33,12 +33,12 @@ from .ref_sync import check_ref_sync
 from .reporting import check_report_to
 from .rewards import check_reward_entries
 from .sampling import SamplingOptions
-from .sft import SFT_TARGETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")      # model.dtype ("auto": bf16 on GPU, fp32 on CPU)
 REFERENCES = ("auto", "copy", "adapters")                  # grpo.ref
 KERNEL_BACKENDS = ("auto",) + BACKENDS                     # grpo.backend
 DIST_BACKENDS = ("auto", "nccl", "gloo")                   # dist.backend
+SFT_TARGETS = ("answer", "reasoning")                      # sft.target (grpo_core.sft.answer_target)
 
 # Resume classes (grpo_core.options, read by grpo_core.resume): why a fixed setting may not change
 # mid-run (printed in the error), or what a setting that may change does on resume.

@@ -18,10 +18,13 @@ import dataclasses
 
 import torch
 
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import SFT_TARGETS, RunConfig  # noqa: F401  (SFT_TARGETS re-exported)
+from .harness import no_output, run_training
 from .kernels import linear_token_logprobs
 from .optim import make_optimizer, make_scheduler
+from .resume import set_base_lr
 
-SFT_TARGETS = ("answer", "reasoning")
 WARMUP_REASONING = "I look at the image."   # names no option: the letter is the only decision
 
 
@@ -99,9 +102,6 @@ class SFTTrainer:
         checkpoints every ``run.save_every`` steps and at the end, metrics.jsonl and resume, as
         for GRPO (``config``: the resolved config, compared on resume); None = write nothing
         (the format warm-up), with a progress bar when ``progress``."""
-        from .config import RunConfig
-        from .harness import no_output, run_training
-
         run = run if run is not None else no_output(RunConfig(progress=progress))
         self.output_dir, self.keep_last, self.run_config = run.output_dir, run.keep_last, config
         return run_training(self, run, self.cfg.steps, name="sft", config=config, eval_fn=eval_fn)
@@ -109,8 +109,6 @@ class SFTTrainer:
     def save(self) -> str:
         """Checkpoint step ``step_idx`` in ``output_dir`` (the harness calls it; layout:
         grpo_core.checkpoint)."""
-        from .checkpoint import save_checkpoint
-
         return save_checkpoint(self.output_dir, self.step_idx, self.policy, self.optimizer,
                                self.scheduler, {"data_pos": 0}, keep_last=self.keep_last,
                                config=self.run_config)
@@ -118,9 +116,6 @@ class SFTTrainer:
     def resume(self, path: str, verify: bool = True) -> None:
         """Continue checkpoint ``path``: weights, optimizer, schedule and step (every draw of step
         k is seeded by (seed, k), so nothing else is needed); a changed ``optim.lr`` applies."""
-        from .checkpoint import load_checkpoint
-        from .resume import set_base_lr
-
         state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler, verify=verify)
         set_base_lr(self.optimizer, self.scheduler, self.cfg.optim.lr)
         self.step_idx = int(state["step"])
