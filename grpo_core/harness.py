@@ -143,7 +143,7 @@ class Harness:
                 self.save()
             if stop.signum is not None:
                 self._interrupted(stop.signum, bar, reporters)
-            if run.time_budget_s and spent > run.time_budget_s:
+            if run.time_budget_s and spent >= run.time_budget_s:
                 break
         bar.close()
         reporters.close()

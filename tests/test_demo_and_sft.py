@@ -34,9 +34,13 @@ def test_timed_training_excludes_evals_from_the_budget_and_evaluates_on_schedule
     clock = {"t": 0.0}
     calls = []
 
-    def step():                                     # each step costs 1 s of training time
-        clock["t"] += 1.0
-        return {"loss": 0.0}
+    class Trainer:                                  # what the run harness drives
+        step_idx, history, policy = 0, [], type("P", (), {"model": torch.nn.Linear(2, 2)})()
+
+        def step(self):                             # each step costs 1 s of training time
+            clock["t"] += 1.0
+            self.step_idx += 1
+            return {"step": self.step_idx, "loss": 0.0}
 
     def ev():
         calls.append(clock["t"])
@@ -46,7 +50,7 @@ def test_timed_training_excludes_evals_from_the_budget_and_evaluates_on_schedule
     real = demo.time.perf_counter
     demo.time.perf_counter = lambda: clock["t"]
     try:
-        hist, spent = demo.timed_training(step, 10.0, 10**6, {"e": {"fn": ev, "points": []}}, "t", progress=False)
+        hist, spent = demo.timed_training(Trainer().step, 10.0, 10**6, {"e": {"fn": ev, "points": []}}, "t", progress=False)
     finally:
         demo.time.perf_counter = real
     assert len(hist) == 10 and spent == 10.0
