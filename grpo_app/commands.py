@@ -82,7 +82,7 @@ def cmd_train(cfg: TrainConfig) -> int:
             if main:
                 eval_fn.last.to_json(os.path.join(out, "eval_start.json"))
                 print(json.dumps({"start_eval": start}))
-        history = trainer.train()             # ends with a checkpoint (grpo_core.harness)
+        history = trainer.train(save_at_end=True)   # every rank: fsdp2 gathers, rank 0 writes
         # eval is replicated on every rank (under fsdp2 it needs all of them to gather the weights)
         final_fn = make_eval_fn(cfg, held, progress=cfg.run.progress and main, samples_dir=out if main else None,
                                 step_of=lambda: trainer.step_idx)

@@ -181,10 +181,10 @@ class GRPOConfig(LossOptions):
 
 @dataclass
 class OptimConfig:
-    lr: float = option(1e-6, gt=0, resume=_LR)             # peak learning rate (after warm-up)
+    lr: float = option(1e-6, gt=0, resume=_LR)             # peak learning rate (after the LR warm-up)
     weight_decay: float = option(0.0, ge=0, resume=_OPT_STATE)  # AdamW decoupled weight decay
     betas: tuple = option((0.9, 0.99), ge=0, lt=1, length=2, resume=_OPT_STATE)  # AdamW (β1, β2)
-    warmup_steps: int = option(0, ge=0, resume=_SCHEDULE)  # linear warm-up, in optimizer steps
+    lr_warmup_steps: int = option(0, ge=0, resume=_SCHEDULE)  # linear LR warm-up, in optimizer steps
     #: "constant" | "cosine" | "linear" after warm-up (grpo_core.optim)
     schedule: str = option("constant", choices=SCHEDULES, resume=_SCHEDULE)
     #: clip the global grad norm; 0 = no clipping

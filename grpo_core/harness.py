@@ -6,7 +6,7 @@
       ─► loop: trainer.step() ─► non-finite streak ─► eval cadence ─► metrics.jsonl, samples,
                reporters, progress ─► checkpoint every run.save_every steps ─► Ctrl-C / SIGTERM
                ─► time budget (training seconds only: evals, logging and saves are not counted)
-      ─► the final checkpoint
+      ─► the final checkpoint (``save_at_end``)
 
 A trainer gives the harness ``step() -> metrics``, ``step_idx``, ``policy`` and ``history``; to be
 checkpointed also ``save() -> path`` and ``resume(path, verify)``; optionally ``last_samples()``
@@ -80,7 +80,7 @@ class Harness:
 
     def __init__(self, trainer, run, steps: int, *, name: str = "grpo", eval_fn=None,
                  eval_every_s: float = 0.0, config: dict | None = None, bar: dict | None = None,
-                 save_at_end: bool = True, handle_signals: bool = True, step_fn=None):
+                 save_at_end: bool = False, handle_signals: bool = True, step_fn=None):
         self.trainer, self.run, self.steps, self.name = trainer, run, steps, name
         self.eval_fn, self.eval_every_s, self.config = eval_fn, eval_every_s, config or {}
         self.bar_fields = bar or {"loss": ".3f"}

@@ -134,7 +134,8 @@ def classify(key: str) -> str:
 def schedule_note(saved: dict, current: dict, step: int) -> str | None:
     """What a new ``run.steps`` does to the LR at optimizer step ``step · μ`` (None: no change)."""
     s, c = flatten(saved), flatten(current)
-    mu, warm, sched = c.get("grpo.mu", 1), c.get("optim.warmup_steps", 0), c.get("optim.schedule", "constant")
+    mu, sched = c.get("grpo.mu", 1), c.get("optim.schedule", "constant")
+    warm = c.get("optim.lr_warmup_steps", 0)
     if sched == "constant" or s.get("run.steps") == c.get("run.steps"):
         return None
     k = step * mu

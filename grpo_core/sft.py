@@ -72,7 +72,7 @@ class SFTTrainer:
         self.prompt_fn, self.prompt_style, self.seed, self.backend = prompt_fn, prompt_style, seed, backend
         o = cfg.optim
         self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
-        self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.steps, o.schedule)
+        self.scheduler = make_scheduler(self.optimizer, o.lr_warmup_steps, cfg.steps, o.schedule)
         self.step_idx, self.history = 0, []
 
     def step(self, label_fn=None) -> dict:
@@ -104,7 +104,8 @@ class SFTTrainer:
         (the format warm-up), with a progress bar when ``progress``."""
         run = run if run is not None else no_output(RunConfig(progress=progress))
         self.output_dir, self.keep_last, self.run_config = run.output_dir, run.keep_last, config
-        return run_training(self, run, self.cfg.steps, name="sft", config=config, eval_fn=eval_fn)
+        return run_training(self, run, self.cfg.steps, name="sft", config=config, eval_fn=eval_fn,
+                            save_at_end=True)
 
     def save(self) -> str:
         """Checkpoint step ``step_idx`` in ``output_dir`` (the harness calls it; layout:

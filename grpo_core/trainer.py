@@ -98,7 +98,7 @@ class GRPOTrainer:
                             if self.ref_policy not in (None, "adapters") else None)
         o = cfg.optim
         self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
-        self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.run.steps * cfg.grpo.mu, o.schedule)
+        self.scheduler = make_scheduler(self.optimizer, o.lr_warmup_steps, cfg.run.steps * cfg.grpo.mu, o.schedule)
         self.step_idx, self.data_pos, self.history = 0, 0, []
         self._last_scored: tuple | None = None   # the last scored batch, for samples.jsonl (last_samples)
         self.device = policy.device
@@ -351,11 +351,12 @@ class GRPOTrainer:
     def updates_per_step(self) -> int:
         return self.cfg.grpo.mu              # a step whose μ updates were all skipped changed nothing
 
-    def train(self) -> list[dict]:
+    def train(self, save_at_end: bool = False) -> list[dict]:
         """Run to ``run.steps`` under the run harness (grpo_core.harness: resume, metrics.jsonl,
-        evals, samples, healthy checkpoints, Ctrl-C/SIGTERM, run folder lock, time budget)."""
+        evals, samples, healthy checkpoints, Ctrl-C/SIGTERM, run folder lock, time budget);
+        ``save_at_end``: also checkpoint the last step (``grpo train`` does)."""
         return run_training(self, self.cfg.run, self.cfg.run.steps, name="grpo", eval_fn=self.eval_fn,
-                            config=to_dict(self.cfg), bar=BAR)
+                            config=to_dict(self.cfg), bar=BAR, save_at_end=save_at_end)
 
     def save(self) -> str:
         """Call on every rank: FSDP2 gathers the full state to rank 0, which alone writes. (The
