@@ -6,6 +6,7 @@
     grpo eval  --config examples/configs/pmc_vqa_grpo_instruct.yaml --whole data.split=test model.path=...
     grpo demo  [--seed 0] [--quick]
     grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 150]
+    grpo resume-plan runs/grpo [--config ...] [overrides]   |   grpo resume-plan --seal runs/grpo/ckpt-N
 
 The subcommands' work is in grpo_app.commands (train, sft, eval), grpo_app.demo and grpo_app.study.
 """
@@ -20,7 +21,7 @@ from grpo_core.config import load_config
 from grpo_core.resume import ResumeError
 from grpo_core.safeguards import RunStopped
 
-from .commands import cmd_eval, cmd_sft, cmd_train, make_eval_fn  # noqa: F401  (re-exported: grpo_app.cli.cmd_train)
+from .commands import cmd_eval, cmd_resume_plan, cmd_sft, cmd_train, make_eval_fn  # noqa: F401
 
 COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NAME --help`)
     "train": ("GRPO training from a YAML config (also one rank of a torchrun job)",
@@ -43,6 +44,11 @@ COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NA
               "GRPO from the instruct- and base-style init, + semantic judge, ECR, CWR, Dr. GRPO and SFT, each "
               "from the same starting model with the same budget, over several seeds; writes study.md / "
               "study.json / study.png and skips cells already done (docs/STUDY.md)."),
+    "resume-plan": ("say how a run in OUTPUT_DIR would start, or --seal an old checkpoint",
+                    "Recovers leftovers of interrupted saves (renames/deletes, as a start would), names "
+                    "damaged checkpoints, compares the newest good one's settings with the config "
+                    "(docs/CHECKPOINTS.md). --seal writes the manifest of a checkpoint from before "
+                    "manifests, once its trainer state loads."),
 }
 
 
@@ -74,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpo-seconds", type=float, default=None, help="GRPO training-time budget (default 270)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
     add_study_arguments(sub.add_parser("study", help=COMMANDS["study"][0], description=COMMANDS["study"][1]))
+    p = sub.add_parser("resume-plan", help=COMMANDS["resume-plan"][0], description=COMMANDS["resume-plan"][1])
+    p.add_argument("output_dir", help="the run's output_dir (or, with --seal, one checkpoint)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as for grpo train")
+    p.add_argument("--config", help="the run's YAML config")
+    p.add_argument("--seal", action="store_true", help="write manifest.json for a checkpoint that loads")
     return ap
 
 
@@ -86,6 +97,8 @@ def main(argv=None) -> int:
         if args.cmd == "study":
             from .study import run_study_cli
             return run_study_cli(args)
+        if args.cmd == "resume-plan":
+            return cmd_resume_plan(args.output_dir, args.config, args.overrides, args.seal)
         overrides = list(args.overrides)
         if getattr(args, "fresh", False):
             overrides += ["run.resume=false", "run.resume_force=true"]

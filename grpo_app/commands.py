@@ -3,6 +3,7 @@
     cmd_train(cfg)            GRPO (warm-up, start eval, train, final eval, curves, samples)
     cmd_sft(cfg)              the SFT baseline
     cmd_eval(cfg, out, whole) held-out records, or a whole split
+    cmd_resume_plan(...)      how a run in a folder would start (or --seal an old checkpoint)
 
 What a run leaves in ``run.output_dir``: metrics.jsonl (every step), curves.png (the whole run,
 resumed parts included), samples.jsonl + samples.html (prompts, completions, rewards, images),
@@ -74,7 +75,7 @@ def cmd_train(cfg: TrainConfig) -> int:
                       f"{w['loss_last']:.2f} ({w['seconds']:.0f} s)")
         trainer = None
         eval_fn = make_eval_fn(cfg, held, samples_dir=out if main else None, step_of=lambda: trainer.step_idx)
-        trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn, dist=dist)
+        trainer = GRPOTrainer(policy, train, cfg, eval_fn=eval_fn, dist=dist)
         start = None
         if cfg.run.eval_every and not resuming:   # the first point of the held-out curve
             with trainer.replica.gathered():
@@ -159,4 +160,27 @@ def cmd_eval(cfg: TrainConfig, out: str | None, whole: bool = False, samples: in
         folder = os.path.dirname(os.path.abspath(out)) if out else cfg.run.output_dir
         page = write_samples(folder, 0, eval_rows(records, res.items, samples), split="eval")
         print(f"samples: {page}")
+    return 0
+
+
+def cmd_resume_plan(output_dir: str, config: str | None, overrides: list, seal: bool = False) -> int:
+    """Say how a run in ``output_dir`` would start (leftovers recovered: this renames/deletes, as a
+    start would; damaged checkpoints named; settings compared), or with ``seal`` write the manifest
+    of a checkpoint from before manifests (after checking that its trainer state loads)."""
+    import dataclasses
+
+    from grpo_core.checkpoint import checkpoint_step, reading, verify_checkpoint, write_manifest
+    from grpo_core.config import load_config
+    from grpo_core.resume import plan_resume
+
+    if seal:
+        with reading(output_dir, "trainer_state.pt"):            # readable before it is vouched for
+            torch.load(os.path.join(output_dir, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        write_manifest(output_dir, checkpoint_step(output_dir))
+        verify_checkpoint(output_dir)
+        print(f"sealed {output_dir}: manifest written, checksums and weights verified")
+        return 0
+    cfg = load_config(config, list(overrides) + [f"run.output_dir={output_dir}"])
+    plan = plan_resume(output_dir, dataclasses.asdict(cfg), cfg.run.resume, cfg.run.resume_force)
+    print("\n".join(plan.notes))
     return 0

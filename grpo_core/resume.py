@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from .checkpoint import (
     RUN_CONFIG,
     CheckpointError,
-    _reading,
     checkpoint_step,
     list_checkpoints,
+    reading,
     recover_leftovers,
     verify_checkpoint,
 )
@@ -172,11 +172,11 @@ def read_run_config(path: str) -> dict | None:
     older checkpoints kept in trainer_state.pt), or None when it holds none."""
     cfg_path = os.path.join(path, RUN_CONFIG)
     if os.path.exists(cfg_path):
-        with _reading(path, RUN_CONFIG), open(cfg_path) as f:
+        with reading(path, RUN_CONFIG), open(cfg_path) as f:
             return json.load(f)
     import torch
 
-    with _reading(path, "trainer_state.pt"):
+    with reading(path, "trainer_state.pt"):
         state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
     return json.loads(state["config"]) if isinstance(state.get("config"), str) else None
 
@@ -253,42 +253,3 @@ def set_base_lr(optimizer, scheduler, lr: float) -> None:
         group["initial_lr"] = lr
         group["lr"] = lr * lam(scheduler.last_epoch)       # what LambdaLR.get_lr computes
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-# ---- command line: what would a resume do? -------------------------------------------------------
-def main(argv=None) -> int:
-    import argparse
-    import dataclasses
-
-    from .checkpoint import write_manifest
-    from .config import load_config
-
-    ap = argparse.ArgumentParser(prog="python -m grpo_core.resume", description=(
-        "Say how a run in OUTPUT_DIR would start: leftovers recovered (this renames/deletes, as a start "
-        "would), damaged checkpoints named, settings compared. Or --seal a checkpoint from before manifests."))
-    ap.add_argument("output_dir", help="the run's output_dir (or, with --seal, one checkpoint)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value, as for grpo train")
-    ap.add_argument("--config", help="the run's YAML config")
-    ap.add_argument("--seal", action="store_true", help="write manifest.json for a checkpoint that loads")
-    a = ap.parse_intermixed_args(argv)
-    try:
-        if a.seal:
-            import torch
-
-            with _reading(a.output_dir, "trainer_state.pt"):   # readable before it is vouched for
-                torch.load(os.path.join(a.output_dir, "trainer_state.pt"), map_location="cpu", weights_only=True)
-            write_manifest(a.output_dir, checkpoint_step(a.output_dir))
-            verify_checkpoint(a.output_dir)
-            print(f"sealed {a.output_dir}: manifest written, checksums and weights verified")
-            return 0
-        cfg = load_config(a.config, list(a.overrides) + [f"run.output_dir={a.output_dir}"])
-        plan = plan_resume(a.output_dir, dataclasses.asdict(cfg), cfg.run.resume, getattr(cfg.run, "resume_force", False))
-    except (ResumeError, CheckpointError) as e:
-        print(f"error: {e}")
-        return 1
-    print("\n".join(plan.notes))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -75,7 +75,7 @@ def rewards_from_config(entries) -> list[RewardSpec]:
 class GRPOTrainer:
     """GRPO on a ``Policy`` (see grpo_core.policy) over a list of VQA records."""
 
-    def __init__(self, policy, train_records, cfg: TrainConfig, eval_records=None, ref_policy=None,
+    def __init__(self, policy, train_records, cfg: TrainConfig, ref_policy=None,
                  reward_specs=None, prompt_fn=None, eval_fn=None, dist: DistContext | None = None):
         cfg.validate()
         if len(train_records) < cfg.rollout.prompts_per_step:
@@ -86,7 +86,7 @@ class GRPOTrainer:
             raise ValueError(f"GRPOTrainer: rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not a multiple "
                              f"of the {self.dist.world} ranks; each rank takes an equal share of whole groups")
         self.policy, self.records, self.cfg = policy, list(train_records), cfg
-        self.eval_records, self.eval_fn = eval_records, eval_fn
+        self.eval_fn = eval_fn                                    # policy -> {name: value} (harness)
         self.prompt_fn = prompt_fn or make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed,
                                                      max_image_pixels=cfg.data.max_image_pixels)
         self._bad_rows: set = set()                               # (file, row) of skipped records, logged once
@@ -125,13 +125,15 @@ class GRPOTrainer:
         return torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.step_idx * 7919 + salt)
 
     def _draw_record(self):
-        """The record at the data position in an epoch-wise permutation seeded by (seed, epoch); the
-        position moves on, so a run resumes by position."""
+        """The record at the data position in an epoch-wise permutation seeded by (seed, epoch),
+        drawn once per epoch; the position moves on, so a run resumes by position."""
         n = len(self.records)
         epoch, i = divmod(self.data_pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.run.seed + 17 * epoch))
+        if getattr(self, "_perm", (None,))[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.run.seed + 17 * epoch)
+            self._perm = (epoch, torch.randperm(n, generator=g).tolist())
         self.data_pos += 1
-        return self.records[int(perm[i])]
+        return self.records[self._perm[1][i]]
 
     def _next_prompts(self):
         """This rank's prompts of the step's B records (and the records as shown), plus how many were

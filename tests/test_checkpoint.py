@@ -240,8 +240,8 @@ def test_legacy_copy_without_manifest_is_promoted_then_sealed(tmp_path):
     with pytest.raises(C.CheckpointError, match="manifest.json is missing.*--seal"):
         find_resumable_checkpoint(str(tmp_path))       # recovered into place, not yet trusted
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000004"]
-    from grpo_core.resume import main
-    assert main(["--seal", path]) == 0
+    from grpo_app.cli import main
+    assert main(["resume-plan", "--seal", path]) == 0
     fresh = StubPolicy(9)
     assert find_resumable_checkpoint(str(tmp_path))[0] == path
     C.load_checkpoint(path, fresh)
@@ -366,12 +366,12 @@ def test_fresh_start_over_an_earlier_run_is_refused_then_moves_it_aside(tmp_path
 
 
 def test_resume_cli_prints_the_plan(tmp_path, capsys):
-    from grpo_core.resume import main
+    from grpo_app.cli import main
 
     out = _run_dir(tmp_path, run__steps=10)
-    assert main([out, "run.steps=10", "rollout.group_size=4"]) == 1
-    assert "rollout.group_size: 8 in the checkpoint, 4 now" in capsys.readouterr().out
-    assert main([out, "run.steps=12"]) == 0
+    assert main(["resume-plan", out, "run.steps=10", "rollout.group_size=4"]) == 2
+    assert "rollout.group_size: 8 in the checkpoint, 4 now" in capsys.readouterr().err
+    assert main(["resume-plan", out, "run.steps=12"]) == 0
     assert "changed: run.steps: 10 -> 12" in capsys.readouterr().out
 
 
