@@ -150,7 +150,8 @@ def _run_signalled(tmp_path, tiny_vlm_path, sig="SIGINT", times=1):
     return p, out
 
 
-@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130),
+                                      pytest.param("SIGTERM", 143, marks=pytest.mark.slow)])   # ~17 s each
 def test_a_signal_mid_step_finishes_the_step_saves_and_exits_nonzero(tmp_path, tiny_vlm_path, sig,
                                                                       code):
     p, out = _run_signalled(tmp_path, tiny_vlm_path, sig)
@@ -271,3 +272,19 @@ def test_a_second_run_in_a_locked_folder_is_refused(tiny_vlm_path, records, tmp_
 def test_signal_exit_codes():
     assert sg.Interrupted("x", signal.SIGINT).exit_code == 130
     assert sg.Interrupted("x", signal.SIGTERM).exit_code == 143
+
+
+def test_the_epoch_permutation_is_drawn_once_per_epoch(monkeypatch):
+    """_draw_record: one randperm per epoch (not per record), the same order as drawing it each time."""
+    import torch
+
+    import grpo_core.trainer as trainer_mod
+
+    tr = object.__new__(GRPOTrainer)
+    tr.records, tr.cfg, tr.data_pos = list(range(7)), TrainConfig(), 0
+    calls, real = [], torch.randperm
+    monkeypatch.setattr(trainer_mod.torch, "randperm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = [tr._draw_record() for _ in range(3 * 7 + 2)]
+    assert len(calls) == 4                                            # epochs 0, 1, 2, 3
+    want = [int(real(7, generator=torch.Generator().manual_seed(17 * e))[i]) for e in range(4) for i in range(7)]
+    assert got == want[:23]
