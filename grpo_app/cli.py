@@ -6,7 +6,7 @@
     grpo eval  --config examples/configs/pmc_vqa_grpo_instruct.yaml --whole data.split=test model.path=...
     grpo demo  [--seed 0] [--quick]
     grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 150]
-    grpo resume-plan runs/grpo [--config ...] [overrides]   |   grpo resume-plan --seal runs/grpo/ckpt-N
+    grpo resume-plan runs/grpo [--config ...] [overrides]     (or: --seal runs/grpo/ckpt-N)
 
 The subcommands' work is in grpo_app.commands (train, sft, eval), grpo_app.demo and grpo_app.study.
 """
@@ -45,10 +45,10 @@ COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NA
               "from the same starting model with the same budget, over several seeds; writes study.md / "
               "study.json / study.png and skips cells already done (docs/STUDY.md)."),
     "resume-plan": ("say how a run in OUTPUT_DIR would start, or --seal an old checkpoint",
-                    "Recovers leftovers of interrupted saves (renames/deletes, as a start would), names "
-                    "damaged checkpoints, compares the newest good one's settings with the config "
-                    "(docs/CHECKPOINTS.md). --seal writes the manifest of a checkpoint from before "
-                    "manifests, once its trainer state loads."),
+                    "Recovers leftovers of interrupted saves (renames/deletes, as a start "
+                    "would), names damaged checkpoints, compares the newest good one's settings "
+                    "with the config (docs/CHECKPOINTS.md). --seal writes the manifest of a "
+                    "checkpoint from before manifests, once its trainer state loads."),
 }
 
 
@@ -80,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpo-seconds", type=float, default=None, help="GRPO training-time budget (default 270)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
     add_study_arguments(sub.add_parser("study", help=COMMANDS["study"][0], description=COMMANDS["study"][1]))
-    p = sub.add_parser("resume-plan", help=COMMANDS["resume-plan"][0], description=COMMANDS["resume-plan"][1])
+    help_, description = COMMANDS["resume-plan"]
+    p = sub.add_parser("resume-plan", help=help_, description=description)
     p.add_argument("output_dir", help="the run's output_dir (or, with --seal, one checkpoint)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as for grpo train")
     p.add_argument("--config", help="the run's YAML config")
-    p.add_argument("--seal", action="store_true", help="write manifest.json for a checkpoint that loads")
+    p.add_argument("--seal", action="store_true",
+                   help="write manifest.json for a checkpoint that loads")
     return ap
 
 

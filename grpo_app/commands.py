@@ -54,7 +54,7 @@ def cmd_train(cfg: TrainConfig) -> int:
 
     out = cfg.run.output_dir
     check_output_dir(out)                     # a file, read-only: one line, before any model loads
-    with D.session(cfg.dist) as dist, RunLock(out, enabled=dist.is_main) as lock:   # one run per folder
+    with D.session(cfg.dist) as dist, RunLock(out, enabled=dist.is_main) as lock:   # one run/folder
         main = dist.is_main
         for note in lock.notes:
             print(f"grpo: {note}", flush=True)
@@ -163,7 +163,8 @@ def cmd_eval(cfg: TrainConfig, out: str | None, whole: bool = False, samples: in
     return 0
 
 
-def cmd_resume_plan(output_dir: str, config: str | None, overrides: list, seal: bool = False) -> int:
+def cmd_resume_plan(output_dir: str, config: str | None, overrides: list,
+                    seal: bool = False) -> int:
     """Say how a run in ``output_dir`` would start (leftovers recovered: this renames/deletes, as a
     start would; damaged checkpoints named; settings compared), or with ``seal`` write the manifest
     of a checkpoint from before manifests (after checking that its trainer state loads)."""
@@ -175,7 +176,8 @@ def cmd_resume_plan(output_dir: str, config: str | None, overrides: list, seal: 
 
     if seal:
         with reading(output_dir, "trainer_state.pt"):            # readable before it is vouched for
-            torch.load(os.path.join(output_dir, "trainer_state.pt"), map_location="cpu", weights_only=True)
+            torch.load(os.path.join(output_dir, "trainer_state.pt"), map_location="cpu",
+                       weights_only=True)
         write_manifest(output_dir, checkpoint_step(output_dir))
         verify_checkpoint(output_dir)
         print(f"sealed {output_dir}: manifest written, checksums and weights verified")

@@ -115,10 +115,11 @@ def render() -> str:
     lines = ["# Config reference", "",
              "Every key of a `grpo` config (YAML sections, or `section.key=value` on the command line), generated "
              "from the dataclasses in `grpo_core/config.py` by `python -m grpo_app.config_doc`; "
-             "`tests/test_config_doc.py` fails when this file is stale. Examples: `examples/configs/`.", "",
-             "*On resume*: a **fixed** setting defines the run, so resuming a checkpoint with another "
-             "value is refused (unless `run.resume_force=true`); a setting that **may change** takes "
-             "the new value and the change is reported (`grpo_core/resume.py`).", ""]
+             "`tests/test_config_doc.py` fails when this file is stale. Examples: "
+             "`examples/configs/`.", "",
+             "*On resume*: a **fixed** setting defines the run, so resuming a checkpoint with "
+             "another value is refused (unless `run.resume_force=true`); a setting that **may "
+             "change** takes the new value and the change is reported (`grpo_core/resume.py`).", ""]
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         doc = inspect.getdoc(type(section)) or ""
@@ -127,7 +128,8 @@ def render() -> str:
             lines += [" ".join(doc.split()), ""]
         if dict(f.metadata).get("resume", ("",))[0] == "not_compared":
             lines += [f"On resume: not compared ({f.metadata['resume'][1]}).", ""]
-        lines += ["| key | type | default | allowed | meaning | on resume |", "|---|---|---|---|---|---|"]
+        lines += ["| key | type | default | allowed | meaning | on resume |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| `{k}` | {t} | {d} | {a} | {_cell(c)} | {_cell(r)} |"
                   for k, t, d, a, c, r in rows(section, f"{f.name}.")]
         lines.append("")

@@ -158,8 +158,9 @@ def read_manifest(path: str) -> dict:
     """The manifest of checkpoint ``path``, with every listed file present at its listed size."""
     mpath = os.path.join(path, MANIFEST)
     if not os.path.exists(mpath):
-        raise CheckpointError("manifest.json is missing: the save was interrupted, or an older grpo_core "
-                              "wrote it (if it loads, seal it: `grpo resume-plan --seal PATH`)", path, MANIFEST)
+        raise CheckpointError("manifest.json is missing: the save was interrupted, or an older "
+                              "grpo_core wrote it (if it loads, seal it: `grpo resume-plan --seal "
+                              "PATH`)", path, MANIFEST)
     try:
         with open(mpath) as f:
             manifest = json.load(f)
@@ -225,7 +226,7 @@ def verify_checkpoint(path: str, checksums: bool = True, finite: bool = True) ->
                                       "written (disk or copy damage)", path, rel)
     if finite:
         weights = os.path.join(path, "weights.safetensors")
-        with reading(path, "weights.safetensors"), safe_open(weights, "pt") as f:   # one tensor at a time
+        with reading(path, "weights.safetensors"), safe_open(weights, "pt") as f:   # one by one
             bad = next((b for k in f.keys() if (b := first_nonfinite({k: f.get_tensor(k)}))), None)
         if bad:
             raise CheckpointError(f"{bad}: the run had diverged when this was saved", path, "weights.safetensors")

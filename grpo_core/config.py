@@ -38,7 +38,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")      # model.dtype ("auto": 
 REFERENCES = ("auto", "copy", "adapters")                  # grpo.ref
 KERNEL_BACKENDS = ("auto",) + BACKENDS                     # grpo.backend
 DIST_BACKENDS = ("auto", "nccl", "gloo")                   # dist.backend
-SFT_TARGETS = ("answer", "reasoning")                      # sft.target (grpo_core.sft.answer_target)
+SFT_TARGETS = ("answer", "reasoning")                      # sft.target (sft.answer_target)
 
 # Resume classes (grpo_core.options, read by grpo_core.resume): why a fixed setting may not change
 # mid-run (printed in the error), or what a setting that may change does on resume.
@@ -181,10 +181,10 @@ class GRPOConfig(LossOptions):
 
 @dataclass
 class OptimConfig:
-    lr: float = option(1e-6, gt=0, resume=_LR)             # peak learning rate (after the LR warm-up)
+    lr: float = option(1e-6, gt=0, resume=_LR)             # peak learning rate (after LR warm-up)
     weight_decay: float = option(0.0, ge=0, resume=_OPT_STATE)  # AdamW decoupled weight decay
     betas: tuple = option((0.9, 0.99), ge=0, lt=1, length=2, resume=_OPT_STATE)  # AdamW (β1, β2)
-    lr_warmup_steps: int = option(0, ge=0, resume=_SCHEDULE)  # linear LR warm-up, in optimizer steps
+    lr_warmup_steps: int = option(0, ge=0, resume=_SCHEDULE)  # linear LR warm-up (optimizer steps)
     #: "constant" | "cosine" | "linear" after warm-up (grpo_core.optim)
     schedule: str = option("constant", choices=SCHEDULES, resume=_SCHEDULE)
     #: clip the global grad norm; 0 = no clipping

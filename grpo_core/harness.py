@@ -188,7 +188,8 @@ class Harness:
         run, tr = self.run, self.trainer
         if not hasattr(tr, "last_samples"):
             return
-        if samples_due(run.log_completions_every, tr.step_idx, evaluated) and (rows := tr.last_samples()):
+        due = samples_due(run.log_completions_every, tr.step_idx, evaluated)
+        if due and (rows := tr.last_samples()):
             write_samples(self.out, tr.step_idx, rows)
 
     # ---- messages -----------------------------------------------------------------------------
@@ -201,9 +202,9 @@ class Harness:
         step, run = self.trainer.step_idx, self.run
         return (f"{self.name.upper()} steps {step - streak + 1}..{step}: the loss or gradient was "
                 f"NaN/inf in {streak} consecutive steps (run.max_nonfinite_steps="
-                f"{run.max_nonfinite_steps}); every update was skipped, so the weights are those of "
-                f"step {step - streak}. {self._resume_hint()} (lower optim.lr, check the rewards "
-                "and the data first)")
+                f"{run.max_nonfinite_steps}); every update was skipped, so the weights are those "
+                f"of step {step - streak}. {self._resume_hint()} (lower optim.lr, check the "
+                "rewards and the data first)")
 
     def _interrupted(self, signum: int, bar, reporters) -> None:
         bar.close(done=False)

@@ -109,7 +109,7 @@ class LossOptions:
         return cls(**{**base, **overrides})
 
 
-LOSS_OPTION_KEYS = tuple(f.name for f in dataclasses.fields(LossOptions))   # also grpo.* config keys
+LOSS_OPTION_KEYS = tuple(f.name for f in dataclasses.fields(LossOptions))   # = grpo.* config keys
 _MAX_LOG = 20.0
 
 
@@ -177,8 +177,8 @@ def policy_loss_per_token(logp, old, adv, o: LossOptions, mask=None):
     if o.dual_clip is not None:
         # for A < 0 the surrogate is additionally bounded: loss ≤ −c·A (c > 1)
         loss = torch.where(adv < 0, torch.minimum(loss, -o.dual_clip * adv), loss)
-    low = (ratio < 1.0 - o.clip_low) & (adv < 0)     # clipped from below: a bad token already pushed down
-    high = (ratio > 1.0 + o.clip_high) & (adv > 0)   # clipped from above: a good token already pushed up
+    low = (ratio < 1.0 - o.clip_low) & (adv < 0)     # clipped below: a bad token was pushed down
+    high = (ratio > 1.0 + o.clip_high) & (adv > 0)   # clipped above: a good token was pushed up
     return torch.broadcast_to(loss, logp.shape), ratio, low, high    # (N, T) even when the ratio is (N, 1)
 
 
@@ -228,15 +228,15 @@ def mask_truncated(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     return mask * (~truncated.bool().to(mask.device))[:, None].to(mask.dtype)
 
 
-# ---- options: declared once (LossOptions), checked here for grpo_loss and for the config ----------
+# ---- options: declared once (LossOptions), checked here for grpo_loss and for the config -------
 
 def loss_options(cfg) -> dict:
     """{key: cfg.key} for the loss options of ``cfg`` (a GRPOConfig or any LossOptions)."""
     return {k: getattr(cfg, k) for k in LOSS_OPTION_KEYS}
 
 
-def check_loss_options(options: LossOptions | None = None, *, kl_placement="loss", where="grpo_loss",
-                       prefix="", **kw):
+def check_loss_options(options: LossOptions | None = None, *, kl_placement="loss",
+                       where="grpo_loss", prefix="", **kw):
     """Each option against its declaration on ``LossOptions`` (choices, ranges), then the rules
     between options; ValueError "<where>: <prefix><key> ...". ``kl_placement`` is the config's
     (grpo_loss itself always has the KL in the loss). Keywords override fields of ``options``."""
@@ -253,8 +253,9 @@ def check_loss_options(options: LossOptions | None = None, *, kl_placement="loss
     if o.kl_bias_correction and o.beta == 0:
         bad("kl_bias_correction", True, f"multiplies the KL term, which is off ({prefix}beta=0)")
     if o.kl_bias_correction and kl_placement != "loss":
-        bad("kl_bias_correction", True, f"multiplies the KL term of the loss; with {prefix}kl_placement="
-                                         f"{kl_placement!r} the KL is in the reward (set one or the other)")
+        bad("kl_bias_correction", True,
+            f"multiplies the KL term of the loss; with {prefix}kl_placement={kl_placement!r} the "
+            "KL is in the reward (set one or the other)")
 
 
 def _check(logprobs, old, ref, adv, mask, entropy, o: LossOptions, max_len):

@@ -34,7 +34,7 @@ def fixed(why: str) -> tuple:
 
 
 def may_change(what: str) -> tuple:
-    """Resume class: may change mid-run; ``what`` happens then (e.g. "applies from the resume step on")."""
+    """Resume class: may change mid-run; ``what`` happens then (e.g. "applies from then on")."""
     return ("may_change", what)
 
 
@@ -47,9 +47,9 @@ def option(default: Any = dataclasses.MISSING, *, default_factory: Any = datacla
            choices=None, gt=None, ge=None, lt=None, le=None, length=None,
            nonfinite_ok: bool = False, resume: tuple | None = None):
     """A dataclass field with declared constraints (None or a missing bound = unconstrained) and,
-    for a config field, its resume class (``fixed(...)`` / ``may_change(...)`` / ``not_compared``)."""
-    meta = {k: v for k, v in dict(choices=choices, gt=gt, ge=ge, lt=lt, le=le, length=length).items()
-            if v is not None}
+    for a config field, its resume class (``fixed(...)``, ``may_change(...)``, ``not_compared``)."""
+    declared = dict(choices=choices, gt=gt, ge=ge, lt=lt, le=le, length=length)
+    meta = {k: v for k, v in declared.items() if v is not None}
     if nonfinite_ok:
         meta["nonfinite_ok"] = True
     if resume is not None:
@@ -75,7 +75,8 @@ def check_value(value, meta: dict, key: str, where: str = "config") -> None:
     if isinstance(value, (tuple, list)):
         n = meta.get("length")
         if n is not None and len(value) != n:
-            raise ValueError(f"{where}: {key} must hold {n} values, got {len(value)}: {list(value)!r}")
+            raise ValueError(f"{where}: {key} must hold {n} values, got {len(value)}: "
+                             f"{list(value)!r}")
         for i, v in enumerate(value):
             inner = {k: x for k, x in meta.items() if k not in ("length", "choices")}
             check_value(v, inner, f"{key}[{i}]", where)

@@ -89,8 +89,8 @@ class Policy(Protocol):
     def encode(self, prompts: Sequence[Prompt]) -> Encoded:
         """Template, tokenize and preprocess images for B prompts → Encoded (B rows, on CPU).
 
-        Row b is prompts[b], always: the trainer pairs records and completions by position, so a
-        prompt the policy cannot take (e.g. longer than its max_prompt_len) is an error, never dropped.
+        Row b is prompts[b], always: the trainer pairs records and completions by position, so
+        a prompt the policy cannot take (e.g. over its max_prompt_len) is an error, never dropped.
         """
         ...
 

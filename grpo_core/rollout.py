@@ -50,7 +50,7 @@ class Rollout:
     logprobs: torch.Tensor         # (N, C) fp32, sampling log-probs (0 on padding): the sampler's
                                    # own, checked against teacher forcing (tests/test_rollout.py)
     truncated: torch.Tensor        # (N,) bool, hit max_new_tokens without EOS (else: emitted EOS)
-    texts: list[str]               # (N) decoded completions (special tokens removed); row i: prompt i // G
+    texts: list[str]               # (N) decoded completions (no special tokens); row i: prompt i//G
     group_size: int = 1            # G
     stats: dict = field(default_factory=dict)  # prefill_s, decode_s, tokens, tokens_per_s, steps, ...
 

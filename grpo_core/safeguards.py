@@ -1,7 +1,7 @@
-"""What keeps a run's work safe from its surroundings: the run folder, signals, the disk, divergence.
+"""What keeps a run's work safe: the run folder, signals, the disk, divergence.
 
-    check_output_dir(path)   one-line error for an output_dir that is a file, cannot be created or
-                             is read-only; called before the model loads (grpo train) and by the harness
+    check_output_dir(path)   one-line error for an output_dir that is a file, cannot be created
+                             or is read-only; before the model loads (grpo train) and by the harness
     RunLock(path)            <output_dir>/.lock = {pid, host, started}: a second run in the same
                              folder is refused while the first lives; a lock whose process is dead
                              (same host) is taken over with a note
@@ -10,9 +10,9 @@
     checkpoint_estimate()    before each save (the harness): need ≈ the previous checkpoint's size
                              (or an estimate from the parameters) free, else NoSpaceError
                              (no_space); the previous checkpoint is kept
-    weight_health(model)     cheap statistics of the weights (one pass): all finite, global RMS and
-                             max |w|; ``is_jump(now, good)`` = RMS > JUMP_RMS × or max |w| >
-                             JUMP_MAX × those of the last good checkpoint (or of the start of the run)
+    weight_health(model)     cheap statistics of the weights (one pass): all finite, global RMS
+                             and max |w|; ``is_jump(now, good)``: RMS > JUMP_RMS × or max |w| >
+                             JUMP_MAX × those of the last good checkpoint (or of the run's start)
 
 Every error here derives from ``RunStopped`` and says in one line what happened, where, and what to
 do; the CLI prints it without a traceback and exits with ``exit_code``.
@@ -75,12 +75,12 @@ class Interrupted(RunStopped):
         self.exit_code = 128 + signum
 
 
-# ---- the run folder -------------------------------------------------------------------------------
+# ---- the run folder ------------------------------------------------------------------------------
 def check_output_dir(path: str) -> None:
     """Create ``path`` if needed and make sure the run can write there; OutputDirError otherwise."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise OutputDirError(f"run.output_dir={path!r} is a file, not a folder; point run.output_dir "
-                             "at a folder (it is created if missing)")
+        raise OutputDirError(f"run.output_dir={path!r} is a file, not a folder; point "
+                             "run.output_dir at a folder (it is created if missing)")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -133,8 +133,8 @@ class RunLock:
                 json.dump(me, f)
             RunLock._held[self.key] = 1
             return self
-        raise RunLocked(f"{os.path.dirname(self.path)} is being taken by another run at this moment; "
-                        "use another run.output_dir")
+        raise RunLocked(f"{os.path.dirname(self.path)} is being taken by another run at this "
+                        "moment; use another run.output_dir")
 
     def _take_over_if_stale(self, host: str) -> None:
         try:
@@ -150,10 +150,10 @@ class RunLock:
                             "another run.output_dir")
         if isinstance(pid, int) and where != host:
             raise RunLocked(f"{folder} is locked by pid {pid} on host {where} (started "
-                            f"{other.get('started', '?')}), which this host cannot check; if that run "
-                            f"has ended, delete {self.path} and run again")
-        self.notes.append(f"took over the lock of a run that is gone (pid {pid} on {where}, started "
-                          f"{other.get('started', '?')})")
+                            f"{other.get('started', '?')}), which this host cannot check; if that "
+                            f"run has ended, delete {self.path} and run again")
+        self.notes.append(f"took over the lock of a run that is gone (pid {pid} on {where}, "
+                          f"started {other.get('started', '?')})")
         try:
             os.remove(self.path)
         except FileNotFoundError:
@@ -171,7 +171,7 @@ class RunLock:
                 pass
 
 
-# ---- signals --------------------------------------------------------------------------------------
+# ---- signals -------------------------------------------------------------------------------------
 class StopRequest:
     """``with StopRequest() as stop:`` SIGINT/SIGTERM set ``stop.signum`` (the loop finishes its
     step, saves and stops); a second signal exits the process at once with 128 + signum. Outside
@@ -201,7 +201,7 @@ class StopRequest:
         self._old = {}
 
 
-# ---- disk space -----------------------------------------------------------------------------------
+# ---- disk space ----------------------------------------------------------------------------------
 def _size(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -229,10 +229,11 @@ def _human(n: float) -> str:
 
 
 def no_space(output_dir: str, need: int, have: int, previous: str | None) -> NoSpaceError:
-    kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
-    return NoSpaceError(f"no space left on {output_dir}: need ~{_human(need)}, have {_human(have)}; "
-                        f"{kept}. Free space (or move run.output_dir), then run the same command "
-                        "to resume")
+    kept = (f"the previous checkpoint {previous} is kept" if previous
+            else "no earlier checkpoint exists")
+    return NoSpaceError(f"no space left on {output_dir}: need ~{_human(need)}, have "
+                        f"{_human(have)}; {kept}. Free space (or move run.output_dir), then run "
+                        "the same command to resume")
 
 
 def is_out_of_space(e: BaseException) -> bool:
@@ -242,7 +243,7 @@ def is_out_of_space(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "unexpected pos" in str(e)
 
 
-# ---- weight health --------------------------------------------------------------------------------
+# ---- weight health -------------------------------------------------------------------------------
 def weight_health(model: torch.nn.Module) -> dict:
     """{"finite", "rms", "max_abs", "bad"}: global statistics of every floating parameter, one pass
     (sums in float64); ``bad`` names the first non-finite tensor."""

@@ -40,7 +40,8 @@ import torch
 
 from .options import check_options, fixed, may_change, option
 
-_SAMPLING = fixed("the sampling distribution and the shape of a step")   # resume classes (options.py)
+# resume classes (grpo_core.options)
+_SAMPLING = fixed("the sampling distribution and the shape of a step")
 _DRAWS = may_change("other samples are drawn from the resume step on (same distribution)")
 
 

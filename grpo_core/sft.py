@@ -95,7 +95,7 @@ class SFTTrainer:
         self.step_idx += 1
         return {"step": self.step_idx, "loss": loss.item()}
 
-    # ---- the loop: grpo_core.harness ----------------------------------------------------------------
+    # ---- the loop: grpo_core.harness -------------------------------------------------------------
     def train(self, run=None, *, progress: bool = True, config: dict | None = None,
               eval_fn=None) -> list[dict]:
         """``cfg.steps`` steps under the run harness. ``run`` (a RunConfig): with an output_dir,
@@ -123,7 +123,7 @@ class SFTTrainer:
 
 
 
-# ---- random answers: the format warm-up's targets ---------------------------------------------------
+# ---- random answers: the format warm-up's targets ------------------------------------------------
 def random_answer(record, pool, g: torch.Generator):
     """A copy of ``record`` whose gold answer is random and whose ``extra["reasoning"]`` is the
     fixed ``WARMUP_REASONING`` (for the "think" template; docs/DECISIONS.md §10):
@@ -140,7 +140,8 @@ def random_answer(record, pool, g: torch.Generator):
     elif record.answer_type == "yesno":
         new = dict(answer_text=("yes", "no")[pick(2)])
     else:
-        others = [r for r in pool if r.answer_text and r.answer_text != record.answer_text] or [record]
+        others = [r for r in pool if r.answer_text and r.answer_text != record.answer_text]
+        others = others or [record]
         new = dict(answer_text=others[pick(len(others))].answer_text)
     return dataclasses.replace(record, extra=dict(record.extra, reasoning=WARMUP_REASONING), **new)
 

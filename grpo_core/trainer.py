@@ -86,7 +86,7 @@ class GRPOTrainer:
             raise ValueError(f"GRPOTrainer: rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not a multiple "
                              f"of the {self.dist.world} ranks; each rank takes an equal share of whole groups")
         self.policy, self.records, self.cfg = policy, list(train_records), cfg
-        self.eval_fn = eval_fn                                    # policy -> {name: value} (harness)
+        self.eval_fn = eval_fn                        # policy -> {name: value} (the harness)
         self.prompt_fn = prompt_fn or make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed,
                                                      max_image_pixels=cfg.data.max_image_pixels)
         self._bad_rows: set = set()                               # (file, row) of skipped records, logged once
@@ -348,17 +348,18 @@ class GRPOTrainer:
             m[key] = m[f"reward/{name}"] if name else float("nan")
         return m
 
-    # ---- the loop: grpo_core.harness ----------------------------------------------------------------
+    # ---- the loop: grpo_core.harness -------------------------------------------------------------
     @property
     def updates_per_step(self) -> int:
-        return self.cfg.grpo.mu              # a step whose μ updates were all skipped changed nothing
+        return self.cfg.grpo.mu          # a step whose μ updates were all skipped changed nothing
 
     def train(self, save_at_end: bool = False) -> list[dict]:
         """Run to ``run.steps`` under the run harness (grpo_core.harness: resume, metrics.jsonl,
         evals, samples, healthy checkpoints, Ctrl-C/SIGTERM, run folder lock, time budget);
         ``save_at_end``: also checkpoint the last step (``grpo train`` does)."""
-        return run_training(self, self.cfg.run, self.cfg.run.steps, name="grpo", eval_fn=self.eval_fn,
-                            config=to_dict(self.cfg), bar=BAR, save_at_end=save_at_end)
+        return run_training(self, self.cfg.run, self.cfg.run.steps, name="grpo",
+                            eval_fn=self.eval_fn, config=to_dict(self.cfg), bar=BAR,
+                            save_at_end=save_at_end)
 
     def save(self) -> str:
         """Call on every rank: FSDP2 gathers the full state to rank 0, which alone writes. (The

@@ -73,7 +73,8 @@ class Qwen2VLPolicy:
     def from_pretrained(cls, path: str, *, dtype=None, device=None, template: str = "chat",
                         attn_implementation: str | None = None, gradient_checkpointing: bool = False,
                         lora: dict | None = None, freeze_vision: bool = False, min_pixels: int | None = None,
-                        max_pixels: int | None = None, max_prompt_len: int | None = None) -> "Qwen2VLPolicy":
+                        max_pixels: int | None = None,
+                        max_prompt_len: int | None = None) -> "Qwen2VLPolicy":
         """Load model + tokenizer + image processor from a local directory (or hub id if cached).
 
         dtype: None → bf16 on CUDA, fp32 on CPU. attn_implementation: None → flash_attention_2 when
@@ -175,9 +176,9 @@ class Qwen2VLPolicy:
         if not long:
             return enc
         i = long[0]
-        raise ValueError(f"prompt {i} is {lengths[i]} tokens after image expansion > max_prompt_len="
-                         f"{self.max_prompt_len} ({len(long)} prompts too long); lower max_pixels, shorten "
-                         "the text, or raise max_prompt_len.")
+        raise ValueError(f"prompt {i} is {lengths[i]} tokens after image expansion > "
+                         f"max_prompt_len={self.max_prompt_len} ({len(long)} prompts too long); "
+                         "lower max_pixels, shorten the text, or raise max_prompt_len.")
 
     @torch.no_grad()
     def _rope_index(self, input_ids, attention_mask, grid):

@@ -23,7 +23,8 @@ TextEncoded = Qwen2VLEncoded  # pixel_values / image_grid_thw stay None
 class TextLMPolicy:
     """A causal LM checkpoint wrapped for GRPO (text prompts only). Build with ``from_pretrained``."""
 
-    def __init__(self, model, tokenizer, *, template: str = "chat", max_prompt_len: int | None = None):
+    def __init__(self, model, tokenizer, *, template: str = "chat",
+                 max_prompt_len: int | None = None):
         if template not in ("chat", "plain"):
             raise ValueError(f"template must be 'chat' or 'plain', got {template!r}")
         self.model = model
@@ -40,7 +41,8 @@ class TextLMPolicy:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=None, device=None, template: str = "chat",
                         attn_implementation: str | None = None, gradient_checkpointing: bool = False,
-                        lora: dict | None = None, max_prompt_len: int | None = None) -> "TextLMPolicy":
+                        lora: dict | None = None,
+                        max_prompt_len: int | None = None) -> "TextLMPolicy":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -52,7 +54,8 @@ class TextLMPolicy:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora:
             model = pu.apply_lora(model, lora)
-        return cls(model, AutoTokenizer.from_pretrained(path), template=template, max_prompt_len=max_prompt_len)
+        return cls(model, AutoTokenizer.from_pretrained(path), template=template,
+                   max_prompt_len=max_prompt_len)
 
     def save_pretrained(self, path: str) -> None:
         pu.save_model(self.model, path)
@@ -93,17 +96,17 @@ class TextLMPolicy:
                 raise ValueError(f"prompt {i} has {len(p.images)} images but TextLMPolicy is text-only; "
                                  "use grpo_models.qwen2_vl.Qwen2VLPolicy for image prompts")
         rows = [self.tokenizer(self._render(p), add_special_tokens=False)["input_ids"] for p in prompts]
-        keep = list(range(len(rows)))                # row b is prompts[b]: long prompts are an error
+        # row b is prompts[b]: a long prompt is an error, never dropped
         long = [i for i, r in enumerate(rows) if self.max_prompt_len and len(r) > self.max_prompt_len]
         if long:
             raise ValueError(f"prompt {long[0]} is {len(rows[long[0]])} tokens > max_prompt_len="
                              f"{self.max_prompt_len}; shorten it or raise max_prompt_len")
         input_ids, mask = left_pad(rows, self.pad_token_id)                      # (B, P)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[None]                  # (1, B, P)
-        b = len(keep)
+        b = len(rows)
         return TextEncoded(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                            rope_deltas=torch.zeros(b, 1, dtype=torch.long), num_images=torch.zeros(b, dtype=torch.long),
-                           prompt_index=torch.tensor(keep, dtype=torch.long))
+                           prompt_index=torch.arange(b))
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
