@@ -115,6 +115,10 @@ def main(argv=None) -> int:
     except RunStopped as e:                  # interrupted, diverged, disk full, folder locked
         print(f"grpo {args.cmd}: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:                # Ctrl-C outside the training loop (loading, warm-up)
+        print(f"grpo {args.cmd}: interrupted outside the training steps; the checkpoints in "
+              "run.output_dir (if any) are kept", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, ImportError, ResumeError, CheckpointError, FloatingPointError) as e:
         print(f"grpo {args.cmd}: error: {e}", file=sys.stderr)   # what, where and what to do; no traceback
         return 2

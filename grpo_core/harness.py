@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import time
 
 import torch
@@ -141,8 +142,8 @@ class Harness:
                      elapsed=spent if run.time_budget_s else None)
             if self.out and run.save_every and tr.step_idx % run.save_every == 0:
                 self.save()
-            if stop.signum is not None:
-                self._interrupted(stop.signum, bar, reporters)
+            if self._stop_requested(stop):
+                self._interrupted(stop.signum or signal.SIGTERM, bar, reporters)
             if run.time_budget_s and spent >= run.time_budget_s:
                 break
         bar.close()
@@ -152,6 +153,12 @@ class Harness:
         if self.save_at_end and self.saved_step != tr.step_idx:
             self.save()
         self.spent = spent
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """A signal on any rank stops every rank after this step (they save together)."""
+        if not stop.enabled:
+            return False
+        return bool(self.dist.all_reduce(float(stop.signum is not None), "max"))
 
     def _updates(self) -> int:
         return getattr(self.trainer, "updates_per_step", 1)
