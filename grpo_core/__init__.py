@@ -36,7 +36,8 @@ from .trainer import GRPOTrainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "EvalResult", "Encoded", "GRPOTrainer", "LossOptions", "Policy", "Prompt", "RewardSpec", "Rollout", "SFTTrainer",
+    "EvalResult", "Encoded", "GRPOTrainer", "LossOptions", "Policy", "Prompt", "RewardSpec", "Rollout",
+    "SFTTrainer",
     "SamplingConfig", "TrainConfig", "VQARecord", "build_records", "combine_rewards", "evaluate",
     "fused_grpo_loss", "fused_linear_grpo_loss", "generate_groups", "get_reward", "group_advantages",
     "grpo_loss", "linear_token_logprobs", "load_config", "load_dataset", "make_prompt_fn",
