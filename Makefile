@@ -1,5 +1,9 @@
-# The README's two commands. Each makes/uses a local virtual environment, installs what it needs
-# (CPU torch 2.13.0 where no torch is present), then runs the job.
+# Every target makes/uses a local virtual environment (.venv; CPU torch 2.13.0 where no torch is
+# present) and installs the project into it (editable, with the dev/bench/lora extras). The
+# README's two commands are `make demo` and `make test`; the others: test-numerics (the numeric
+# tests under other CPU kernel paths), cpu-info, bench / bench-quick, lint, cuda (build csrc/),
+# memcheck, compile-check (kernels compiled for sm_80/sm_90a without a GPU), device-check
+# (the prepared GPU run) / device-check-dry, clean.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python

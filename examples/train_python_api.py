@@ -21,7 +21,7 @@ from grpo_core import (
     make_prompt_fn,
     make_synthetic_vqa,
 )
-from grpo_core.sft import random_letter
+from grpo_core.sft import random_answer_prompt_fn
 from grpo_core.threads import apply_threads
 
 
@@ -41,8 +41,9 @@ def main(steps: int = 1000, out: str = "runs/python_api", warmup_steps: int = 40
     apply_threads(cfg.run.threads, cfg.model.device)          # as `grpo train` does
 
     prompts = make_prompt_fn(cfg.data.prompt)
-    SFTTrainer(policy, train, cfg.sft, prompts, cfg.data.prompt, dtype=cfg.model.dtype).train(
-        label_fn=random_letter, progress=False)
+    random_answers = random_answer_prompt_fn(prompts, train, seed=0)     # format only, not the answer
+    SFTTrainer(policy, train, cfg.sft, random_answers, cfg.data.prompt,
+               dtype=cfg.model.dtype).train(progress=False)
     before = evaluate(policy, held, template=cfg.data.prompt, max_new_tokens=4, progress=False).accuracy
     GRPOTrainer(policy, train, cfg).train()
     after = evaluate(policy, held, template=cfg.data.prompt, max_new_tokens=4, progress=False).accuracy

@@ -8,6 +8,7 @@
     grpo eval  --over-time RUN_DIR
     grpo demo  [--seed 0] [--quick]
     grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 2000]
+    grpo resume-plan runs/grpo [--config ...] [overrides]     (or: --seal runs/grpo/ckpt-N)
 
 The subcommands' work is in grpo_app.commands (train, sft, eval), grpo_app.demo and grpo_app.study.
 Nothing here imports torch or grpo_core before the arguments are parsed: ``grpo --help`` and a
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-LAZY = ("cmd_eval", "cmd_sft", "cmd_train", "make_eval_fn")    # grpo_app.cli.cmd_train etc.
+LAZY = ("cmd_eval", "cmd_resume_plan", "cmd_sft", "cmd_train", "make_eval_fn")   # cli.cmd_train, ...
 
 
 def __getattr__(name):
@@ -57,6 +58,11 @@ COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NA
               "from the same starting model with the same budget, over several seeds; writes study.md / "
               "study.json / study.png (95 % intervals, paired orderings, visual reliance) and "
               "reuses finished cells run with the same steps and overrides (docs/STUDY.md)."),
+    "resume-plan": ("say how a run in OUTPUT_DIR would start, or --seal an old checkpoint",
+                    "Recovers leftovers of interrupted saves (renames/deletes, as a start "
+                    "would), names damaged checkpoints, compares the newest good one's settings "
+                    "with the config (docs/CHECKPOINTS.md). --seal writes the manifest of a "
+                    "checkpoint from before manifests, once its trainer state loads."),
 }
 
 
@@ -113,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpo-seconds", type=float, default=None, help="GRPO training-time budget (default 270)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
     add_study_arguments(sub.add_parser("study", help=COMMANDS["study"][0], description=COMMANDS["study"][1]))
+    help_, description = COMMANDS["resume-plan"]
+    p = sub.add_parser("resume-plan", help=help_, description=description)
+    p.add_argument("output_dir", help="the run's output_dir (or, with --seal, one checkpoint)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as for grpo train")
+    p.add_argument("--config", help="the run's YAML config")
+    p.add_argument("--seal", action="store_true",
+                   help="write manifest.json for a checkpoint that loads")
     return ap
 
 
@@ -120,6 +133,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from grpo_core.checkpoint import CheckpointError  # after parsing: these import torch
     from grpo_core.resume import ResumeError
+    from grpo_core.safeguards import RunStopped
 
     try:
         if args.cmd == "demo":
@@ -128,6 +142,9 @@ def main(argv=None) -> int:
         if args.cmd == "study":
             from .study import run_study_cli
             return run_study_cli(args)
+        if args.cmd == "resume-plan":
+            from .commands import cmd_resume_plan
+            return cmd_resume_plan(args.output_dir, args.config, args.overrides, args.seal)
         overrides = list(args.overrides)
         if getattr(args, "fresh", False):
             overrides += ["run.resume=false", "run.resume_force=true"]
@@ -156,6 +173,13 @@ def main(argv=None) -> int:
             return commands.cmd_sft(cfg)
         return commands.cmd_eval(cfg, args.out, whole=args.whole, show=args.show, samples=args.samples,
                                  counterfactual=args.counterfactual, no_image=args.no_image)
+    except RunStopped as e:                  # interrupted, diverged, disk full, folder locked
+        print(f"grpo {args.cmd}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:                # Ctrl-C outside the training loop (loading, warm-up)
+        print(f"grpo {args.cmd}: interrupted outside the training steps; the checkpoints in "
+              "run.output_dir (if any) are kept", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, ImportError, ResumeError, CheckpointError, FloatingPointError) as e:
         print(f"grpo {args.cmd}: error: {e}", file=sys.stderr)   # what, where and what to do; no traceback
         return 2

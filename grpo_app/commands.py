@@ -4,6 +4,7 @@
     cmd_sft(cfg)              the SFT baseline
     cmd_eval(cfg, out, whole) held-out records, or a whole split (grpo_app.evaluation: also
                               pass@k, counterfactuals, --compare, --over-time)
+    cmd_resume_plan(...)      how a run in a folder would start (or --seal an old checkpoint)
 
 What a run leaves in ``run.output_dir``: metrics.jsonl (every step), curves.png (the whole run,
 resumed parts included), samples.jsonl + samples.html (prompts, completions, rewards, images),
@@ -79,6 +80,7 @@ def cmd_train(cfg: TrainConfig) -> int:
     """Single process, or one rank of a torchrun job (dist.mode=ddp|fsdp2): see grpo_core.distributed."""
     from grpo_core import distributed as D
     from grpo_core.checkpoint import latest_checkpoint
+    from grpo_core.safeguards import RunLock, check_output_dir
     from grpo_core.trainer import GRPOTrainer
 
     from .factory import load_policy
@@ -87,8 +89,11 @@ def cmd_train(cfg: TrainConfig) -> int:
     from .warmup import format_warmup
 
     out = cfg.run.output_dir
-    with D.session(cfg.dist) as dist:
+    check_output_dir(out)                     # a file, read-only: one line, before any model loads
+    with D.session(cfg.dist) as dist, RunLock(out, enabled=dist.is_main) as lock:   # one run/folder
         main = dist.is_main
+        for note in lock.notes:
+            print(f"grpo: {note}", flush=True)
         torch.manual_seed(cfg.run.seed)
         train, held = build_records(cfg.data, cfg.run.seed,   # data errors before any model loads
                                     progress=cfg.run.progress and main)
@@ -108,7 +113,7 @@ def cmd_train(cfg: TrainConfig) -> int:
         trainer = None
         eval_fn = make_eval_fn(cfg, held, samples_dir=out if main else None,
                                step_of=lambda: trainer.step_idx, announce=main)
-        trainer = GRPOTrainer(policy, train, cfg, eval_records=held, eval_fn=eval_fn, dist=dist)
+        trainer = GRPOTrainer(policy, train, cfg, eval_fn=eval_fn, dist=dist)
         start = None
         if cfg.run.eval_every and not resuming:   # the first point of the held-out curve
             with trainer.replica.gathered(), trainer.autocast:   # evals compute in model.dtype
@@ -116,8 +121,7 @@ def cmd_train(cfg: TrainConfig) -> int:
             if main:
                 eval_fn.last.to_json(os.path.join(out, "eval_start.json"))
                 print(json.dumps({"start_eval": start}))
-        history = trainer.train()
-        trainer.save()                        # every rank: fsdp2 gathers, rank 0 writes
+        history = trainer.train(save_at_end=True)   # every rank: fsdp2 gathers, rank 0 writes
         # eval is replicated on every rank (under fsdp2 it needs all of them to gather the weights)
         final_fn = make_eval_fn(cfg, held, progress=cfg.run.progress and main, samples_dir=out if main else None,
                                 step_of=lambda: trainer.step_idx)
@@ -136,11 +140,15 @@ def cmd_train(cfg: TrainConfig) -> int:
 
 
 def cmd_sft(cfg: TrainConfig) -> int:
+    """The SFT baseline under the run harness: metrics.jsonl, checkpoints, resume, as for GRPO."""
+    from grpo_core.config import to_dict
+    from grpo_core.safeguards import check_output_dir
     from grpo_core.sft import SFTTrainer
 
     from .factory import load_policy
     from .warmup import with_reasoning
 
+    check_output_dir(cfg.run.output_dir)      # a file, read-only: one line, before any model loads
     torch.manual_seed(cfg.run.seed)
     train, held = build_records(cfg.data, cfg.run.seed,       # data errors before any model loads
                                 progress=cfg.run.progress)
@@ -148,8 +156,9 @@ def cmd_sft(cfg: TrainConfig) -> int:
         train = with_reasoning(train)         # synthetic records carry no reasoning: name the gold answer
     policy = load_policy(cfg.model, seed=cfg.run.seed)
     prompt_fn = make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed)
-    SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, cfg.run.seed,
-               dtype=cfg.model.dtype).train(progress=cfg.run.progress)
+    sft = SFTTrainer(policy, train, cfg.sft, prompt_fn, cfg.data.prompt, cfg.run.seed,
+                     dtype=cfg.model.dtype)
+    sft.train(cfg.run, config=to_dict(cfg))
     out = cfg.run.output_dir
     os.makedirs(out, exist_ok=True)
     policy.save_pretrained(os.path.join(out, "policy"),
@@ -158,4 +167,29 @@ def cmd_sft(cfg: TrainConfig) -> int:
     final = fn(policy)
     fn.last.to_json(os.path.join(out, "eval_final.json"))
     print(json.dumps({"final_eval": final}, indent=2))
+    return 0
+
+
+def cmd_resume_plan(output_dir: str, config: str | None, overrides: list,
+                    seal: bool = False) -> int:
+    """Say how a run in ``output_dir`` would start (leftovers recovered: this renames/deletes, as a
+    start would; damaged checkpoints named; settings compared), or with ``seal`` write the manifest
+    of a checkpoint from before manifests (after checking that its trainer state loads)."""
+    import dataclasses
+
+    from grpo_core.checkpoint import checkpoint_step, reading, verify_checkpoint, write_manifest
+    from grpo_core.config import load_config
+    from grpo_core.resume import plan_resume
+
+    if seal:
+        with reading(output_dir, "trainer_state.pt"):            # readable before it is vouched for
+            torch.load(os.path.join(output_dir, "trainer_state.pt"), map_location="cpu",
+                       weights_only=True)
+        write_manifest(output_dir, checkpoint_step(output_dir))
+        verify_checkpoint(output_dir)
+        print(f"sealed {output_dir}: manifest written, checksums and weights verified")
+        return 0
+    cfg = load_config(config, list(overrides) + [f"run.output_dir={output_dir}"])
+    plan = plan_resume(output_dir, dataclasses.asdict(cfg), cfg.run.resume, cfg.run.resume_force)
+    print("\n".join(plan.notes))
     return 0

@@ -3,10 +3,11 @@
     python -m grpo_app.config_doc            # rewrite docs/CONFIG.md
     python -m grpo_app.config_doc --check    # exit 1 when docs/CONFIG.md differs (tests/test_config_doc.py)
 
-The one line is the comment written beside the field in its dataclass (grpo_core/config.py, and
-grpo_core/sampling.py for the sampling options under ``rollout``); the allowed values come from
-the field's ``option(...)`` declaration, so the reference cannot drift from the code: a field
-without a comment is an error here, and a test fails when the committed file is stale.
+The one line is the comment written beside the field in its dataclass, or on the ``#:`` line just
+above it (grpo_core/config.py, grpo_core/loss.py for the loss options, grpo_core/sampling.py for
+the sampling options under ``rollout``); the allowed values and the resume class come from the
+field's ``option(...)`` declaration, so the reference cannot drift from the code: a field without
+a comment is an error here, and a test fails when the committed file is stale.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ DOC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def field_comments(cls) -> dict:
-    """{field name: the comment on its line} for ``cls`` and its dataclass bases (source read once)."""
+    """{field name: the comment on its (last) line, or on the ``#:`` line just above it} for
+    ``cls`` and its dataclass bases (source read once)."""
     out = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass) or klass is object:
@@ -37,11 +39,13 @@ def field_comments(cls) -> dict:
         comments = {}
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):
             if tok.type == tokenize.COMMENT:
-                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+                comments[tok.start[0]] = tok.string[1:]
         body = ast.parse(inspect.cleandoc("\n" + text) if text[0].isspace() else text).body[0]
         for node in body.body:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                out[node.target.id] = comments.get(node.end_lineno, "")
+                above = comments.get(node.lineno - 1, "")
+                beside = comments.get(node.end_lineno, "").strip()
+                out[node.target.id] = beside or (above[1:].strip() if above.startswith(":") else "")
     return out
 
 
@@ -67,6 +71,11 @@ def _allowed(meta: dict) -> str:
     return "; ".join(parts)
 
 
+def _resume(meta: dict) -> str:
+    kind, why = meta.get("resume", ("", ""))
+    return {"fixed": f"fixed: {why}", "may_change": f"may change: {why}"}.get(kind, "")
+
+
 def _default(v) -> str:
     if v is None:
         return "`null`"
@@ -80,8 +89,8 @@ def _default(v) -> str:
 
 
 def rows(obj, prefix: str = "") -> list[tuple]:
-    """(key, type, default, allowed, comment) for every leaf field under ``obj``; nested dataclasses
-    (e.g. sft.optim) recurse with their own defaults."""
+    """(key, type, default, allowed, comment, resume) for every leaf field under ``obj``; nested
+    dataclasses (e.g. sft.optim) recurse with their own defaults."""
     cls = type(obj)
     hints, comments, out = typing.get_type_hints(cls), field_comments(cls), []
     for f in dataclasses.fields(cls):
@@ -92,9 +101,13 @@ def rows(obj, prefix: str = "") -> list[tuple]:
         if not comments.get(f.name):
             raise ValueError(f"config_doc: {cls.__name__}.{f.name} has no comment on its line in "
                              f"{inspect.getsourcefile(cls)}; write its one-line meaning there")
-        out.append((prefix + f.name, _type_name(hints[f.name]), _default(value), _allowed(dict(f.metadata)),
-                    comments[f.name]))
+        out.append((prefix + f.name, _type_name(hints[f.name]), _default(value),
+                    _allowed(dict(f.metadata)), comments[f.name], _resume(dict(f.metadata))))
     return out
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", chr(92) + "|")
 
 
 def render() -> str:
@@ -102,15 +115,23 @@ def render() -> str:
     lines = ["# Config reference", "",
              "Every key of a `grpo` config (YAML sections, or `section.key=value` on the command line), generated "
              "from the dataclasses in `grpo_core/config.py` by `python -m grpo_app.config_doc`; "
-             "`tests/test_config_doc.py` fails when this file is stale. Examples: `examples/configs/`.", ""]
+             "`tests/test_config_doc.py` fails when this file is stale. Examples: "
+             "`examples/configs/`.", "",
+             "*On resume*: a **fixed** setting defines the run, so resuming a checkpoint with "
+             "another value is refused (unless `run.resume_force=true`); a setting that **may "
+             "change** takes the new value and the change is reported (`grpo_core/resume.py`).", ""]
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         doc = inspect.getdoc(type(section)) or ""
         lines += [f"## `{f.name}`", ""]
         if doc and not doc.startswith(type(section).__name__ + "("):
             lines += [" ".join(doc.split()), ""]
-        lines += ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
-        lines += [f"| `{k}` | {t} | {d} | {a} | {c.replace('|', chr(92) + '|')} |" for k, t, d, a, c in rows(section, f"{f.name}.")]
+        if dict(f.metadata).get("resume", ("",))[0] == "not_compared":
+            lines += [f"On resume: not compared ({f.metadata['resume'][1]}).", ""]
+        lines += ["| key | type | default | allowed | meaning | on resume |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| `{k}` | {t} | {d} | {a} | {_cell(c)} | {_cell(r)} |"
+                  for k, t, d, a, c, r in rows(section, f"{f.name}.")]
         lines.append("")
     rewards = cfg.grpo.rewards
     lines += ["The default `grpo.rewards`:", "", "```yaml", "rewards:"]

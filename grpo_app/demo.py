@@ -39,28 +39,23 @@ import time
 
 import torch
 
-from grpo_core.config import TrainConfig
+from grpo_core.config import TrainConfig, load_config
 
 GRPO_SECONDS = 270.0
 EVAL_POINTS = 10          # held-out evals along each training (plus one at the start)
 EVAL_ITEMS = 200          # items per eval along the way: all held-out ones, the table's items too
 
 
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yaml")
+
+
 def demo_config(seed: int, out: str, quick: bool) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.path, cfg.model.tiny, cfg.model.device = os.path.join(out, f"tiny-qwen2-vl-seed{seed}"), True, "cpu"
-    cfg.data.prompt, cfg.data.train_size, cfg.data.eval_size = "direct", 2000, 200
-    cfg.data.lesion_sigma, cfg.data.lesion_amplitude = 0.07, 0.7
-    cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens = 16, 8, 4
-    cfg.grpo.beta, cfg.grpo.agg, cfg.grpo.adv_scale = 0.0, "token_mean", "group"
-    cfg.grpo.rewards = [{"name": "accuracy", "weight": 1.0, "require_tag": False}]
-    cfg.optim.lr, cfg.optim.max_grad_norm = 3e-4, 1.0
-    cfg.run.seed, cfg.run.output_dir, cfg.run.resume = seed, os.path.join(out, f"grpo-seed{seed}"), False
-    cfg.run.resume_force = True           # each demo is a fresh run; an earlier one moves to previous-run-K/
-    cfg.run.steps = 3 if quick else 3000  # the time budget ends GRPO first on 2 CPU cores
-    cfg.warmup.steps, cfg.warmup.batch_size, cfg.warmup.lr = (2 if quick else 40), 16, 3e-3
-    cfg.sft.batch_size, cfg.sft.optim.lr = 16, 3e-3
-    return cfg.validate()
+    """grpo_app/demo.yaml, with this seed's paths (and a few steps only when ``quick``)."""
+    overrides = [f"model.path={os.path.join(out, f'tiny-qwen2-vl-seed{seed}')}", f"run.seed={seed}",
+                 f"run.output_dir={os.path.join(out, f'grpo-seed{seed}')}"]
+    if quick:
+        overrides += ["run.steps=3", "warmup.steps=2"]
+    return load_config(DEMO_CONFIG, overrides)
 
 
 def _accuracy(policy, records, cfg) -> dict:
@@ -72,32 +67,30 @@ def _accuracy(policy, records, cfg) -> dict:
 
 
 def timed_training(step_fn, budget_s: float, max_steps: int, evals: dict, desc: str, progress: bool):
-    """Call ``step_fn()`` until ``budget_s`` seconds of training (evals excluded) or ``max_steps``;
-    returns (the steps' metrics, the training seconds spent).
+    """Run a trainer (``step_fn``: its bound ``step``) under the run harness until ``budget_s``
+    seconds of training (evals excluded) or ``max_steps``; writes nothing. Returns (the steps'
+    metrics, the training seconds spent).
 
     ``evals``: name → fn() returning an accuracy, run at the start and every budget / EVAL_POINTS
     seconds and at the end; appended as (training seconds, accuracy) to ``evals[name]["points"]``.
     """
-    from grpo_core.reporting import progress_bar
+    from grpo_core.config import RunConfig
+    from grpo_core.harness import Harness, no_output
 
-    def evaluate_all(t):
-        for e in evals.values():
-            e["points"].append((round(t, 2), e["fn"]()))
-
-    bar = progress_bar(max_steps, 0, budget_s, desc=desc, enabled=progress)
-    history, spent, next_eval = [], 0.0, budget_s / EVAL_POINTS
-    evaluate_all(0.0)
-    while spent < budget_s and len(history) < max_steps:
-        t0 = time.perf_counter()
-        history.append(step_fn())
-        spent += time.perf_counter() - t0
-        bar.step({k: f"{v:.2f}" for k, v in history[-1].items() if k in ("reward", "loss")}, elapsed=spent)
-        if spent >= next_eval and spent < budget_s:
-            evaluate_all(spent)
-            next_eval += budget_s / EVAL_POINTS
-    bar.close()
-    evaluate_all(spent)
-    return history, spent
+    trainer = getattr(step_fn, "__self__", None)
+    if trainer is None:
+        raise TypeError("timed_training: pass a trainer's bound step method (e.g. trainer.step)")
+    run = no_output(RunConfig(steps=max_steps, time_budget_s=budget_s, progress=progress))
+    h = Harness(trainer, run, trainer.step_idx + max_steps, name=desc, step_fn=step_fn,
+                eval_fn=lambda _policy: {k: e["fn"]() for k, e in evals.items()},
+                eval_every_s=budget_s / EVAL_POINTS, bar={"reward": ".2f", "loss": ".2f"},
+                handle_signals=False)
+    start = len(trainer.history)
+    h.run_loop()
+    for t, values in h.evals:
+        for k, e in evals.items():
+            e["points"].append((t, values[k]))
+    return trainer.history[start:], h.spent
 
 
 def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None = None, quick: bool = False) -> int:

@@ -2,7 +2,8 @@
 
 A tiny random model never writes ``<answer>X</answer>`` by chance, so every reward is 0, every
 group has zero spread and GRPO's gradient is exactly 0. The warm-up is a short SFT on targets in
-the prompt's format whose *answers are random*:
+the prompt's format whose *answers are random* (``grpo_core.sft.random_answer_prompt_fn``, the one
+random-answer mechanism, also what the Python API example uses):
 
     direct:   "C"
     nothink:  "<answer>C</answer>"
@@ -33,29 +34,10 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
-
 from grpo_core.config import OptimConfig, SFTConfig, TrainConfig
+from grpo_core.sft import WARMUP_REASONING, random_answer, random_answer_prompt_fn  # noqa: F401
 
-WARMUP_REASONING = "I look at the image."   # names no option: the letter is the only decision
 GOLD_REASONING = "The image shows {a}."     # names the answer: SFT targets, the judge's "sound" reasoning
-
-
-def random_answer(record, pool, g: torch.Generator):
-    """A copy of ``record`` whose gold answer is random (see the module docstring) and, for the
-    "think" template, whose ``extra["reasoning"]`` is the fixed ``WARMUP_REASONING``."""
-    def pick(n):
-        return int(torch.randint(n, (1,), generator=g))
-
-    if record.answer_type == "mc" and record.options:
-        letter = list(record.options)[pick(len(record.options))]
-        new = dict(answer_letter=letter, answer_text=record.options[letter])
-    elif record.answer_type == "yesno":
-        new = dict(answer_text=("yes", "no")[pick(2)])
-    else:
-        others = [r for r in pool if r.answer_text and r.answer_text != record.answer_text] or [record]
-        new = dict(answer_text=others[pick(len(others))].answer_text)
-    return dataclasses.replace(record, extra=dict(record.extra, reasoning=WARMUP_REASONING), **new)
 
 
 def with_reasoning(records) -> list:
@@ -64,16 +46,6 @@ def with_reasoning(records) -> list:
     return [r if (r.extra or {}).get("reasoning") else
             dataclasses.replace(r, extra=dict(r.extra, reasoning=GOLD_REASONING.format(a=r.answer_text or r.answer_letter)))
             for r in records]
-
-
-def random_answer_prompt_fn(prompt_fn, records, seed: int):
-    """Wrap a trainer prompt function: prompts unchanged, the records it returns carry random answers."""
-    g = torch.Generator().manual_seed(seed * 7_919 + 11)
-
-    def fn(batch):
-        prompts, shown = prompt_fn(batch)
-        return prompts, [random_answer(r, records, g) for r in shown]
-    return fn
 
 
 def warmup_sft_config(cfg: TrainConfig) -> SFTConfig:

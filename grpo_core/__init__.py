@@ -14,8 +14,10 @@ Modules, one concept each:
     sampling, rollout               hand-written batched sampling, G completions per prompt
     answers, rewards, eval          reading completions, reward functions, evaluation
     data                            VQA records, dataset loaders, prompt templates, synthetic task
-    trainer, sft, checkpoint        the GRPO and SFT loops, exact resume
-    config, distributed             dataclass configs from YAML; data parallelism (DDP / FSDP2)
+    trainer, sft                    one GRPO step, one SFT step (and their state to checkpoint)
+    harness, safeguards             the one run loop around any trainer; what keeps a run's work
+    checkpoint, resume              crash-safe checkpoints; which settings may change on resume
+    config, options, distributed    dataclass configs from YAML, declared options; DDP / FSDP2
 """
 
 from .advantages import group_advantages
@@ -23,7 +25,7 @@ from .config import TrainConfig, load_config
 from .data import VQARecord, build_records, load_dataset, make_prompt_fn, make_synthetic_vqa
 from .eval import EvalResult, evaluate
 from .kernels import fused_grpo_loss, fused_linear_grpo_loss, linear_token_logprobs, token_logprobs
-from .loss import grpo_loss
+from .loss import LossOptions, grpo_loss
 from .policy import Encoded, Policy, Prompt
 from .rewards import RewardSpec, combine_rewards, get_reward
 from .rollout import Rollout, generate_groups
@@ -34,7 +36,8 @@ from .trainer import GRPOTrainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "EvalResult", "Encoded", "GRPOTrainer", "Policy", "Prompt", "RewardSpec", "Rollout", "SFTTrainer",
+    "EvalResult", "Encoded", "GRPOTrainer", "LossOptions", "Policy", "Prompt", "RewardSpec", "Rollout",
+    "SFTTrainer",
     "SamplingConfig", "TrainConfig", "VQARecord", "build_records", "combine_rewards", "evaluate",
     "fused_grpo_loss", "fused_linear_grpo_loss", "generate_groups", "get_reward", "group_advantages",
     "grpo_loss", "linear_token_logprobs", "load_config", "load_dataset", "make_prompt_fn",

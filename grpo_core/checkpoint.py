@@ -158,8 +158,9 @@ def read_manifest(path: str) -> dict:
     """The manifest of checkpoint ``path``, with every listed file present at its listed size."""
     mpath = os.path.join(path, MANIFEST)
     if not os.path.exists(mpath):
-        raise CheckpointError("manifest.json is missing: the save was interrupted, or an older grpo_core "
-                              "wrote it (if it loads, seal it: `python -m grpo_core.resume --seal PATH`)", path, MANIFEST)
+        raise CheckpointError("manifest.json is missing: the save was interrupted, or an older "
+                              "grpo_core wrote it (if it loads, seal it: `grpo resume-plan --seal "
+                              "PATH`)", path, MANIFEST)
     try:
         with open(mpath) as f:
             manifest = json.load(f)
@@ -201,7 +202,7 @@ def first_nonfinite(tensors: dict) -> str | None:
 
 
 @contextmanager
-def _reading(path: str, file: str):
+def reading(path: str, file: str):
     """Any error while reading ``file`` of checkpoint ``path`` becomes a CheckpointError naming both."""
     try:
         yield
@@ -225,7 +226,7 @@ def verify_checkpoint(path: str, checksums: bool = True, finite: bool = True) ->
                                       "written (disk or copy damage)", path, rel)
     if finite:
         weights = os.path.join(path, "weights.safetensors")
-        with _reading(path, "weights.safetensors"), safe_open(weights, "pt") as f:   # one tensor at a time
+        with reading(path, "weights.safetensors"), safe_open(weights, "pt") as f:   # one by one
             bad = next((b for k in f.keys() if (b := first_nonfinite({k: f.get_tensor(k)}))), None)
         if bad:
             raise CheckpointError(f"{bad}: the run had diverged when this was saved", path, "weights.safetensors")
@@ -404,12 +405,12 @@ def load_checkpoint(path: str, policy, optimizer=None, scheduler=None, verify: b
         if not os.path.exists(os.path.join(path, rel)):
             raise CheckpointError("missing: the checkpoint is incomplete", path, rel)
     sharded = _is_sharded(policy.model)
-    with _reading(path, "weights.safetensors"):
+    with reading(path, "weights.safetensors"):
         sd = load_file(os.path.join(path, "weights.safetensors"),
                        device="cpu" if sharded else str(next(policy.model.parameters()).device))
     if bad := first_nonfinite(sd):
         raise CheckpointError(f"{bad}: the run had diverged when this was saved", path, "weights.safetensors")
-    with _reading(path, "trainer_state.pt"):                       # never unpickle code
+    with reading(path, "trainer_state.pt"):                       # never unpickle code
         state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
     if sharded:                               # FSDP2: every rank reads the full file, keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -432,7 +433,7 @@ def _load_reference(path: str, ref_model: torch.nn.Module) -> None:
     if not os.path.exists(ref_path):
         raise CheckpointError("missing: the run syncs its reference model (grpo.ref_sync_steps), but this "
                               "checkpoint holds none (saved without ref_state)", path, REFERENCE)
-    with _reading(path, REFERENCE):
+    with reading(path, REFERENCE):
         sd = load_file(ref_path, device=str(next(ref_model.parameters()).device))
     if bad := first_nonfinite(sd):
         raise CheckpointError(bad, path, REFERENCE)

@@ -26,67 +26,111 @@ from .data.synthetic import TASKS as SYNTHETIC_TASKS
 from .data.templates import TEMPLATES
 from .distributed import MODES
 from .kernels.dispatch import BACKENDS, check_backend
-from .loss import (
-    AGGS,
-    KL_PLACEMENTS,
-    KLS,
-    POLICY_LOSSES,
-    RATIO_LEVELS,
-    check_loss_options,
-    loss_options,
-)
+from .loss import KL_PLACEMENTS, OBJECTIVE, LossOptions, check_loss_options
 from .optim import SCHEDULES
-from .options import check_options, option
+from .options import check_options, fixed, may_change, not_compared, option
 from .policy import PROMPT_WRAPPERS
 from .precision import DTYPES
 from .ref_sync import check_ref_sync
 from .reporting import check_report_to
 from .rewards import check_reward_entries
 from .sampling import SamplingOptions
-from .sft import SFT_TARGETS
 
 REFERENCES = ("auto", "copy", "adapters")                  # grpo.ref
 KERNEL_BACKENDS = ("auto",) + BACKENDS                     # grpo.backend
 DIST_BACKENDS = ("auto", "nccl", "gloo")                   # dist.backend
+SFT_TARGETS = ("answer", "reasoning")                      # sft.target (sft.answer_target)
+
+# Resume classes (grpo_core.options, read by grpo_core.resume): why a fixed setting may not change
+# mid-run (printed in the error), or what a setting that may change does on resume.
+_MODEL = fixed("the model the run trains")
+_PARAMS = fixed("the parameters the optimizer state belongs to")
+_COMPUTE = fixed("the compute dtype: the same steps in another dtype give other weights, "
+                 "beyond rounding")
+_PIXELS = fixed("what the model sees of each image")
+_RECORDS = fixed("the training records (the saved data position indexes them)")
+_PROMPTS = fixed("the prompts the policy is trained on")
+_SAMPLING = fixed("the sampling distribution and the shape of a step")
+_GROUPS = fixed("which groups a step trains on, and how fast the data position moves")
+_REF = fixed("the reference the KL term holds the policy to")
+_OPT_STATE = fixed("stored with the optimizer state")
+_SCHEDULE = fixed("the shape of the LR schedule")
+_SEED = fixed("every random draw of every step")
+_LR = may_change("the new peak LR applies from the resume step on")        # resume.set_base_lr
+_STEPS = may_change("the run stops at the new count; a decaying LR schedule is re-stretched")
+_BUDGET = may_change("counted from this start")
+_NEXT = may_change("applies from the resume step on")
+_HOW = may_change("how steps are computed, not what: results agree up to rounding")
+_SKIP = may_change("records may be dropped; later batches then differ from an uninterrupted run")
+_CHECKS = may_change("which bad rows are found may change; with skip_bad, later batches then "
+                     "differ")
+_LOGGING = may_change("logging only: applies from the resume step on")    # samples / reporting
+_EXPORT = may_change("only the loadable policy/ copy: the resume weights stay fp32")
+_WARMUP = may_change("the warm-up runs only before step 1 of a new run, never on resume")
+_START = not_compared("how the run starts")
+_SFT = not_compared("the SFT trainer's own settings")
 
 
 @dataclass
 class ModelConfig:
-    path: str = ""                                         # local checkpoint dir (a real Qwen2-VL, or a tiny one: model.tiny)
-    kind: str = "qwen2_vl"                                 # "qwen2_vl" (also 2.5-VL), "text", or "module:Class" (resolved by the app layer)
-    template: str = option("chat", choices=PROMPT_WRAPPERS)  # "chat" = instruct init, "plain" = base init (the study's axis)
-    dtype: str = option("auto", choices=DTYPES)            # compute dtype; trained weights stay fp32 (grpo_core.precision); "auto" = bf16 on GPU, fp32 on CPU
-    device: str = "auto"                                   # "auto" = cuda if available else cpu
-    gradient_checkpointing: bool = False                   # recompute activations in backward (less memory)
-    freeze_vision: bool = False                            # keep the vision tower fixed
-    lora_rank: int = option(0, ge=0)                       # 0 = full fine-tuning; > 0 = LoRA on the language model
-    lora_alpha: int = option(32, gt=0)                     # LoRA scale numerator (scale = alpha / rank)
-    min_pixels: int | None = option(None, ge=1)            # image processor bounds (None = the checkpoint's)
-    max_pixels: int | None = option(None, ge=1)            # e.g. 401408 (~400k pixels, as in the study)
-    tiny: bool = False                                     # build a tiny random Qwen2-VL at `path` if it is missing
+    #: local checkpoint dir (a real Qwen2-VL, or a tiny one: model.tiny)
+    path: str = option("", resume=_MODEL)
+    #: "qwen2_vl" (also 2.5-VL), "text", or "module:Class" (resolved by the app layer)
+    kind: str = option("qwen2_vl", resume=_MODEL)
+    #: "chat" = instruct init, "plain" = base init (the study's axis)
+    template: str = option("chat", choices=PROMPT_WRAPPERS, resume=_MODEL)
+    #: compute dtype; trained weights stay fp32 (grpo_core.precision); "auto": bf16 GPU, fp32 CPU
+    dtype: str = option("auto", choices=DTYPES, resume=_COMPUTE)
+    device: str = option("auto", resume=_HOW)              # "auto" = cuda if available else cpu
+    #: recompute activations in backward (less memory)
+    gradient_checkpointing: bool = option(False, resume=_HOW)
+    freeze_vision: bool = option(False, resume=_PARAMS)    # keep the vision tower fixed
+    #: 0 = full fine-tuning; > 0 = LoRA on the language model
+    lora_rank: int = option(0, ge=0, resume=_PARAMS)
+    #: LoRA scale numerator (scale = alpha / rank)
+    lora_alpha: int = option(32, gt=0, resume=_PARAMS)
+    #: image processor bounds (None = the checkpoint's)
+    min_pixels: int | None = option(None, ge=1, resume=_PIXELS)
+    #: e.g. 401408 (~400k pixels, as in the study)
+    max_pixels: int | None = option(None, ge=1, resume=_PIXELS)
+    #: build a tiny random Qwen2-VL at `path` if it is missing
+    tiny: bool = option(False, resume=_HOW)
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"                              # "synthetic" or a path handled by grpo_core.data.load_dataset
-    format: str | None = None                              # dataset format name (None = detect)
-    split: str | None = None                               # split to read where the format has several
-    eval_source: str | None = None                         # held-out records from here (None = a held-out slice of `source`)
-    eval_split: str | None = None                          # split of `eval_source` to read (e.g. "test" of the same folder)
-    eval_size: int = option(200, ge=1)                     # held-out records split off `source` (synthetic: generated with another seed)
-    train_size: int = option(2000, ge=1)                   # synthetic only: training items
-    image_size: int = option(56, ge=28, le=1024)           # synthetic only: image side in pixels
-    synthetic_task: str = option("quadrant", choices=tuple(SYNTHETIC_TASKS))  # synthetic only
-    lesion_sigma: float = option(0.036, gt=0)              # synthetic only: lesion std / image size
-    lesion_amplitude: float = option(0.5, gt=0)            # synthetic only: lesion peak brightness
-    prompt: str = option("nothink", choices=TEMPLATES)     # "think" | "nothink" | "direct" (grpo_core.data.templates)
-    shuffle_options: bool = False                          # permute options per record (fixed per seed and record id)
-    skip_bad: bool = False                                 # skip (and count) bad rows instead of raising
-    limit: int | None = option(None, ge=1)                 # use only the first N records
-    check_images: str = option("decode", choices=IMAGE_CHECKS)  # before training: "none" | "exists" | "open" | "decode" (every pixel: catches truncated files)
-    max_image_pixels: int | None = option(DEFAULT_MAX_IMAGE_PIXELS, ge=1)  # larger images are bad rows, refused before decoding (None = PIL's limit)
-    allow_outside_root: bool = False                       # let image paths leave the dataset folder (../, absolute, symlinks)
-    columns: dict | None = None                            # hf_dataset / hf_parquet: {question: col, answer: col, image: col, options: col, ...}
+    #: "synthetic" or a path handled by grpo_core.data.load_dataset
+    source: str = option("synthetic", resume=_RECORDS)
+    format: str | None = option(None, resume=_RECORDS)     # dataset format name (None = detect)
+    split: str | None = option(None, resume=_RECORDS)  # split to read where the format has several
+    #: held-out records from here (None = a held-out slice of `source`)
+    eval_source: str | None = option(None, resume=_RECORDS)
+    #: split of `eval_source` to read (e.g. "test" of the same folder)
+    eval_split: str | None = option(None, resume=_RECORDS)
+    #: held-out records split off `source` (synthetic: generated with another seed)
+    eval_size: int = option(200, ge=1, resume=_RECORDS)
+    train_size: int = option(2000, ge=1, resume=_RECORDS)  # synthetic only: training items
+    image_size: int = option(56, ge=28, le=1024, resume=_RECORDS)  # synthetic only: image side, px
+    #: synthetic only
+    synthetic_task: str = option("quadrant", choices=tuple(SYNTHETIC_TASKS), resume=_RECORDS)
+    #: synthetic only: lesion std / image size
+    lesion_sigma: float = option(0.036, gt=0, resume=_RECORDS)
+    #: synthetic only: lesion peak brightness
+    lesion_amplitude: float = option(0.5, gt=0, resume=_RECORDS)
+    #: "think" | "nothink" | "direct" (grpo_core.data.templates)
+    prompt: str = option("nothink", choices=TEMPLATES, resume=_PROMPTS)
+    #: permute options per record (fixed per seed and record id)
+    shuffle_options: bool = option(False, resume=_PROMPTS)
+    skip_bad: bool = option(False, resume=_SKIP)  # skip (and count) bad rows instead of raising
+    limit: int | None = option(None, ge=1, resume=_RECORDS)  # use only the first N records
+    #: before training: "none" | "exists" | "open" | "decode" (every pixel: catches truncated files)
+    check_images: str = option("decode", choices=IMAGE_CHECKS, resume=_CHECKS)
+    #: larger images are bad rows, refused before decoding (None = PIL's limit)
+    max_image_pixels: int | None = option(DEFAULT_MAX_IMAGE_PIXELS, ge=1, resume=_CHECKS)
+    #: let image paths leave the dataset folder (../, absolute, symlinks)
+    allow_outside_root: bool = option(False, resume=_CHECKS)
+    #: hf_dataset / hf_parquet: {question: col, answer: col, image: col, options: col, ...}
+    columns: dict | None = option(None, resume=_RECORDS)
 
 
 @dataclass
@@ -94,91 +138,116 @@ class RolloutConfig(SamplingOptions):
     """Sampling options (max_new_tokens, temperature, top_p, top_k, min_p, max_batch_sequences:
     grpo_core.sampling.SamplingOptions) plus the batch shape of a step."""
 
-    group_size: int = option(8, ge=2)                      # G: samples per prompt (≥ 2: the baseline is the group mean)
-    prompts_per_step: int = option(8, ge=1)                # B: prompts per optimizer step (N = B·G sequences)
+    #: G: samples per prompt (≥ 2: the baseline is the group mean)
+    group_size: int = option(8, ge=2, resume=_SAMPLING)
+    #: B: prompts per optimizer step (N = B·G sequences)
+    prompts_per_step: int = option(8, ge=1, resume=_SAMPLING)
 
 
 @dataclass
-class GRPOConfig:
-    adv_scale: str = option("group", choices=SCALES)       # "group" | "batch" | "none" (Dr. GRPO)
-    agg: str = option("token_mean", choices=AGGS)          # "token_mean" | "seq_mean" | "constant" (Dr. GRPO)
-    clip_low: float = option(0.2, ge=0, lt=1)              # ε_low
-    clip_high: float = option(0.2, ge=0)                   # ε_high (DAPO clip-higher: e.g. 0.28)
-    dual_clip: float | None = option(None, gt=1)           # c > 1 bounds the loss for A < 0; None = off
-    beta: float = option(0.04, ge=0)                       # KL coefficient; 0 = no reference model at all
-    kl: str = option("k3", choices=KLS)                    # "k1" | "k2" | "k3"
-    kl_placement: str = option("loss", choices=KL_PLACEMENTS)  # "loss" (GRPO) | "reward" (PPO-style penalty in the reward)
-    mu: int = option(1, ge=1)                              # optimizer steps per batch of rollouts (μ); > 1 uses old log-probs
-    micro_batch_prompts: int = option(0, ge=0)             # prompts (whole groups) per forward/backward; 0 = all
-    skip_zero_std_groups: bool = False                     # drop groups whose rewards are all equal (always counted)
-    max_len: int | None = option(None, ge=1)               # Dr. GRPO constant; None = rollout.max_new_tokens
-    rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 0.5}])  # {name, weight, [role], options…} each (grpo_core.rewards.REWARDS)
-    ref: str = option("auto", choices=REFERENCES)          # "auto" | "copy" (frozen copy) | "adapters" (LoRA disabled)
-    backend: str = option("auto", choices=KERNEL_BACKENDS)  # fused-loss backend: auto | torch | triton | cuda
-    # variants (docs/VARIANTS.md; the loss math: grpo_core/loss.py)
-    ratio_level: str = option("token", choices=RATIO_LEVELS)   # "token" (GRPO) | "sequence" (GSPO) | "sequence_token" (GSPO-token)
-    policy_loss: str = option("clip", choices=POLICY_LOSSES)   # "clip" (PPO/GRPO) | "cispo" (MiniMax-M1) | "sapo" (soft gate)
-    delta: float | None = option(None, gt=1)               # clip only: cap the unclipped ratio at δ (TRL's two-sided delta); None = off
-    cispo_max: float = option(5.0, gt=0)                   # cispo only: cap on the detached ratio weight
-    sapo_tau_pos: float = option(1.0, gt=0)                # sapo only: gate temperature τ for A > 0
-    sapo_tau_neg: float = option(1.05, gt=0)               # sapo only: gate temperature τ for A ≤ 0
-    entropy_coef: float = option(0.0, ge=0)                # entropy bonus: loss −= coef · mean entropy (0 = off)
-    top_entropy_quantile: float = option(1.0, gt=0, le=1)  # policy loss on the top-q highest-entropy tokens only (1 = all; 0.2 = "80/20")
-    kl_bias_correction: bool = False                       # KL term × importance ratio (DeepSeek-V3.2; TRL use_bias_correction_kl)
-    baseline: str = option("mean", choices=BASELINES)      # "mean" (GRPO) | "leave_one_out" (RLOO)
-    dynamic_sampling: bool = False                         # DAPO: resample until B groups have unequal rewards
-    dynamic_sampling_max_rounds: int = option(4, ge=1)     # DAPO: rollout rounds per step at most (then go on with fewer groups)
-    mask_truncated_completions: bool = False               # DAPO: completions that hit max_new_tokens leave the loss
-    ref_sync_steps: int = option(0, ge=0)                  # every k steps ref ← α·policy + (1 − α)·ref; 0 = never (grpo_core.ref_sync)
-    ref_sync_alpha: float = option(0.6, gt=0, le=1)        # α of the reference sync (TR-DPO; TRL's 0.6)
+class GRPOConfig(LossOptions):
+    """The loss options (grpo_core.loss.LossOptions: agg, clip_*, beta, kl, the variants) plus
+    how a step is built around the loss."""
+
+    #: "group" | "batch" | "none" (Dr. GRPO)
+    adv_scale: str = option("group", choices=SCALES, resume=OBJECTIVE)
+    #: "loss" (GRPO) | "reward" (PPO-style penalty in the reward)
+    kl_placement: str = option("loss", choices=KL_PLACEMENTS, resume=OBJECTIVE)
+    #: optimizer steps per batch of rollouts (μ); > 1 uses old log-probs
+    mu: int = option(1, ge=1, resume=OBJECTIVE)
+    #: prompts (whole groups) per forward/backward; 0 = all
+    micro_batch_prompts: int = option(0, ge=0, resume=_HOW)
+    #: drop groups whose rewards are all equal (always counted)
+    skip_zero_std_groups: bool = option(False, resume=OBJECTIVE)
+    #: Dr. GRPO constant; None = rollout.max_new_tokens
+    max_len: int | None = option(None, ge=1, resume=OBJECTIVE)
+    #: {name, weight, [role], options…} each (grpo_core.rewards.REWARDS)
+    rewards: list = option(default_factory=lambda: [{"name": "accuracy", "weight": 1.0},
+                                                    {"name": "format", "weight": 0.5}],
+                           resume=OBJECTIVE)
+    #: "auto" | "copy" (frozen copy) | "adapters" (LoRA disabled)
+    ref: str = option("auto", choices=REFERENCES, resume=OBJECTIVE)
+    #: fused-loss backend: auto | torch | triton | cuda
+    backend: str = option("auto", choices=KERNEL_BACKENDS, resume=_HOW)
+    #: "mean" (GRPO) | "leave_one_out" (RLOO)
+    baseline: str = option("mean", choices=BASELINES, resume=OBJECTIVE)
+    #: DAPO: resample until B groups have unequal rewards
+    dynamic_sampling: bool = option(False, resume=_GROUPS)
+    #: DAPO: rollout rounds per step at most (then go on with fewer groups)
+    dynamic_sampling_max_rounds: int = option(4, ge=1, resume=_GROUPS)
+    #: DAPO: completions that hit max_new_tokens leave the loss
+    mask_truncated_completions: bool = option(False, resume=OBJECTIVE)
+    #: every k steps ref ← α·policy + (1 − α)·ref; 0 = never (grpo_core.ref_sync)
+    ref_sync_steps: int = option(0, ge=0, resume=_REF)
+    #: α of the reference sync (TR-DPO; TRL's 0.6)
+    ref_sync_alpha: float = option(0.6, gt=0, le=1, resume=_REF)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = option(1e-6, gt=0)                         # peak learning rate (after warm-up)
-    weight_decay: float = option(0.0, ge=0)                # AdamW decoupled weight decay
-    betas: tuple = option((0.9, 0.99), ge=0, lt=1, length=2)  # AdamW (β1, β2)
-    warmup_steps: int = option(0, ge=0)                    # linear warm-up, in optimizer steps
-    schedule: str = option("constant", choices=SCHEDULES)  # "constant" | "cosine" | "linear" after warm-up (grpo_core.optim)
-    max_grad_norm: float = option(1.0, ge=0)               # clip the global grad norm; 0 = no clipping
+    lr: float = option(1e-6, gt=0, resume=_LR)             # peak learning rate (after LR warm-up)
+    weight_decay: float = option(0.0, ge=0, resume=_OPT_STATE)  # AdamW decoupled weight decay
+    betas: tuple = option((0.9, 0.99), ge=0, lt=1, length=2, resume=_OPT_STATE)  # AdamW (β1, β2)
+    lr_warmup_steps: int = option(0, ge=0, resume=_SCHEDULE)  # linear LR warm-up (optimizer steps)
+    #: "constant" | "cosine" | "linear" after warm-up (grpo_core.optim)
+    schedule: str = option("constant", choices=SCHEDULES, resume=_SCHEDULE)
+    #: clip the global grad norm; 0 = no clipping
+    max_grad_norm: float = option(1.0, ge=0, resume=_NEXT)
 
 
 @dataclass
 class RunConfig:
-    steps: int = option(100, ge=1)                         # GRPO steps (each: one rollout batch, μ optimizer steps)
-    seed: int = option(0, ge=0, le=2**32 - 1)             # step k's draws derive from (seed, k)
-    output_dir: str = "runs/grpo"                          # checkpoints, metrics.jsonl, plots
-    eval_every: int = option(0, ge=0)                      # held-out eval every N steps; 0 = only at the end
-    eval_limit: int | None = option(None, ge=1)            # held-out records scored per eval (None = all of them)
-    eval_samples: int = option(0, ge=0)                    # samples per item for pass@k; 0 = none
-    save_every: int = option(0, ge=0)                      # checkpoint every N steps; 0 = only at the end
-    keep_last: int = option(2, ge=0)                       # checkpoints kept (0 = all)
-    resume: bool = True                                    # continue from the newest good checkpoint in output_dir
-    resume_force: bool = False                             # resume despite a changed fixed setting; with resume=false, move an earlier run in output_dir to previous-run-K/
-    progress: bool = True                                  # progress bar
-    time_budget_s: float = option(0.0, ge=0)               # stop early after this wall time (0 = none)
-    log_completions: int = option(4, ge=0)                 # rows (prompt, completion, rewards) to samples.jsonl/.html per log; 0 = none
-    log_completions_every: int = option(0, ge=0)           # also log samples every N steps (they are always logged at each eval); 0 = only at evals
-    report_to: list = field(default_factory=list)          # extra metric sinks: "tensorboard", "wandb" (optional extras; grpo_core.reporting)
-    threads: int = option(0, ge=0)                         # torch CPU threads per process; 0 = auto
-    max_nonfinite_steps: int = option(3, ge=1)             # stop after this many steps in a row with a NaN/inf loss or gradient
-    export_dtype: str = option("auto", choices=DTYPES)     # dtype of the loadable policy/ copy in checkpoints and exports ("auto" = model.dtype); resume weights stay fp32
+    #: GRPO steps (each: one rollout batch, μ optimizer steps)
+    steps: int = option(100, ge=1, resume=_STEPS)
+    seed: int = option(0, ge=0, le=2**32 - 1, resume=_SEED)  # step k's draws derive from (seed, k)
+    output_dir: str = option("runs/grpo", resume=_NEXT)    # checkpoints, metrics.jsonl, plots
+    #: held-out eval every N steps; 0 = only at the end
+    eval_every: int = option(0, ge=0, resume=_NEXT)
+    #: held-out records scored per eval (None = all of them)
+    eval_limit: int | None = option(None, ge=1, resume=_NEXT)
+    eval_samples: int = option(0, ge=0, resume=_NEXT)      # samples per item for pass@k; 0 = none
+    save_every: int = option(0, ge=0, resume=_NEXT)  # checkpoint every N steps; 0 = only at the end
+    keep_last: int = option(2, ge=0, resume=_NEXT)         # checkpoints kept (0 = all)
+    #: continue from the newest good checkpoint in output_dir
+    resume: bool = option(True, resume=_START)
+    #: resume despite changed fixed settings; with resume=false: earlier run → previous-run-K/
+    resume_force: bool = option(False, resume=_START)
+    progress: bool = option(True, resume=_NEXT)            # progress bar
+    #: stop early after this wall time (0 = none)
+    time_budget_s: float = option(0.0, ge=0, resume=_BUDGET)
+    #: rows (prompt, completion, rewards) to samples.jsonl/.html per log; 0 = none
+    log_completions: int = option(4, ge=0, resume=_LOGGING)
+    #: also log samples every N steps (they are always logged at each eval); 0 = only at evals
+    log_completions_every: int = option(0, ge=0, resume=_LOGGING)
+    #: extra metric sinks: "tensorboard", "wandb" (optional extras; grpo_core.reporting)
+    report_to: list = option(default_factory=list, resume=_LOGGING)
+    threads: int = option(0, ge=0, resume=_HOW)            # torch CPU threads per process; 0 = auto
+    #: stop after this many steps in a row with a NaN/inf loss or gradient
+    max_nonfinite_steps: int = option(3, ge=1, resume=_NEXT)
+    #: dtype of the loadable policy/ copy in checkpoints and exports ("auto" = model.dtype)
+    export_dtype: str = option("auto", choices=DTYPES, resume=_EXPORT)
 
 
 @dataclass
 class DistConfig:
-    mode: str = option("none", choices=MODES)              # "none" | "ddp" (replicated model) | "fsdp2" (fully_shard; models that don't fit one GPU)
-    backend: str = option("auto", choices=DIST_BACKENDS)   # "auto" = nccl on GPU, gloo on CPU | "nccl" | "gloo"
-    timeout_s: float = option(600.0, gt=0)                 # collective timeout: a dead or stalled rank ends the job after this
-    reshard_after_forward: bool = True                     # fsdp2: free gathered params after forward (False = more memory, less comm)
+    #: "none" | "ddp" (replicated model) | "fsdp2" (fully_shard; models that don't fit one GPU)
+    mode: str = option("none", choices=MODES, resume=_HOW)
+    #: "auto" = nccl on GPU, gloo on CPU | "nccl" | "gloo"
+    backend: str = option("auto", choices=DIST_BACKENDS, resume=_HOW)
+    #: collective timeout: a dead or stalled rank ends the job after this
+    timeout_s: float = option(600.0, gt=0, resume=_HOW)
+    #: fsdp2: free gathered params after forward (False = more memory, less comm)
+    reshard_after_forward: bool = option(True, resume=_HOW)
 
 
 @dataclass
 class SFTConfig:
-    target: str = option("answer", choices=SFT_TARGETS)    # "answer" (<answer>X</answer>) or "reasoning" (needs record.extra["reasoning"])
+    #: "answer" (<answer>X</answer>) or "reasoning" (needs record.extra["reasoning"])
+    target: str = option("answer", choices=SFT_TARGETS)
     steps: int = option(100, ge=1)                         # optimizer steps
     batch_size: int = option(16, ge=1)                     # records per step
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))   # the same optimizer options as GRPO
+    #: the same optimizer options as GRPO
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
 
 
 @dataclass
@@ -186,9 +255,10 @@ class WarmupConfig:
     """Format warm-up before GRPO (`grpo train`): SFT on the prompt's answer format with random option
     letters, so a model that never writes the format starts at chance instead of at zero reward."""
 
-    steps: int = option(0, ge=0)                           # SFT steps on random answers before GRPO; 0 = no warm-up
-    batch_size: int = option(16, ge=1)                     # records per warm-up step
-    lr: float = option(3e-3, gt=0)                         # warm-up learning rate (AdamW, constant)
+    #: SFT steps on random answers before GRPO; 0 = no warm-up
+    steps: int = option(0, ge=0, resume=_WARMUP)
+    batch_size: int = option(16, ge=1, resume=_WARMUP)     # records per warm-up step
+    lr: float = option(3e-3, gt=0, resume=_WARMUP)         # warm-up learning rate (AdamW, constant)
 
 
 @dataclass
@@ -199,7 +269,7 @@ class TrainConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
+    sft: SFTConfig = option(default_factory=SFTConfig, resume=_SFT)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -216,7 +286,7 @@ class TrainConfig:
                              f"{r.max_new_tokens}; Dr. GRPO's constant must cover the longest completion")
         check_backend(g.backend, paths=("linear",))        # the training path runs the fused-linear loss
         check_report_to(self.run.report_to)
-        check_loss_options(**loss_options(g), kl_placement=g.kl_placement, where="config", prefix="grpo.")
+        check_loss_options(g, kl_placement=g.kl_placement, where="config", prefix="grpo.")
         check_ref_sync(g.ref_sync_steps, g.ref_sync_alpha, beta=g.beta, ref=g.ref, lora_rank=self.model.lora_rank,
                        kl_placement=g.kl_placement, where="config", prefix="grpo.")
         check_reward_entries(g.rewards)                    # names, options vs signatures, did-you-mean

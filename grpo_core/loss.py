@@ -47,17 +47,69 @@ Deviations and choices:
   - KL can instead be put in the reward (PPO/RLHF style): see ``kl_penalized_rewards``.
 """
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
+
+from .options import check_options, fixed, option
 
 KLS = ("k1", "k2", "k3")
 AGGS = ("token_mean", "seq_mean", "constant")
-KL_PLACEMENTS = ("loss", "reward")     # β·KL in the loss (GRPO), or −β·Σ KL in the reward (kl_penalized_rewards)
+KL_PLACEMENTS = ("loss", "reward")     # β·KL in the loss (GRPO), or −β·Σ KL in the reward
 RATIO_LEVELS = ("token", "sequence", "sequence_token")   # GRPO | GSPO | GSPO-token
 POLICY_LOSSES = ("clip", "cispo", "sapo")                # PPO-clip | MiniMax-M1 CISPO | SAPO soft gate
-# grpo_loss keywords that are also grpo.* config keys of the same name (see loss_options)
-LOSS_OPTION_KEYS = ("clip_low", "clip_high", "dual_clip", "beta", "kl", "agg", "ratio_level", "policy_loss",
-                    "delta", "cispo_max", "sapo_tau_pos", "sapo_tau_neg", "entropy_coef",
-                    "top_entropy_quantile", "kl_bias_correction")
+OBJECTIVE = fixed("the objective")
+
+
+@dataclass
+class LossOptions:
+    """The options of grpo_loss, declared once: default, range, one line, resume class.
+    ``GRPOConfig`` extends it, so each is also the ``grpo.<name>`` config key."""
+
+    #: "token_mean" | "seq_mean" | "constant" (Dr. GRPO)
+    agg: str = option("token_mean", choices=AGGS, resume=OBJECTIVE)
+    clip_low: float = option(0.2, ge=0, lt=1, resume=OBJECTIVE)      # ε_low
+    #: ε_high (DAPO clip-higher: e.g. 0.28)
+    clip_high: float = option(0.2, ge=0, resume=OBJECTIVE)
+    #: c > 1 bounds the loss for A < 0; None = off
+    dual_clip: float | None = option(None, gt=1, resume=OBJECTIVE)
+    #: KL coefficient; 0 = no reference model at all
+    beta: float = option(0.04, ge=0, resume=OBJECTIVE)
+    kl: str = option("k3", choices=KLS, resume=OBJECTIVE)            # "k1" | "k2" | "k3"
+    # variants (docs/VARIANTS.md; the math: the module docstring)
+    #: "token" (GRPO) | "sequence" (GSPO) | "sequence_token" (GSPO-token)
+    ratio_level: str = option("token", choices=RATIO_LEVELS, resume=OBJECTIVE)
+    #: "clip" (PPO/GRPO) | "cispo" (MiniMax-M1) | "sapo" (soft gate)
+    policy_loss: str = option("clip", choices=POLICY_LOSSES, resume=OBJECTIVE)
+    #: clip only: cap the unclipped ratio at δ (TRL's two-sided delta); None = off
+    delta: float | None = option(None, gt=1, resume=OBJECTIVE)
+    #: cispo only: cap on the detached ratio weight
+    cispo_max: float = option(5.0, gt=0, resume=OBJECTIVE)
+    #: sapo only: gate temperature τ for A > 0
+    sapo_tau_pos: float = option(1.0, gt=0, resume=OBJECTIVE)
+    #: sapo only: gate temperature τ for A ≤ 0
+    sapo_tau_neg: float = option(1.05, gt=0, resume=OBJECTIVE)
+    #: entropy bonus: loss −= coef · mean entropy (0 = off)
+    entropy_coef: float = option(0.0, ge=0, resume=OBJECTIVE)
+    #: policy loss on the top-q highest-entropy tokens only (1 = all; 0.2 = "80/20")
+    top_entropy_quantile: float = option(1.0, gt=0, le=1, resume=OBJECTIVE)
+    #: KL term × importance ratio (DeepSeek-V3.2; TRL use_bias_correction_kl)
+    kl_bias_correction: bool = option(False, resume=OBJECTIVE)
+
+    @classmethod
+    def of(cls, options=None, **overrides) -> "LossOptions":
+        """LossOptions from ``options`` (a LossOptions, e.g. a GRPOConfig, or None = the defaults)
+        with keyword ``overrides``; TypeError naming an unknown keyword."""
+        unknown = sorted(set(overrides) - set(LOSS_OPTION_KEYS))
+        if unknown:
+            raise TypeError(f"grpo_loss: unexpected keyword(s) {unknown}; the loss options are "
+                            f"{LOSS_OPTION_KEYS} (grpo_core.loss.LossOptions)")
+        base = {k: getattr(options, k) for k in LOSS_OPTION_KEYS} if options is not None else {}
+        return cls(**{**base, **overrides})
+
+
+LOSS_OPTION_KEYS = tuple(f.name for f in dataclasses.fields(LossOptions))   # = grpo.* config keys
 _MAX_LOG = 20.0
 
 
@@ -100,33 +152,33 @@ def log_ratio(logp, old, mask, level="token"):
     return logp - logp.detach() + s.detach()      # value s_i, gradient ∇logp_it (sequence_token)
 
 
-def policy_loss_per_token(logp, old, adv, clip_low=0.2, clip_high=0.2, dual_clip=None, *, mask=None,
-                          ratio_level="token", policy_loss="clip", delta=None, cispo_max=5.0,
-                          sapo_tau_pos=1.0, sapo_tau_neg=1.05):
-    """Policy term per token. logp/old (N, T), adv (N, 1) or (N, T) → (pg (N, T), ratio, low, high).
+def policy_loss_per_token(logp, old, adv, o: LossOptions, mask=None):
+    """Policy term per token (module docstring, step 2) under options ``o``.
+    logp/old (N, T), adv (N, 1) or (N, T) → (pg (N, T), ratio, low, high).
 
     ratio is (N, T), or (N, 1) for ratio_level="sequence"; low/high flag the tokens whose gradient
     a clip removed (clip: PPO's two sides; cispo: r > cispo_max, whatever the sign of A; sapo: none).
     """
     mask = torch.ones_like(logp) if mask is None else mask
-    ratio = torch.exp(log_ratio(logp, old, mask, ratio_level).clamp(max=_MAX_LOG))
+    ratio = torch.exp(log_ratio(logp, old, mask, o.ratio_level).clamp(max=_MAX_LOG))
     none = torch.zeros_like(ratio, dtype=torch.bool)
-    if policy_loss == "cispo":
-        weight = ratio.clamp(max=cispo_max).detach()
-        return -weight * adv * logp, ratio, none, ratio > cispo_max
-    if policy_loss == "sapo":
-        pos, neg = (torch.tensor(x, dtype=logp.dtype, device=logp.device) for x in (sapo_tau_pos, sapo_tau_neg))
+    if o.policy_loss == "cispo":
+        weight = ratio.clamp(max=o.cispo_max).detach()
+        return -weight * adv * logp, ratio, none, ratio > o.cispo_max
+    if o.policy_loss == "sapo":
+        pos, neg = (torch.tensor(x, dtype=logp.dtype, device=logp.device)
+                    for x in (o.sapo_tau_pos, o.sapo_tau_neg))
         tau = torch.where(adv > 0, pos, neg)                                     # (N, 1) or (N, T)
         gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)                  # soft clip, = 2/τ at r = 1
         return torch.broadcast_to(-gate * adv, logp.shape), ratio, none, none
-    unclipped = (ratio if delta is None else ratio.clamp(max=delta)) * adv
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    unclipped = (ratio if o.delta is None else ratio.clamp(max=o.delta)) * adv
+    clipped = ratio.clamp(1.0 - o.clip_low, 1.0 + o.clip_high) * adv
     loss = -torch.minimum(unclipped, clipped)
-    if dual_clip is not None:
+    if o.dual_clip is not None:
         # for A < 0 the surrogate is additionally bounded: loss ≤ −c·A (c > 1)
-        loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
-    low = (ratio < 1.0 - clip_low) & (adv < 0)     # clipped from below: a bad token already pushed down
-    high = (ratio > 1.0 + clip_high) & (adv > 0)   # clipped from above: a good token already pushed up
+        loss = torch.where(adv < 0, torch.minimum(loss, -o.dual_clip * adv), loss)
+    low = (ratio < 1.0 - o.clip_low) & (adv < 0)     # clipped below: a bad token was pushed down
+    high = (ratio > 1.0 + o.clip_high) & (adv > 0)   # clipped above: a good token was pushed up
     return torch.broadcast_to(loss, logp.shape), ratio, low, high    # (N, T) even when the ratio is (N, 1)
 
 
@@ -176,55 +228,37 @@ def mask_truncated(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     return mask * (~truncated.bool().to(mask.device))[:, None].to(mask.dtype)
 
 
-# ---- options: checked once, here, for grpo_loss and for the config ----------------------------
+# ---- options: declared once (LossOptions), checked here for grpo_loss and for the config -------
 
 def loss_options(cfg) -> dict:
-    """{key: cfg.key} for the grpo.* config keys that grpo_loss takes by the same name.
-
-    The trainer passes ``**loss_options(cfg.grpo)`` to the fused loss (then overrides beta, max_len,
-    total_tokens, total_seqs as it does today); ``TrainConfig.validate`` calls
-    ``check_loss_options(**loss_options(g), kl_placement=g.kl_placement, where="config", prefix="grpo.")``.
-    """
+    """{key: cfg.key} for the loss options of ``cfg`` (a GRPOConfig or any LossOptions)."""
     return {k: getattr(cfg, k) for k in LOSS_OPTION_KEYS}
 
 
-def check_loss_options(*, clip_low=0.2, clip_high=0.2, dual_clip=None, beta=0.04, kl="k3", agg="token_mean",
-                       ratio_level="token", policy_loss="clip", delta=None, cispo_max=5.0, sapo_tau_pos=1.0,
-                       sapo_tau_neg=1.05, entropy_coef=0.0, top_entropy_quantile=1.0, kl_bias_correction=False,
-                       kl_placement="loss", where="grpo_loss", prefix=""):
-    """Each option's range and the rules between options; ValueError naming ``prefix + key``.
-    ``kl_placement`` is the config's (grpo_loss itself always has the KL in the loss)."""
+def check_loss_options(options: LossOptions | None = None, *, kl_placement="loss",
+                       where="grpo_loss", prefix="", **kw):
+    """Each option against its declaration on ``LossOptions`` (choices, ranges), then the rules
+    between options; ValueError "<where>: <prefix><key> ...". ``kl_placement`` is the config's
+    (grpo_loss itself always has the KL in the loss). Keywords override fields of ``options``."""
+    o = LossOptions.of(options, **kw)
+    check_options(o, prefix.rstrip("."), fields=LOSS_OPTION_KEYS, origin=where)
+
     def bad(key, value, what):
         raise ValueError(f"{where}: {prefix}{key}={value!r} {what}")
 
-    for key, value, choices in (("kl", kl, KLS), ("agg", agg, AGGS), ("ratio_level", ratio_level, RATIO_LEVELS),
-                                ("policy_loss", policy_loss, POLICY_LOSSES)):
-        if value not in choices:
-            bad(key, value, f"must be one of {choices}")
-    for key, value in (("beta", beta), ("clip_low", clip_low), ("clip_high", clip_high), ("entropy_coef", entropy_coef)):
-        if not value >= 0:
-            bad(key, value, "must be >= 0")
-    for key, value in (("cispo_max", cispo_max), ("sapo_tau_pos", sapo_tau_pos), ("sapo_tau_neg", sapo_tau_neg)):
-        if not value > 0:
-            bad(key, value, "must be > 0")
-    if dual_clip is not None and not dual_clip > 1.0:
-        bad("dual_clip", dual_clip, "must be > 1 (e.g. 3.0) or None")
-    if delta is not None and not delta > 1.0:
-        bad("delta", delta, "must be > 1 (e.g. 1 + ε_high + 0.5 or more) or None")
-    if not 0.0 < top_entropy_quantile <= 1.0:
-        bad("top_entropy_quantile", top_entropy_quantile, "must be in (0, 1] (1 = every token; 0.2 = DAPO's 80/20)")
-    for key, value in (("delta", delta), ("dual_clip", dual_clip)):
-        if value is not None and policy_loss != "clip":
-            bad(key, value, f"bounds the PPO clip; it has no meaning with {prefix}policy_loss={policy_loss!r} "
-                            "(unset it, or use policy_loss='clip')")
-    if kl_bias_correction and beta == 0:
-        bad("kl_bias_correction", kl_bias_correction, f"multiplies the KL term, which is off ({prefix}beta=0)")
-    if kl_bias_correction and kl_placement != "loss":
-        bad("kl_bias_correction", kl_bias_correction, f"multiplies the KL term of the loss; with {prefix}kl_placement="
-                                                      f"{kl_placement!r} the KL is in the reward (set one or the other)")
+    for key, value in (("delta", o.delta), ("dual_clip", o.dual_clip)):
+        if value is not None and o.policy_loss != "clip":
+            bad(key, value, f"bounds the PPO clip; it has no meaning with {prefix}policy_loss="
+                            f"{o.policy_loss!r} (unset it, or use policy_loss='clip')")
+    if o.kl_bias_correction and o.beta == 0:
+        bad("kl_bias_correction", True, f"multiplies the KL term, which is off ({prefix}beta=0)")
+    if o.kl_bias_correction and kl_placement != "loss":
+        bad("kl_bias_correction", True,
+            f"multiplies the KL term of the loss; with {prefix}kl_placement={kl_placement!r} the "
+            "KL is in the reward (set one or the other)")
 
 
-def _check(logprobs, old, ref, adv, mask, entropy, opts, max_len):
+def _check(logprobs, old, ref, adv, mask, entropy, o: LossOptions, max_len):
     if logprobs.dim() != 2:
         raise ValueError(f"grpo_loss: logprobs must be (N, T), got shape {tuple(logprobs.shape)}")
     for name, t in (("old_logprobs", old), ("ref_logprobs", ref), ("mask", mask), ("entropy", entropy)):
@@ -232,17 +266,17 @@ def _check(logprobs, old, ref, adv, mask, entropy, opts, max_len):
             raise ValueError(f"grpo_loss: {name} shape {tuple(t.shape)} != logprobs shape {tuple(logprobs.shape)}")
     if adv.shape not in (logprobs.shape[:1], logprobs.shape):
         raise ValueError(f"grpo_loss: advantages must be (N,) or (N, T), got {tuple(adv.shape)} for logprobs {tuple(logprobs.shape)}")
-    check_loss_options(**opts)
-    if opts["beta"] != 0 and ref is None:
+    check_loss_options(o)
+    if o.beta != 0 and ref is None:
         raise ValueError("grpo_loss: beta != 0 needs ref_logprobs (pass them, or set beta=0)")
-    if entropy is None and (opts["entropy_coef"] != 0 or opts["top_entropy_quantile"] < 1):
+    if entropy is None and (o.entropy_coef != 0 or o.top_entropy_quantile < 1):
         raise ValueError("grpo_loss: entropy_coef > 0 and top_entropy_quantile < 1 need the per-token entropy: "
                          "pass entropy= (the fused losses do; by hand: grpo_core.logprobs.token_entropy(logits))")
-    if opts["entropy_coef"] != 0 and logprobs.requires_grad and not entropy.requires_grad:
+    if o.entropy_coef != 0 and logprobs.requires_grad and not entropy.requires_grad:
         raise ValueError("grpo_loss: entropy_coef > 0 but the entropy carries no gradient, so the bonus would change "
                          "the loss value only; pass an entropy computed with autograd (this kernel backend returns "
                          "it detached: use one whose entropy is differentiable, or entropy_coef=0)")
-    if max_len is not None and max_len < logprobs.shape[1] and opts["agg"] == "constant":
+    if max_len is not None and max_len < logprobs.shape[1] and o.agg == "constant":
         raise ValueError(f"grpo_loss: max_len={max_len} is shorter than the completions (T={logprobs.shape[1]})")
     bad = ~torch.isfinite(logprobs.detach()) & mask.bool()                  # (N, T): one check, one sync
     if bad.any():
@@ -261,62 +295,46 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    options: LossOptions | None = None,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    beta: float = 0.04,
-    kl: str = "k3",
-    agg: str = "token_mean",
     max_len: int | None = None,
     total_tokens: float | None = None,
     total_seqs: int | None = None,
     entropy: torch.Tensor | None = None,
-    ratio_level: str = "token",
-    policy_loss: str = "clip",
-    delta: float | None = None,
-    cispo_max: float = 5.0,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    entropy_coef: float = 0.0,
-    top_entropy_quantile: float = 1.0,
-    kl_bias_correction: bool = False,
+    **option_kw,
 ):
     """logprobs/old/ref/mask (N, T), advantages (N,) or (N, T) → (loss scalar, metrics dict).
 
+    ``options``: a ``LossOptions`` (a ``GRPOConfig`` is one; None = the defaults); keywords named
+    like its fields (``beta=0.0``, ``agg="seq_mean"``, ...) override single options.
     ``entropy`` (N, T): the per-token entropy of the policy (the fused kernels compute it in the
     same pass). Needed by ``entropy_coef`` (where it must carry a gradient) and
     ``top_entropy_quantile``; always reported as the "entropy" metric (masked token mean).
     metrics (detached scalars): policy_loss, kl, clip_low_frac, clip_high_frac, clip_frac,
     ratio_mean, adv_mean, adv_std, tokens [, entropy] [, entropy_kept_frac].
     """
-    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, beta=beta, kl=kl, agg=agg,
-                ratio_level=ratio_level, policy_loss=policy_loss, delta=delta, cispo_max=cispo_max,
-                sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, entropy_coef=entropy_coef,
-                top_entropy_quantile=top_entropy_quantile, kl_bias_correction=kl_bias_correction)
-    _check(logprobs, old_logprobs, ref_logprobs, advantages, mask, entropy, opts, max_len)
+    o = LossOptions.of(options, **option_kw)
+    _check(logprobs, old_logprobs, ref_logprobs, advantages, mask, entropy, o, max_len)
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     adv = advantages[:, None] if advantages.dim() == 1 else advantages    # (N, 1) or (N, T)
     adv = adv.to(logprobs.dtype)
-    agg_kw = dict(agg=agg, max_len=max_len, total_tokens=total_tokens, total_seqs=total_seqs)
+    agg_kw = dict(agg=o.agg, max_len=max_len, total_tokens=total_tokens, total_seqs=total_seqs)
 
-    pg, ratio, low, high = policy_loss_per_token(
-        logprobs, old, adv, clip_low, clip_high, dual_clip, mask=mask, ratio_level=ratio_level,
-        policy_loss=policy_loss, delta=delta, cispo_max=cispo_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
+    pg, ratio, low, high = policy_loss_per_token(logprobs, old, adv, o, mask)
     keep = None
-    if top_entropy_quantile < 1.0:
-        keep = high_entropy_mask(entropy, mask, top_entropy_quantile)       # (N, T) bool
+    if o.top_entropy_quantile < 1.0:
+        keep = high_entropy_mask(entropy, mask, o.top_entropy_quantile)     # (N, T) bool
         pg = torch.where(keep, pg, torch.zeros((), dtype=pg.dtype))
     per_token = pg
     kl_tok = None
     if ref_logprobs is not None:
-        kl_tok = KL_FNS[kl](logprobs, ref_logprobs)                        # (N, T)
-        if kl_bias_correction:
+        kl_tok = KL_FNS[o.kl](logprobs, ref_logprobs)                      # (N, T)
+        if o.kl_bias_correction:
             kl_tok = kl_tok * ratio                                        # r·KL (DeepSeek-V3.2)
-        if beta != 0:
-            per_token = per_token + beta * kl_tok
-    if entropy_coef != 0:
-        per_token = per_token - entropy_coef * entropy.to(per_token.dtype)
+        if o.beta != 0:
+            per_token = per_token + o.beta * kl_tok
+    if o.entropy_coef != 0:
+        per_token = per_token - o.entropy_coef * entropy.to(per_token.dtype)
     loss = aggregate(per_token, mask, **agg_kw)
 
     with torch.no_grad():

@@ -89,8 +89,8 @@ class Policy(Protocol):
     def encode(self, prompts: Sequence[Prompt]) -> Encoded:
         """Template, tokenize and preprocess images for B prompts → Encoded (B rows, on CPU).
 
-        A policy may drop over-long prompts (``on_long_prompt="skip"``); its Encoded then says
-        which survived (``Qwen2VLEncoded.prompt_index``). Otherwise row b is prompts[b].
+        Row b is prompts[b], always: the trainer pairs records and completions by position, so
+        a prompt the policy cannot take (e.g. over its max_prompt_len) is an error, never dropped.
         """
         ...
 

@@ -4,9 +4,10 @@ A run is what its FIXED settings define: the weights it started from, the data a
 shape of a step, the objective. Continuing a checkpoint under other FIXED values would train a
 mixture of two runs while reporting one, so that is an error unless the user forces it. The
 settings that MAY CHANGE are budgets, cadences and knobs that leave the objective alone; they take
-the new value, and each change is reported. One place lists both (``FIXED`` / ``MAY_CHANGE``,
-keys ``section.field`` of ``dataclasses.asdict(TrainConfig)``); a key in neither is treated as
-FIXED, and tests/test_checkpoint.py fails when a config field is left unclassified.
+the new value, and each change is reported. Each config field declares its class and the reason
+on itself (``option(..., resume=fixed(why) | may_change(what) | not_compared(why))``, config.py,
+loss.py, sampling.py); ``FIXED`` / ``MAY_CHANGE`` here are read from those declarations. A key
+with none is treated as FIXED, and tests/test_checkpoint.py fails when a field declares none.
 
 Start of a run (``plan_resume``), rank 0::
 
@@ -28,6 +29,7 @@ schedule (cosine, linear) is re-stretched from the resume step on, and its LR ju
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -35,67 +37,42 @@ from dataclasses import dataclass, field
 from .checkpoint import (
     RUN_CONFIG,
     CheckpointError,
-    _reading,
     checkpoint_step,
     list_checkpoints,
+    reading,
     recover_leftovers,
     verify_checkpoint,
 )
 from .optim import lr_factor
 
+
+def resume_classes(obj=None, prefix: str = "") -> dict:
+    """{"section.field": (class, reason)} from the ``resume=`` declarations on the config fields
+    (grpo_core.options: "fixed" / "may_change" / "not_compared"); a nested section declared
+    not_compared appears once, as "section." (its every key)."""
+    if obj is None:
+        from .config import TrainConfig
+
+        obj = TrainConfig()
+    out = {}
+    for f in dataclasses.fields(obj):
+        value, rule = getattr(obj, f.name), f.metadata.get("resume")
+        if dataclasses.is_dataclass(value) and not (rule and rule[0] == "not_compared"):
+            out.update(resume_classes(value, f"{prefix}{f.name}."))
+        elif dataclasses.is_dataclass(value):
+            out[f"{prefix}{f.name}."] = rule
+        elif rule:
+            out[prefix + f.name] = rule
+    return out
+
+
+_CLASSES = resume_classes()
 # What may not change mid-run, and why (the "why" is printed in the error).
-FIXED = {
-    **dict.fromkeys(("model.path", "model.kind", "model.template"), "the model the run trains"),
-    "model.dtype": "the compute dtype: the same steps in another dtype give other weights, beyond rounding",
-    **dict.fromkeys(("model.lora_rank", "model.lora_alpha", "model.freeze_vision"),
-                    "the parameters the optimizer state belongs to"),
-    **dict.fromkeys(("model.min_pixels", "model.max_pixels"), "what the model sees of each image"),
-    **dict.fromkeys(("data.source", "data.format", "data.split", "data.eval_source", "data.eval_size",
-                     "data.train_size", "data.image_size", "data.synthetic_task", "data.lesion_sigma",
-                     "data.lesion_amplitude", "data.limit", "data.eval_split", "data.columns"),
-                    "the training records (the saved data position indexes them)"),
-    **dict.fromkeys(("data.prompt", "data.shuffle_options"), "the prompts the policy is trained on"),
-    **dict.fromkeys(("rollout.group_size", "rollout.prompts_per_step", "rollout.max_new_tokens",
-                     "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.min_p"),
-                    "the sampling distribution and the shape of a step"),
-    **dict.fromkeys(("grpo.adv_scale", "grpo.agg", "grpo.clip_low", "grpo.clip_high", "grpo.dual_clip",
-                     "grpo.beta", "grpo.kl", "grpo.kl_placement", "grpo.mu", "grpo.skip_zero_std_groups",
-                     "grpo.max_len", "grpo.rewards", "grpo.ref", "grpo.ratio_level", "grpo.policy_loss", "grpo.delta",
-                     "grpo.cispo_max", "grpo.sapo_tau_pos", "grpo.sapo_tau_neg", "grpo.entropy_coef",
-                     "grpo.top_entropy_quantile", "grpo.kl_bias_correction", "grpo.baseline",
-                     "grpo.mask_truncated_completions"), "the objective"),
-    **dict.fromkeys(("grpo.dynamic_sampling", "grpo.dynamic_sampling_max_rounds"),
-                    "which groups a step trains on, and how fast the data position moves"),
-    **dict.fromkeys(("grpo.ref_sync_steps", "grpo.ref_sync_alpha"), "the reference the KL term holds the policy to"),
-    **dict.fromkeys(("optim.weight_decay", "optim.betas"), "stored with the optimizer state"),
-    **dict.fromkeys(("optim.warmup_steps", "optim.schedule"), "the shape of the LR schedule"),
-    "run.seed": "every random draw of every step",
-}
-
+FIXED = {k: why for k, (kind, why) in _CLASSES.items() if kind == "fixed"}
 # What may change, and what happens when it does (printed with each change).
-MAY_CHANGE = {
-    "optim.lr": "the new peak LR applies from the resume step on",              # set_base_lr
-    "optim.max_grad_norm": "applies from the resume step on",
-    "run.steps": "the run stops at the new count; a decaying LR schedule is re-stretched",
-    "run.time_budget_s": "counted from this start",
-    **dict.fromkeys(("run.eval_every", "run.eval_limit", "run.save_every", "run.keep_last", "run.progress",
-                     "run.output_dir", "run.max_nonfinite_steps"), "applies from the resume step on"),
-    **dict.fromkeys(("model.device", "model.gradient_checkpointing", "model.tiny",
-                     "grpo.backend", "grpo.micro_batch_prompts", "dist.mode", "dist.backend",
-                     "dist.timeout_s", "dist.reshard_after_forward"),
-                    "how steps are computed, not what: results agree up to rounding"),
-    "rollout.max_batch_sequences": "other samples are drawn from the resume step on (same distribution)",
-    "data.skip_bad": "records may be dropped; later batches then differ from an uninterrupted run",
-    **dict.fromkeys(("data.check_images", "data.max_image_pixels", "data.allow_outside_root"),
-                    "which bad rows are found may change; with skip_bad, later batches then differ"),
-    "run.export_dtype": "only the loadable policy/ copy: the resume weights stay fp32",
-    **dict.fromkeys(("run.log_completions", "run.log_completions_every", "run.report_to"),
-                    "logging only: applies from the resume step on"),                      # grpo_core.samples / reporting
-    **dict.fromkeys(("warmup.steps", "warmup.batch_size", "warmup.lr"),
-                    "the warm-up runs only before step 1 of a new run, never on resume"),  # grpo_app.warmup
-}
-
-NOT_COMPARED = ("run.resume", "run.resume_force", "sft.")   # how to start, and the SFT trainer's own settings
+MAY_CHANGE = {k: what for k, (kind, what) in _CLASSES.items() if kind == "may_change"}
+# how to start, and the SFT trainer's own settings ("sft." = every key of that section)
+NOT_COMPARED = tuple(k for k, (kind, _) in _CLASSES.items() if kind == "not_compared")
 
 
 class ResumeError(RuntimeError):
@@ -157,7 +134,8 @@ def classify(key: str) -> str:
 def schedule_note(saved: dict, current: dict, step: int) -> str | None:
     """What a new ``run.steps`` does to the LR at optimizer step ``step · μ`` (None: no change)."""
     s, c = flatten(saved), flatten(current)
-    mu, warm, sched = c.get("grpo.mu", 1), c.get("optim.warmup_steps", 0), c.get("optim.schedule", "constant")
+    mu, sched = c.get("grpo.mu", 1), c.get("optim.schedule", "constant")
+    warm = c.get("optim.lr_warmup_steps", 0)
     if sched == "constant" or s.get("run.steps") == c.get("run.steps"):
         return None
     k = step * mu
@@ -194,11 +172,11 @@ def read_run_config(path: str) -> dict | None:
     older checkpoints kept in trainer_state.pt), or None when it holds none."""
     cfg_path = os.path.join(path, RUN_CONFIG)
     if os.path.exists(cfg_path):
-        with _reading(path, RUN_CONFIG), open(cfg_path) as f:
+        with reading(path, RUN_CONFIG), open(cfg_path) as f:
             return json.load(f)
     import torch
 
-    with _reading(path, "trainer_state.pt"):
+    with reading(path, "trainer_state.pt"):
         state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
     return json.loads(state["config"]) if isinstance(state.get("config"), str) else None
 
@@ -228,9 +206,11 @@ def _earlier_run(output_dir: str) -> list[str]:
     return sorted(d for d in os.listdir(output_dir) if d.startswith("ckpt-"))
 
 
-def plan_resume(output_dir: str, current: dict, resume: bool = True, force: bool = False) -> ResumePlan:
+def plan_resume(output_dir: str, current: dict, resume: bool = True, force: bool = False,
+                steps: int | None = None) -> ResumePlan:
     """Decide how the run in ``output_dir`` starts (see module doc); rank 0 only (it may rename).
-    ``current``: ``dataclasses.asdict`` of the config. Raises ResumeError or CheckpointError."""
+    ``current``: ``dataclasses.asdict`` of the config; ``steps``: the run's length (default
+    run.steps). Raises ResumeError or CheckpointError."""
     if not resume:
         earlier = _earlier_run(output_dir)
         if not earlier:
@@ -245,11 +225,11 @@ def plan_resume(output_dir: str, current: dict, resume: bool = True, force: bool
     if path is None:
         return ResumePlan(None, 0, notes + [f"starting a new run in {output_dir} (no checkpoint there)"])
     step = checkpoint_step(path)
-    total = current["run"]["steps"]
+    total = steps if steps is not None else current["run"]["steps"]
     notes.append(f"resuming from {path} (step {step} done; next step {step + 1} of {total})"
                  if step < total else
-                 f"{path}: the run is finished (step {step} of run.steps={total} done); nothing "
-                 "to train: raise run.steps to continue it, or pass --fresh to start over")
+                 f"{path}: the run is finished (step {step} of run.steps={total} done); nothing to "
+                 "train: raise run.steps to continue it, or pass --fresh to start over")
     saved = read_run_config(path)
     if saved is None:
         notes.append(f"{path} holds no run config (written by an older grpo_core): settings not compared")
@@ -276,42 +256,3 @@ def set_base_lr(optimizer, scheduler, lr: float) -> None:
         group["initial_lr"] = lr
         group["lr"] = lr * lam(scheduler.last_epoch)       # what LambdaLR.get_lr computes
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-# ---- command line: what would a resume do? -------------------------------------------------------
-def main(argv=None) -> int:
-    import argparse
-    import dataclasses
-
-    from .checkpoint import write_manifest
-    from .config import load_config
-
-    ap = argparse.ArgumentParser(prog="python -m grpo_core.resume", description=(
-        "Say how a run in OUTPUT_DIR would start: leftovers recovered (this renames/deletes, as a start "
-        "would), damaged checkpoints named, settings compared. Or --seal a checkpoint from before manifests."))
-    ap.add_argument("output_dir", help="the run's output_dir (or, with --seal, one checkpoint)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value, as for grpo train")
-    ap.add_argument("--config", help="the run's YAML config")
-    ap.add_argument("--seal", action="store_true", help="write manifest.json for a checkpoint that loads")
-    a = ap.parse_intermixed_args(argv)
-    try:
-        if a.seal:
-            import torch
-
-            with _reading(a.output_dir, "trainer_state.pt"):   # readable before it is vouched for
-                torch.load(os.path.join(a.output_dir, "trainer_state.pt"), map_location="cpu", weights_only=True)
-            write_manifest(a.output_dir, checkpoint_step(a.output_dir))
-            verify_checkpoint(a.output_dir)
-            print(f"sealed {a.output_dir}: manifest written, checksums and weights verified")
-            return 0
-        cfg = load_config(a.config, list(a.overrides) + [f"run.output_dir={a.output_dir}"])
-        plan = plan_resume(a.output_dir, dataclasses.asdict(cfg), cfg.run.resume, getattr(cfg.run, "resume_force", False))
-    except (ResumeError, CheckpointError) as e:
-        print(f"error: {e}")
-        return 1
-    print("\n".join(plan.notes))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -45,15 +45,12 @@ class NonFiniteLogitsError(FloatingPointError):
 @dataclass
 class Rollout:
     encoded: Any                   # the policy's Encoded for the B prompts (reused by the trainer)
-    prompt_ids: torch.Tensor       # (B, P) int64, left-padded
-    prompt_mask: torch.Tensor      # (B, P) int64, 0 on left padding
     completion_ids: torch.Tensor   # (N, C) int64, right-padded with pad_token_id
     completion_mask: torch.Tensor  # (N, C) bool, True on generated tokens up to and including EOS
-    logprobs: torch.Tensor         # (N, C) fp32, sampling log-probs (0 on padding)
-    finished: torch.Tensor         # (N,) bool, emitted an EOS token
-    truncated: torch.Tensor        # (N,) bool, hit max_new_tokens without EOS
-    texts: list[str]               # (N) decoded completions (special tokens removed)
-    group_index: torch.Tensor      # (N,) int64, prompt of each row: i // G
+    logprobs: torch.Tensor         # (N, C) fp32, sampling log-probs (0 on padding): the sampler's
+                                   # own, checked against teacher forcing (tests/test_rollout.py)
+    truncated: torch.Tensor        # (N,) bool, hit max_new_tokens without EOS (else: emitted EOS)
+    texts: list[str]               # (N) decoded completions (no special tokens); row i: prompt i//G
     group_size: int = 1            # G
     stats: dict = field(default_factory=dict)  # prefill_s, decode_s, tokens, tokens_per_s, steps, ...
 
@@ -199,15 +196,11 @@ def generate_groups(
     }
     return Rollout(
         encoded=enc,
-        prompt_ids=enc.input_ids,
-        prompt_mask=enc.attention_mask,
         completion_ids=ids,
         completion_mask=mask,
         logprobs=logps,
-        finished=finished,
         truncated=~finished,
         texts=policy.decode(ids, mask),
-        group_index=torch.arange(B, device=ids.device).repeat_interleave(G),
         group_size=G,
         stats=stats,
     )

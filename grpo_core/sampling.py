@@ -38,19 +38,28 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import check_options, option
+from .options import check_options, fixed, may_change, option
+
+# resume classes (grpo_core.options)
+_SAMPLING = fixed("the sampling distribution and the shape of a step")
+_DRAWS = may_change("other samples are drawn from the resume step on (same distribution)")
 
 
 @dataclass
 class SamplingOptions:
     """How completions are drawn; shared by SamplingConfig and the trainer's RolloutConfig."""
 
-    max_new_tokens: int = option(256, ge=1, le=2**17)  # completion budget; open rows: "truncated"
-    temperature: float = option(1.0, gt=0)          # T: logits are divided by T before softmax (and for log-probs)
-    top_p: float = option(1.0, gt=0, le=1)          # nucleus: keep the smallest set with mass ≥ top_p (1.0 = off)
-    top_k: int = option(0, ge=0)                    # keep the k highest logits (0 = off)
-    min_p: float = option(0.0, ge=0, lt=1)          # drop tokens with p < min_p · p_max (0.0 = off)
-    max_batch_sequences: int = option(256, ge=1)    # cap on sequences decoded together; chunks are whole groups
+    #: completion budget; rows still open at the end are "truncated"
+    max_new_tokens: int = option(256, ge=1, le=2**17, resume=_SAMPLING)
+    #: T: logits are divided by T before softmax (and for log-probs)
+    temperature: float = option(1.0, gt=0, resume=_SAMPLING)
+    #: nucleus: keep the smallest set with mass ≥ top_p (1.0 = off)
+    top_p: float = option(1.0, gt=0, le=1, resume=_SAMPLING)
+    top_k: int = option(0, ge=0, resume=_SAMPLING)          # keep the k highest logits (0 = off)
+    #: drop tokens with p < min_p · p_max (0.0 = off)
+    min_p: float = option(0.0, ge=0, lt=1, resume=_SAMPLING)
+    #: cap on sequences decoded together; chunks are whole groups
+    max_batch_sequences: int = option(256, ge=1, resume=_DRAWS)
 
     def sampling_options(self) -> dict:
         """These options as keyword arguments (e.g. for SamplingConfig from a RolloutConfig)."""

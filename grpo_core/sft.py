@@ -6,16 +6,21 @@ computed with the same fused linear log-prob kernel as the GRPO loss (no full lo
 GRPO-vs-SFT comparison of the study differs only in the objective. Targets:
   - "answer":    "<answer>X</answer>" (or the bare letter for the "direct" prompt) + EOS
   - "reasoning": "<think>{record.extra['reasoning']}</think><answer>X</answer>" + EOS
-``SFTTrainer.train(..., label_fn=...)`` can replace the gold letter, e.g. with random letters for
-a format-only warm-up (teaches the answer format, not the answer).
+A format-only warm-up (teaches the answer format, not the answer) trains on records whose answers
+are random: ``random_answer_prompt_fn`` wraps the prompt function (``random_answer``, one record).
+``SFTTrainer.train`` runs under the run harness (grpo_core.harness): with a run.output_dir it
+writes metrics.jsonl and checkpoints and resumes like GRPO.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
 
 import torch
 
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import SFT_TARGETS, RunConfig  # noqa: F401  (SFT_TARGETS re-exported)
+from .harness import no_output, run_training
 from .kernels import linear_token_logprobs
 from .optim import make_optimizer, make_scheduler
 from .precision import (
@@ -25,8 +30,9 @@ from .precision import (
     master_weights_,
     resolve_compute_dtype,
 )
+from .resume import set_base_lr
 
-SFT_TARGETS = ("answer", "reasoning")
+WARMUP_REASONING = "I look at the image."   # names no option: the letter is the only decision
 
 
 def answer_target(record, prompt_style: str = "nothink", letter: str | None = None, target: str = "answer") -> str:
@@ -79,21 +85,21 @@ class SFTTrainer:
         self.compute_dtype = resolve_compute_dtype(dtype, policy.device)
         check_trainable_compute(self.compute_dtype, "SFTTrainer")
         master_weights_(policy.model)
+        self.autocast = autocast(policy.device, self.compute_dtype)   # the step's and the evals' dtype
         o = cfg.optim
         self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
-        self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.steps, o.schedule)
+        self.scheduler = make_scheduler(self.optimizer, o.lr_warmup_steps, cfg.steps, o.schedule)
         self.step_idx, self.history = 0, []
 
-    def step(self, label_fn=None) -> dict:
+    def step(self) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_idx)
         idx = torch.randint(len(self.records), (self.cfg.batch_size,), generator=g).tolist()
         prompts, recs = self.prompt_fn([self.records[i] for i in idx])
-        letters = [label_fn(r, g) if label_fn else None for r in recs]
-        targets = [answer_target(r, self.prompt_style, lt, self.cfg.target) for r, lt in zip(recs, letters)]
+        targets = [answer_target(r, self.prompt_style, None, self.cfg.target) for r in recs]
         enc = self.policy.encode(prompts)
         ids, mask = tokenize_targets(self.policy, targets)
         self.policy.model.train()
-        with autocast(self.policy.device, self.compute_dtype):
+        with self.autocast:
             loss = sft_loss(self.policy, enc, ids, mask, self.backend, self.compute_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,29 +111,62 @@ class SFTTrainer:
         self.step_idx += 1
         return {"step": self.step_idx, "loss": loss.item()}
 
-    def train(self, steps=None, time_budget_s=0.0, label_fn=None, progress=True, callback=None) -> list[dict]:
-        steps = steps or self.cfg.steps
-        bar = None
-        if progress:
-            from .progress import bar as progress_bar
-            bar = progress_bar(steps, "sft", "step")
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            m = self.step(label_fn)
-            if callback:
-                m.update(callback(self) or {})
-            self.history.append(m)
-            if bar:
-                bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
-                bar.update(1)
-            if time_budget_s and time.perf_counter() - t0 > time_budget_s:
-                break
-        if bar:
-            bar.close()
-        return self.history
+    # ---- the loop: grpo_core.harness -------------------------------------------------------------
+    def train(self, run=None, *, progress: bool = True, config: dict | None = None,
+              eval_fn=None) -> list[dict]:
+        """``cfg.steps`` steps under the run harness. ``run`` (a RunConfig): with an output_dir,
+        checkpoints every ``run.save_every`` steps and at the end, metrics.jsonl and resume, as
+        for GRPO (``config``: the resolved config, compared on resume); None = write nothing
+        (the format warm-up), with a progress bar when ``progress``."""
+        run = run if run is not None else no_output(RunConfig(progress=progress))
+        self.output_dir, self.keep_last, self.run_config = run.output_dir, run.keep_last, config
+        return run_training(self, run, self.cfg.steps, name="sft", config=config, eval_fn=eval_fn,
+                            save_at_end=True)
+
+    def save(self) -> str:
+        """Checkpoint step ``step_idx`` in ``output_dir`` (the harness calls it; layout:
+        grpo_core.checkpoint)."""
+        return save_checkpoint(self.output_dir, self.step_idx, self.policy, self.optimizer,
+                               self.scheduler, {"data_pos": 0}, keep_last=self.keep_last,
+                               config=self.run_config)
+
+    def resume(self, path: str, verify: bool = True) -> None:
+        """Continue checkpoint ``path``: weights, optimizer, schedule and step (every draw of step
+        k is seeded by (seed, k), so nothing else is needed); a changed ``optim.lr`` applies."""
+        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler, verify=verify)
+        set_base_lr(self.optimizer, self.scheduler, self.cfg.optim.lr)
+        self.step_idx = int(state["step"])
 
 
-def random_letter(record, generator) -> str:
-    """label_fn for a format-only warm-up: a uniformly random option letter."""
-    letters = list(record.options) or ["A", "B", "C", "D"]
-    return letters[int(torch.randint(len(letters), (1,), generator=generator))]
+# ---- random answers: the format warm-up's targets ------------------------------------------------
+def random_answer(record, pool, g: torch.Generator):
+    """A copy of ``record`` whose gold answer is random and whose ``extra["reasoning"]`` is the
+    fixed ``WARMUP_REASONING`` (for the "think" template; docs/DECISIONS.md §10):
+
+        mc:   a uniformly random option letter          yesno:  yes or no at random
+        open: the gold answer of another random record of ``pool`` (never this record's own)
+    """
+    def pick(n):
+        return int(torch.randint(n, (1,), generator=g))
+
+    if record.answer_type == "mc" and record.options:
+        letter = list(record.options)[pick(len(record.options))]
+        new = dict(answer_letter=letter, answer_text=record.options[letter])
+    elif record.answer_type == "yesno":
+        new = dict(answer_text=("yes", "no")[pick(2)])
+    else:
+        others = [r for r in pool if r.answer_text and r.answer_text != record.answer_text]
+        others = others or [record]
+        new = dict(answer_text=others[pick(len(others))].answer_text)
+    return dataclasses.replace(record, extra=dict(record.extra, reasoning=WARMUP_REASONING), **new)
+
+
+def random_answer_prompt_fn(prompt_fn, records, seed: int):
+    """Wrap a trainer prompt function: prompts unchanged, the records it returns carry random
+    answers (``random_answer``), drawn from a generator seeded by ``seed``."""
+    g = torch.Generator().manual_seed(seed * 7_919 + 11)
+
+    def fn(batch):
+        prompts, shown = prompt_fn(batch)
+        return prompts, [random_answer(r, records, g) for r in shown]
+    return fn

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
 
@@ -47,9 +46,9 @@ from .data.images import ImageLoadError
 from .data.templates import make_prompt_fn
 from .distributed import DistContext, local_value
 from .experience import Experience, RowResults
+from .harness import NonFiniteTrainingError, run_training  # noqa: F401  (re-exported)
 from .kernels import fused_linear_grpo_loss, linear_token_logprobs
 from .loss import kl_penalized_rewards, loss_options, mask_truncated
-from .metrics_log import MetricsLog
 from .optim import make_optimizer, make_scheduler
 from .precision import (
     autocast,
@@ -62,17 +61,13 @@ from .precision import (
     uses_autocast,
 )
 from .ref_sync import sync_reference_
-from .reporting import Reporters, progress_bar
-from .resume import plan_resume, set_base_lr
+from .resume import set_base_lr
 from .rewards import DEFAULT_ROLES, RewardSpec, combine_rewards, get_reward
 from .rollout import NonFiniteLogitsError, Rollout, generate_groups
-from .samples import due as samples_due
-from .samples import train_rows, write_samples
+from .samples import train_rows
 from .sampling import SamplingConfig
 
-
-class NonFiniteTrainingError(FloatingPointError):
-    """Training produced NaN/inf (loss, gradients or weights) and cannot go on safely."""
+BAR = {"reward": ".2f", "accuracy": ".2f", "kl": ".3f", "completion_len": ".0f"}   # beside the bar
 
 
 def rewards_from_config(entries) -> list[RewardSpec]:
@@ -89,7 +84,7 @@ def rewards_from_config(entries) -> list[RewardSpec]:
 class GRPOTrainer:
     """GRPO on a ``Policy`` (see grpo_core.policy) over a list of VQA records."""
 
-    def __init__(self, policy, train_records, cfg: TrainConfig, eval_records=None, ref_policy=None,
+    def __init__(self, policy, train_records, cfg: TrainConfig, ref_policy=None,
                  reward_specs=None, prompt_fn=None, eval_fn=None, dist: DistContext | None = None):
         cfg.validate()
         if len(train_records) < cfg.rollout.prompts_per_step:
@@ -100,7 +95,7 @@ class GRPOTrainer:
             raise ValueError(f"GRPOTrainer: rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not a multiple "
                              f"of the {self.dist.world} ranks; each rank takes an equal share of whole groups")
         self.policy, self.records, self.cfg = policy, list(train_records), cfg
-        self.eval_records, self.eval_fn = eval_records, eval_fn
+        self.eval_fn = eval_fn                        # policy -> {name: value} (the harness)
         self.prompt_fn = prompt_fn or make_prompt_fn(cfg.data.prompt, cfg.data.shuffle_options, cfg.run.seed,
                                                      max_image_pixels=cfg.data.max_image_pixels)
         self._bad_rows: set = set()                               # (file, row) of skipped records, logged once
@@ -118,7 +113,7 @@ class GRPOTrainer:
                             if self.ref_policy not in (None, "adapters") else None)
         o = cfg.optim
         self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
-        self.scheduler = make_scheduler(self.optimizer, o.warmup_steps, cfg.run.steps * cfg.grpo.mu, o.schedule)
+        self.scheduler = make_scheduler(self.optimizer, o.lr_warmup_steps, cfg.run.steps * cfg.grpo.mu, o.schedule)
         self.step_idx, self.data_pos, self.history = 0, 0, []
         self._last_scored: tuple | None = None   # the last scored batch, for samples.jsonl (last_samples)
         self.autocast = autocast(self.device, self.compute_dtype)
@@ -146,13 +141,15 @@ class GRPOTrainer:
         return torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.step_idx * 7919 + salt)
 
     def _draw_record(self):
-        """The record at the data position in an epoch-wise permutation seeded by (seed, epoch); the
-        position moves on, so a run resumes by position."""
+        """The record at the data position in an epoch-wise permutation seeded by (seed, epoch),
+        drawn once per epoch; the position moves on, so a run resumes by position."""
         n = len(self.records)
         epoch, i = divmod(self.data_pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.run.seed + 17 * epoch))
+        if getattr(self, "_perm", (None,))[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.run.seed + 17 * epoch)
+            self._perm = (epoch, torch.randperm(n, generator=g).tolist())
         self.data_pos += 1
-        return self.records[int(perm[i])]
+        return self.records[self._perm[1][i]]
 
     def _next_prompts(self):
         """This rank's prompts of the step's B records (and the records as shown), plus how many were
@@ -373,55 +370,22 @@ class GRPOTrainer:
             m[key] = m[f"reward/{name}"] if name else float("nan")
         return m
 
-    # ---- the loop ----------------------------------------------------------------------------
-    def train(self) -> list[dict]:
-        cfg = self.cfg
-        os.makedirs(cfg.run.output_dir, exist_ok=True)
-        main = self.dist.is_main              # only rank 0 logs, draws and writes
-        if self.step_idx == 0:                # not placed already by an explicit .resume(path)
-            self._resume_from_output_dir()
-        log = MetricsLog(os.path.join(cfg.run.output_dir, "metrics.jsonl"), start_step=self.step_idx) if main else None
-        # -- reporting (grpo_core.reporting): run.report_to sinks; a step bar, or a time bar under a budget --
-        reporters = Reporters(cfg.run.report_to if main else [], cfg.run.output_dir, to_dict(cfg))
-        bar = progress_bar(cfg.run.steps, self.step_idx, cfg.run.time_budget_s, enabled=cfg.run.progress and main)
-        t_start, streak = time.perf_counter(), 0
-        while self.step_idx < cfg.run.steps:
-            m = self.step()
-            streak = streak + 1 if m["nonfinite_steps"] >= cfg.grpo.mu else 0   # no update at all this step
-            if streak >= cfg.run.max_nonfinite_steps:
-                raise NonFiniteTrainingError(
-                    f"GRPO steps {self.step_idx - streak + 1}..{self.step_idx}: the loss or gradient was NaN/inf "
-                    f"in {streak} consecutive steps (run.max_nonfinite_steps={cfg.run.max_nonfinite_steps}); every "
-                    "update was skipped and nothing was saved since. Lower optim.lr, check the rewards and the "
-                    "data, or resume from the last checkpoint in run.output_dir")
-            evaluated = bool(self.eval_fn and cfg.run.eval_every and self.step_idx % cfg.run.eval_every == 0)
-            if evaluated:
-                with self.replica.gathered(), self.autocast:   # evals compute like rollouts (model.dtype)
-                    m.update({f"eval/{k}": v for k, v in self.eval_fn(self.policy).items()})
-            self.history.append(m)
-            if log:
-                log.append(m)                 # strict JSON (NaN → null), each step once across resumes
-                # -- sample logging (grpo_core.samples): at each eval and every run.log_completions_every steps --
-                if samples_due(cfg.run.log_completions_every, self.step_idx, evaluated) and (rows := self.last_samples()):
-                    write_samples(cfg.run.output_dir, self.step_idx, rows)
-            reporters.log(m, self.step_idx)
-            bar.step(dict(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", kl=f"{m.get('kl', 0):.3f}",
-                          len=f"{m['completion_len']:.0f}"))
-            if cfg.run.save_every and self.step_idx % cfg.run.save_every == 0:
-                self.save()
-            if cfg.run.time_budget_s and time.perf_counter() - t_start > cfg.run.time_budget_s:
-                break
-        bar.close()
-        reporters.close()
-        return self.history
+    # ---- the loop: grpo_core.harness -------------------------------------------------------------
+    @property
+    def updates_per_step(self) -> int:
+        return self.cfg.grpo.mu          # a step whose μ updates were all skipped changed nothing
+
+    def train(self, save_at_end: bool = False) -> list[dict]:
+        """Run to ``run.steps`` under the run harness (grpo_core.harness: resume, metrics.jsonl,
+        evals, samples, healthy checkpoints, Ctrl-C/SIGTERM, run folder lock, time budget);
+        ``save_at_end``: also checkpoint the last step (``grpo train`` does)."""
+        return run_training(self, self.cfg.run, self.cfg.run.steps, name="grpo",
+                            eval_fn=self.eval_fn, config=to_dict(self.cfg), bar=BAR,
+                            save_at_end=save_at_end)
 
     def save(self) -> str:
-        """Call on every rank: FSDP2 gathers the full state to rank 0, which alone writes.
-        Refuses to write non-finite weights (they would poison every resume)."""
-        bad = [n for n, p in self.policy.model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if self.dist.all_reduce(float(len(bad)), "max") > 0:
-            raise NonFiniteTrainingError(f"GRPOTrainer.save: step {self.step_idx} weights hold NaN/inf "
-                                         f"({', '.join(bad[:3]) or 'on another rank'}); not saved")
+        """Call on every rank: FSDP2 gathers the full state to rank 0, which alone writes. (The
+        harness checks the weights' health and the free space first.)"""
         model_state, optim_state = self.replica.full_state(self.optimizer)   # (None, None) unless fsdp2
         ref_state = self._synced_reference_state()
         path = None
@@ -440,20 +404,6 @@ class GRPOTrainer:
         state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler, verify=verify, ref_model=ref)
         set_base_lr(self.optimizer, self.scheduler, self.cfg.optim.lr)
         self.step_idx, self.data_pos = int(state["step"]), int(state["data_pos"])
-
-    def _resume_from_output_dir(self) -> None:
-        """Rank 0 decides (grpo_core.resume.plan_resume: recover leftovers, newest verified checkpoint,
-        fixed settings unchanged) and says so; every rank then loads the checkpoint it chose."""
-        cfg = self.cfg
-        plan = plan_resume(cfg.run.output_dir, to_dict(cfg), cfg.run.resume, cfg.run.resume_force) \
-            if self.dist.is_main else None
-        for line in plan.notes if plan else ():
-            print(f"grpo: {line}", flush=True)
-        path = [plan.path if plan else None]
-        if self.dist.active:
-            torch.distributed.broadcast_object_list(path, src=0)
-        if path[0]:
-            self.resume(path[0], verify=False)   # rank 0 verified it in plan_resume
 
     def _ref_is_synced(self) -> bool:
         return bool(self.cfg.grpo.ref_sync_steps) and self.ref_policy not in (None, "adapters")

@@ -45,9 +45,7 @@ class Qwen2VLPolicy:
     """A Qwen2-VL / Qwen2.5-VL checkpoint wrapped for GRPO. Build with ``from_pretrained``."""
 
     def __init__(self, model, tokenizer, image_processor, *, template: str = "chat",
-                 max_prompt_len: int | None = None, on_long_prompt: str = "error"):
-        if on_long_prompt not in ("error", "skip"):
-            raise ValueError(f"on_long_prompt must be 'error' or 'skip', got {on_long_prompt!r}")
+                 max_prompt_len: int | None = None):
         self.model = model                                    # HF module, or its peft wrapper with LoRA
         self._hf = model.get_base_model() if pu.is_peft(model) else model
         core = self._hf.model
@@ -56,9 +54,8 @@ class Qwen2VLPolicy:
                             ".model.language_model)")
         self._core, self._lm, self._head = core, core.language_model, self._hf.lm_head
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.template, self.max_prompt_len, self.on_long_prompt = template, max_prompt_len, on_long_prompt
+        self.template, self.max_prompt_len = template, max_prompt_len
         self.chat_template = None if tokenizer.chat_template else _fallback_chat_template()
-        self.skipped_long_prompts = 0                          # prompts dropped by on_long_prompt="skip"
 
         cfg = self._hf.config
         self.image_token_id = cfg.image_token_id
@@ -76,8 +73,8 @@ class Qwen2VLPolicy:
     def from_pretrained(cls, path: str, *, dtype=None, device=None, template: str = "chat",
                         attn_implementation: str | None = None, gradient_checkpointing: bool = False,
                         lora: dict | None = None, freeze_vision: bool = False, min_pixels: int | None = None,
-                        max_pixels: int | None = None, max_prompt_len: int | None = None,
-                        on_long_prompt: str = "error") -> "Qwen2VLPolicy":
+                        max_pixels: int | None = None,
+                        max_prompt_len: int | None = None) -> "Qwen2VLPolicy":
         """Load model + tokenizer + image processor from a local directory (or hub id if cached).
 
         dtype: None → bf16 on CUDA, fp32 on CPU. attn_implementation: None → flash_attention_2 when
@@ -111,7 +108,7 @@ class Qwen2VLPolicy:
         if lora:
             model = pu.apply_lora(model, lora)
         return cls(model, tokenizer, image_processor, template=template, max_prompt_len=max_prompt_len,
-                   on_long_prompt=on_long_prompt)
+                   )
 
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         """Model (safetensors, LoRA merged) + tokenizer + image processor: ``from_pretrained(path)`` round-trips."""
@@ -147,8 +144,8 @@ class Qwen2VLPolicy:
     def encode(self, prompts: Sequence[Prompt]) -> Qwen2VLEncoded:
         """Template + tokenize + image preprocessing for B prompts → ``Qwen2VLEncoded`` on CPU.
 
-        Over-long prompts (after image expansion) raise, or with on_long_prompt="skip" are dropped
-        (``enc.prompt_index`` says which survived; ``self.skipped_long_prompts`` counts drops).
+        A prompt longer than ``max_prompt_len`` tokens (after image expansion) is an error: row b is
+        always prompts[b] (the trainer pairs records and completions by position).
         """
         max_px = self.image_processor.size["longest_edge"]
         images = [[load_image(im, f"prompt {i} image {j}", max_px) for j, im in enumerate(p.images)]
@@ -178,18 +175,10 @@ class Qwen2VLPolicy:
         long = [i for i, n in enumerate(lengths) if n > self.max_prompt_len]
         if not long:
             return enc
-        if self.on_long_prompt == "error":
-            i = long[0]
-            raise ValueError(f"prompt {i} is {lengths[i]} tokens after image expansion > max_prompt_len="
-                             f"{self.max_prompt_len} ({len(long)} prompts too long); lower max_pixels, shorten "
-                             "the text, raise max_prompt_len, or pass on_long_prompt='skip'.")
-        self.skipped_long_prompts += len(long)
-        keep = [i for i in range(len(lengths)) if i not in set(long)]
-        sub = enc.select(keep)
-        drop = sub.input_ids.shape[1] - (int(sub.attention_mask.sum(-1).max()) if keep else 0)
-        sub.input_ids, sub.attention_mask = sub.input_ids[:, drop:], sub.attention_mask[:, drop:]
-        sub.position_ids = sub.position_ids[:, :, drop:]                   # all-padding columns dropped
-        return sub
+        i = long[0]
+        raise ValueError(f"prompt {i} is {lengths[i]} tokens after image expansion > "
+                         f"max_prompt_len={self.max_prompt_len} ({len(long)} prompts too long); "
+                         "lower max_pixels, shorten the text, or raise max_prompt_len.")
 
     @torch.no_grad()
     def _rope_index(self, input_ids, attention_mask, grid):

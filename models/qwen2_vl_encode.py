@@ -40,7 +40,7 @@ class Qwen2VLEncoded:
     position_ids: torch.Tensor          # (K, B, P) int64 rope positions: K=3 (mRoPE t,h,w) or K=1 (text)
     rope_deltas: torch.Tensor           # (B, 1) int64: next text position − real prompt length
     num_images: torch.Tensor            # (B,) int64 images per prompt
-    prompt_index: torch.Tensor          # (B,) int64 row in the list given to encode (skips leave gaps)
+    prompt_index: torch.Tensor          # (B,) int64 row in the list given to encode (select: picks)
     pixel_values: torch.Tensor | None = None     # (Σ patches, C·t·p·p) fp32, or None without images
     image_grid_thw: torch.Tensor | None = None   # (num_images, 3) int64 (t, h, w) in patches
 

@@ -23,18 +23,15 @@ TextEncoded = Qwen2VLEncoded  # pixel_values / image_grid_thw stay None
 class TextLMPolicy:
     """A causal LM checkpoint wrapped for GRPO (text prompts only). Build with ``from_pretrained``."""
 
-    def __init__(self, model, tokenizer, *, template: str = "chat", max_prompt_len: int | None = None,
-                 on_long_prompt: str = "error"):
+    def __init__(self, model, tokenizer, *, template: str = "chat",
+                 max_prompt_len: int | None = None):
         if template not in ("chat", "plain"):
             raise ValueError(f"template must be 'chat' or 'plain', got {template!r}")
-        if on_long_prompt not in ("error", "skip"):
-            raise ValueError(f"on_long_prompt must be 'error' or 'skip', got {on_long_prompt!r}")
         self.model = model
         self._hf = model.get_base_model() if pu.is_peft(model) else model
         self._body, self._head = self._hf.model, self._hf.lm_head
         self.tokenizer = tokenizer
-        self.template, self.max_prompt_len, self.on_long_prompt = template, max_prompt_len, on_long_prompt
-        self.skipped_long_prompts = 0
+        self.template, self.max_prompt_len = template, max_prompt_len
         eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
         eos = [i for i in eos if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id]
         self.eos_token_ids = tuple(sorted(set(eos) or {tokenizer.eos_token_id}))
@@ -44,8 +41,8 @@ class TextLMPolicy:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype=None, device=None, template: str = "chat",
                         attn_implementation: str | None = None, gradient_checkpointing: bool = False,
-                        lora: dict | None = None, max_prompt_len: int | None = None,
-                        on_long_prompt: str = "error") -> "TextLMPolicy":
+                        lora: dict | None = None,
+                        max_prompt_len: int | None = None) -> "TextLMPolicy":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -57,8 +54,8 @@ class TextLMPolicy:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora:
             model = pu.apply_lora(model, lora)
-        return cls(model, AutoTokenizer.from_pretrained(path), template=template, max_prompt_len=max_prompt_len,
-                   on_long_prompt=on_long_prompt)
+        return cls(model, AutoTokenizer.from_pretrained(path), template=template,
+                   max_prompt_len=max_prompt_len)
 
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         pu.save_model(self.model, path, dtype)
@@ -99,20 +96,17 @@ class TextLMPolicy:
                 raise ValueError(f"prompt {i} has {len(p.images)} images but TextLMPolicy is text-only; "
                                  "use grpo_models.qwen2_vl.Qwen2VLPolicy for image prompts")
         rows = [self.tokenizer(self._render(p), add_special_tokens=False)["input_ids"] for p in prompts]
-        keep = list(range(len(rows)))
-        if self.max_prompt_len is not None:
-            long = [i for i, r in enumerate(rows) if len(r) > self.max_prompt_len]
-            if long and self.on_long_prompt == "error":
-                raise ValueError(f"prompt {long[0]} is {len(rows[long[0]])} tokens > max_prompt_len="
-                                 f"{self.max_prompt_len}; shorten it, raise max_prompt_len, or on_long_prompt='skip'")
-            self.skipped_long_prompts += len(long)
-            keep = [i for i in keep if i not in set(long)]
-        input_ids, mask = left_pad([rows[i] for i in keep], self.pad_token_id)   # (B, P)
+        # row b is prompts[b]: a long prompt is an error, never dropped
+        long = [i for i, r in enumerate(rows) if self.max_prompt_len and len(r) > self.max_prompt_len]
+        if long:
+            raise ValueError(f"prompt {long[0]} is {len(rows[long[0]])} tokens > max_prompt_len="
+                             f"{self.max_prompt_len}; shorten it or raise max_prompt_len")
+        input_ids, mask = left_pad(rows, self.pad_token_id)                      # (B, P)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[None]                  # (1, B, P)
-        b = len(keep)
+        b = len(rows)
         return TextEncoded(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                            rope_deltas=torch.zeros(b, 1, dtype=torch.long), num_images=torch.zeros(b, dtype=torch.long),
-                           prompt_index=torch.tensor(keep, dtype=torch.long))
+                           prompt_index=torch.arange(b))
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()

@@ -240,8 +240,8 @@ def test_legacy_copy_without_manifest_is_promoted_then_sealed(tmp_path):
     with pytest.raises(C.CheckpointError, match="manifest.json is missing.*--seal"):
         find_resumable_checkpoint(str(tmp_path))       # recovered into place, not yet trusted
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000004"]
-    from grpo_core.resume import main
-    assert main(["--seal", path]) == 0
+    from grpo_app.cli import main
+    assert main(["resume-plan", "--seal", path]) == 0
     fresh = StubPolicy(9)
     assert find_resumable_checkpoint(str(tmp_path))[0] == path
     C.load_checkpoint(path, fresh)
@@ -258,11 +258,17 @@ def cfg_dict(**changes):
 
 
 def test_every_config_key_is_classified_once():
+    from grpo_core.resume import NOT_COMPARED, resume_classes
+
     keys = flatten(dataclasses.asdict(TrainConfig()))
-    unclassified = [k for k in keys if classify(k) == "fixed" and k not in FIXED]
-    assert not unclassified, f"classify these in grpo_core/resume.py (FIXED or MAY_CHANGE): {unclassified}"
+    declared = resume_classes()
+    unclassified = [k for k in keys if k not in declared and not k.startswith(NOT_COMPARED)]
+    assert not unclassified, f"declare option(..., resume=...) on these config fields: {unclassified}"
     assert not set(FIXED) & set(MAY_CHANGE)
-    assert not [k for k in list(FIXED) + list(MAY_CHANGE) if k not in keys], "stale keys in resume.py"
+    assert not [k for k in list(FIXED) + list(MAY_CHANGE) if k not in keys], "stale keys"
+    assert classify("grpo.clip_low") == "fixed" and FIXED["grpo.clip_low"] == "the objective"
+    assert classify("optim.lr") == "may_change" and classify("sft.optim.lr") == "not_compared"
+    assert classify("run.resume") == "not_compared" and classify("grpo.new_key") == "fixed"   # safe side
 
 
 def test_compare_configs_splits_errors_and_changes():
@@ -367,12 +373,12 @@ def test_fresh_start_over_an_earlier_run_is_refused_then_moves_it_aside(tmp_path
 
 
 def test_resume_cli_prints_the_plan(tmp_path, capsys):
-    from grpo_core.resume import main
+    from grpo_app.cli import main
 
     out = _run_dir(tmp_path, run__steps=10)
-    assert main([out, "run.steps=10", "rollout.group_size=4"]) == 1
-    assert "rollout.group_size: 8 in the checkpoint, 4 now" in capsys.readouterr().out
-    assert main([out, "run.steps=12"]) == 0
+    assert main(["resume-plan", out, "run.steps=10", "rollout.group_size=4"]) == 2
+    assert "rollout.group_size: 8 in the checkpoint, 4 now" in capsys.readouterr().err
+    assert main(["resume-plan", out, "run.steps=12"]) == 0
     assert "changed: run.steps: 10 -> 12" in capsys.readouterr().out
 
 

@@ -8,7 +8,7 @@ import torch
 
 from grpo_core.config import OptimConfig, SFTConfig, TrainConfig
 from grpo_core.data import make_prompt_fn, make_synthetic_vqa
-from grpo_core.sft import SFTTrainer, answer_target, random_letter, sft_loss, tokenize_targets
+from grpo_core.sft import SFTTrainer, answer_target, random_answer, sft_loss, tokenize_targets
 
 
 def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):
@@ -41,9 +41,13 @@ def test_timed_training_excludes_evals_from_the_budget_and_evaluates_on_schedule
     clock = {"t": 0.0}
     calls = []
 
-    def step():                                     # each step costs 1 s of training time
-        clock["t"] += 1.0
-        return {"loss": 0.0}
+    class Trainer:                                  # what the run harness drives
+        step_idx, history, policy = 0, [], type("P", (), {"model": torch.nn.Linear(2, 2)})()
+
+        def step(self):                             # each step costs 1 s of training time
+            clock["t"] += 1.0
+            self.step_idx += 1
+            return {"step": self.step_idx, "loss": 0.0}
 
     def ev():
         calls.append(clock["t"])
@@ -53,7 +57,7 @@ def test_timed_training_excludes_evals_from_the_budget_and_evaluates_on_schedule
     real = demo.time.perf_counter
     demo.time.perf_counter = lambda: clock["t"]
     try:
-        hist, spent = demo.timed_training(step, 10.0, 10**6, {"e": {"fn": ev, "points": []}}, "t", progress=False)
+        hist, spent = demo.timed_training(Trainer().step, 10.0, 10**6, {"e": {"fn": ev, "points": []}}, "t", progress=False)
     finally:
         demo.time.perf_counter = real
     assert len(hist) == 10 and spent == 10.0
@@ -81,10 +85,42 @@ def test_sft_lowers_the_loss_on_gold_answers(tiny_vlm_path):
     assert after < before - 0.5, (before, after)
 
 
-def test_random_letter_targets_cover_the_options():
+def test_random_answer_targets_cover_the_options():
     rec = make_synthetic_vqa(1, seed=0)[0]
     g = torch.Generator().manual_seed(0)
-    seen = {random_letter(rec, g) for _ in range(200)}
+    seen = {random_answer(rec, [rec], g).answer_letter for _ in range(200)}
     assert seen == set(rec.options)
     assert answer_target(rec, "direct", letter="C") == "C"
     assert answer_target(rec, "nothink", letter="C") == "<answer>C</answer>"
+
+
+def test_sft_writes_metrics_and_checkpoints_and_resumes_bit_identically(tiny_vlm_path, tmp_path):
+    """SFT under the run harness: metrics.jsonl and checkpoints like GRPO, and a run stopped after
+    step 2 and resumed reaches the weights of 4 steps in one go."""
+    import json
+
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+
+    from grpo_core.checkpoint import list_checkpoints
+    from grpo_core.config import RunConfig
+
+    records = make_synthetic_vqa(8, seed=1)
+    prompt_fn = make_prompt_fn("nothink")
+
+    def run(out, steps):
+        pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float32, device="cpu")
+        cfg = SFTConfig(steps=steps, batch_size=4, optim=OptimConfig(lr=3e-3))
+        hist = SFTTrainer(pol, records, cfg, prompt_fn, "nothink").train(
+            RunConfig(output_dir=str(out), save_every=2, progress=False), config={"sft": {"steps": steps}})
+        return pol, hist
+
+    whole, _ = run(tmp_path / "whole", 4)
+    run(tmp_path / "parts", 2)
+    parts, hist = run(tmp_path / "parts", 4)
+    assert [m["step"] for m in hist] == [3, 4]
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
+                                                  parts.model.state_dict().values()))
+    rows = [json.loads(x) for x in open(tmp_path / "parts" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "parts"))] == ["ckpt-000002",
+                                                                                           "ckpt-000004"]

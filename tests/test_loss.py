@@ -195,8 +195,8 @@ def test_global_denominators():
     "kw,match",
     [
         (dict(beta=0.1), "ref_logprobs"),
-        (dict(kl="k4", beta=0.0), "kl=.k4. must be"),
-        (dict(agg="mean", beta=0.0), "agg=.mean. must be"),
+        (dict(kl="k4", beta=0.0), "kl=.k4. is not one of"),
+        (dict(agg="mean", beta=0.0), "agg=.mean. is not one of"),
         (dict(dual_clip=0.5, beta=0.0), "dual_clip"),
         (dict(agg="constant", max_len=2, beta=0.0), "max_len"),
     ],

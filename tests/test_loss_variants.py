@@ -321,12 +321,15 @@ def test_gradcheck_variants(opts, agg):
     (dict(policy_loss="cispo", delta=2.0), "delta=2.0 bounds the PPO clip.*policy_loss='cispo'"),
     (dict(policy_loss="sapo", dual_clip=3.0), "dual_clip=3.0 bounds the PPO clip"),
     (dict(kl_bias_correction=True, beta=0.0), "kl_bias_correction=True multiplies the KL term.*beta=0"),
-    (dict(ratio_level="seq"), r"ratio_level='seq' must be one of \('token', 'sequence', 'sequence_token'\)"),
-    (dict(policy_loss="ppo"), "policy_loss='ppo' must be one of"),
-    (dict(top_entropy_quantile=0.0), r"top_entropy_quantile=0.0 must be in \(0, 1\]"),
-    (dict(delta=1.0), "delta=1.0 must be > 1"),
-    (dict(cispo_max=0.0), "cispo_max=0.0 must be > 0"),
-    (dict(entropy_coef=-0.1), "entropy_coef=-0.1 must be >= 0"),
+    # ranges: the declarations on LossOptions (grpo_core.options.check_value's wording)
+    (dict(ratio_level="seq"),
+     r"grpo_loss: ratio_level='seq' is not one of \('token', 'sequence', 'sequence_token'\)"),
+    (dict(policy_loss="ppo"), "grpo_loss: policy_loss='ppo' is not one of"),
+    (dict(top_entropy_quantile=0.0), r"grpo_loss: top_entropy_quantile must be > 0 and ≤ 1, got 0.0"),
+    (dict(delta=1.0), "grpo_loss: delta must be > 1, got 1.0"),
+    (dict(cispo_max=0.0), "grpo_loss: cispo_max must be > 0, got 0.0"),
+    (dict(entropy_coef=-0.1), "grpo_loss: entropy_coef must be ≥ 0, got -0.1"),
+    (dict(clip_low=1.0), "grpo_loss: clip_low must be ≥ 0 and < 1, got 1.0"),   # as the config says
 ])
 def test_bad_options(kw, match):
     kw.setdefault("beta", 0.04)
@@ -345,20 +348,43 @@ def test_entropy_options_need_the_entropy():
     grpo_loss(lp, None, None, torch.ones(1), torch.ones(1, 2), beta=0.0, entropy=torch.ones(1, 2), top_entropy_quantile=0.5)
 
 
-def test_config_keys_are_the_loss_keywords_with_the_same_defaults():
-    import inspect
+def test_loss_options_are_declared_once_and_are_the_config_keys():
+    import dataclasses
 
-    params = inspect.signature(grpo_loss).parameters
-    opts = loss_options(GRPOConfig())
-    assert set(opts) == set(LOSS_OPTION_KEYS)
-    for k, v in opts.items():
-        assert params[k].default == v, k          # the defaults say the same thing in both places
-    check_loss_options(**opts, where="config", prefix="grpo.")
+    from grpo_core.loss import LossOptions
+
+    g = GRPOConfig()
+    assert isinstance(g, LossOptions)                       # the config extends the declaration
+    assert LOSS_OPTION_KEYS == tuple(f.name for f in dataclasses.fields(LossOptions))
+    assert loss_options(g) == dataclasses.asdict(LossOptions())        # same defaults: one place
+    assert LossOptions.of(g, beta=0.0).beta == 0.0 and LossOptions.of(g).agg == g.agg
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['clip'\]"):
+        LossOptions.of(g, clip=0.2)
+    for f in dataclasses.fields(LossOptions):               # the resume class on every field
+        assert f.metadata["resume"] == ("fixed", "the objective"), f.name
+    check_loss_options(g, where="config", prefix="grpo.")
     with pytest.raises(ValueError, match=r"config: grpo.delta=2.0 bounds the PPO clip.*grpo.policy_loss='sapo'"):
-        check_loss_options(**dict(opts, policy_loss="sapo", delta=2.0), where="config", prefix="grpo.")
+        check_loss_options(g, policy_loss="sapo", delta=2.0, where="config", prefix="grpo.")
+    with pytest.raises(ValueError, match=r"config: grpo.clip_low must be ≥ 0 and < 1, got -0.5"):
+        check_loss_options(g, clip_low=-0.5, where="config", prefix="grpo.")
     with pytest.raises(ValueError, match=r"grpo.kl_bias_correction=True multiplies the KL term of the loss; with "
                                          r"grpo.kl_placement='reward'"):
-        check_loss_options(**dict(opts, kl_bias_correction=True), kl_placement="reward", where="config", prefix="grpo.")
+        check_loss_options(g, kl_bias_correction=True, kl_placement="reward", where="config", prefix="grpo.")
+
+
+def test_an_options_object_and_keywords_give_the_same_loss():
+    from grpo_core.loss import LossOptions
+
+    torch.manual_seed(0)
+    lp, ref = torch.randn(3, 5, dtype=F64), torch.randn(3, 5, dtype=F64)
+    adv, mask = torch.randn(3, dtype=F64), torch.ones(3, 5, dtype=F64)
+    kw = dict(agg="seq_mean", clip_high=0.28, beta=0.1, kl="k2", policy_loss="cispo", cispo_max=2.0)
+    by_kw, _ = grpo_loss(lp, lp - 0.1, ref, adv, mask, **kw)
+    by_obj, _ = grpo_loss(lp, lp - 0.1, ref, adv, mask, LossOptions(**kw))
+    mixed, _ = grpo_loss(lp, lp - 0.1, ref, adv, mask, LossOptions(**dict(kw, beta=0.0)), beta=0.1)
+    assert by_kw.item() == by_obj.item() == mixed.item()
+    default, _ = grpo_loss(lp, lp - 0.1, ref, adv, mask, LossOptions(**dict(kw, beta=0.0)))
+    assert default.item() != by_kw.item()                   # the object is read (the test can fail)
 
 
 def test_mask_truncated():

@@ -139,18 +139,24 @@ def test_bad_and_odd_images(tiny_vlm_policy, tmp_path):
     assert int(huge.image_grid_thw.prod()) * 14 * 14 <= pol.image_processor.size["longest_edge"]
 
 
-def test_long_prompt_error_or_skip(tiny_vlm_path):
+def test_a_long_prompt_is_an_error_never_a_dropped_row(tiny_vlm_path, tiny_text_lm_path):
+    """Row b of an Encoded is prompts[b] (the trainer pairs records with completions by position),
+    so a prompt over max_prompt_len stops with what to do; there is no option to drop it."""
+    from grpo_models.text_lm import TextLMPolicy
+
     err = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", max_prompt_len=40)
     prompts = [Prompt("short", [img(56, 56)]), Prompt("long", [img(224, 224)]), Prompt("also short", [])]
-    with pytest.raises(ValueError, match="prompt 1 is .* tokens after image expansion > max_prompt_len=40"):
+    with pytest.raises(ValueError, match=r"prompt 1 is .* tokens after image expansion > max_prompt_len=40 "
+                                         r"\(1 prompts too long\); lower max_pixels, shorten the text, or "
+                                         r"raise max_prompt_len\.$"):
         err.encode(prompts)
-    skip = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", max_prompt_len=40, on_long_prompt="skip")
-    enc = skip.encode(prompts)
-    assert enc.prompt_index.tolist() == [0, 2] and skip.skipped_long_prompts == 1
-    assert enc.num_images.tolist() == [1, 0] and enc.image_grid_thw.tolist() == [[1, 4, 4]]
-    assert enc.attention_mask[:, 0].any()                                # no all-padding column left
-    full = skip.encode([prompts[0], prompts[2]])
-    assert torch.equal(enc.input_ids, full.input_ids)
+    enc = err.encode([prompts[0], prompts[2]])
+    assert enc.prompt_index.tolist() == [0, 1] and enc.num_images.tolist() == [1, 0]
+    with pytest.raises(TypeError, match="on_long_prompt"):
+        Qwen2VLPolicy.from_pretrained(tiny_vlm_path, device="cpu", max_prompt_len=40, on_long_prompt="skip")
+    text = TextLMPolicy.from_pretrained(tiny_text_lm_path, device="cpu", max_prompt_len=40)
+    with pytest.raises(ValueError, match="prompt 1 is .* tokens > max_prompt_len=40; shorten it or raise"):
+        text.encode([Prompt("a"), Prompt("a much longer prompt " * 10)])
 
 
 # ------------------------------------------------------------------ completion_hidden

@@ -50,8 +50,7 @@ def check_layout(policy, ro: Rollout, B: int, G: int, max_new: int):
     """Invariants every rollout must satisfy: shapes, EOS/pad/mask, finished/truncated."""
     N, C = ro.completion_ids.shape
     assert N == B * G and C <= max_new and ro.logprobs.shape == (N, C) and ro.completion_mask.shape == (N, C)
-    assert ro.group_index.tolist() == [i // G for i in range(N)]
-    assert ro.prompt_ids.shape[0] == B and len(ro.texts) == N
+    assert ro.encoded.input_ids.shape[0] == B and len(ro.texts) == N
     eos = torch.tensor(policy.eos_token_ids)
     is_eos = torch.isin(ro.completion_ids, eos) & ro.completion_mask.bool()
     assert (is_eos.sum(-1) <= 1).all(), "a row counts tokens after its EOS"
@@ -61,7 +60,7 @@ def check_layout(policy, ro: Rollout, B: int, G: int, max_new: int):
         assert m[:n_tok].all() and not m[n_tok:].any(), f"row {i}: mask is not a prefix"
         assert (ids[n_tok:] == policy.pad_token_id).all(), f"row {i}: not pad after the end"
         assert (ro.logprobs[i, n_tok:] == 0).all() and (ro.logprobs[i, :n_tok] <= 0).all()
-        if ro.finished[i]:
+        if not ro.truncated[i]:
             assert int(ids[n_tok - 1]) in policy.eos_token_ids, f"row {i}: finished but last token is not EOS"
             assert not ro.truncated[i]
         else:
@@ -77,7 +76,7 @@ def test_prefill_once_per_prompt_and_layout():
     ro = generate_groups(pol, PROMPTS, 5, SamplingConfig(max_new_tokens=12, seed=0))
     assert pol.prefill_rows == [4], "each prompt must be prefilled once, not G times"
     check_layout(pol, ro, 4, 5, 12)
-    assert ro.finished.any() and ro.truncated.any(), "eos_logit should give a mix of stopped and truncated rows"
+    assert (~ro.truncated).any() and ro.truncated.any(), "eos_logit should give a mix of stopped and truncated rows"
     for b in range(4):  # the G samples of a group differ
         rows = ro.completion_ids[b * 5:(b + 1) * 5]
         assert len({tuple(r.tolist()) for r in rows}) > 1
@@ -104,7 +103,7 @@ def test_seed_reproducible_and_seed_sensitive():
 def test_all_rows_stop_early_when_eos_is_certain():
     pol = BigramPolicy(eos_logit=60.0)
     ro = generate_groups(pol, PROMPTS, 2, SamplingConfig(max_new_tokens=16, seed=0))
-    assert ro.completion_ids.shape[1] == 1 and ro.finished.all() and ro.completion_ids.eq(1).all()
+    assert ro.completion_ids.shape[1] == 1 and (~ro.truncated).all() and ro.completion_ids.eq(1).all()
     assert ro.stats["steps"] == 1 and ro.texts == [""] * 8
     pol = BigramPolicy(eos_logit=-60.0)  # never stops: every row truncated at the budget
     ro = generate_groups(pol, PROMPTS, 2, SamplingConfig(max_new_tokens=7, seed=0))
@@ -119,7 +118,7 @@ def test_chunking_matches_one_batch_for_greedy(cap):
     pol.prefill_rows.clear()
     many = generate_groups(pol, PROMPTS, 3, SamplingConfig(max_new_tokens=12, greedy=True, max_batch_sequences=cap))
     assert sum(pol.prefill_rows) == 4 and max(pol.prefill_rows) == max(1, cap // 3)
-    for f in ("completion_ids", "completion_mask", "finished", "truncated"):
+    for f in ("completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(one, f), getattr(many, f)), f
     # matmuls of different batch sizes may round differently: log-probs agree to fp32 rounding
     assert_close(many.logprobs, one.logprobs, "chunked vs one batch", atol=fp32_logprob_tol(one.logprobs))
@@ -242,8 +241,8 @@ def test_vlm_eos_stops_rows_and_chunking_matches(tiny_vlm_policy64):
     enc = pol.encode(_vlm_prompts())
     ro = generate_groups(pol, enc, 4, SamplingConfig(max_new_tokens=12, seed=2))
     _check_vlm_layout(pol, ro, 3, 4, 12)
-    assert ro.finished.any() and ro.truncated.any(), "expected both early-stopped and truncated rows"
-    assert ro.lengths[ro.finished].min() < 12
+    assert (~ro.truncated).any() and ro.truncated.any(), "expected both early-stopped and truncated rows"
+    assert ro.lengths[~ro.truncated].min() < 12
     for text, ids, m in zip(ro.texts, ro.completion_ids, ro.completion_mask):
         assert text == tiny_vlm_policy64.decode(ids[None], m[None])[0]
     # greedy, one prompt per chunk (cap 5 // G 4 = 1) == one batch

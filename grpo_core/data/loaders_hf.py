@@ -33,7 +33,7 @@ from functools import partial
 
 from .files import pick_files, require_columns, split_of
 from .images import ImageProblem, ImageRoots
-from .loaders_mc import _letter_of, _one_letter, split_inline_options
+from .loaders_mc import letter_of_option, one_letter, split_inline_options
 from .record import ANSWER_TYPES, RowProblem, VQARecord, clean_cell, letters_for, yes_no
 
 COLUMN_KEYS = ("question", "answer", "image", "options", "id", "answer_type", "modality", "question_type")
@@ -126,7 +126,7 @@ def _options(cell) -> dict:
 
 def _inline_options(question: str, answer: str) -> tuple[str, dict]:
     """Med-R1's Arrow rows: options inside the question ("Q? A)x, B)y") and a letter answer."""
-    if _one_letter(answer) is None:
+    if one_letter(answer) is None:
         return question, {}
     try:
         return split_inline_options(question)
@@ -148,9 +148,9 @@ def mapped_row(row: dict, cols: dict, roots: ImageRoots, name: str, split: str, 
                   question=question, modality=get("modality"), question_type=get("question_type"),
                   dataset=name, extra={"split": split})
     if options:
-        letter = _one_letter(answer)
+        letter = one_letter(answer)
         if letter not in options and answer:
-            letter = _letter_of(answer, options)
+            letter = letter_of_option(answer, options)
         return VQARecord(**common, options=options, answer_letter=letter, answer_text=options.get(letter),
                          answer_type=given or "mc")
     kind = given or ("yesno" if yes_no(answer) is not None else "open")

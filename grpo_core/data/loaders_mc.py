@@ -41,7 +41,7 @@ def _norm(text) -> str:
     return re.sub(r"[\W_]+", "", clean_cell(text).lower())
 
 
-def _letter_of(answer, options: dict) -> str:
+def letter_of_option(answer, options: dict) -> str:
     """The letter whose option text equals ``answer`` (exact after cleaning, then loose)."""
     a = clean_cell(answer)
     for L, t in options.items():
@@ -53,7 +53,7 @@ def _letter_of(answer, options: dict) -> str:
     raise RowProblem("unknown answer letter", f"answer {a!r} matches no single option of {list(options.values())}")
 
 
-def _one_letter(value) -> str | None:
+def one_letter(value) -> str | None:
     """'B' / ' b ' / 'B:Focal' / '<answer> B </answer>' -> 'B'; None when it is not a letter."""
     t = clean_cell(value)
     m = re.fullmatch(r"(?is)<answer>\s*(.*?)\s*</answer>", t)
@@ -105,10 +105,10 @@ def _pmc_row(row, cols, v1, roots, stem, i):
     options = {L: strip_letter_prefix(get(f"choice{L.lower()}")) for L in "ABCD"}
     options = {L: t for L, t in options.items() if t}
     if v1:
-        letter, answer_text = _one_letter(get("answerlabel")), get("answer")
+        letter, answer_text = one_letter(get("answerlabel")), get("answer")
     else:
-        letter = _one_letter(get("answer"))
-        letter = letter or (_letter_of(get("answer"), options) if get("answer") else None)
+        letter = one_letter(get("answer"))
+        letter = letter or (letter_of_option(get("answer"), options) if get("answer") else None)
         answer_text = options.get(letter)
     extra = {"figure_path": get("figurepath")}
     if get("caption"):
@@ -173,7 +173,7 @@ def _omni_row(raw, roots, access, file, i):
         id=str(raw.get("question_id") or f"{stem}/{i}"),
         images=[roots.resolve(raw.get("image_path"))],
         question=clean_cell(raw.get("question")), options=options,
-        answer_letter=_letter_of(raw.get("gt_answer"), options), answer_text=clean_cell(raw.get("gt_answer")),
+        answer_letter=letter_of_option(raw.get("gt_answer"), options), answer_text=clean_cell(raw.get("gt_answer")),
         answer_type="mc",
         modality=clean_cell(raw.get("modality_type", raw.get("modality"))),   # one file says `modality`
         question_type=clean_cell(raw.get("question_type")),
@@ -228,7 +228,7 @@ def _med_r1_row(raw, roots, name, by_type, file, i):
     if not isinstance(raw, dict):
         raise RowProblem("not a JSON object", type(raw).__name__)
     question, options = split_inline_options(clean_cell(raw.get("problem")))
-    letter = _one_letter(raw.get("solution"))
+    letter = one_letter(raw.get("solution"))
     return VQARecord(
         id=f"med_r1/{os.path.basename(file)}/{i}", images=[roots.resolve(raw.get("image"))],
         question=question, options=options, answer_letter=letter, answer_text=options.get(letter),
@@ -267,9 +267,9 @@ def _medvlm_row(raw, roots, file, i):
                   extra={"subset": clean_cell(raw.get("subset"))})
     if not options:                                             # free-text item (HuatuoGPT eval data)
         return VQARecord(**common, answer_text=answer, answer_type="yesno" if yes_no(answer) else "open")
-    letter = _one_letter(raw.get("solution")) if raw.get("solution") is not None else None
+    letter = one_letter(raw.get("solution")) if raw.get("solution") is not None else None
     if answer and letter is None:
-        letter = _letter_of(answer, options)
+        letter = letter_of_option(answer, options)
     elif answer and letter in options and _norm(options[letter]) != _norm(answer):
         raise RowProblem("answer mismatch", f"solution {letter!r} is {options[letter]!r} but answer is {answer!r}")
     return VQARecord(**common, options=options, answer_letter=letter, answer_text=options.get(letter), answer_type="mc")
@@ -301,7 +301,7 @@ def _medxpert_row(raw, roots, file, i):
     opts = raw.get("options") or {}
     options = {str(k).strip().upper(): clean_cell(v) for k, v in sorted(opts.items())}
     images = raw.get("images") or []
-    letter = _one_letter(raw.get("label"))
+    letter = one_letter(raw.get("label"))
     return VQARecord(
         id=clean_cell(raw.get("id")) or f"{os.path.basename(file)}/{i}",
         images=[roots.resolve(p) for p in ([images] if isinstance(images, str) else images)],

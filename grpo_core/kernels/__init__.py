@@ -51,7 +51,6 @@ loads.
 
 import importlib
 import importlib.util
-import inspect
 import os
 
 import torch
@@ -59,7 +58,7 @@ import torch
 from grpo_core.kernels import dispatch
 from grpo_core.kernels.autograd import LinearLogprobsFn, TokenLogprobsFn
 from grpo_core.logprobs import check_labels
-from grpo_core.loss import grpo_loss
+from grpo_core.loss import LOSS_OPTION_KEYS, grpo_loss
 
 check_backend = dispatch.check_backend
 
@@ -172,10 +171,9 @@ def linear_token_logprobs(hidden, weight, labels, temperature=1.0, mask=None, *,
 
 # ---- the GRPO loss on top ------------------------------------------------------------------------
 
-_LOSS_PARAMS = inspect.signature(grpo_loss).parameters
-# grpo_loss's keyword options (clip_low, beta, kl, agg, ...): forwarded as they are, so a new loss
-# option needs no change here. "entropy" is not an option: the fused functions pass their own.
-LOSS_OPTIONS = tuple(n for n, p in _LOSS_PARAMS.items() if p.kind == p.KEYWORD_ONLY and n != "entropy")
+# what the fused losses forward to grpo_loss besides the log-probs: a LossOptions object, the
+# option keywords (its fields) and the denominators. "entropy" is not one: they pass their own.
+LOSS_OPTIONS = LOSS_OPTION_KEYS + ("max_len", "total_tokens", "total_seqs")
 
 
 def _loss_kwargs(kw):
@@ -186,34 +184,29 @@ def _loss_kwargs(kw):
     return kw
 
 
-def _loss(logp, ent, old_logprobs, ref_logprobs, advantages, mask, loss_kw):
-    """grpo_loss on the fused log-probs; the (differentiable) entropy goes to grpo_loss when it
-    takes one, else it becomes the "entropy" metric (masked mean, detached) here."""
-    if "entropy" in _LOSS_PARAMS:
-        return grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, entropy=ent, **loss_kw)
-    loss, metrics = grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, **loss_kw)
-    m = mask.to(ent.dtype)                                                     # (N, T)
-    metrics["entropy"] = (ent.detach() * m).sum() / m.sum().clamp(min=1.0)
-    return loss, metrics
+def _loss(logp, ent, old_logprobs, ref_logprobs, advantages, mask, options, loss_kw):
+    """grpo_loss on the fused log-probs, with the (differentiable) entropy of the same pass."""
+    return grpo_loss(logp, old_logprobs, ref_logprobs, advantages, mask, options, entropy=ent,
+                     **loss_kw)
 
 
-def fused_grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask, *, temperature=1.0,
-                    backend="auto", **loss_kw):
+def fused_grpo_loss(logits, labels, old_logprobs, ref_logprobs, advantages, mask, options=None, *,
+                    temperature=1.0, backend="auto", **loss_kw):
     """= grpo_loss(token_logprobs(logits, labels, T, mask), ..., entropy=H) → (loss, metrics).
 
-    loss_kw: the keyword options of grpo_core.loss.grpo_loss (``LOSS_OPTIONS``). The per-token
+    options / loss_kw: as for grpo_core.loss.grpo_loss (``LOSS_OPTIONS``). The per-token
     entropy H (N, T) comes from the same pass and carries a gradient.
     """
     loss_kw = _loss_kwargs(loss_kw)
     logp, ent = token_logprobs(logits, labels, temperature, mask, return_entropy=True, backend=backend)
-    return _loss(logp, ent, old_logprobs, ref_logprobs, advantages, mask, loss_kw)
+    return _loss(logp, ent, old_logprobs, ref_logprobs, advantages, mask, options, loss_kw)
 
 
-def fused_linear_grpo_loss(hidden, weight, labels, old_logprobs, ref_logprobs, advantages, mask, *,
-                           bias=None, temperature=1.0, backend="auto", **loss_kw):
+def fused_linear_grpo_loss(hidden, weight, labels, old_logprobs, ref_logprobs, advantages, mask,
+                           options=None, *, bias=None, temperature=1.0, backend="auto", **loss_kw):
     """= grpo_loss(linear_token_logprobs(hidden, weight, labels, ...), ..., entropy=H) → (loss,
     metrics), differentiable in hidden (N, T, H) and weight (V, H)."""
     loss_kw = _loss_kwargs(loss_kw)
     logp, ent = linear_token_logprobs(hidden, weight, labels, temperature, mask, bias=bias,
                                       return_entropy=True, backend=backend)
-    return _loss(logp, ent, old_logprobs, ref_logprobs, advantages, mask, loss_kw)
+    return _loss(logp, ent, old_logprobs, ref_logprobs, advantages, mask, options, loss_kw)
