@@ -78,8 +78,9 @@ compile-check: $(STAMP)
 # The one prepared GPU run (bench/device_check.py): tests, benchmarks, peak memory, one folder.
 # It builds no venv (the device machine is offline): bench/device_check.sh with .venv's python
 # where one exists here, else python3; it stops in seconds, naming the wheels to carry, if needed.
+# DEVICE_CHECK_ARGS="--only learn" reruns one stage on a warm machine.
 device-check:
-	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/device_check.sh
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/device_check.sh $(DEVICE_CHECK_ARGS)
 
 # The wheels the device lacks (bench/device_wheels.txt, or WHEELS="spec ...") into .whl/, here.
 WHEELS ?= $(shell grep -v '^\s*\(#\|$$\)' bench/device_wheels.txt)
