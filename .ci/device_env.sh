@@ -3,7 +3,7 @@
 #
 #   bash .ci/device_env.sh          # after `make install` (.venv); `make device-env-check`
 #
-# 1. build/device-env: a venv with the device image's triton 3.6, transformers 5.17 and hub 1.33
+# 1. A venv (ENV_DIR) with the device image's triton 3.6, transformers 5.17 and hub 1.33
 #    (pip, while the network is still there). torch is .venv's 2.13 CPU build, shared through a
 #    .pth line (the device has torch 2.11 with CUDA: PyPI has no CPU-only 2.11 wheel, and the CUDA
 #    one with its libraries is gigabytes); the other packages come from .venv the same way,
@@ -20,16 +20,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 BASE="${BASE_VENV:-.venv}"
-ENV_DIR="$ROOT/build/device-env"
+# Outside the clone, so a later CI run on the same machine reuses it (rebuilt when the pins or
+# the base venv change: .stamp); a fresh machine builds it (≈ 2 minutes, mostly triton's wheel).
+ENV_DIR="${DEVICE_ENV_DIR:-$HOME/.cache/grpo_core/device-env}"
 # as on the device (numpy: see above)
 DEVICE_PKGS=(triton==3.6.0 transformers==5.17.0 huggingface-hub==1.33.0 numpy==2.4.6)
 export PYTHONWARNINGS="error:Conversion of an array with ndim > 0:DeprecationWarning"
 t0=$SECONDS
 
-"$BASE/bin/python" -m venv --clear "$ENV_DIR"
 site() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
-site "$BASE/bin/python" > "$(site "$ENV_DIR/bin/python")/_base_venv.pth"
-"$ENV_DIR/bin/python" -m pip install -q --no-deps --disable-pip-version-check "${DEVICE_PKGS[@]}"
+STAMP="${DEVICE_PKGS[*]} base=$(site "$BASE/bin/python")"
+if [ "$(cat "$ENV_DIR/.stamp" 2>/dev/null)" != "$STAMP" ]; then
+  "$BASE/bin/python" -m venv --clear "$ENV_DIR"
+  site "$BASE/bin/python" > "$(site "$ENV_DIR/bin/python")/_base_venv.pth"
+  "$ENV_DIR/bin/python" -m pip install -q --no-deps --disable-pip-version-check "${DEVICE_PKGS[@]}"
+  echo "$STAMP" > "$ENV_DIR/.stamp"
+fi
 "$ENV_DIR/bin/python" -c "
 import numpy, torch, transformers, triton
 print(f'device-env: torch {torch.__version__}, triton {triton.__version__}, '
