@@ -1,9 +1,6 @@
 # Every target makes/uses a local virtual environment (.venv; CPU torch 2.13.0 where no torch is
-# present) and installs the project into it (editable, with the dev/bench/lora extras). The
-# README's two commands are `make demo` and `make test`; the others: test-numerics (the numeric
-# tests under other CPU kernel paths), cpu-info, bench / bench-quick, lint, cuda (build csrc/),
-# memcheck, compile-check (kernels compiled for sm_80/sm_90a without a GPU), device-check
-# (the prepared GPU run) / device-check-dry, clean.
+# present) and installs the project into it (editable, with the dev/bench/lora/data extras). The
+# README's two commands are `make demo` and `make test`; `make help` lists every target.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -87,8 +84,9 @@ compile-check: $(STAMP)  ## compile every Triton / CUDA kernel for sm_80 and sm_
 # The one prepared GPU run (bench/device_check.py): tests, benchmarks, peak memory, one folder.
 # It builds no venv (the device machine is offline): bench/device_check.sh with .venv's python
 # where one exists here, else python3; it stops in seconds, naming the wheels to carry, if needed.
+# DEVICE_CHECK_ARGS="--only learn" reruns one stage on a warm machine.
 device-check:  ## the one prepared GPU run (works on the bare offline GPU machine)
-	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/device_check.sh
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/device_check.sh $(DEVICE_CHECK_ARGS)
 
 # The wheels the device lacks (bench/device_wheels.txt, or WHEELS="spec ...") into .whl/, here.
 WHEELS ?= $(shell grep -v '^\s*\(#\|$$\)' bench/device_wheels.txt)

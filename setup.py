@@ -79,7 +79,7 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "data": ["datasets>=3.0", "pandas>=2.0", "pyarrow>=14"],  # data.format hf_dataset / hf_parquet
+        "data": ["datasets>=3.0", "pandas>=2.0", "pyarrow>=14"],  # formats hf_dataset / hf_parquet
         "gpu": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "tensorboard>=2.14", "wandb>=0.17"],   # CI tests both reporters
         "tensorboard": ["tensorboard>=2.14"],       # run.report_to: [tensorboard]

@@ -63,8 +63,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--prompts", type=int, default=None, help="B (default 8)")
     ap.add_argument("--group", type=int, default=None, help="G (default 16 on CPU, 8 on a GPU)")
-    ap.add_argument("--image-size", type=int, default=None, help="square scans, px (default 56 on CPU, "
-                                                                 "448 on a GPU)")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="square scans, px (default 56 on CPU, 448 on a GPU)")
     ap.add_argument("--out", default=None, help="results root; writes <out>/<device>/prefix_train.{json,md}")
     args = ap.parse_args(argv)
     gpu = args.model == "2b"
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
             else:
                 ms, mem = _cpu_ms(step, args.steps), None
             rows.append({"path": name, "ms": ms, "peak_mem_mb": mem})
-        except torch.OutOfMemoryError as exc:                                   # a result, not a crash
+        except torch.OutOfMemoryError as exc:                                # a result, not a crash
             rows.append({"path": name, "ms": None, "note": f"out of memory: {str(exc)[:80]}"})
         _free(pol)
     mod.ENABLED, mod.LAYOUT = True, "auto"
@@ -104,7 +104,8 @@ def main(argv=None) -> None:
     for r in rows:
         r["speedup_vs_plain"] = plain / r["ms"] if plain and r["ms"] else None
     attn = pol._lm.config._attn_implementation
-    print(f"B={B} G={g} P={enc.input_ids.shape[1]} C={c}, {px}² images, {'GPU wall' if gpu else 'CPU'} ms per forward+backward "
+    print(f"B={B} G={g} P={enc.input_ids.shape[1]} C={c}, {px}² images, "
+          f"{'GPU wall' if gpu else 'CPU'} ms per forward+backward "
           f"(plain: {attn}): " + ", ".join(f"{r['path']} {r['ms']:.0f}" if r["ms"] else f"{r['path']} OOM" for r in rows))
     if args.out or gpu:
         from bench.common import device_label, results_dir, write_table
@@ -112,7 +113,8 @@ def main(argv=None) -> None:
         dev = torch.device("cuda" if gpu else "cpu")
         meta = {"title": "shared-prefix training forward vs plain (completion_hidden fwd+bwd)",
                 "device": device_label(dev), "command": "python -m bench.bench_prefix_train --model " + args.model,
-                "notes": [f"B={B} G={g} P={enc.input_ids.shape[1]} C={c}, {px}² images; plain path attention: {attn}; "
+                "notes": [f"B={B} G={g} P={enc.input_ids.shape[1]} C={c}, {px}² images; "
+                          f"plain path attention: {attn}; "
                           "shared path: its own sdpa attention"]}
         stem = write_table(os.path.join(results_dir(dev, args.out), "prefix_train"), meta, rows,
                            ["path", "ms", "speedup_vs_plain", "peak_mem_mb", "note"])

@@ -1,13 +1,13 @@
 """The one prepared GPU run: every GPU number in one command, every result under one folder.
 
-    bash bench/device_check.sh                    # on the bare, offline device machine (make device-check)
-    python -m bench.device_check [--out DIR] [--budget-s 360] [--only bench-step,learn] [--pack]
+    bash bench/device_check.sh             # on the bare, offline device machine (make device-check)
+    python -m bench.device_check [--out DIR] [--budget-s 420] [--only bench-step,learn] [--pack]
     python -m bench.device_check --dry-run        # CPU, tiny shapes (CI)
 
 Stages, in order of value; each but env runs as its own process in its own process group, killed
 whole (grandchildren too) at its time limit, so it leaves nothing on the GPU for the next stage; a
 failed or timed-out stage is recorded and the next one runs. The time plan (PLAN below: limit and
-H100 estimate per stage) must fit in 6 minutes: ``--budget-s`` (default 360) caps the whole run.
+H100 estimate per stage) is ≤ 6 minutes estimated; ``--budget-s`` (default 420) caps the whole run.
   env         versions, GPU, driver; what the run needs (torch with CUDA, triton, transformers in
               setup.py's range) is checked first and named if missing
   precision   bf16 vs fp32 GRPO updates of the tiny model at lr 1e-6 (bench/device_stages.py):
@@ -17,10 +17,10 @@ H100 estimate per stage) must fit in 6 minutes: ``--budget-s`` (default 360) cap
   cuda-lib    the CUDA library: the carried build/cuda one if it loads and runs here, else built
               now for this GPU only (csrc/build_cuda.py, nvcc)
   gpu-tests   the GPU test tier: ``pytest -m gpu`` (test_kernels_gpu.py, test_cuda_gpu.py, ...)
+  learn       the demo's task on the GPU in bf16 for 45 s of GRPO: held-out accuracy must rise
   bench-loss  bench/bench_loss.py at Qwen2-VL-2B's shapes (16 × 1024 tokens, V = 151,936,
               H = 1,536, bf16): torch, Triton, CUDA, logits and fused-linear paths, peak memory
   bench-step  one GRPO training step at Qwen2-VL-2B's shapes (random bf16 weights), peak memory
-  learn       the demo's task on the GPU in bf16 for 45 s of GRPO: held-out accuracy must rise
   bench-prefix  the shared-prefix training forward vs the plain one at Qwen2-VL-2B's shapes, 448²
               images (the plain path's out-of-memory is a result, not a crash)
   bench-rollout  the Qwen2-VL-2B-shaped rollout vs HF generate
@@ -30,8 +30,9 @@ With ``--pack`` everything but the summary and the log goes into ``device_check.
 device tool returns at most 8 files).
 
 --dry-run: the same stages on CPU with tiny shapes, no build: CI runs it so that the script itself
-is tested (make device-check-dry). Its budget is generous (900 s, stage limits tripled): it
-checks that every stage runs, not how fast a shared CI box is.
+is tested (make device-env-check, under the device's versions; make device-check-dry here). Its
+budget is generous (900 s, stage limits tripled): it checks that every stage runs, not how fast
+a shared CI box is.
 """
 
 import argparse
@@ -49,21 +50,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-# stage: (time limit s, estimate s), on one H100 (80 GB). The estimates sum to ≤ 360 s (6 min);
-# a stage past its limit is killed and recorded, the next one runs.
+# stage: (time limit s, estimate s), on one H100 (80 GB), in order of value. The estimates sum to
+# ≤ 360 s (6 min); BUDGET_S caps the whole run with margin (a device command may run 10 min, a
+# session has 15 min of device time: start-up and one --only rerun must fit beside it). A stage
+# past its limit is killed and recorded, the next one runs; one past the budget is skipped.
 PLAN = {
     "env":           (20, 3),     # imports, nvidia-smi
     "precision":     (60, 15),    # 2 × (tiny model load + one rollout + 3 updates)
     "ceilings":      (30, 6),     # 4 GiB copy + 8192³ bf16 matmul, timed
-    "cuda-lib":      (90, 40),    # ~2 s when the carried build/cuda runs; else nvcc for this arch only
+    "cuda-lib":      (90, 40),    # ~2 s if the carried build/cuda runs, else nvcc for this arch
     "gpu-tests":     (100, 60),   # pytest -m gpu over tests/ (collection ≈ 15 s)
+    "learn":         (90, 65),    # warm-up + 45 s GRPO + two 200-item greedy evals
     "bench-loss":    (70, 40),    # 16 × 1024 tokens × 151,936 vocab, each provider fwd/bwd/full
     "bench-step":    (70, 40),    # 2B-shaped model built (~10 s), 1 warm-up + 2 timed steps
-    "learn":         (90, 65),    # warm-up + 45 s GRPO + two 200-item greedy evals
     "bench-prefix":  (60, 30),    # 448² images; the plain path OOMs (≈ 99 GiB) at once on 80 GB
     "bench-rollout": (60, 35),    # one repetition of ours vs HF generate
 }
 STAGES = tuple(PLAN)
+BUDGET_S = 420.0          # the whole run on a GPU (the dry run: 900, a loaded CI box)
 LEARN_SECONDS = 45.0      # GRPO training seconds of the learn stage on a GPU
 RESERVE_S = 10            # kept back for the summary and packing
 
@@ -146,7 +150,7 @@ def _randn(shape, dev, dtype=None):
 
 def stage_ceilings(args) -> dict:
     """Copy bandwidth (bytes read + written per second) and bf16 matrix rate on this device; the
-    8 GiB of copy buffers and the matmul operands are freed, the CUDA cache emptied, before return."""
+    8 GiB of copy buffers and the matmul operands are freed, the CUDA cache emptied, on return."""
     import torch
 
     dev = torch.device("cpu" if args.dry_run else "cuda")
@@ -154,7 +158,7 @@ def stage_ceilings(args) -> dict:
     k = 256 if args.dry_run else 8192
     flops = _matmul_flops(dev, k, torch.float32 if args.dry_run else torch.bfloat16)
     if dev.type == "cuda":
-        torch.cuda.empty_cache()                                       # nothing held for later stages
+        torch.cuda.empty_cache()                                     # nothing held for later stages
     return {"copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": flops / 1e12,
             "matmul": f"{k}³ {'fp32' if args.dry_run else 'bf16'}, random data"}
 
@@ -202,7 +206,7 @@ def _kill_group(p: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             pass
         if sig == signal.SIGTERM and p.poll() is not None:
-            time.sleep(0.2)                                            # grandchildren: one more pass
+            time.sleep(0.2)                                           # grandchildren: one more pass
 
 
 def _run(cmd: list[str], log: str, timeout: float, env: dict | None = None) -> tuple[int, float]:
@@ -213,7 +217,8 @@ def _run(cmd: list[str], log: str, timeout: float, env: dict | None = None) -> t
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        p = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                             start_new_session=True,
                              env={**os.environ, **(env or {})})
         try:
             rc = p.wait(timeout=timeout)
@@ -221,7 +226,7 @@ def _run(cmd: list[str], log: str, timeout: float, env: dict | None = None) -> t
             f.write(f"\n[device_check] timed out after {timeout:.0f} s: killed its process group\n")
             rc = 124
         finally:
-            _kill_group(p)                                             # leftovers, or all on timeout
+            _kill_group(p)                                            # leftovers, or all on timeout
     return rc, time.perf_counter() - t0
 
 
@@ -234,27 +239,31 @@ def _command(args, out: str, name: str) -> list[str]:
     """The stage's command line (each stage but env is a process of its own)."""
     py, root, dry = sys.executable, os.path.join(out, "bench"), args.dry_run
     if name in IN_CHILD:
-        return [py, "-m", "bench.device_check", "--child", name, "--out", out] + (["--dry-run"] if dry else [])
+        cmd = [py, "-m", "bench.device_check", "--child", name, "--out", out]
+        return cmd + (["--dry-run"] if dry else [])
     if name in ("precision", "learn"):
         cmd = [py, "-m", "bench.device_stages", name, "--out", out] + (["--dry-run"] if dry else [])
         return cmd + (["--seconds", str(LEARN_SECONDS)] if name == "learn" and not dry else [])
     if name == "gpu-tests":
         cmd = [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=-ra",
                f"--junitxml={os.path.join(out, 'gpu_tests.xml')}"]
-        # the dry run only checks that the stage works: the two GPU kernel files, not the whole suite
+        # the dry run only checks that the stage works: the two GPU kernel files, not all tests
         return cmd + (["tests/test_kernels_gpu.py", "tests/test_cuda_gpu.py"] if dry else ["tests"])
     if name == "bench-loss":
-        return [py, "-m", "bench.bench_loss", "--out", root, "--no-compile"] + (["--quick", "--cpu"] if dry else [])
+        cmd = [py, "-m", "bench.bench_loss", "--out", root, "--no-compile"]
+        return cmd + (["--quick", "--cpu"] if dry else [])
     if name == "bench-step":
         cmd = [py, "-m", "bench.bench_step", "--providers", "ours", "--out", os.path.join(root, "step")]
-        return cmd + (["--quick", "--no-isolate"] if dry else ["--model", "2b", "--steps", "2", "--warmup", "1"])
+        gpu = ["--model", "2b", "--steps", "2", "--warmup", "1"]
+        return cmd + (["--quick", "--no-isolate"] if dry else gpu)
     if name == "bench-prefix":
         cmd = [py, "-m", "bench.bench_prefix_train", "--out", root]
-        return cmd + (["--steps", "1", "--prompts", "2", "--group", "4"] if dry else ["--model", "2b"])
+        dry_args = ["--steps", "1", "--prompts", "2", "--group", "4"]
+        return cmd + (dry_args if dry else ["--model", "2b"])
     cmd = [py, "-m", "bench.bench_rollout", "--out", root, "--quick"]
-    return cmd + (["--config", "tiny", "--set", "prompts=1", "--set", "G=2", "--set", "new=4", "--set",
-                   "image=112", "--set", "hidden=64", "--set", "layers=2"] if dry
-                  else ["--config", "2b", "--set", "reps=1"])
+    tiny = ["prompts=1", "G=2", "new=4", "image=112", "hidden=64", "layers=2"]
+    sets = [a for kv in tiny for a in ("--set", kv)]
+    return cmd + (["--config", "tiny", *sets] if dry else ["--config", "2b", "--set", "reps=1"])
 
 
 def run_stage(args, out: str, name: str, timeout: float) -> dict:
@@ -268,12 +277,13 @@ def run_stage(args, out: str, name: str, timeout: float) -> dict:
     if os.path.exists(facts_file):
         os.remove(facts_file)
     rc, s = _run(_command(args, out, name), log, timeout, env)
-    facts = json.load(open(facts_file)) if os.path.isfile(facts_file) else {"result": _last_line(log)}
+    wrote = os.path.isfile(facts_file)
+    facts = json.load(open(facts_file)) if wrote else {"result": _last_line(log)}
     facts["seconds"] = s
     if rc == 124:
         raise TimeoutError(f"over its {timeout:.0f} s limit, killed; see {os.path.basename(log)}: "
                            + _last_line(log))
-    if rc not in (0, 5) or (rc == 5 and name != "gpu-tests"):          # pytest 5: no GPU test collected
+    if rc not in (0, 5) or (rc == 5 and name != "gpu-tests"):      # pytest 5: no GPU test collected
         raise StageFailed(f"exit {rc}; see {os.path.basename(log)}: " + _last_line(log), facts)
     return facts
 
@@ -307,7 +317,7 @@ def plan_text(budget: float, stages, scale: float) -> str:
 
 
 def _child(args) -> int:
-    """``--child NAME``: one in-process stage in this (separate) process; facts to <out>/NAME.json."""
+    """``--child NAME``: one in-process stage in this separate process; facts to <out>/NAME.json."""
     facts = IN_CHILD[args.child](args)
     with open(os.path.join(args.out, args.child + ".json"), "w") as f:
         json.dump(facts, f)
@@ -328,21 +338,23 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: tests the script itself")
     ap.add_argument("--out", default=None, help="result folder (default bench/results/<device>/device-check, "
                                                 "dry run: build/device-check-dry)")
-    ap.add_argument("--budget-s", type=float, default=None, help="whole run (default 360; dry run 900: it "
-                                                                 "checks the script, not the time)")
-    ap.add_argument("--only", default=None, help=f"comma list of {','.join(STAGES)} (a rerun on a warm machine)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="whole run (default 420; dry run 900: it checks the script, not the time)")
+    ap.add_argument("--only", default=None,
+                    help=f"comma list of {','.join(STAGES)} (a rerun on a warm machine)")
     ap.add_argument("--pack", action="store_true", help="pack everything but summary and log into one tar.gz")
     ap.add_argument("--child", choices=sorted(IN_CHILD), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return _child(args)
-    budget = args.budget_s or (900.0 if args.dry_run else 360.0)
-    scale = 3.0 if args.dry_run else 1.0                                # dry run: a loaded 2-core CI box
+    budget = args.budget_s or (900.0 if args.dry_run else BUDGET_S)
+    scale = 3.0 if args.dry_run else 1.0                           # dry run: a loaded 2-core CI box
     out = args.out or _default_out(args.dry_run)
     os.makedirs(out, exist_ok=True)
     only = args.only.split(",") if args.only else None
     if only and set(only) - set(STAGES):
-        ap.error(f"--only: unknown stage(s) {sorted(set(only) - set(STAGES))}; stages: {','.join(STAGES)}")
+        ap.error(f"--only: unknown stage(s) {sorted(set(only) - set(STAGES))}; "
+                 f"stages: {','.join(STAGES)}")
     stages = [s for s in STAGES if only is None or s in only]
     print(plan_text(budget, stages, scale), flush=True)
     t_start = time.perf_counter()
@@ -358,7 +370,8 @@ def main(argv=None) -> int:
         else:
             t0 = time.perf_counter()
             try:
-                entry["facts"] = stage_env(args) if name == "env" else run_stage(args, out, name, limit)
+                entry["facts"] = (stage_env(args) if name == "env"
+                                  else run_stage(args, out, name, limit))
                 entry["status"] = "ok"
             except Exception as exc:  # noqa: BLE001 - record it, run the next stage
                 entry["facts"] = getattr(exc, "facts", {})
@@ -388,7 +401,8 @@ def _default_out(dry_run: bool) -> str:
 
 
 def _short(facts: dict) -> str:
-    keep = {k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in facts.items() if k != "nvidia_smi"}
+    keep = {k: (float(f"{v:.3g}") if isinstance(v, float) else v)
+            for k, v in facts.items() if k != "nvidia_smi"}
     return json.dumps(keep)[:240]
 
 

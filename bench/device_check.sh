@@ -23,7 +23,8 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl || { echo "device_check.sh: installing the carried wheels failed"; exit 1; }
+    --target "$SITE" .whl/*.whl \
+    || { echo "device_check.sh: installing the carried wheels failed"; exit 1; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" bench/device_preflight.py || exit 3

@@ -15,8 +15,9 @@ precision: does a bf16 run update the weights as an fp32 run does? One ``Experie
   (2^-8 · 0.02 ≈ 8e-5), so most elements do not move (issue #22: bf16 compute over fp32 master
   weights). The dry run (CPU) runs it and prints the numbers; on a GPU the stage fails below pass.
 learn: the demo's task (grpo_app.demo: a tiny Qwen2-VL, synthetic scans, lesion quadrant A–D) on the
-  GPU in bf16: format warm-up, then GRPO for ``--seconds`` of training; held-out accuracy (200 items,
-  greedy) before and after must rise by ≥ ``MIN_RISE``. The dry run uses a tiny budget, no rise.
+  GPU in bf16: format warm-up, then GRPO for ``--seconds`` of training; held-out accuracy
+  (200 items, greedy) before and after must rise by ≥ ``MIN_RISE``. The dry run uses a tiny
+  budget and needs no rise.
 Each writes ``<out>/<stage>.json`` (its facts, ``pass`` the verdict) and exits 1 when the check
 fails on a GPU; the dry run exits 0 either way (it checks that the stage runs, not the engine).
 """
@@ -48,7 +49,8 @@ def _config(out: str, dtype: str, device: str, quick: bool):
 
 
 def _trainable(policy) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    return {n: p.detach().float().clone()
+            for n, p in policy.model.named_parameters() if p.requires_grad}
 
 
 def _experience(trainer):
@@ -56,7 +58,7 @@ def _experience(trainer):
     prompts, records, _ = trainer._next_prompts()
     exp, _ = trainer.score(trainer.rollout(prompts), records)
     n = exp.advantages.numel()
-    sign = torch.tensor([1.0, -1.0]).repeat((n + 1) // 2)[:n]                  # (N,) ±1 in each group
+    sign = torch.tensor([1.0, -1.0]).repeat((n + 1) // 2)[:n]                # (N,) ±1 in each group
     exp.advantages = sign.to(exp.advantages.device)
     exp.keep = list(range(exp.num_prompts))
     return exp
@@ -73,10 +75,10 @@ def precision(out: str, dry_run: bool) -> dict:
     for dtype, cfg in cfgs.items():
         cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_grad_norm = LR, 0, 0.0
         torch.manual_seed(0)
-        policy = load_policy(cfg.model, seed=0)                    # the same tiny checkpoint for both
+        policy = load_policy(cfg.model, seed=0)                  # the same tiny checkpoint for both
         train, _ = build_records(cfg.data, 0)
         trainer = GRPOTrainer(policy, train, cfg)
-        exp = exp if exp is not None else _experience(trainer)     # rolled out once, by the fp32 trainer
+        exp = exp if exp is not None else _experience(trainer)    # rolled out once, by fp32
         before = _trainable(policy)
         for _ in range(UPDATES):
             trainer.update(exp)
@@ -85,7 +87,8 @@ def precision(out: str, dry_run: bool) -> dict:
         del trainer, policy
     d32, d16 = deltas["float32"], deltas["bfloat16"]
     facts = {"updates": UPDATES, "lr": LR, "elements": d32.numel(),
-             "moved_fp32": (d32 != 0).double().mean().item(), "moved_bf16": (d16 != 0).double().mean().item(),
+             "moved_fp32": (d32 != 0).double().mean().item(),
+             "moved_bf16": (d16 != 0).double().mean().item(),
              "cosine": (d16 @ d32 / (d16.norm() * d32.norm()).clamp(min=1e-300)).item(),
              "rel_error": ((d16 - d32).norm() / d32.norm().clamp(min=1e-300)).item()}
     facts["pass"] = facts["moved_bf16"] >= PASS_MOVED and facts["cosine"] >= PASS_COSINE
@@ -99,7 +102,8 @@ def learn(out: str, dry_run: bool, seconds: float) -> dict:
     from grpo_core.data import build_records
     from grpo_core.trainer import GRPOTrainer
 
-    cfg = _config(out, "float32" if dry_run else "bfloat16", "cpu" if dry_run else "cuda", quick=dry_run)
+    dtype, device = ("float32", "cpu") if dry_run else ("bfloat16", "cuda")
+    cfg = _config(out, dtype, device, quick=dry_run)
     cfg.data.eval_size = 20 if dry_run else 200                # held-out items, greedy
     torch.manual_seed(0)
     policy = load_policy(cfg.model, seed=0)
@@ -115,7 +119,8 @@ def learn(out: str, dry_run: bool, seconds: float) -> dict:
     train_s = time.perf_counter() - t0
     end = _accuracy(policy, held, cfg)
     facts = {"dtype": cfg.model.dtype, "warmup_s": warm_s, "grpo_steps": steps, "grpo_s": train_s,
-             "acc_start": start["accuracy"], "acc_end": end["accuracy"], "format_end": end["format_rate"],
+             "acc_start": start["accuracy"], "acc_end": end["accuracy"],
+             "format_end": end["format_rate"],
              "held_out": len(held)}
     facts["pass"] = end["accuracy"] - start["accuracy"] >= MIN_RISE
     return facts
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=["precision", "learn"])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny budget: checks the stage runs")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny budget: the stage runs")
     ap.add_argument("--seconds", type=float, default=None, help="learn: GRPO training seconds "
                                                                 "(default 60; dry run 2)")
     args = ap.parse_args(argv)
@@ -139,7 +144,8 @@ def main(argv=None) -> int:
             facts = learn(tmp, args.dry_run, args.seconds or (2.0 if args.dry_run else 60.0))
     with open(os.path.join(args.out, f"{args.stage}.json"), "w") as f:
         json.dump(facts, f, indent=1)
-    print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in facts.items()}))
+    print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v
+                      for k, v in facts.items()}))
     return 0 if facts["pass"] or args.dry_run else 1        # the dry run checks that the stage runs
 
 

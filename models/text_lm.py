@@ -114,7 +114,8 @@ class TextLMPolicy:
         enc = enc.to(self.device)
         out = self._body(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                          position_ids=enc.position_ids[0], use_cache=True)
-        state = pu.DecodeState(pu.cache_of(out), enc.attention_mask, enc.prompt_lengths.clone(), enc.rope_deltas)
+        state = pu.DecodeState(pu.cache_of(out), enc.attention_mask, enc.prompt_lengths.clone(),
+                               enc.rope_deltas)
         return self._head(out.last_hidden_state[:, -1]).float(), state   # (B, V) fp32
 
     def expand(self, state: pu.DecodeState, group_size: int) -> pu.DecodeState:
@@ -125,8 +126,8 @@ class TextLMPolicy:
         n = tokens.shape[0]
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(n, 1)], 1)  # (N, T+1)
         out = self._body(input_ids=tokens.view(n, 1), attention_mask=mask,
-                         position_ids=state.next_position.view(n, 1), **pu.cache_arg(self._body, state.cache),
-                         use_cache=True)
+                         position_ids=state.next_position.view(n, 1),
+                         **pu.cache_arg(self._body, state.cache), use_cache=True)
         new = pu.DecodeState(pu.cache_of(out), mask, state.next_position + 1, state.rope_deltas)
         return self._head(out.last_hidden_state[:, -1]).float(), new
 

@@ -130,7 +130,7 @@ def test_fp16_realistic_gradient_does_not_underflow(backend, g_size):
     _, dh, dw = grads(linear_token_logprobs, h16, w16, up, labels, 1.0, mask, backend=backend)
     _, rdh, rdw = grads(ref_linear, h16.double(), w16.double(), up.double(), labels, 1.0, mask)
     assert dh.dtype == dw.dtype == torch.float16
-    k = 4 * torch.finfo(torch.bfloat16).eps                                      # 2^-9 per rounding, 8 of them
+    k = 4 * torch.finfo(torch.bfloat16).eps                           # 2^-9 per rounding, 8 of them
     bound_dh = k * 2 * g_size * w16.double().abs().max() + rounding(rdh, torch.float16)
     bound_dw = k * up.abs().sum() * h16.double().abs().max() + rounding(rdw, torch.float16)
     assert ((dh.double() - rdh).abs() <= bound_dh).all(), max_err(dh, rdh) / rdh.abs().max().item()

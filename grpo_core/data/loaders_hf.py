@@ -46,9 +46,9 @@ def _import_extra(module: str, fmt: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"data.format {fmt} needs {module!r}, which is not installed: it comes with "
-                          "the optional 'data' extra (pip install -e '.[data]', or pip install "
-                          "datasets pandas pyarrow)") from exc
+        raise ImportError(f"data.format {fmt} needs {module!r}, which is not installed: it comes "
+                          "with the optional 'data' extra (pip install -e '.[data]', or "
+                          "pip install datasets pandas pyarrow)") from exc
 
 
 def check_column_mapping(columns) -> dict:

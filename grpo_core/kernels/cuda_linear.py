@@ -69,7 +69,7 @@ def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=No
         z = _logits(h[c], weight, bias)                                # (C, 1, V) recomputed
         cuda.logprobs_backward(z, *_positions(z.shape[0], h.device), ys[c], lse[c], g[c], temperature,
                                z, None if g_ent is None else ent[c], None if g_ent is None else g_ent[c])
-        dz = z[:, 0].to(dzt)                                           # (C, V) d logits, in place above
+        dz = z[:, 0].to(dzt)                                       # (C, V) d logits, in place above
         matmul_into(dh[c], dz, w_g)                                    # (C, H)
         add_matmul_(dw, dz.t(), h[c].to(dzt))                          # (V, H) fp32
     return dh, dw.to(weight.dtype)

@@ -251,6 +251,6 @@ def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=No
             inside, col = _label_in_tile(y, vs)
             d.scatter_add_(-1, col[:, None], (g_t[rs] * inside)[:, None])  # + onehot(y) · g/T
             d = d.to(dzt)                                                # bf16 for fp16: dz_dtype
-            add_matmul_(dh[rs], d, weight[vs].to(dzt))                   # (R, H) += (R, Vc) @ (Vc, H)
-            add_matmul_(dw[vs], d.t(), hc.to(dzt))                       # (Vc, H) += (Vc, R) @ (R, H)
+            add_matmul_(dh[rs], d, weight[vs].to(dzt))                 # (R, H) += (R, Vc) @ (Vc, H)
+            add_matmul_(dw[vs], d.t(), hc.to(dzt))                     # (Vc, H) += (Vc, R) @ (R, H)
     return dh.to(h.dtype), dw.to(weight.dtype)

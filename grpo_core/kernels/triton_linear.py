@@ -209,9 +209,9 @@ def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=No
     cfg = _config(h)
     rows = max(cfg["BLOCK_M"], DZ_BUFFER_BYTES // (V * h.element_size()))
     rows = min(M, rows // cfg["BLOCK_M"] * cfg["BLOCK_M"])
-    dzt = dz_dtype(h.dtype)                                                      # bf16 for fp16 inputs
-    dz = torch.empty((max(rows, 1), V), dtype=dzt, device=h.device)              # (C, V) reused buffer
-    w_g = weight.to(dzt)                                                         # (V, H) GEMM operand
+    dzt = dz_dtype(h.dtype)                                                   # bf16 for fp16 inputs
+    dz = torch.empty((max(rows, 1), V), dtype=dzt, device=h.device)           # (C, V) reused buffer
+    w_g = weight.to(dzt)                                                       # (V, H) GEMM operand
     ent_grad = g_ent is not None
     for s in range(0, M, max(rows, 1)):
         C = min(rows, M - s)
@@ -222,5 +222,5 @@ def linear_backward(h, weight, bias, ys, lse, g, temperature, ent=None, g_ent=No
                                 HAS_BIAS=bias is not None, ENT_GRAD=ent_grad, **cfg)
         dzc = dz[:C]                                                             # (C, V)
         matmul_into(dh[s:s + C], dzc, w_g)                                       # (C, H)
-        add_matmul_(dw, dzc.t(), h[s:s + C].to(dzt))                             # (V, H) fp32 += fp32 product
+        add_matmul_(dw, dzc.t(), h[s:s + C].to(dzt))                   # (V, H) fp32 += fp32 product
     return dh, dw.to(weight.dtype)
