@@ -24,6 +24,9 @@ Deviations / choices, stated once:
   - The recorded log-prob is the one of ``grpo_core.sampling.sample_next``: log_softmax of
     (logits + lm_head_bias) / T before top-k / top-p / min-p, i.e. what the trainer recomputes.
   - No forward is run after the last sampled token: the logits it would give are never used.
+  - Sampling does not depend on the batch: row (prompt b, sample g) draws its step-t uniform from
+    ``counter_uniforms(key, b, g, t)`` (key = the seed; the trainer's seed already encodes run
+    seed, step and rank), so chunking (``max_batch_sequences``) leaves every completion unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from grpo_core.policy import Encoded, Policy, Prompt
-from grpo_core.sampling import SamplingConfig, make_generator, sample_next
+from grpo_core.sampling import SamplingConfig, counter_uniforms, draw_key, sample_next
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -80,9 +83,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _decode_chunk(
-    policy: Policy, enc: Encoded, G: int, cfg: SamplingConfig, generator, bias, eos, progress
+    policy: Policy, enc: Encoded, G: int, cfg: SamplingConfig, key: int, first_prompt: int, bias, eos,
+    progress,
 ) -> _Chunk:
-    """Prefill b prompts once, fan out to n = b·G rows, sample until all EOS or the budget."""
+    """Prefill b prompts once, fan out to n = b·G rows, sample until all EOS or the budget.
+
+    Row r of the chunk is (prompt first_prompt + r // G, sample r % G); its draws come from
+    ``counter_uniforms`` at that key, so they do not depend on the chunk's other rows.
+    """
     device, pad, T_max = policy.device, policy.pad_token_id, cfg.max_new_tokens
     t0 = time.perf_counter()
     logits, state = policy.prefill(enc)                                  # (b, V), b-row state
@@ -92,6 +100,8 @@ def _decode_chunk(
     t1 = time.perf_counter()
 
     n = logits.shape[0]
+    row = torch.arange(n, device=device)                                 # (n,)
+    u = None if cfg.greedy else counter_uniforms(key, first_prompt + row // G, row % G, T_max)  # (n, T_max)
     ids = torch.full((n, T_max), pad, dtype=torch.long, device=device)   # (n, T_max)
     logps = torch.zeros((n, T_max), dtype=torch.float32, device=device)  # (n, T_max)
     alive_at = torch.zeros((n, T_max), dtype=torch.bool, device=device)  # (n, T_max) row open at step t
@@ -101,7 +111,8 @@ def _decode_chunk(
     check_every = 1 if device.type == "cpu" else 8
     steps = 0
     for t in range(T_max):
-        tok, lp = sample_next(logits, cfg, generator, bias)              # (n,), (n,)
+        ut = None if u is None else u[:, t]                              # (n,)
+        tok, lp = sample_next(logits, cfg, None, bias, ut)               # (n,), (n,)
         broken |= torch.isnan(lp) & alive                                # no sync: checked with `alive`
         tok = tok.masked_fill_(~alive, pad)                              # finished rows feed pad
         ids[:, t] = tok
@@ -170,14 +181,14 @@ def generate_groups(
     bias = policy.lm_head_bias
     bias = None if bias is None else bias.to(device=device, dtype=torch.float32)  # (V,)
     eos = torch.tensor(sorted(set(policy.eos_token_ids)), dtype=torch.long, device=device)
-    generator = make_generator(cfg, device)
+    key = draw_key(cfg)                                                  # the run's sample stream
     per_chunk = max(1, cfg.max_batch_sequences // G)                     # prompts per chunk
 
     chunks = []
     with torch.no_grad():
         for s in range(0, B, per_chunk):
             sub = enc if per_chunk >= B else enc.select(list(range(s, min(B, s + per_chunk))))
-            chunks.append(_decode_chunk(policy, sub, G, cfg, generator, bias, eos, progress))
+            chunks.append(_decode_chunk(policy, sub, G, cfg, key, s, bias, eos, progress))
 
     C = max(c.steps for c in chunks)
     ids = torch.cat([_right_pad(c.ids, C, policy.pad_token_id) for c in chunks])       # (N, C)

@@ -340,3 +340,33 @@ def test_non_finite_logits_are_a_clear_error(value, greedy):
     pol = NaNAfter(BigramPolicy(eos_logit=-60.0), k=3, rows=[5], value=value)
     with pytest.raises(NonFiniteLogitsError, match=r"decode step 3 in rows \[5\] \(prompts \[1\]"):
         generate_groups(pol, PROMPTS, 3, SamplingConfig(max_new_tokens=8, seed=0, greedy=greedy))
+
+
+# ── batch-independent sampling ───────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("cap", [1, 3, 7])
+def test_sampled_tokens_do_not_depend_on_the_batch(cap):
+    """Each row's draws are keyed by (seed, prompt, sample, position): chunking changes nothing."""
+    pol = BigramPolicy(eos_logit=1.0)
+    cfg = SamplingConfig(max_new_tokens=12, seed=11, temperature=1.2)
+    one = generate_groups(pol, PROMPTS, 3, cfg)
+    many = generate_groups(pol, PROMPTS, 3, SamplingConfig(**{**cfg.__dict__, "max_batch_sequences": cap}))
+    assert many.stats["chunks"] > 1 and one.finished.any()
+    for f in ("completion_ids", "completion_mask", "finished"):
+        assert torch.equal(getattr(one, f), getattr(many, f)), f
+    assert_close(many.logprobs, one.logprobs, "chunked vs one batch", atol=fp32_logprob_tol(one.logprobs))
+    # the prompt a row belongs to keys its stream: the same prompt alone gives the same rows
+    alone = generate_groups(pol, PROMPTS[:1], 3, cfg)
+    assert torch.equal(alone.completion_ids, one.completion_ids[:3, :alone.completion_ids.shape[1]])
+
+
+def test_vlm_sampled_tokens_do_not_depend_on_chunking(tiny_vlm_policy64):
+    """float64 model: logits of different batch shapes differ in the last fp64 bits, so no draw flips."""
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.0)
+    enc = pol.encode(_vlm_prompts())
+    cfg = SamplingConfig(max_new_tokens=10, seed=4)
+    one = generate_groups(pol, enc, 4, cfg)
+    many = generate_groups(pol, enc, 4, SamplingConfig(max_new_tokens=10, seed=4, max_batch_sequences=5))
+    assert many.stats["chunks"] == 3 and one.finished.any() and one.truncated.any()
+    assert torch.equal(one.completion_ids, many.completion_ids)
+    assert torch.equal(one.completion_mask, many.completion_mask)
