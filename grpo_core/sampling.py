@@ -43,6 +43,9 @@ import torch
 from .options import check_options, option
 
 
+SWITCHES = ("auto", "on", "off")
+
+
 @dataclass
 class SamplingOptions:
     """How completions are drawn; shared by SamplingConfig and the trainer's RolloutConfig."""
@@ -53,6 +56,9 @@ class SamplingOptions:
     top_k: int = option(0, ge=0)                    # keep the k highest logits (0 = off)
     min_p: float = option(0.0, ge=0, lt=1)          # drop tokens with p < min_p · p_max (0.0 = off)
     max_batch_sequences: int = option(256, ge=1)    # cap on sequences decoded together; chunks are whole groups
+    compact_below: float = option(0.75, ge=0, le=1)  # drop finished rows once the live ones fit in ≤ this share of the batch (0 = never)
+    graphs: str = option("auto", choices=SWITCHES)  # CUDA-graph the decode step: auto = on CUDA (policies that support it)
+    compile: str = option("auto", choices=SWITCHES)  # torch.compile the decode step: auto = off (did not pay on CPU)
 
     def sampling_options(self) -> dict:
         """These options as keyword arguments (e.g. for SamplingConfig from a RolloutConfig)."""

@@ -35,11 +35,13 @@ def fp32_logprob_tol(want: torch.Tensor) -> float:
     return tol(torch.float32, 1.0 + float(want.abs().max()), k=16)
 
 
-def recompute_logprobs(policy, ro: Rollout, T: float) -> torch.Tensor:
-    """Teacher-forced log_softmax((hidden @ W.T + bias) / T)[c_j] (what the trainer computes)."""
+def recompute_logprobs(policy, ro: Rollout, T: float, eos_shift: float = 0.0) -> torch.Tensor:
+    """Teacher-forced log_softmax((hidden @ W.T + bias) / T)[c_j] (what the trainer computes);
+    ``eos_shift``: what ``EosLeaning`` added to the EOS logits."""
     with torch.no_grad():
         h = policy.completion_hidden(ro.encoded, ro.completion_ids, ro.completion_mask, ro.group_size)
         z = policy._head(h) if hasattr(policy, "_head") else h.float() @ policy.lm_head_weight.float().T
+        z[..., list(policy.eos_token_ids)] += eos_shift
         if policy.lm_head_bias is not None:
             z = z + policy.lm_head_bias.to(z.device)
         lp = torch.log_softmax(z / T, -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
@@ -370,3 +372,132 @@ def test_vlm_sampled_tokens_do_not_depend_on_chunking(tiny_vlm_policy64):
     assert many.stats["chunks"] == 3 and one.finished.any() and one.truncated.any()
     assert torch.equal(one.completion_ids, many.completion_ids)
     assert torch.equal(one.completion_mask, many.completion_mask)
+
+
+# ── finished rows leave the batch (compaction) and the fixed-shape decode step ──────────────────
+
+def test_compaction_changes_no_token():
+    pol = BigramPolicy(eos_logit=2.5)
+    base = dict(max_new_tokens=16, seed=5)
+    off = generate_groups(pol, PROMPTS, 4, SamplingConfig(**base, compact_below=0.0))
+    on = generate_groups(pol, PROMPTS, 4, SamplingConfig(**base, compact_below=1.0))
+    assert off.stats["compactions"] == 0 and on.stats["compactions"] >= 2
+    assert on.stats["rows_decoded"] < off.stats["rows_decoded"]
+    for f in ("completion_ids", "completion_mask", "finished", "truncated"):
+        assert torch.equal(getattr(off, f), getattr(on, f)), f
+    assert_close(on.logprobs, off.logprobs, "compacted vs not", atol=fp32_logprob_tol(off.logprobs))
+    check_layout(pol, on, 4, 4, 16)
+
+
+def test_compaction_plan_keeps_live_rows_prompt_major():
+    from grpo_core.rollout import _compaction
+
+    alive = torch.tensor([0, 1, 0, 1,   0, 0, 0, 0,   1, 0, 0, 0], dtype=torch.bool)   # b = 3, g = 4
+    keep, slots, g2 = _compaction(alive, 4, 3, 0.75)
+    assert keep.tolist() == [0, 2] and g2 == 2 and slots.tolist() == [1, 3, 8, 9]  # 9: filler (finished)
+    assert _compaction(alive, 4, 3, 0.3) is None                                   # 4 slots > 0.3 · 12
+
+
+def _static_mode(monkeypatch, mode="static"):
+    """Make the Qwen2-VL policy run every decode step through the fixed-shape path."""
+    from grpo_models import step_runner
+
+    monkeypatch.setattr(step_runner, "resolve", lambda graphs, compile, device: mode)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_vlm_compaction_and_fixed_shapes_change_no_token(tiny_vlm_policy64, monkeypatch, static):
+    """float64: compaction on/off and eager/fixed-shape steps give the same tokens; log-probs ==
+    teacher forcing; greedy == HF generate."""
+    if static:
+        _static_mode(monkeypatch)
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    cfg = dict(max_new_tokens=14, seed=9)
+    off = generate_groups(pol, enc, 4, SamplingConfig(**cfg, compact_below=0.0))
+    on = generate_groups(pol, enc, 4, SamplingConfig(**cfg, compact_below=0.9))
+    assert on.stats["compactions"] >= 1 and on.finished.any() and on.truncated.any()
+    assert torch.equal(off.completion_ids, on.completion_ids)
+    assert torch.equal(off.completion_mask, on.completion_mask)
+    want = recompute_logprobs(tiny_vlm_policy64, on, 1.0, eos_shift=3.5)
+    assert_close(on.logprobs, want, "compacted rollout log-probs vs teacher forcing", atol=fp32_logprob_tol(want))
+    greedy = generate_groups(tiny_vlm_policy64, enc, 2, SamplingConfig(max_new_tokens=10, greedy=True))
+    with torch.no_grad():
+        hf = _hf_generate(tiny_vlm_policy64, enc, 10, num_return_sequences=2)
+    C = max(hf.shape[1], greedy.completion_ids.shape[1])
+    pad = lambda x: torch.nn.functional.pad(x, (0, C - x.shape[1]), value=tiny_vlm_policy64.pad_token_id)  # noqa: E731
+    assert torch.equal(pad(greedy.completion_ids), pad(hf))
+
+
+def _steps_logits(pol, enc, G, ids, mode=None, compact_at=None):
+    """Prefill + expand + len(ids[0]) decode steps of given tokens → logits (N', steps, V) fp32.
+
+    ``mode``: the fixed-shape runner (None: eager); ``compact_at``: before that step, drop prompt 1
+    and keep 2 rows of every other prompt (as the rollout's compaction would)."""
+    from grpo_models import step_runner
+
+    rows = torch.arange(ids.shape[0])
+    with torch.no_grad():
+        logits, state = pol.prefill(enc)
+        state = pol.expand(state, G)
+        real = step_runner.resolve
+        step_runner.resolve = lambda graphs, compile, device: mode
+        try:
+            state = pol.plan_decode(state, ids.shape[1], "off", "off")
+        finally:
+            step_runner.resolve = real
+        assert (state.runner is None) == (mode is None)
+        out = []
+        for j in range(ids.shape[1]):
+            if j == compact_at:
+                keep = torch.tensor([b for b in range(len(enc)) if b != 1])
+                slots = (keep[:, None] * G + torch.tensor([G - 1, 0])).flatten()
+                state = pol.compact_state(state, keep, slots, 2)
+                rows = rows[slots]
+                out = [o[slots] for o in out]
+            logits, state = pol.decode_step(state, ids[rows, j])
+            out.append(logits.clone())
+    return torch.stack(out, 1), rows
+
+
+@pytest.mark.parametrize("compact_at", [None, 2])
+def test_fixed_shape_step_matches_eager(tiny_vlm_policy64, compact_at):
+    pol = tiny_vlm_policy64
+    enc = pol.encode(_vlm_prompts())
+    ids = torch.randint(10, 400, (len(enc) * 3, 5), generator=torch.Generator().manual_seed(1))
+    eager, rows = _steps_logits(pol, enc, 3, ids, None, compact_at)
+    static, rows2 = _steps_logits(pol, enc, 3, ids, "static", compact_at)
+    assert torch.equal(rows, rows2) and static.dtype == torch.float32
+    assert_close(static, eager, "fixed-shape vs eager decode", atol=tol(torch.float32, eager.abs().max(), k=2))
+    if compact_at is not None:                  # compaction changes no row's logits
+        full, _ = _steps_logits(pol, enc, 3, ids, None, None)
+        assert_close(eager, full[rows], "compacted vs full", atol=tol(torch.float32, full.abs().max(), k=2))
+
+
+def test_decode_under_bf16_autocast(tiny_vlm_path):
+    """fp32 weights, bf16 compute (the trainer's autocast): logits come back fp32; eager and
+    fixed-shape agree; the error against the fp64 model is at most 2× that of HF's own forward
+    under the same autocast (the plain bf16 path)."""
+    from grpo_models import policy_utils as pu
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+
+    ref_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu")
+    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float32, device="cpu")
+    enc = pol.encode(_vlm_prompts())
+    ids = torch.randint(10, 400, (len(enc) * 2, 4), generator=torch.Generator().manual_seed(2))
+    ref, _ = _steps_logits(ref_pol, enc, 2, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, _ = _steps_logits(pol, enc, 2, ids)
+        static, _ = _steps_logits(pol, enc, 2, ids, "static")
+        with torch.no_grad():                   # plain path: HF forward on a fanned-out cache
+            logits, state = pol.prefill(enc)
+            state = pu.expand_state(state, 2)
+            plain = []
+            for j in range(ids.shape[1]):
+                logits, state = pol.decode_step(state, ids[:, j])
+                plain.append(logits)
+    plain = torch.stack(plain, 1)
+    assert eager.dtype == static.dtype == torch.float32
+    err, plain_err = (eager - ref).abs().max(), (plain - ref).abs().max()
+    assert err <= 2 * plain_err + 1e-3, f"autocast decode error {err:.3g} > 2× plain {plain_err:.3g}"
+    assert (static - ref).abs().max() <= 2 * plain_err + 1e-3
