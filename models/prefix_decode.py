@@ -51,6 +51,11 @@ class PrefixDecodeState:
     group_size: int           # G (rows per prompt; after ``select``, slots per kept prompt)
     column: torch.Tensor | None = None  # (1,) int64 on device: ``length`` for the fixed-shape step
     runner: "StepRunner | None" = None  # how decode steps run (None: eager reference)
+    prefix_bias: torch.Tensor | None = None  # (B, 1, 1, P) fp32: 0 / −inf, the mask as added to scores
+
+    def __post_init__(self):
+        if self.prefix_bias is None:
+            self.prefix_bias = prefix_bias(self.prefix_mask)
 
     def __len__(self) -> int:
         return self.next_position.shape[0]
@@ -138,33 +143,42 @@ def _write_static(state: PrefixDecodeState, i: int, k: torch.Tensor, v: torch.Te
 def shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size: int, scale: float,
                             own_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q (N, h, 1, d); prompt K/V (B, kvh, P, d) + mask (B, 1, 1, P); own K/V (N, kvh, t, d)
-    [+ own_mask (1, 1, 1, t), False: column not written yet] → (N, h·d)."""
+    [+ own_mask (1, 1, 1, t), False: column not written yet] → (N, h·d).
+
+    ``pmask`` is bool (True = attend) or an additive fp32 bias (0 / −inf, ``prefix_bias``)."""
     with torch.autocast(q.device.type, enabled=False):                   # fp32 scores under autocast too
         return _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_mask)
 
 
+def prefix_bias(pmask: torch.Tensor) -> torch.Tensor:
+    """Bool mask (B, 1, 1, P) → additive fp32 bias: 0 where attended, −inf on left padding."""
+    return torch.zeros(pmask.shape, dtype=torch.float32, device=pmask.device).masked_fill_(~pmask, float("-inf"))
+
+
 def _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_mask):
+    """Scores and softmax in the group layout (B, kvh, G·r, ·): the large prompt block needs no
+    transpose; only the small own block (t columns) and the (N, h, d) output move between layouts."""
     dtype = q.dtype   # scores and softmax in ≥ fp32 (as flash/sdpa kernels do); a no-op for fp32/fp64
     acc = torch.promote_types(dtype, torch.float32)
-    q, pk, pv, ok, ov = (t.to(acc) for t in (q, pk, pv, ok, ov))
     n, h, _, d = q.shape
     b, kvh, p, _ = pk.shape
-    g, r = group_size, h // kvh                                          # head j uses KV head j // r
-    q5 = q.view(b, g, kvh, r, d)
-    q_grp = q5.permute(0, 2, 1, 3, 4).reshape(b, kvh, g * r, d)           # (B, kvh, G·r, d)
-    s_pre = torch.matmul(q_grp, pk.transpose(-1, -2)) * scale            # (B, kvh, G·r, P)
-    s_pre = s_pre.masked_fill_(~pmask, float("-inf"))
-    s_pre = s_pre.view(b, kvh, g, r, p).transpose(1, 2).reshape(n, kvh, r, p)  # (N, kvh, r, P)
-    q_own = q.view(n, kvh, r, d)
-    s_own = torch.matmul(q_own, ok.transpose(-1, -2)) * scale            # (N, kvh, r, t)
+    g, r, t = group_size, h // kvh, ok.shape[2]                          # head j uses KV head j // r
+    q = q.to(acc) * scale                                                # (N, h, 1, d) scale folded in
+    q_grp = q.view(b, g, kvh, r, d).transpose(1, 2).reshape(b, kvh, g * r, d)   # (B, kvh, G·r, d)
+    s_pre = torch.matmul(q_grp, pk.to(acc).transpose(-1, -2))           # (B, kvh, G·r, P)
+    if pmask.dtype == torch.bool:
+        s_pre = s_pre.masked_fill_(~pmask, float("-inf"))
+    else:
+        s_pre = s_pre.add_(pmask.to(acc))
+    s_own = torch.matmul(q.view(n, kvh, r, d), ok.to(acc).transpose(-1, -2))   # (N, kvh, r, t)
     if own_mask is not None:
         s_own = s_own.masked_fill_(~own_mask, float("-inf"))
-    probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (N, kvh, r, P+t)
-    p_pre, p_own = probs.split([p, ok.shape[2]], dim=-1)
-    p_grp = p_pre.reshape(b, g, kvh, r, p).transpose(1, 2).reshape(b, kvh, g * r, p)
-    o_pre = torch.matmul(p_grp, pv)                                       # (B, kvh, G·r, d)
+    s_own = s_own.view(b, g, kvh, r, t).transpose(1, 2).reshape(b, kvh, g * r, t)  # (B, kvh, G·r, t)
+    probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (B, kvh, G·r, P+t)
+    o_pre = torch.matmul(probs[..., :p], pv.to(acc))                     # (B, kvh, G·r, d)
+    p_own = probs[..., p:].reshape(b, kvh, g, r, t).transpose(1, 2).reshape(n, kvh, r, t)
     o_pre = o_pre.view(b, kvh, g, r, d).transpose(1, 2).reshape(n, kvh, r, d)
-    out = o_pre + torch.matmul(p_own, ov)                                 # (N, kvh, r, d)
+    out = o_pre + torch.matmul(p_own, ov.to(acc))                         # (N, kvh, r, d)
     return out.reshape(n, h * d).to(dtype)                                # heads in HF order
 
 
@@ -206,7 +220,7 @@ def _layers(lm, state: PrefixDecodeState, tokens: torch.Tensor, write) -> torch.
         v = attn.v_proj(x).view(n, 1, kvh, d).transpose(1, 2)
         q, k = rotate(q, k, cos, sin)
         ok, ov, own_mask = write(state, i, k, v)
-        o = shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i], state.prefix_mask, ok, ov,
+        o = shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i], state.prefix_bias, ok, ov,
                                     state.group_size, attn.scaling, own_mask)   # (N, nh·d)
         hidden = hidden + attn.o_proj(o.view(n, 1, nh * d))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
