@@ -4,7 +4,7 @@ as one CUDA graph.
 ``fn`` must have fixed shapes and update its state only in place (``prefix_decode.
 decode_layers_static``), so the same kernels with the same addresses do the same work every step:
 
-    graph:   warm up twice on a side stream, restore the state, capture one step into a graph;
+    graph:   warm up once on a side stream, restore the state, capture one step into a graph;
              then each step = copy tokens into the static input, replay, read the static output
              (one launch for the whole step instead of one per small op per layer).
     compile: ``torch.compile(fn)`` (fuses the small ops; pays only where measured, see
@@ -65,14 +65,12 @@ class StepRunner:
         side = torch.cuda.Stream(device=tokens.device)
         side.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(side), _no_autocast_cache(tokens.device):
-            for _ in range(2):                                            # allocator + lazy init
-                self._fn(self._tokens)
+            self._fn(self._tokens)       # one real step: lazy init, workspaces (column stays < cap)
         torch.cuda.current_stream(tokens.device).wait_stream(side)
-        self._restore(saved)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph), _no_autocast_cache(tokens.device):
-            self._logits = self._fn(self._tokens)
-        self._restore(saved)                                              # capture ran nothing; be safe
+            self._logits = self._fn(self._tokens)                         # recorded, not run
+        self._restore(saved)                                              # undo the warm-up step
 
     def _restore(self, saved) -> None:
         for t, s in zip(self._mutable, saved):

@@ -501,3 +501,66 @@ def test_decode_under_bf16_autocast(tiny_vlm_path):
     err, plain_err = (eager - ref).abs().max(), (plain - ref).abs().max()
     assert err <= 2 * plain_err + 1e-3, f"autocast decode error {err:.3g} > 2× plain {plain_err:.3g}"
     assert (static - ref).abs().max() <= 2 * plain_err + 1e-3
+
+
+class _FakeGraph:
+    """CPU stand-in for torch.cuda.CUDAGraph: capture records the step; replay re-runs it into the
+    captured output buffer (what a real replay does to the same addresses)."""
+
+    runner = None                                        # the StepRunner capturing now
+
+    def __init__(self):
+        self.fn, self.out = None, None
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def _fake_cuda(monkeypatch):
+    import contextlib
+
+    from grpo_models import step_runner
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g):                                        # a real capture runs no kernel: undo the call
+        runner = _FakeGraph.runner
+        before = [t.clone() for t in runner._mutable]
+        yield
+        for t, b in zip(runner._mutable, before):
+            t.copy_(b)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    orig = step_runner.StepRunner._capture
+
+    def capture(self, tokens):                           # after the real capture logic, bind replay
+        _FakeGraph.runner = self
+        orig(self, tokens)
+        self._graph.fn, self._graph.out = (lambda: self._fn(self._tokens)), self._logits
+
+    monkeypatch.setattr(step_runner.StepRunner, "_capture", capture)
+
+
+def test_graph_runner_protocol_with_a_fake_cuda_graph(tiny_vlm_policy64, monkeypatch):
+    """The CUDA-graph runner's bookkeeping (warm-up and capture leave the state as it was; static
+    input/output buffers; a new graph after compaction), on CPU with a stand-in for the graph."""
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    cfg = SamplingConfig(max_new_tokens=14, seed=9, compact_below=0.9)
+    want = generate_groups(pol, enc, 4, cfg)
+    _fake_cuda(monkeypatch)
+    _static_mode(monkeypatch, "graph")
+    got = generate_groups(pol, enc, 4, cfg)
+    assert got.stats["compactions"] >= 1
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    assert_close(got.logprobs, want.logprobs, "graph runner vs eager", atol=fp32_logprob_tol(want.logprobs))
