@@ -141,11 +141,12 @@ def _decode_chunk(
             if steps == T_max or not n_alive:
                 break
             plan = None if compact is None else _compaction(alive, g, n_alive, cfg.compact_below)
-            if plan is not None:
+            smaller = None if plan is None else compact(state, *plan)
+            if plan is not None and smaller is None:                     # this state cannot be compacted
+                compact = None
+            elif smaller is not None:
                 keep, slots, g = plan
-                state = compact(state, keep, slots, g)
-                if state is None:                                        # the policy cannot compact
-                    raise RuntimeError("compact_state returned None after a plan; policy bug")
+                state = smaller
                 tok, alive, broken, rows = tok[slots], alive[slots], broken[slots], rows[slots]
                 moved, compactions = True, compactions + 1
         rows_decoded += tok.shape[0]

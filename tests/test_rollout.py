@@ -564,3 +564,18 @@ def test_graph_runner_protocol_with_a_fake_cuda_graph(tiny_vlm_policy64, monkeyp
     assert got.stats["compactions"] >= 1
     assert torch.equal(got.completion_ids, want.completion_ids)
     assert_close(got.logprobs, want.logprobs, "graph runner vs eager", atol=fp32_logprob_tol(want.logprobs))
+
+
+def test_vlm_plain_cache_fallback_is_not_compacted(tiny_vlm_policy64, monkeypatch):
+    """Where the shared-prefix decode is not taken, the policy cannot compact: the rollout goes on
+    with full batches and draws the same tokens."""
+    from grpo_models import prefix_decode
+
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    cfg = SamplingConfig(max_new_tokens=10, seed=3, compact_below=1.0)
+    shared = generate_groups(pol, enc, 4, cfg)
+    monkeypatch.setattr(prefix_decode, "supported", lambda lm: False)
+    plain = generate_groups(pol, enc, 4, cfg)
+    assert shared.stats["compactions"] >= 1 and plain.stats["compactions"] == 0
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
