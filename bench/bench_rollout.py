@@ -162,8 +162,9 @@ def hf_generate(policy, enc, G: int, new: int, eos: dict | None = None):
     never = torch.isinf(policy.lm_head_bias).nonzero().flatten().tolist()
     extra = {"suppress_tokens": never + list(policy.eos_token_ids)}
     if eos is not None:
-        proc = _hf_eos_processor(enc.input_ids.shape[1], policy.eos_token_ids, eos["after"], eos["shift"])
-        extra = {"suppress_tokens": never, "logits_processor": [proc], "eos_token_id": list(policy.eos_token_ids)}
+        eos_ids = list(policy.eos_token_ids)
+        proc = _hf_eos_processor(enc.input_ids.shape[1], eos_ids, eos["after"], eos["shift"])
+        extra = {"suppress_tokens": never, "logits_processor": [proc], "eos_token_id": eos_ids}
     e = enc.to(policy.device)
     with torch.no_grad():
         return policy.model.generate(
@@ -184,7 +185,8 @@ def _hf_tokens(out: torch.Tensor, prompt_len: int, eos_ids) -> int:
 
 def run_config(name: str, cfg: dict, reps: int, workdir: str) -> dict:
     device = cfg["device"]
-    policy = tiny_policy(cfg, workdir) if name.startswith("tiny") else qwen2_vl_2b_policy(cfg, workdir)
+    build = tiny_policy if name.startswith("tiny") else qwen2_vl_2b_policy
+    policy = build(cfg, workdir)
     prompts = [Prompt(TEXTS[i % len(TEXTS)], [im]) for i, im in enumerate(_images(cfg["prompts"], cfg["image"]))]
     enc = policy.encode(prompts)
     B, G, new, P = cfg["prompts"], cfg["G"], cfg["new"], enc.input_ids.shape[1]
@@ -193,7 +195,7 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str) -> dict:
     sampling = SamplingConfig(max_new_tokens=new, temperature=1.0, seed=0)
     no_compact = SamplingConfig(max_new_tokens=new, temperature=1.0, seed=0, compact_below=0.0)
 
-    hf_w, hf_c, hf_tok, our_w, our_c, our_tok, stats, nc_w, nc_tok = [], [], [], [], [], [], [], [], []
+    hf_w, hf_c, hf_tok, our_w, our_c, our_tok, stats, nc_w, nc_tok = ([] for _ in range(9))
     hf_generate(policy, enc, G, 2)                                          # warm-up both paths
     generate_groups(ours_policy, enc, G, SamplingConfig(max_new_tokens=2, seed=0))
     for rep in range(reps):
@@ -202,13 +204,13 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str) -> dict:
             assert out.shape == (B * G, P + new), "HF stopped early: EOS not suppressed?"
         hf_w.append(w), hf_c.append(c), hf_tok.append(_hf_tokens(out, P, policy.eos_token_ids))
         key = SamplingConfig(**{**sampling.__dict__, "seed": rep})          # fresh draws per rep
-        w, c, ro = _timed(lambda: generate_groups(ours_policy, enc, G, key), device)
+        w, c, ro = _timed(lambda key=key: generate_groups(ours_policy, enc, G, key), device)
         if eos is None:
             assert int(ro.completion_mask.sum()) == B * G * new
         our_w.append(w), our_c.append(c), stats.append(ro.stats), our_tok.append(ro.stats["tokens"])
-        if eos is not None:                                                 # same draws, compaction off
+        if eos is not None:                                        # same draws, compaction off
             key = SamplingConfig(**{**no_compact.__dict__, "seed": rep})
-            w, _, ro2 = _timed(lambda: generate_groups(ours_policy, enc, G, key), device)
+            w, _, ro2 = _timed(lambda key=key: generate_groups(ours_policy, enc, G, key), device)
             assert torch.equal(ro2.completion_ids, ro.completion_ids), "compaction changed a token"
             nc_w.append(w), nc_tok.append(ro2.stats["tokens"])
     hf_prefill, _, _ = _timed(lambda: hf_generate(policy, enc, G, 1), device)  # HF prefill + 1 token
@@ -218,28 +220,32 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str) -> dict:
     our_tps = [t / w for t, w in zip(our_tok, our_w)]
     row = {
         "config": name, "device": device, "prompts": B, "G": G, "new_tokens": new,
-        "prompt_len": int(P), "image_tokens": int((enc.input_ids == policy.image_token_id).sum() // B),
+        "prompt_len": int(P),
+        "image_tokens": int((enc.input_ids == policy.image_token_id).sum() // B),
         "reps": reps, "threads": torch.get_num_threads(), "loadavg": _loadavg(),
         "hf_s": med(hf_w), "ours_s": med(our_w),
         "hf_tokens_per_s": med(hf_tps), "ours_tokens_per_s": med(our_tps),
-        "mean_len_hf": sum(hf_tok) / (len(hf_tok) * B * G), "mean_len_ours": sum(our_tok) / (len(our_tok) * B * G),
+        "mean_len_hf": sum(hf_tok) / (len(hf_tok) * B * G),
+        "mean_len_ours": sum(our_tok) / (len(our_tok) * B * G),
         "speedup": med(our_tps) / med(hf_tps),
-        "speedup_cpu_time": (med(t / c for t, c in zip(our_tok, our_c)) / med(t / c for t, c in zip(hf_tok, hf_c))
-                             if device == "cpu" else None),
+        "speedup_cpu_time": None if device != "cpu" else (
+            med(t / c for t, c in zip(our_tok, our_c)) / med(t / c for t, c in zip(hf_tok, hf_c))),
         "speedup_best": max(our_tps) / max(hf_tps),
         "ours_prefill_s": med(s["prefill_s"] for s in stats),
         "ours_decode_ms_per_step": med(s["decode_ms_per_step"] for s in stats),
         "hf_decode_ms_per_step_est": 1e3 * (med(hf_w) - hf_prefill) / (new - 1),
         "hf_prefill_s_est": hf_prefill,
         "compactions": med(s["compactions"] for s in stats),
-        "rows_decoded_share": med(s["rows_decoded"] / (B * G * max(s["steps"] - 1, 1)) for s in stats),
+        "rows_decoded_share": med(s["rows_decoded"] / (B * G * max(s["steps"] - 1, 1))
+                                  for s in stats),
     }
     if nc_w:
         row["ours_no_compaction_tokens_per_s"] = med(t / w for t, w in zip(nc_tok, nc_w))
         row["compaction_gain"] = row["ours_tokens_per_s"] / row["ours_no_compaction_tokens_per_s"]
-    if device == "cuda":                                                   # graphs (auto) vs eager steps
+    if device == "cuda":                                           # graphs (auto) vs eager steps
         eager = SamplingConfig(**{**sampling.__dict__, "graphs": "off"})
-        ew = [_timed(lambda: generate_groups(ours_policy, enc, G, eager), device)[0] for _ in range(reps)]
+        ew = [_timed(lambda: generate_groups(ours_policy, enc, G, eager), device)[0]
+              for _ in range(reps)]
         row["ours_eager_tokens_per_s"] = med(our_tok) / med(ew)
         row["graphs_gain"] = row["ours_tokens_per_s"] / row["ours_eager_tokens_per_s"]
         row.update(_bandwidth(policy, enc, B * G, new, row["ours_decode_ms_per_step"]))
@@ -280,11 +286,11 @@ def write_results(rows: list[dict], command: str, root: str | None = None) -> st
             "command": command, "device": device_label(dev), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "notes": ["medians over reps, HF and ours alternating"]}
-    cols = ["config", "prompts", "G", "new_tokens", "prompt_len", "threads", "loadavg", "hf_tokens_per_s",
-            "ours_tokens_per_s", "speedup", "speedup_cpu_time", "ours_prefill_s", "hf_prefill_s_est",
-            "ours_decode_ms_per_step", "hf_decode_ms_per_step_est", "mean_len_ours", "mean_len_hf",
-            "ours_no_compaction_tokens_per_s", "compaction_gain", "ours_eager_tokens_per_s", "graphs_gain",
-            "fraction_of_bw_limit"]
+    cols = ["config", "prompts", "G", "new_tokens", "prompt_len", "threads", "loadavg",
+            "hf_tokens_per_s", "ours_tokens_per_s", "speedup", "speedup_cpu_time", "ours_prefill_s",
+            "hf_prefill_s_est", "ours_decode_ms_per_step", "hf_decode_ms_per_step_est",
+            "mean_len_ours", "mean_len_hf", "ours_no_compaction_tokens_per_s", "compaction_gain",
+            "ours_eager_tokens_per_s", "graphs_gain", "fraction_of_bw_limit"]
     return write_table(os.path.join(results_dir(dev, root), "rollout"), meta, rows, cols)
 
 
@@ -314,7 +320,8 @@ def main(argv=None):
             row = run_config(name, cfg, reps, workdir)
             rows.append(row)
             if row.get("compaction_gain") is not None:
-                print(f"[{name}] compaction: {row['compaction_gain']:.2f}x tokens/s over compaction off "
+                print(f"[{name}] compaction: {row['compaction_gain']:.2f}x tokens/s over none "
+
                       f"({row['ours_no_compaction_tokens_per_s']:.0f} tok/s), mean length "
                       f"{row['mean_len_ours']:.1f} (HF {row['mean_len_hf']:.1f})")
             print(f"[{name}] ours {row['ours_tokens_per_s']:.0f} tok/s vs HF {row['hf_tokens_per_s']:.0f} tok/s: "

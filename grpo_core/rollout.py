@@ -90,8 +90,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _decode_chunk(
-    policy: Policy, enc: Encoded, G: int, cfg: SamplingConfig, key: int, first_prompt: int, bias, eos,
-    progress,
+    policy: Policy, enc: Encoded, G: int, cfg: SamplingConfig, key: int, first_prompt: int, bias,
+    eos, progress,
 ) -> _Chunk:
     """Prefill b prompts once, fan out to n = b·G rows, sample until all EOS or the budget.
 
@@ -103,7 +103,7 @@ def _decode_chunk(
     t0 = time.perf_counter()
     logits, state = policy.prefill(enc)                                  # (b, V), b-row state
     state = policy.expand(state, G)                                      # n-row state; b-row one freed
-    if hasattr(policy, "plan_decode"):                                   # buffers for the budget, once
+    if hasattr(policy, "plan_decode"):                                   # size buffers once
         state = policy.plan_decode(state, T_max - 1, cfg.graphs, cfg.compile)
     compact = getattr(policy, "compact_state", None) if cfg.compact_below > 0 else None
     logits = logits.repeat_interleave(G, dim=0)                          # (n, V)
@@ -112,12 +112,13 @@ def _decode_chunk(
 
     n = logits.shape[0]
     rows = torch.arange(n, device=device)                                # (slots,) row of each slot
-    u = None if cfg.greedy else counter_uniforms(key, first_prompt + rows // G, rows % G, T_max)  # (n, T_max)
+    prompt, sample = first_prompt + rows // G, rows % G                  # (n,) each: a row's stream
+    u = None if cfg.greedy else counter_uniforms(key, prompt, sample, T_max)   # (n, T_max)
     ids = torch.full((n, T_max), pad, dtype=torch.long, device=device)   # (n, T_max)
     logps = torch.zeros((n, T_max), dtype=torch.float32, device=device)  # (n, T_max)
     alive_at = torch.zeros((n, T_max), dtype=torch.bool, device=device)  # (n, T_max) row open at step t
     alive = torch.ones(n, dtype=torch.bool, device=device)               # (slots,)
-    broken = torch.zeros(n, dtype=torch.bool, device=device)             # (slots,) open, NaN/inf logits
+    broken = torch.zeros(n, dtype=torch.bool, device=device)             # (slots,) NaN/inf, open
     # On a GPU, `alive.sum()` is a host sync that stalls the launch queue: test it every few steps.
     check_every = 1 if device.type == "cpu" else 8
     steps, g, moved, rows_decoded, compactions = 0, G, False, 0, 0
@@ -135,14 +136,14 @@ def _decode_chunk(
         if progress is not None:
             progress(t + 1, T_max)
         if steps == T_max or steps % check_every == 0:
-            n_alive, any_broken = torch.stack([alive.sum(), broken.any()]).tolist()   # one host sync
+            n_alive, any_broken = torch.stack([alive.sum(), broken.any()]).tolist()  # host sync
             if any_broken:
                 _raise_if_broken(rows[broken], t, G)
             if steps == T_max or not n_alive:
                 break
             plan = None if compact is None else _compaction(alive, g, n_alive, cfg.compact_below)
             smaller = None if plan is None else compact(state, *plan)
-            if plan is not None and smaller is None:                     # this state cannot be compacted
+            if plan is not None and smaller is None:                     # cannot be compacted
                 compact = None
             elif smaller is not None:
                 keep, slots, g = plan
@@ -161,7 +162,8 @@ def _decode_chunk(
     mask = alive_at[:, :steps]                                           # (n, c)
     logps = logps[:, :steps].masked_fill_(~mask, 0.0)                    # (n, c)
     finished = (torch.isin(ids[:, :steps], eos) & mask).any(1)           # (n,) emitted an EOS
-    return _Chunk(ids[:, :steps], mask, logps, finished, steps, t1 - t0, t2 - t1, rows_decoded, compactions)
+    return _Chunk(ids[:, :steps], mask, logps, finished, steps, t1 - t0, t2 - t1, rows_decoded,
+                  compactions)
 
 
 def _compaction(alive: torch.Tensor, g: int, n_alive: int, ratio: float):
@@ -173,7 +175,7 @@ def _compaction(alive: torch.Tensor, g: int, n_alive: int, ratio: float):
     CUDA graphs, few copies of the K/V).
     """
     n = alive.shape[0]
-    if n_alive > ratio * n:                                              # b'·g' ≥ n_alive: cannot pay
+    if n_alive > ratio * n:                                              # b'·g' ≥ n_alive
         return None
     live = alive.view(n // g, g).cpu()                                   # (b, g)
     counts = live.sum(1)                                                 # (b,)
@@ -181,7 +183,9 @@ def _compaction(alive: torch.Tensor, g: int, n_alive: int, ratio: float):
     g2 = int(counts.max())
     if keep.numel() * g2 > ratio * n:
         return None
-    order = torch.sort(live[keep].long(), dim=1, descending=True, stable=True).indices[:, :g2]  # (b', g')
+    order = torch.sort(live[keep].long(), dim=1, descending=True, stable=True).indices
+    order = order[:, :g2]                                                # (b', g') live slots first
+
     slots = (keep[:, None] * g + order).flatten()                        # (b'·g',) live first
     return keep.to(alive.device), slots.to(alive.device), g2
 

@@ -42,7 +42,6 @@ import torch
 
 from .options import check_options, option
 
-
 SWITCHES = ("auto", "on", "off")
 
 
@@ -56,9 +55,11 @@ class SamplingOptions:
     top_k: int = option(0, ge=0)                    # keep the k highest logits (0 = off)
     min_p: float = option(0.0, ge=0, lt=1)          # drop tokens with p < min_p · p_max (0.0 = off)
     max_batch_sequences: int = option(256, ge=1)    # cap on sequences decoded together; chunks are whole groups
-    compact_below: float = option(0.75, ge=0, le=1)  # drop finished rows once the live ones fit in ≤ this share of the batch (0 = never)
-    graphs: str = option("auto", choices=SWITCHES)  # CUDA-graph the decode step: auto = on CUDA (policies that support it)
-    compile: str = option("auto", choices=SWITCHES)  # torch.compile the decode step: auto = off (did not pay on CPU)
+    compact_below: float = option(0.75, ge=0, le=1)  # compact at ≤ this live share (0 = never)
+
+
+    graphs: str = option("auto", choices=SWITCHES)  # CUDA-graph the decode step (auto: on CUDA)
+    compile: str = option("auto", choices=SWITCHES)  # torch.compile the decode step (auto: off)
 
     def sampling_options(self) -> dict:
         """These options as keyword arguments (e.g. for SamplingConfig from a RolloutConfig)."""
@@ -103,8 +104,10 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniforms(key: int, prompt: torch.Tensor, sample: torch.Tensor, steps: int) -> torch.Tensor:
-    """(n,) prompt ids, (n,) sample ids → u (n, steps) fp64 in [0, 1), u[i, t] = U(key, prompt, sample, t).
+def counter_uniforms(key: int, prompt: torch.Tensor, sample: torch.Tensor, steps: int
+                     ) -> torch.Tensor:
+    """(n,) prompt ids, (n,) sample ids → u (n, steps) fp64 in [0, 1),
+    u[i, t] = U(key, prompt[i], sample[i], t).
 
     A pure function of its arguments (Philox-style counter stream, with a hash in place of the
     cipher): row i's draws are the same whatever batch, chunk or bucket it is decoded in.
@@ -218,14 +221,16 @@ def _sample_next(logits, cfg, generator, bias, uniforms):
     else:
         # Filters work in place; run them on a copy so the gather below still reads the
         # unfiltered scores (the recorded log-prob is taken before filtering).
-        filtered = min_p_filter(top_p_filter(top_k_filter(scores.clone(), cfg.top_k), cfg.top_p), cfg.min_p)
+        filtered = top_p_filter(top_k_filter(scores.clone(), cfg.top_k), cfg.top_p)
+        filtered = min_p_filter(filtered, cfg.min_p)
         tokens = draw_inverse_cdf(torch.softmax(filtered, dim=-1), generator, uniforms)  # (N,)
     tokens = tokens.clamp_(max=scores.shape[-1] - 1)                      # a NaN row's draw can be V
     picked = scores.gather(-1, tokens[:, None]).squeeze(-1)               # (N,)
     return tokens, torch.where(ok, picked - lse, torch.nan)
 
 
-def _sample_unfiltered(scores: torch.Tensor, generator, uniforms) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_unfiltered(scores: torch.Tensor, generator, uniforms
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """No filter (the GRPO default): y ~ p = softmax(s), log p(y) = log(p[y]).
 
     One fused softmax instead of logsumexp + exp (half the sampler's cost on CPU). log(p[y]) is as
@@ -234,7 +239,8 @@ def _sample_unfiltered(scores: torch.Tensor, generator, uniforms) -> tuple[torch
     """
     probs = torch.softmax(scores, dim=-1)                                 # (N, V)
     tokens = draw_inverse_cdf(probs.clone(), generator, uniforms)         # (N,)
-    tokens = tokens.clamp_(max=scores.shape[-1] - 1)                      # a NaN row's draw can be V
+    tokens = tokens.clamp_(max=scores.shape[-1] - 1)                      # a NaN row's draw: V
+
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log_()
 
 

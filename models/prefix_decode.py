@@ -50,8 +50,8 @@ class PrefixDecodeState:
     next_position: torch.Tensor  # (N,) int64 rope position of the next token (L + δ + step)
     group_size: int           # G (rows per prompt; after ``select``, slots per kept prompt)
     column: torch.Tensor | None = None  # (1,) int64 on device: ``length`` for the fixed-shape step
-    runner: "StepRunner | None" = None  # how decode steps run (None: eager reference)
-    prefix_bias: torch.Tensor | None = None  # (B, 1, 1, P) fp32: 0 / −inf, the mask as added to scores
+    runner: object | None = None  # step_runner.StepRunner: how steps run (None: eager reference)
+    prefix_bias: torch.Tensor | None = None  # (B, 1, 1, P) fp32 0 / −inf: the mask, added to scores
 
     def __post_init__(self):
         if self.prefix_bias is None:
@@ -124,7 +124,8 @@ def _append(state: PrefixDecodeState, i: int, k: torch.Tensor, v: torch.Tensor):
     A full buffer (a caller that did not ``reserve`` the budget) moves to one 1.25× larger."""
     t = state.length
     if t >= state.own_k[i].shape[2]:
-        grow = lambda b: torch.cat([b, b.new_empty(*b.shape[:2], max(64, t // 4), b.shape[3])], 2)  # noqa: E731
+        extra = max(64, t // 4)
+        grow = lambda b: torch.cat([b, b.new_empty(*b.shape[:2], extra, b.shape[3])], 2)  # noqa
         state.own_k[i], state.own_v[i] = grow(state.own_k[i]), grow(state.own_v[i])
     state.own_k[i][:, :, t:t + 1] = k
     state.own_v[i][:, :, t:t + 1] = v
@@ -146,24 +147,26 @@ def shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size: int, scale: fl
     [+ own_mask (1, 1, 1, t), False: column not written yet] → (N, h·d).
 
     ``pmask`` is bool (True = attend) or an additive fp32 bias (0 / −inf, ``prefix_bias``)."""
-    with torch.autocast(q.device.type, enabled=False):                   # fp32 scores under autocast too
+    with torch.autocast(q.device.type, enabled=False):                   # fp32 scores: no autocast
+
         return _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_mask)
 
 
 def prefix_bias(pmask: torch.Tensor) -> torch.Tensor:
     """Bool mask (B, 1, 1, P) → additive fp32 bias: 0 where attended, −inf on left padding."""
-    return torch.zeros(pmask.shape, dtype=torch.float32, device=pmask.device).masked_fill_(~pmask, float("-inf"))
+    bias = torch.zeros(pmask.shape, dtype=torch.float32, device=pmask.device)
+    return bias.masked_fill_(~pmask, float("-inf"))
 
 
 def _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_mask):
     """Scores and softmax in the group layout (B, kvh, G·r, ·): the large prompt block needs no
-    transpose; only the small own block (t columns) and the (N, h, d) output move between layouts."""
+    transpose; only the small own block (t columns) and the (N, h, d) output change layout."""
     dtype = q.dtype   # scores and softmax in ≥ fp32 (as flash/sdpa kernels do); a no-op for fp32/fp64
     acc = torch.promote_types(dtype, torch.float32)
     n, h, _, d = q.shape
     b, kvh, p, _ = pk.shape
-    g, r, t = group_size, h // kvh, ok.shape[2]                          # head j uses KV head j // r
-    q = q.to(acc) * scale                                                # (N, h, 1, d) scale folded in
+    g, r, t = group_size, h // kvh, ok.shape[2]                          # head j: KV head j // r
+    q = q.to(acc) * scale                                                # (N, h, 1, d) scaled once
     q_grp = q.view(b, g, kvh, r, d).transpose(1, 2).reshape(b, kvh, g * r, d)   # (B, kvh, G·r, d)
     s_pre = torch.matmul(q_grp, pk.to(acc).transpose(-1, -2))           # (B, kvh, G·r, P)
     if pmask.dtype == torch.bool:
@@ -173,7 +176,7 @@ def _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_ma
     s_own = torch.matmul(q.view(n, kvh, r, d), ok.to(acc).transpose(-1, -2))   # (N, kvh, r, t)
     if own_mask is not None:
         s_own = s_own.masked_fill_(~own_mask, float("-inf"))
-    s_own = s_own.view(b, g, kvh, r, t).transpose(1, 2).reshape(b, kvh, g * r, t)  # (B, kvh, G·r, t)
+    s_own = s_own.view(b, g, kvh, r, t).transpose(1, 2).reshape(b, kvh, g * r, t)  # group layout
     probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (B, kvh, G·r, P+t)
     o_pre = torch.matmul(probs[..., :p], pv.to(acc))                     # (B, kvh, G·r, d)
     p_own = probs[..., p:].reshape(b, kvh, g, r, t).transpose(1, 2).reshape(n, kvh, r, t)
@@ -220,8 +223,9 @@ def _layers(lm, state: PrefixDecodeState, tokens: torch.Tensor, write) -> torch.
         v = attn.v_proj(x).view(n, 1, kvh, d).transpose(1, 2)
         q, k = rotate(q, k, cos, sin)
         ok, ov, own_mask = write(state, i, k, v)
-        o = shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i], state.prefix_bias, ok, ov,
-                                    state.group_size, attn.scaling, own_mask)   # (N, nh·d)
+        o = shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i], state.prefix_bias,
+                                    ok, ov, state.group_size, attn.scaling, own_mask)  # (N, nh·d)
+
         hidden = hidden + attn.o_proj(o.view(n, 1, nh * d))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return lm.norm(hidden)                                               # (N, 1, H)

@@ -255,7 +255,8 @@ class Qwen2VLPolicy:
 
     def _with_runner(self, state, mode: str | None):
         if mode is not None:
-            step = lambda tok: self._logits_last(prefix_decode.decode_layers_static(self._lm, state, tok))  # noqa: E731
+            layers = prefix_decode.decode_layers_static
+            step = lambda tok: self._logits_last(layers(self._lm, state, tok))  # noqa: E731
             state.runner = step_runner.StepRunner(step, mode, [state.column, state.next_position])
         return state
 
@@ -263,7 +264,8 @@ class Qwen2VLPolicy:
     def decode_step(self, state, tokens: torch.Tensor):
         n = tokens.shape[0]
         if isinstance(state, prefix_decode.PrefixDecodeState):
-            if state.runner is not None:                                   # fixed shapes (graph/compile)
+            if state.runner is not None:                                   # graph / compiled
+
                 logits = state.runner(tokens)
                 state.length += 1
                 return logits, state

@@ -25,7 +25,8 @@ MODES = ("static", "compile", "graph")
 
 
 def resolve(graphs: str, compile: str, device: torch.device) -> str | None:
-    """``rollout.graphs`` / ``rollout.compile`` (auto|on|off) on ``device`` → a MODE, or None (eager).
+    """``rollout.graphs`` / ``rollout.compile`` (auto|on|off) on ``device`` → a MODE, None = eager.
+
 
     auto: CUDA graphs on CUDA; compile off (on CPU it did not pay in bench/bench_rollout.py)."""
     if graphs == "on" and device.type != "cuda":
@@ -81,7 +82,9 @@ def _no_autocast_cache(device: torch.device):
     """Autocast's cast-weight cache must be off while capturing (cached casts would be freed)."""
     if not torch.is_autocast_enabled(device.type):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
+    dtype = torch.get_autocast_dtype(device.type)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
 
 
 def _compiled(fn):

@@ -278,9 +278,10 @@ def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, tmp_path, 
     at most twice the error of the plain bf16 path (HF forward on the fanned-out cache) — the
     project's bf16 rule.
     """
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+
     from grpo_models import policy_utils as pu
     from grpo_models import prefix_decode
-    from grpo_models.qwen2_vl import Qwen2VLPolicy
 
     def logits_over_steps(pol, shared, G=3, steps=4):
         enc = pol.encode(_vlm_prompts())
@@ -352,23 +353,26 @@ def test_sampled_tokens_do_not_depend_on_the_batch(cap):
     pol = BigramPolicy(eos_logit=1.0)
     cfg = SamplingConfig(max_new_tokens=12, seed=11, temperature=1.2)
     one = generate_groups(pol, PROMPTS, 3, cfg)
-    many = generate_groups(pol, PROMPTS, 3, SamplingConfig(**{**cfg.__dict__, "max_batch_sequences": cap}))
+    capped = SamplingConfig(**{**cfg.__dict__, "max_batch_sequences": cap})
+    many = generate_groups(pol, PROMPTS, 3, capped)
     assert many.stats["chunks"] > 1 and one.finished.any()
     for f in ("completion_ids", "completion_mask", "finished"):
         assert torch.equal(getattr(one, f), getattr(many, f)), f
-    assert_close(many.logprobs, one.logprobs, "chunked vs one batch", atol=fp32_logprob_tol(one.logprobs))
+    assert_close(many.logprobs, one.logprobs, "chunked vs one batch",
+                 atol=fp32_logprob_tol(one.logprobs))
     # the prompt a row belongs to keys its stream: the same prompt alone gives the same rows
     alone = generate_groups(pol, PROMPTS[:1], 3, cfg)
     assert torch.equal(alone.completion_ids, one.completion_ids[:3, :alone.completion_ids.shape[1]])
 
 
 def test_vlm_sampled_tokens_do_not_depend_on_chunking(tiny_vlm_policy64):
-    """float64 model: logits of different batch shapes differ in the last fp64 bits, so no draw flips."""
+    """float64 model: logits of other batch shapes differ in the last fp64 bits: no draw flips."""
     pol = EosLeaning(tiny_vlm_policy64, shift=3.0)
     enc = pol.encode(_vlm_prompts())
     cfg = SamplingConfig(max_new_tokens=10, seed=4)
     one = generate_groups(pol, enc, 4, cfg)
-    many = generate_groups(pol, enc, 4, SamplingConfig(max_new_tokens=10, seed=4, max_batch_sequences=5))
+    capped = SamplingConfig(max_new_tokens=10, seed=4, max_batch_sequences=5)
+    many = generate_groups(pol, enc, 4, capped)
     assert many.stats["chunks"] == 3 and one.finished.any() and one.truncated.any()
     assert torch.equal(one.completion_ids, many.completion_ids)
     assert torch.equal(one.completion_mask, many.completion_mask)
@@ -392,10 +396,11 @@ def test_compaction_changes_no_token():
 def test_compaction_plan_keeps_live_rows_prompt_major():
     from grpo_core.rollout import _compaction
 
-    alive = torch.tensor([0, 1, 0, 1,   0, 0, 0, 0,   1, 0, 0, 0], dtype=torch.bool)   # b = 3, g = 4
+    alive = torch.tensor([0, 1, 0, 1,   0, 0, 0, 0,   1, 0, 0, 0], dtype=torch.bool)  # b 3, g 4
     keep, slots, g2 = _compaction(alive, 4, 3, 0.75)
-    assert keep.tolist() == [0, 2] and g2 == 2 and slots.tolist() == [1, 3, 8, 9]  # 9: filler (finished)
-    assert _compaction(alive, 4, 3, 0.3) is None                                   # 4 slots > 0.3 · 12
+    assert keep.tolist() == [0, 2] and g2 == 2
+    assert slots.tolist() == [1, 3, 8, 9]                                # 9: filler (finished)
+    assert _compaction(alive, 4, 3, 0.3) is None                         # 4 slots > 0.3 · 12
 
 
 def _static_mode(monkeypatch, mode="static"):
@@ -420,12 +425,15 @@ def test_vlm_compaction_and_fixed_shapes_change_no_token(tiny_vlm_policy64, monk
     assert torch.equal(off.completion_ids, on.completion_ids)
     assert torch.equal(off.completion_mask, on.completion_mask)
     want = recompute_logprobs(tiny_vlm_policy64, on, 1.0, eos_shift=3.5)
-    assert_close(on.logprobs, want, "compacted rollout log-probs vs teacher forcing", atol=fp32_logprob_tol(want))
-    greedy = generate_groups(tiny_vlm_policy64, enc, 2, SamplingConfig(max_new_tokens=10, greedy=True))
+    assert_close(on.logprobs, want, "compacted rollout log-probs vs teacher forcing",
+                 atol=fp32_logprob_tol(want))
+    greedy_cfg = SamplingConfig(max_new_tokens=10, greedy=True)
+    greedy = generate_groups(tiny_vlm_policy64, enc, 2, greedy_cfg)
     with torch.no_grad():
         hf = _hf_generate(tiny_vlm_policy64, enc, 10, num_return_sequences=2)
     C = max(hf.shape[1], greedy.completion_ids.shape[1])
-    pad = lambda x: torch.nn.functional.pad(x, (0, C - x.shape[1]), value=tiny_vlm_policy64.pad_token_id)  # noqa: E731
+    fill = tiny_vlm_policy64.pad_token_id
+    pad = lambda x: torch.nn.functional.pad(x, (0, C - x.shape[1]), value=fill)  # noqa: E731
     assert torch.equal(pad(greedy.completion_ids), pad(hf))
 
 
@@ -468,18 +476,21 @@ def test_fixed_shape_step_matches_eager(tiny_vlm_policy64, compact_at):
     eager, rows = _steps_logits(pol, enc, 3, ids, None, compact_at)
     static, rows2 = _steps_logits(pol, enc, 3, ids, "static", compact_at)
     assert torch.equal(rows, rows2) and static.dtype == torch.float32
-    assert_close(static, eager, "fixed-shape vs eager decode", atol=tol(torch.float32, eager.abs().max(), k=2))
+    assert_close(static, eager, "fixed-shape vs eager decode",
+                 atol=tol(torch.float32, eager.abs().max(), k=2))
     if compact_at is not None:                  # compaction changes no row's logits
         full, _ = _steps_logits(pol, enc, 3, ids, None, None)
-        assert_close(eager, full[rows], "compacted vs full", atol=tol(torch.float32, full.abs().max(), k=2))
+        assert_close(eager, full[rows], "compacted vs full",
+                     atol=tol(torch.float32, full.abs().max(), k=2))
 
 
 def test_decode_under_bf16_autocast(tiny_vlm_path):
     """fp32 weights, bf16 compute (the trainer's autocast): logits come back fp32; eager and
     fixed-shape agree; the error against the fp64 model is at most 2× that of HF's own forward
     under the same autocast (the plain bf16 path)."""
-    from grpo_models import policy_utils as pu
     from grpo_models.qwen2_vl import Qwen2VLPolicy
+
+    from grpo_models import policy_utils as pu
 
     ref_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu")
     pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float32, device="cpu")
@@ -499,7 +510,7 @@ def test_decode_under_bf16_autocast(tiny_vlm_path):
     plain = torch.stack(plain, 1)
     assert eager.dtype == static.dtype == torch.float32
     err, plain_err = (eager - ref).abs().max(), (plain - ref).abs().max()
-    assert err <= 2 * plain_err + 1e-3, f"autocast decode error {err:.3g} > 2× plain {plain_err:.3g}"
+    assert err <= 2 * plain_err + 1e-3, f"autocast error {err:.3g} > 2× plain {plain_err:.3g}"
     assert (static - ref).abs().max() <= 2 * plain_err + 1e-3
 
 
@@ -529,7 +540,7 @@ def _fake_cuda(monkeypatch):
             pass
 
     @contextlib.contextmanager
-    def graph(g):                                        # a real capture runs no kernel: undo the call
+    def graph(g):                                        # a real capture runs no kernel: undo it
         runner = _FakeGraph.runner
         before = [t.clone() for t in runner._mutable]
         yield
@@ -563,7 +574,9 @@ def test_graph_runner_protocol_with_a_fake_cuda_graph(tiny_vlm_policy64, monkeyp
     got = generate_groups(pol, enc, 4, cfg)
     assert got.stats["compactions"] >= 1
     assert torch.equal(got.completion_ids, want.completion_ids)
-    assert_close(got.logprobs, want.logprobs, "graph runner vs eager", atol=fp32_logprob_tol(want.logprobs))
+    assert_close(got.logprobs, want.logprobs, "graph runner vs eager",
+                 atol=fp32_logprob_tol(want.logprobs))
+
 
 
 def test_vlm_plain_cache_fallback_is_not_compacted(tiny_vlm_policy64, monkeypatch):

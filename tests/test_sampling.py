@@ -201,7 +201,8 @@ def test_counter_uniforms_match_the_plain_reference():
     key = 0xDEADBEEF12345678
     prompt, sample = torch.tensor([0, 0, 3, 70000]), torch.tensor([0, 1, 5, 2**31 + 7])
     u = counter_uniforms(key, prompt, sample, 6)                           # (4, 6)
-    want = [[_uniform_ref(key, p, s, t) for t in range(6)] for p, s in zip(prompt.tolist(), sample.tolist())]
+    rows = zip(prompt.tolist(), sample.tolist())
+    want = [[_uniform_ref(key, p, s, t) for t in range(6)] for p, s in rows]
     assert u.dtype == torch.float64 and u.tolist() == want
 
 
@@ -212,7 +213,9 @@ def test_counter_uniforms_are_per_row_and_uniform():
     prompt, sample = torch.arange(n) // 8, torch.arange(n) % 8
     u = counter_uniforms(7, prompt, sample, T)                             # (n, T)
     sub = torch.tensor([5, 300, 17])
-    assert torch.equal(counter_uniforms(7, prompt[sub], sample[sub], T), u[sub]), "depends on other rows"
+    alone = counter_uniforms(7, prompt[sub], sample[sub], T)
+    assert torch.equal(alone, u[sub]), "depends on other rows"
+
     assert ((u >= 0) & (u < 1)).all() and u.unique().numel() == n * T
     assert not torch.equal(counter_uniforms(8, prompt, sample, T), u), "key ignored"
     # 32 equal bins over 32,768 draws: each count is Binomial(32768, 1/32), sd ≈ 31; 6 sd apart
