@@ -22,6 +22,7 @@ the HF full forward). We bypass ``Qwen2VLProcessor`` (needs torchvision) — see
 from __future__ import annotations
 
 import os
+import weakref
 from contextlib import AbstractContextManager
 from typing import Sequence
 
@@ -254,9 +255,11 @@ class Qwen2VLPolicy:
         return self._with_runner(new, state.runner.mode if state.runner is not None else None)
 
     def _with_runner(self, state, mode: str | None):
+        """Attach a fixed-shape step runner; it holds the state weakly (no state ↔ runner cycle, so
+        a finished chunk's K/V buffers and graph are freed at once, not at the next gc)."""
         if mode is not None:
-            layers = prefix_decode.decode_layers_static
-            step = lambda tok: self._logits_last(layers(self._lm, state, tok))  # noqa: E731
+            layers, ref = prefix_decode.decode_layers_static, weakref.ref(state)
+            step = lambda tok: self._logits_last(layers(self._lm, ref(), tok))  # noqa: E731
             state.runner = step_runner.StepRunner(step, mode, [state.column, state.next_position])
         return state
 

@@ -592,3 +592,24 @@ def test_vlm_plain_cache_fallback_is_not_compacted(tiny_vlm_policy64, monkeypatc
     plain = generate_groups(pol, enc, 4, cfg)
     assert shared.stats["compactions"] >= 1 and plain.stats["compactions"] == 0
     assert torch.equal(shared.completion_ids, plain.completion_ids)
+
+
+def test_fixed_shape_state_is_freed_without_gc(tiny_vlm_policy64, monkeypatch):
+    """No state ↔ runner reference cycle: on a GPU a chunk's K/V buffers and graph would else
+    live until the next garbage collection."""
+    import gc
+    import weakref
+
+    _static_mode(monkeypatch)
+    pol = tiny_vlm_policy64
+    with torch.no_grad():
+        _, state = pol.prefill(pol.encode(_vlm_prompts()[:1]))
+        state = pol.plan_decode(pol.expand(state, 2), 4, "off", "off")
+    assert state.runner is not None
+    gone = weakref.ref(state)
+    gc.disable()
+    try:
+        del state
+        assert gone() is None, "the decode state is kept alive by a reference cycle"
+    finally:
+        gc.enable()
