@@ -183,7 +183,7 @@ def _hf_tokens(out: torch.Tensor, prompt_len: int, eos_ids) -> int:
     return int(first.sum())
 
 
-def run_config(name: str, cfg: dict, reps: int, workdir: str) -> dict:
+def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "auto") -> dict:
     device = cfg["device"]
     build = tiny_policy if name.startswith("tiny") else qwen2_vl_2b_policy
     policy = build(cfg, workdir)
@@ -192,12 +192,15 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str) -> dict:
     B, G, new, P = cfg["prompts"], cfg["G"], cfg["new"], enc.input_ids.shape[1]
     eos = {"after": cfg["eos_after"], "shift": cfg["eos_shift"]} if "eos_after" in cfg else None
     ours_policy = NoEos(policy) if eos is None else EosAfter(policy, eos["after"], eos["shift"])
-    sampling = SamplingConfig(max_new_tokens=new, temperature=1.0, seed=0)
-    no_compact = SamplingConfig(max_new_tokens=new, temperature=1.0, seed=0, compact_below=0.0)
+    sampling = SamplingConfig(max_new_tokens=new, temperature=1.0, seed=0, compile=compile)
+    no_compact = SamplingConfig(**{**sampling.__dict__, "compact_below": 0.0})
 
     hf_w, hf_c, hf_tok, our_w, our_c, our_tok, stats, nc_w, nc_tok = ([] for _ in range(9))
     hf_generate(policy, enc, G, 2)                                          # warm-up both paths
-    generate_groups(ours_policy, enc, G, SamplingConfig(max_new_tokens=2, seed=0))
+    t0 = time.perf_counter()                                                # (compile=on: compiles)
+    warm = SamplingConfig(**{**sampling.__dict__, "max_new_tokens": 3})
+    generate_groups(ours_policy, enc, G, warm)
+    warmup_s = time.perf_counter() - t0
     for rep in range(reps):
         w, c, out = _timed(lambda: hf_generate(policy, enc, G, new, eos), device)
         if eos is None:
@@ -223,6 +226,7 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str) -> dict:
         "prompt_len": int(P),
         "image_tokens": int((enc.input_ids == policy.image_token_id).sum() // B),
         "reps": reps, "threads": torch.get_num_threads(), "loadavg": _loadavg(),
+        "compile": compile, "ours_warmup_s": warmup_s,
         "hf_s": med(hf_w), "ours_s": med(our_w),
         "hf_tokens_per_s": med(hf_tps), "ours_tokens_per_s": med(our_tps),
         "mean_len_hf": sum(hf_tok) / (len(hf_tok) * B * G),
@@ -286,11 +290,11 @@ def write_results(rows: list[dict], command: str, root: str | None = None) -> st
             "command": command, "device": device_label(dev), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "notes": ["medians over reps, HF and ours alternating"]}
-    cols = ["config", "prompts", "G", "new_tokens", "prompt_len", "threads", "loadavg",
+    cols = ["config", "compile", "prompts", "G", "new_tokens", "prompt_len", "threads", "loadavg",
             "hf_tokens_per_s", "ours_tokens_per_s", "speedup", "speedup_cpu_time", "ours_prefill_s",
             "hf_prefill_s_est", "ours_decode_ms_per_step", "hf_decode_ms_per_step_est",
             "mean_len_ours", "mean_len_hf", "ours_no_compaction_tokens_per_s", "compaction_gain",
-            "ours_eager_tokens_per_s", "graphs_gain", "fraction_of_bw_limit"]
+            "ours_eager_tokens_per_s", "graphs_gain", "fraction_of_bw_limit", "ours_warmup_s"]
     return write_table(os.path.join(results_dir(dev, root), "rollout"), meta, rows, cols)
 
 
@@ -299,6 +303,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     ap.add_argument("--config", default="all", choices=["all", *CONFIGS])
     ap.add_argument("--out", default=None, help="results root (default bench/results); files go to <out>/<device>/")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="rollout.compile for ours (on: torch.compile'd decode step; the warm-up "
+                         "run compiles, its time is reported as ours_warmup_s)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                     help="override a config entry, e.g. --set prompts=1 --set new=4 (smoke runs)")
     args = ap.parse_args(argv)
@@ -317,7 +324,7 @@ def main(argv=None):
                 print(f"[{name}] skipped: needs a CUDA GPU")
                 continue
             reps = 2 if args.quick else cfg["reps"]
-            row = run_config(name, cfg, reps, workdir)
+            row = run_config(name, cfg, reps, workdir, args.compile)
             rows.append(row)
             if row.get("compaction_gain") is not None:
                 print(f"[{name}] compaction: {row['compaction_gain']:.2f}x tokens/s over none "

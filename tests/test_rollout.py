@@ -258,7 +258,8 @@ def test_vlm_eos_stops_rows_and_chunking_matches(tiny_vlm_policy64):
 
 
 def test_vlm_long_greedy_outgrows_the_kv_buffer(tiny_vlm_policy64):
-    """60+ steps on a ~30-token prompt pass the KV buffer's first capacity (T + 64): still == HF."""
+    """60+ steps on a ~30-token prompt (more than the 64 spare columns a plain expand reserves;
+    the rollout sizes the buffer for the budget): still == HF."""
     pol = tiny_vlm_policy64
     enc = pol.encode([Prompt("Short.", [img(56, 56, 7)])])
     no_eos = EosLeaning(pol, shift=-1e4)  # HF side: EOS suppressed as well, so both run 60 steps
@@ -613,3 +614,24 @@ def test_fixed_shape_state_is_freed_without_gc(tiny_vlm_policy64, monkeypatch):
         assert gone() is None, "the decode state is kept alive by a reference cycle"
     finally:
         gc.enable()
+
+
+@pytest.mark.slow
+def test_compiled_step_traces_and_changes_no_token(tiny_vlm_policy64, monkeypatch):
+    """rollout.compile=on: the fixed-shape step goes through torch.compile. Dynamo traces it with
+    the ``aot_eager`` backend here (same graph capture, no C++ codegen: seconds instead of
+    minutes on CPU); tokens equal the eager reference, with compaction re-tracing new shapes."""
+    import torch._dynamo
+
+    from grpo_models import step_runner
+
+    monkeypatch.setattr(step_runner, "_compiled", lambda fn: torch.compile(fn, backend="aot_eager"))
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    cfg = dict(max_new_tokens=10, seed=9, compact_below=0.9)
+    want = generate_groups(pol, enc, 4, SamplingConfig(**cfg))
+    torch._dynamo.reset()
+    got = generate_groups(pol, enc, 4, SamplingConfig(**cfg, compile="on"))
+    torch._dynamo.reset()
+    assert got.stats["compactions"] >= 1
+    assert torch.equal(got.completion_ids, want.completion_ids)
