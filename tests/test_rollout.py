@@ -635,3 +635,24 @@ def test_compiled_step_traces_and_changes_no_token(tiny_vlm_policy64, monkeypatc
     torch._dynamo.reset()
     assert got.stats["compactions"] >= 1
     assert torch.equal(got.completion_ids, want.completion_ids)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_vlm_lora_adapters_apply_in_every_decode_path(tiny_vlm_path, monkeypatch, static):
+    """LoRA (non-zero adapters, fp64): recorded log-probs == the teacher-forced forward with the
+    adapters on (and ≠ with them off), for the eager and the fixed-shape step, with compaction."""
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+
+    if static:
+        _static_mode(monkeypatch)
+    base = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu",
+                                         lora={"r": 4, "lora_alpha": 16, "init_lora_weights": False})
+    pol = EosLeaning(base, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    ro = generate_groups(pol, enc, 4, SamplingConfig(max_new_tokens=10, seed=2, compact_below=0.9))
+    assert ro.stats["compactions"] >= 1
+    want = recompute_logprobs(base, ro, 1.0, eos_shift=3.5)
+    assert_close(ro.logprobs, want, "LoRA rollout vs teacher forcing", atol=fp32_logprob_tol(want))
+    with base.disable_adapters():
+        off = recompute_logprobs(base, ro, 1.0, eos_shift=3.5)
+    assert (off - want).abs().max() > 1e-3, "adapters change nothing: the test cannot fail"
