@@ -646,7 +646,8 @@ def test_vlm_lora_adapters_apply_in_every_decode_path(tiny_vlm_path, monkeypatch
     if static:
         _static_mode(monkeypatch)
     lora = {"r": 4, "lora_alpha": 16, "init_lora_weights": False}
-    base = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu", lora=lora)
+    base = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu",
+                                         lora=lora)
     pol = EosLeaning(base, shift=3.5)
     enc = pol.encode(_vlm_prompts())
     ro = generate_groups(pol, enc, 4, SamplingConfig(max_new_tokens=10, seed=2, compact_below=0.9))
