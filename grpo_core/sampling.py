@@ -55,7 +55,7 @@ class SamplingOptions:
     top_k: int = option(0, ge=0)                    # keep the k highest logits (0 = off)
     min_p: float = option(0.0, ge=0, lt=1)          # drop tokens with p < min_p · p_max (0.0 = off)
     max_batch_sequences: int = option(256, ge=1)    # cap on sequences decoded together; chunks are whole groups
-    compact_below: float = option(0.75, ge=0, le=1)  # compact at ≤ this live share (0 = never)
+    compact_below: float = option(0.75, ge=0, le=1)  # drop ended rows at ≤ this live share, 0=off
 
 
     graphs: str = option("auto", choices=SWITCHES)  # CUDA-graph the decode step (auto: on CUDA)
