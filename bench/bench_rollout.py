@@ -1,6 +1,6 @@
 """Rollout throughput: ``grpo_core.rollout.generate_groups`` vs HF ``generate(num_return_sequences=G)``.
 
-    python -m bench.bench_rollout [--quick] [--config tiny|2b|all]
+    python -m bench.bench_rollout [--quick] [--config tiny|tiny-eos|2b|all]
 
 Same model, same encoded prompts, same sampling (T = 1, top-k off, top-p off), same work: every
 row generates exactly ``new`` tokens (EOS and the vision tokens are suppressed on both sides:
@@ -9,6 +9,11 @@ noisy machine slows both alike; we report medians, and on CPU also the ratio of 
 (robust to other processes sharing the cores).
 
 Configs:
+  tiny-eos  realistic lengths (CPU): the tiny model, 128 new tokens, EOS allowed: impossible for the
+        first 8 tokens, then its logit raised by 3 (≈ 3.7 % stop chance per token): lengths spread
+        over 8–128, so finished rows leave the batch (compaction). Both sides apply the same rule
+        (a LogitsProcessor for HF); tokens/s counts the tokens up to each row's EOS. Ours also runs
+        with compaction off (``compact_below=0``) in the same loop: the compaction gain.
   tiny  the reference: random Qwen2-VL, text hidden 128 × 4 layers, 448×448 images (256 image
         tokens), 4 prompts × G = 8, 32 new tokens, on CPU. Target: ≥ 2.5× HF tokens/s.
   2b    Qwen2-VL-2B shapes with random bf16 weights (GPU only): tokens/s of both, and the
@@ -38,6 +43,8 @@ from grpo_core.sampling import SamplingConfig
 
 CONFIGS = {
     "tiny": dict(hidden=128, layers=4, image=448, prompts=4, G=8, new=32, reps=7, device="cpu"),
+    "tiny-eos": dict(hidden=128, layers=4, image=448, prompts=4, G=8, new=128, reps=5, device="cpu",
+                     eos_after=8, eos_shift=3),
     "2b": dict(image=448, prompts=8, G=8, new=256, reps=3, device="cuda"),
 }
 TEXTS = ["What is shown in this scan?", "Which organ is affected and where is the lesion located?",
@@ -62,6 +69,42 @@ class NoEos:
     @property
     def lm_head_bias(self):
         return self._bias
+
+
+def eos_rule(logits: torch.Tensor, j: int, eos_ids, after: int, shift: float) -> torch.Tensor:
+    """The tiny-eos length rule on next-token logits (N, V) for new token j (in place)."""
+    logits[:, list(eos_ids)] = float("-inf") if j < after else logits[:, list(eos_ids)] + shift
+    return logits
+
+
+class EosAfter:
+    """Policy view applying ``eos_rule`` (all rows of a chunk are at the same token j)."""
+
+    def __init__(self, policy, after: int, shift: float):
+        self._p, self._after, self._shift, self._j = policy, after, shift, 0
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    def prefill(self, enc):
+        logits, state = self._p.prefill(enc)
+        self._j = 0
+        return eos_rule(logits, 0, self._p.eos_token_ids, self._after, self._shift), state
+
+    def decode_step(self, state, tokens):
+        logits, state = self._p.decode_step(state, tokens)
+        self._j += 1
+        return eos_rule(logits, self._j, self._p.eos_token_ids, self._after, self._shift), state
+
+
+def _hf_eos_processor(prompt_len: int, eos_ids, after: int, shift: float):
+    from transformers import LogitsProcessor
+
+    class EosAfterProcessor(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return eos_rule(scores, input_ids.shape[1] - prompt_len, eos_ids, after, shift)
+
+    return EosAfterProcessor()
 
 
 def _images(n: int, side: int, seed: int = 0):
@@ -113,58 +156,112 @@ def _timed(fn, device: str):
     return time.perf_counter() - w, time.process_time() - c, out
 
 
-def hf_generate(policy, enc, G: int, new: int):
-    never = torch.isinf(policy.lm_head_bias).nonzero().flatten().tolist() + list(policy.eos_token_ids)
+def hf_generate(policy, enc, G: int, new: int, eos: dict | None = None):
+    """HF sampling; ``eos`` None: EOS suppressed (every row runs ``new`` tokens), else
+    {after, shift}: the tiny-eos rule."""
+    never = torch.isinf(policy.lm_head_bias).nonzero().flatten().tolist()
+    extra = {"suppress_tokens": never + list(policy.eos_token_ids)}
+    if eos is not None:
+        eos_ids = list(policy.eos_token_ids)
+        proc = _hf_eos_processor(enc.input_ids.shape[1], eos_ids, eos["after"], eos["shift"])
+        extra = {"suppress_tokens": never, "logits_processor": [proc], "eos_token_id": eos_ids}
     e = enc.to(policy.device)
     with torch.no_grad():
         return policy.model.generate(
             input_ids=e.input_ids, attention_mask=e.attention_mask, pixel_values=e.pixel_values,
             image_grid_thw=e.image_grid_thw, mm_token_type_ids=(e.input_ids == policy.image_token_id).int(),
             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=G,
-            max_new_tokens=new, suppress_tokens=never, pad_token_id=policy.pad_token_id,
+            max_new_tokens=new, pad_token_id=policy.pad_token_id, **extra,
         )
 
 
-def run_config(name: str, cfg: dict, reps: int, workdir: str) -> dict:
+def _hf_tokens(out: torch.Tensor, prompt_len: int, eos_ids) -> int:
+    """Generated tokens up to and including each row's first EOS."""
+    comp = out[:, prompt_len:]
+    is_eos = torch.isin(comp, torch.tensor(list(eos_ids)))
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, comp.shape[1])
+    return int(first.sum())
+
+
+def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "auto") -> dict:
     device = cfg["device"]
-    policy = tiny_policy(cfg, workdir) if name == "tiny" else qwen2_vl_2b_policy(cfg, workdir)
+    build = tiny_policy if name.startswith("tiny") else qwen2_vl_2b_policy
+    policy = build(cfg, workdir)
     prompts = [Prompt(TEXTS[i % len(TEXTS)], [im]) for i, im in enumerate(_images(cfg["prompts"], cfg["image"]))]
     enc = policy.encode(prompts)
-    B, G, new = cfg["prompts"], cfg["G"], cfg["new"]
-    ours_policy = NoEos(policy)
-    sampling = SamplingConfig(max_new_tokens=new, temperature=1.0, seed=0)
+    B, G, new, P = cfg["prompts"], cfg["G"], cfg["new"], enc.input_ids.shape[1]
+    eos = {"after": cfg["eos_after"], "shift": cfg["eos_shift"]} if "eos_after" in cfg else None
+    ours_policy = NoEos(policy) if eos is None else EosAfter(policy, eos["after"], eos["shift"])
+    sampling = SamplingConfig(max_new_tokens=new, temperature=1.0, seed=0, compile=compile)
+    no_compact = SamplingConfig(**{**sampling.__dict__, "compact_below": 0.0})
 
-    hf_w, hf_c, our_w, our_c, stats = [], [], [], [], []
+    hf_w, hf_c, hf_tok, our_w, our_c, our_tok, stats, nc_w, nc_tok = ([] for _ in range(9))
     hf_generate(policy, enc, G, 2)                                          # warm-up both paths
-    generate_groups(ours_policy, enc, G, SamplingConfig(max_new_tokens=2, seed=0))
-    for _ in range(reps):
-        w, c, out = _timed(lambda: hf_generate(policy, enc, G, new), device)
-        assert out.shape == (B * G, enc.input_ids.shape[1] + new), "HF stopped early: EOS not suppressed?"
-        hf_w.append(w), hf_c.append(c)
-        w, c, ro = _timed(lambda: generate_groups(ours_policy, enc, G, sampling), device)
-        assert int(ro.completion_mask.sum()) == B * G * new
-        our_w.append(w), our_c.append(c), stats.append(ro.stats)
+    t0 = time.perf_counter()                                                # (compile=on: compiles)
+    warm = SamplingConfig(**{**sampling.__dict__, "max_new_tokens": 3})
+    generate_groups(ours_policy, enc, G, warm)
+    warmup_s = time.perf_counter() - t0
+    for rep in range(reps):
+        w, c, out = _timed(lambda: hf_generate(policy, enc, G, new, eos), device)
+        if eos is None:
+            assert out.shape == (B * G, P + new), "HF stopped early: EOS not suppressed?"
+        hf_w.append(w), hf_c.append(c), hf_tok.append(_hf_tokens(out, P, policy.eos_token_ids))
+        key = SamplingConfig(**{**sampling.__dict__, "seed": rep})          # fresh draws per rep
+        w, c, ro = _timed(lambda key=key: generate_groups(ours_policy, enc, G, key), device)
+        if eos is None:
+            assert int(ro.completion_mask.sum()) == B * G * new
+        our_w.append(w), our_c.append(c), stats.append(ro.stats), our_tok.append(ro.stats["tokens"])
+        if eos is not None:                                        # same draws, compaction off
+            key = SamplingConfig(**{**no_compact.__dict__, "seed": rep})
+            w, _, ro2 = _timed(lambda key=key: generate_groups(ours_policy, enc, G, key), device)
+            assert torch.equal(ro2.completion_ids, ro.completion_ids), "compaction changed a token"
+            nc_w.append(w), nc_tok.append(ro2.stats["tokens"])
     hf_prefill, _, _ = _timed(lambda: hf_generate(policy, enc, G, 1), device)  # HF prefill + 1 token
 
-    tokens = B * G * new
     med = statistics.median
+    hf_tps = [t / w for t, w in zip(hf_tok, hf_w)]
+    our_tps = [t / w for t, w in zip(our_tok, our_w)]
     row = {
         "config": name, "device": device, "prompts": B, "G": G, "new_tokens": new,
-        "prompt_len": int(enc.input_ids.shape[1]), "image_tokens": int((enc.input_ids == policy.image_token_id).sum() // B),
-        "reps": reps, "threads": torch.get_num_threads(),
+        "prompt_len": int(P),
+        "image_tokens": int((enc.input_ids == policy.image_token_id).sum() // B),
+        "reps": reps, "threads": torch.get_num_threads(), "loadavg": _loadavg(),
+        "compile": compile, "ours_warmup_s": warmup_s,
         "hf_s": med(hf_w), "ours_s": med(our_w),
-        "hf_tokens_per_s": tokens / med(hf_w), "ours_tokens_per_s": tokens / med(our_w),
-        "speedup": med(hf_w) / med(our_w),
-        "speedup_cpu_time": med(hf_c) / med(our_c) if device == "cpu" else None,
-        "speedup_best": min(hf_w) / min(our_w),
+        "hf_tokens_per_s": med(hf_tps), "ours_tokens_per_s": med(our_tps),
+        "mean_len_hf": sum(hf_tok) / (len(hf_tok) * B * G),
+        "mean_len_ours": sum(our_tok) / (len(our_tok) * B * G),
+        "speedup": med(our_tps) / med(hf_tps),
+        "speedup_cpu_time": None if device != "cpu" else (
+            med(t / c for t, c in zip(our_tok, our_c)) / med(t / c for t, c in zip(hf_tok, hf_c))),
+        "speedup_best": max(our_tps) / max(hf_tps),
         "ours_prefill_s": med(s["prefill_s"] for s in stats),
         "ours_decode_ms_per_step": med(s["decode_ms_per_step"] for s in stats),
         "hf_decode_ms_per_step_est": 1e3 * (med(hf_w) - hf_prefill) / (new - 1),
         "hf_prefill_s_est": hf_prefill,
+        "compactions": med(s["compactions"] for s in stats),
+        "rows_decoded_share": med(s["rows_decoded"] / (B * G * max(s["steps"] - 1, 1))
+                                  for s in stats),
     }
-    if device == "cuda":
+    if nc_w:
+        row["ours_no_compaction_tokens_per_s"] = med(t / w for t, w in zip(nc_tok, nc_w))
+        row["compaction_gain"] = row["ours_tokens_per_s"] / row["ours_no_compaction_tokens_per_s"]
+    if device == "cuda":                                           # graphs (auto) vs eager steps
+        eager = SamplingConfig(**{**sampling.__dict__, "graphs": "off"})
+        ew = [_timed(lambda: generate_groups(ours_policy, enc, G, eager), device)[0]
+              for _ in range(reps)]
+        row["ours_eager_tokens_per_s"] = med(our_tok) / med(ew)
+        row["graphs_gain"] = row["ours_tokens_per_s"] / row["ours_eager_tokens_per_s"]
         row.update(_bandwidth(policy, enc, B * G, new, row["ours_decode_ms_per_step"]))
     return row
+
+
+def _loadavg() -> str | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return None
 
 
 def _bandwidth(policy, enc, n_rows: int, new: int, ms_per_step: float) -> dict:
@@ -193,9 +290,11 @@ def write_results(rows: list[dict], command: str, root: str | None = None) -> st
             "command": command, "device": device_label(dev), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "notes": ["medians over reps, HF and ours alternating"]}
-    cols = ["config", "prompts", "G", "new_tokens", "prompt_len", "threads", "hf_tokens_per_s", "ours_tokens_per_s",
-            "speedup", "speedup_cpu_time", "ours_prefill_s", "hf_prefill_s_est", "ours_decode_ms_per_step",
-            "hf_decode_ms_per_step_est", "fraction_of_bw_limit"]
+    cols = ["config", "compile", "prompts", "G", "new_tokens", "prompt_len", "threads", "loadavg",
+            "hf_tokens_per_s", "ours_tokens_per_s", "speedup", "speedup_cpu_time", "ours_prefill_s",
+            "hf_prefill_s_est", "ours_decode_ms_per_step", "hf_decode_ms_per_step_est",
+            "mean_len_ours", "mean_len_hf", "ours_no_compaction_tokens_per_s", "compaction_gain",
+            "ours_eager_tokens_per_s", "graphs_gain", "fraction_of_bw_limit", "ours_warmup_s"]
     return write_table(os.path.join(results_dir(dev, root), "rollout"), meta, rows, cols)
 
 
@@ -204,6 +303,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     ap.add_argument("--config", default="all", choices=["all", *CONFIGS])
     ap.add_argument("--out", default=None, help="results root (default bench/results); files go to <out>/<device>/")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="rollout.compile for ours (on: torch.compile'd decode step; the warm-up "
+                         "run compiles, its time is reported as ours_warmup_s)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                     help="override a config entry, e.g. --set prompts=1 --set new=4 (smoke runs)")
     args = ap.parse_args(argv)
@@ -222,8 +324,13 @@ def main(argv=None):
                 print(f"[{name}] skipped: needs a CUDA GPU")
                 continue
             reps = 2 if args.quick else cfg["reps"]
-            row = run_config(name, cfg, reps, workdir)
+            row = run_config(name, cfg, reps, workdir, args.compile)
             rows.append(row)
+            if row.get("compaction_gain") is not None:
+                print(f"[{name}] compaction: {row['compaction_gain']:.2f}x tokens/s over none "
+
+                      f"({row['ours_no_compaction_tokens_per_s']:.0f} tok/s), mean length "
+                      f"{row['mean_len_ours']:.1f} (HF {row['mean_len_hf']:.1f})")
             print(f"[{name}] ours {row['ours_tokens_per_s']:.0f} tok/s vs HF {row['hf_tokens_per_s']:.0f} tok/s: "
                   f"{row['speedup']:.2f}x wall" + (f", {row['speedup_cpu_time']:.2f}x CPU time" if row["speedup_cpu_time"] else "")
                   + f" | ours prefill {row['ours_prefill_s']:.3f}s, decode {row['ours_decode_ms_per_step']:.2f} ms/step; "

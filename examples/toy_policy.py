@@ -88,6 +88,9 @@ class BigramPolicy:
     def expand(self, state, group_size: int):
         return state.repeat_interleave(group_size)
 
+    def compact_state(self, state, prompts, rows, group_size: int):
+        return state.index_select(0, rows)                                 # rows leave the batch
+
     def decode_step(self, state, tokens):
         pos = state + 1
         return self._logits(tokens, pos), pos

@@ -19,11 +19,19 @@ Row order is prompt-major (row i belongs to prompt i // G), the order ``generate
 ``num_return_sequences`` and the order ``group_advantages`` expects.
 
 Deviations / choices, stated once:
-  - Finished rows stay in the batch and are fed ``pad_token_id`` (the protocol has no way to
-    drop rows from a decode state; the rows after EOS are masked out and cost one row of compute).
+  - Finished rows are fed ``pad_token_id`` (masked out) until they can leave: a policy with the
+    optional ``compact_state(state, prompts, rows, g')`` gets, once the live rows fit in
+    ≤ ``compact_below`` of the batch, only the prompts with a live row and g' slots each
+    (``_compaction``); their K/V, positions and sampler streams (keyed by row) move with them.
+  - A policy with the optional ``plan_decode(state, capacity, graphs, compile)`` sizes its decode
+    buffers once for the budget and picks how steps run (CUDA graph / compiled / eager).
+  - Host syncs: on a GPU the stop / EOS / NaN check (one ``.tolist()``) runs every 8 steps.
   - The recorded log-prob is the one of ``grpo_core.sampling.sample_next``: log_softmax of
     (logits + lm_head_bias) / T before top-k / top-p / min-p, i.e. what the trainer recomputes.
   - No forward is run after the last sampled token: the logits it would give are never used.
+  - Sampling does not depend on the batch: row (prompt b, sample g) draws its step-t uniform from
+    ``counter_uniforms(key, b, g, t)`` (key = the seed; the trainer's seed already encodes run
+    seed, step and rank), so chunking (``max_batch_sequences``) leaves every completion unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from grpo_core.policy import Encoded, Policy, Prompt
-from grpo_core.sampling import SamplingConfig, make_generator, sample_next
+from grpo_core.sampling import SamplingConfig, counter_uniforms, draw_key, sample_next
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -69,6 +77,8 @@ class _Chunk:
     steps: int              # decode steps taken (= c)
     prefill_s: float
     decode_s: float
+    rows_decoded: int = 0   # Σ over decode steps of the batch size (compaction lowers it)
+    compactions: int = 0
 
 
 def _sync(device: torch.device) -> None:
@@ -77,46 +87,70 @@ def _sync(device: torch.device) -> None:
 
 
 def _decode_chunk(
-    policy: Policy, enc: Encoded, G: int, cfg: SamplingConfig, generator, bias, eos, progress
+    policy: Policy, enc: Encoded, G: int, cfg: SamplingConfig, key: int, first_prompt: int, bias,
+    eos, progress,
 ) -> _Chunk:
-    """Prefill b prompts once, fan out to n = b·G rows, sample until all EOS or the budget."""
+    """Prefill b prompts once, fan out to n = b·G rows, sample until all EOS or the budget.
+
+    Row r of the chunk is (prompt first_prompt + r // G, sample r % G); its draws come from
+    ``counter_uniforms`` at that key, so they do not depend on the chunk's other rows. The batch
+    holds slots; ``rows`` (slots,) says which row each slot decodes (compaction moves rows).
+    """
     device, pad, T_max = policy.device, policy.pad_token_id, cfg.max_new_tokens
     t0 = time.perf_counter()
     logits, state = policy.prefill(enc)                                  # (b, V), b-row state
     state = policy.expand(state, G)                                      # n-row state; b-row one freed
+    if hasattr(policy, "plan_decode"):                                   # size buffers once
+        state = policy.plan_decode(state, T_max - 1, cfg.graphs, cfg.compile)
+    compact = getattr(policy, "compact_state", None) if cfg.compact_below > 0 else None
     logits = logits.repeat_interleave(G, dim=0)                          # (n, V)
     _sync(device)
     t1 = time.perf_counter()
 
     n = logits.shape[0]
+    rows = torch.arange(n, device=device)                                # (slots,) row of each slot
+    prompt, sample = first_prompt + rows // G, rows % G                  # (n,) each: a row's stream
+    u = None if cfg.greedy else counter_uniforms(key, prompt, sample, T_max)   # (n, T_max)
     ids = torch.full((n, T_max), pad, dtype=torch.long, device=device)   # (n, T_max)
     logps = torch.zeros((n, T_max), dtype=torch.float32, device=device)  # (n, T_max)
     alive_at = torch.zeros((n, T_max), dtype=torch.bool, device=device)  # (n, T_max) row open at step t
-    alive = torch.ones(n, dtype=torch.bool, device=device)               # (n,)
-    broken = torch.zeros(n, dtype=torch.bool, device=device)             # (n,) open rows with NaN/inf logits
-    # On a GPU, `alive.any()` is a host sync that stalls the launch queue: test it every few steps.
+    alive = torch.ones(n, dtype=torch.bool, device=device)               # (slots,)
+    broken = torch.zeros(n, dtype=torch.bool, device=device)             # (slots,) NaN/inf, open
+    # On a GPU, `alive.sum()` is a host sync that stalls the launch queue: test it every few steps.
     check_every = 1 if device.type == "cpu" else 8
-    steps = 0
+    steps, g, moved, rows_decoded, compactions = 0, G, False, 0, 0
     for t in range(T_max):
-        tok, lp = sample_next(logits, cfg, generator, bias)              # (n,), (n,)
+        ut = None if u is None else (u[rows, t] if moved else u[:, t])   # (slots,)
+        tok, lp = sample_next(logits, cfg, None, bias, ut)               # (slots,), (slots,)
         broken |= torch.isnan(lp) & alive                                # no sync: checked with `alive`
         tok = tok.masked_fill_(~alive, pad)                              # finished rows feed pad
-        ids[:, t] = tok
-        logps[:, t] = lp
-        alive_at[:, t] = alive
+        if moved:
+            ids[rows, t], logps[rows, t], alive_at[rows, t] = tok, lp, alive
+        else:
+            ids[:, t], logps[:, t], alive_at[:, t] = tok, lp, alive
         alive &= ~torch.isin(tok, eos)                                   # EOS closes the row after it
         steps = t + 1
         if progress is not None:
             progress(t + 1, T_max)
         if steps == T_max or steps % check_every == 0:
-            any_alive, any_broken = torch.stack([alive.any(), broken.any()]).tolist()   # one host sync
+            n_alive, any_broken = torch.stack([alive.sum(), broken.any()]).tolist()  # host sync
             if any_broken:
-                _raise_if_broken(broken, t, G)
-            if steps == T_max or not any_alive:
+                _raise_if_broken(rows[broken], t, G)
+            if steps == T_max or not n_alive:
                 break
-        logits, state = policy.decode_step(state, tok)                   # (n, V)
+            plan = None if compact is None else _compaction(alive, g, n_alive, cfg.compact_below)
+            smaller = None if plan is None else compact(state, *plan)
+            if plan is not None and smaller is None:                     # cannot be compacted
+                compact = None
+            elif smaller is not None:
+                keep, slots, g = plan
+                state = smaller
+                tok, alive, broken, rows = tok[slots], alive[slots], broken[slots], rows[slots]
+                moved, compactions = True, compactions + 1
+        rows_decoded += tok.shape[0]
+        logits, state = policy.decode_step(state, tok)                   # (slots, V)
     del state, logits
-    _raise_if_broken(broken, steps - 1, G)
+    _raise_if_broken(rows[broken], steps - 1, G)
     _sync(device)
     t2 = time.perf_counter()
     # On a GPU the loop may run a few all-finished steps past the last EOS: crop them. Columns of
@@ -124,12 +158,39 @@ def _decode_chunk(
     steps = int(alive_at[:, :steps].any(0).sum())
     mask = alive_at[:, :steps]                                           # (n, c)
     logps = logps[:, :steps].masked_fill_(~mask, 0.0)                    # (n, c)
-    return _Chunk(ids[:, :steps], mask, logps, ~alive, steps, t1 - t0, t2 - t1)
+    finished = (torch.isin(ids[:, :steps], eos) & mask).any(1)           # (n,) emitted an EOS
+    return _Chunk(ids[:, :steps], mask, logps, finished, steps, t1 - t0, t2 - t1, rows_decoded,
+                  compactions)
 
 
-def _raise_if_broken(broken: torch.Tensor, step: int, G: int) -> None:
-    if bool(broken.any()):
-        rows = broken.nonzero().flatten().tolist()
+def _compaction(alive: torch.Tensor, g: int, n_alive: int, ratio: float):
+    """Finished rows leave the batch: → (prompts (b',), slots (b'·g'), g') to keep, or None.
+
+    The batch is prompt-major, g slots per prompt. Prompts with no live slot go; each kept prompt
+    keeps g' = max live slots of any prompt (its live slots, then finished ones as filler), so the
+    result is still prompt-major. Done only when b'·g' ≤ ratio · slots (shapes change rarely: few
+    CUDA graphs, few copies of the K/V).
+    """
+    n = alive.shape[0]
+    if n_alive > ratio * n:                                              # b'·g' ≥ n_alive
+        return None
+    live = alive.view(n // g, g).cpu()                                   # (b, g)
+    counts = live.sum(1)                                                 # (b,)
+    keep = counts.nonzero().flatten()                                    # (b',)
+    g2 = int(counts.max())
+    if keep.numel() * g2 > ratio * n:
+        return None
+    order = torch.sort(live[keep].long(), dim=1, descending=True, stable=True).indices
+    order = order[:, :g2]                                                # (b', g') live slots first
+
+    slots = (keep[:, None] * g + order).flatten()                        # (b'·g',) live first
+    return keep.to(alive.device), slots.to(alive.device), g2
+
+
+def _raise_if_broken(rows: torch.Tensor, step: int, G: int) -> None:
+    """``rows``: the chunk rows whose logits were NaN/inf (empty: nothing to report)."""
+    if rows.numel():
+        rows = rows.sort().values.tolist()
         prompts = sorted({r // G for r in rows})
         raise NonFiniteLogitsError(
             f"generate_groups: NaN/inf next-token logits by decode step {step} in rows {rows[:8]} "
@@ -167,14 +228,14 @@ def generate_groups(
     bias = policy.lm_head_bias
     bias = None if bias is None else bias.to(device=device, dtype=torch.float32)  # (V,)
     eos = torch.tensor(sorted(set(policy.eos_token_ids)), dtype=torch.long, device=device)
-    generator = make_generator(cfg, device)
+    key = draw_key(cfg)                                                  # the run's sample stream
     per_chunk = max(1, cfg.max_batch_sequences // G)                     # prompts per chunk
 
     chunks = []
     with torch.no_grad():
         for s in range(0, B, per_chunk):
             sub = enc if per_chunk >= B else enc.select(list(range(s, min(B, s + per_chunk))))
-            chunks.append(_decode_chunk(policy, sub, G, cfg, generator, bias, eos, progress))
+            chunks.append(_decode_chunk(policy, sub, G, cfg, key, s, bias, eos, progress))
 
     C = max(c.steps for c in chunks)
     ids = torch.cat([_right_pad(c.ids, C, policy.pad_token_id) for c in chunks])       # (N, C)
@@ -192,6 +253,8 @@ def generate_groups(
         "steps": sum(c.steps for c in chunks),
         "decode_ms_per_step": 1e3 * decode_s / max(sum(c.steps for c in chunks), 1),
         "chunks": len(chunks),
+        "rows_decoded": sum(c.rows_decoded for c in chunks),   # Σ batch size over decode steps
+        "compactions": sum(c.compactions for c in chunks),
         "sequences": B * G,
     }
     return Rollout(

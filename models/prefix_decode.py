@@ -13,6 +13,14 @@ prefix): the prompt K/V are read once per group instead of G times per step and 
 times (prompt KV memory is B rows, not B·G). On the CPU rollout bench, reading the G copies of
 the prompt KV was the largest cost of a decode step.
 
+Two ways to run a step, the same math:
+  - eager (``decode_layers``, the reference): attends to the stored columns as a slice.
+  - fixed shapes (``decode_layers_static``): the completion K/V buffers hold the whole budget
+    (``reserve``), the new column is written at a device-side index and the own block is masked
+    (column j counts iff j ≤ length), positions and length advance in place. Nothing depends on a
+    host value, so ``StepRunner`` can replay it as one CUDA graph per batch shape, or compile it.
+Finished rows leave the batch through ``select`` (whole groups dropped, the survivors' rows kept).
+
 Scope: Qwen2-VL and Qwen2.5-VL text decoder layers (the same layout: pre-norm, q/k/v/o
 projections, rotary from the model's own ``apply_rotary_pos_emb``, MLP), whatever attention
 implementation the model was loaded with (the attention here is its own); the layers' modules
@@ -40,7 +48,14 @@ class PrefixDecodeState:
     own_v: list               # per layer (N, kvh, cap, d)
     length: int               # completion tokens stored in own_k / own_v
     next_position: torch.Tensor  # (N,) int64 rope position of the next token (L + δ + step)
-    group_size: int           # G
+    group_size: int           # G (rows per prompt; after ``select``, slots per kept prompt)
+    column: torch.Tensor | None = None  # (1,) int64 on device: ``length`` for the fixed-shape step
+    runner: object | None = None  # step_runner.StepRunner: how steps run (None: eager reference)
+    prefix_bias: torch.Tensor | None = None  # (B, 1, 1, P) fp32 0 / −inf: the mask, added to scores
+
+    def __post_init__(self):
+        if self.prefix_bias is None:
+            self.prefix_bias = prefix_bias(self.prefix_mask)
 
     def __len__(self) -> int:
         return self.next_position.shape[0]
@@ -75,45 +90,123 @@ def from_prefill(cache, attention_mask: torch.Tensor, next_position: torch.Tenso
     )
 
 
+def reserve(state: PrefixDecodeState, capacity: int) -> PrefixDecodeState:
+    """Size the completion buffers for ``capacity`` decode steps, once (before the first step)."""
+    if state.length:
+        raise ValueError(f"prefix_decode.reserve: the state already holds {state.length} steps; "
+                         "reserve right after expand")
+    cap = max(1, capacity)
+    # zeros, not empty: a masked column has probability 0, and 0 · garbage (NaN) would be NaN
+    state.own_k = [k.new_zeros(*k.shape[:2], cap, k.shape[3]) for k in state.own_k]
+    state.own_v = [v.new_zeros(*v.shape[:2], cap, v.shape[3]) for v in state.own_v]
+    state.column = torch.zeros(1, dtype=torch.long, device=state.next_position.device)
+    return state
+
+
+def select(state: PrefixDecodeState, prompts: torch.Tensor, rows: torch.Tensor, group_size: int
+           ) -> PrefixDecodeState:
+    """Keep prompts (b',) and rows (b'·g',) of the state: row slot j of the result is old row
+    rows[j] and must belong to prompt prompts[j // g'] (prompt-major, g' = ``group_size``).
+    K/V are copied into fresh (smaller) buffers; the runner is not kept (shapes changed)."""
+    pick = lambda xs, idx: [x.index_select(0, idx) for x in xs]          # noqa: E731
+    return PrefixDecodeState(
+        prefix_k=pick(state.prefix_k, prompts), prefix_v=pick(state.prefix_v, prompts),
+        prefix_mask=state.prefix_mask.index_select(0, prompts),
+        own_k=pick(state.own_k, rows), own_v=pick(state.own_v, rows), length=state.length,
+        next_position=state.next_position.index_select(0, rows), group_size=group_size,
+        column=None if state.column is None else state.column.clone(),
+    )
+
+
 def _append(state: PrefixDecodeState, i: int, k: torch.Tensor, v: torch.Tensor):
-    """Write this step's (N, kvh, 1, d) key/value at column ``length``; grow ×1.25 (≥ 64) when full."""
+    """Write this step's (N, kvh, 1, d) key/value at column ``length`` → the stored columns (views).
+
+    A full buffer (a caller that did not ``reserve`` the budget) moves to one 1.25× larger."""
     t = state.length
     if t >= state.own_k[i].shape[2]:
         extra = max(64, t // 4)
-        state.own_k[i] = torch.cat([state.own_k[i], state.own_k[i].new_empty(*k.shape[:2], extra, k.shape[3])], 2)
-        state.own_v[i] = torch.cat([state.own_v[i], state.own_v[i].new_empty(*v.shape[:2], extra, v.shape[3])], 2)
+        grow = lambda b: torch.cat([b, b.new_empty(*b.shape[:2], extra, b.shape[3])], 2)  # noqa
+        state.own_k[i], state.own_v[i] = grow(state.own_k[i]), grow(state.own_v[i])
     state.own_k[i][:, :, t:t + 1] = k
     state.own_v[i][:, :, t:t + 1] = v
-    return state.own_k[i][:, :, :t + 1], state.own_v[i][:, :, :t + 1]   # (N, kvh, t+1, d) views
+    return state.own_k[i][:, :, :t + 1], state.own_v[i][:, :, :t + 1], None   # (N, kvh, t+1, d)
 
 
-def shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size: int, scale: float) -> torch.Tensor:
-    """q (N, h, 1, d); prompt K/V (B, kvh, P, d) + mask (B, 1, 1, P); own K/V (N, kvh, t, d) → (N, h·d)."""
+def _write_static(state: PrefixDecodeState, i: int, k: torch.Tensor, v: torch.Tensor):
+    """Fixed shapes: write at the device-side column, return whole buffers + the own-column mask."""
+    state.own_k[i].index_copy_(2, state.column, k.to(state.own_k[i].dtype))   # (N, kvh, cap, d)
+    state.own_v[i].index_copy_(2, state.column, v.to(state.own_v[i].dtype))
+    cap = state.own_k[i].shape[2]
+    valid = torch.arange(cap, device=k.device) <= state.column           # (cap,) j ≤ length
+    return state.own_k[i], state.own_v[i], valid.view(1, 1, 1, cap)
+
+
+def shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size: int, scale: float,
+                            own_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (N, h, 1, d); prompt K/V (B, kvh, P, d) + mask (B, 1, 1, P); own K/V (N, kvh, t, d)
+    [+ own_mask (1, 1, 1, t), False: column not written yet] → (N, h·d).
+
+    ``pmask`` is bool (True = attend) or an additive fp32 bias (0 / −inf, ``prefix_bias``)."""
+    with torch.autocast(q.device.type, enabled=False):                   # fp32 scores: no autocast
+
+        return _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_mask)
+
+
+def prefix_bias(pmask: torch.Tensor) -> torch.Tensor:
+    """Bool mask (B, 1, 1, P) → additive fp32 bias: 0 where attended, −inf on left padding."""
+    bias = torch.zeros(pmask.shape, dtype=torch.float32, device=pmask.device)
+    return bias.masked_fill_(~pmask, float("-inf"))
+
+
+def _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_mask):
+    """Scores and softmax in the group layout (B, kvh, G·r, ·): the large prompt block needs no
+    transpose; only the small own block (t columns) and the (N, h, d) output change layout."""
     dtype = q.dtype   # scores and softmax in ≥ fp32 (as flash/sdpa kernels do); a no-op for fp32/fp64
     acc = torch.promote_types(dtype, torch.float32)
-    q, pk, pv, ok, ov = (t.to(acc) for t in (q, pk, pv, ok, ov))
     n, h, _, d = q.shape
     b, kvh, p, _ = pk.shape
-    g, r = group_size, h // kvh                                          # head j uses KV head j // r
-    q5 = q.view(b, g, kvh, r, d)
-    q_grp = q5.permute(0, 2, 1, 3, 4).reshape(b, kvh, g * r, d)           # (B, kvh, G·r, d)
-    s_pre = torch.matmul(q_grp, pk.transpose(-1, -2)) * scale            # (B, kvh, G·r, P)
-    s_pre = s_pre.masked_fill_(~pmask, float("-inf"))
-    s_pre = s_pre.view(b, kvh, g, r, p).transpose(1, 2).reshape(n, kvh, r, p)  # (N, kvh, r, P)
-    q_own = q.view(n, kvh, r, d)
-    s_own = torch.matmul(q_own, ok.transpose(-1, -2)) * scale            # (N, kvh, r, t)
-    probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (N, kvh, r, P+t)
-    p_pre, p_own = probs.split([p, ok.shape[2]], dim=-1)
-    p_grp = p_pre.reshape(b, g, kvh, r, p).transpose(1, 2).reshape(b, kvh, g * r, p)
-    o_pre = torch.matmul(p_grp, pv)                                       # (B, kvh, G·r, d)
+    g, r, t = group_size, h // kvh, ok.shape[2]                          # head j: KV head j // r
+    q = q.to(acc) * scale                                                # (N, h, 1, d) scaled once
+    q_grp = q.view(b, g, kvh, r, d).transpose(1, 2).reshape(b, kvh, g * r, d)   # (B, kvh, G·r, d)
+    s_pre = torch.matmul(q_grp, pk.to(acc).transpose(-1, -2))           # (B, kvh, G·r, P)
+    if pmask.dtype == torch.bool:
+        s_pre = s_pre.masked_fill_(~pmask, float("-inf"))
+    else:
+        s_pre = s_pre.add_(pmask.to(acc))
+    s_own = torch.matmul(q.view(n, kvh, r, d), ok.to(acc).transpose(-1, -2))   # (N, kvh, r, t)
+    if own_mask is not None:
+        s_own = s_own.masked_fill_(~own_mask, float("-inf"))
+    s_own = s_own.view(b, g, kvh, r, t).transpose(1, 2).reshape(b, kvh, g * r, t)  # group layout
+    probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (B, kvh, G·r, P+t)
+    o_pre = torch.matmul(probs[..., :p], pv.to(acc))                     # (B, kvh, G·r, d)
+    p_own = probs[..., p:].reshape(b, kvh, g, r, t).transpose(1, 2).reshape(n, kvh, r, t)
     o_pre = o_pre.view(b, kvh, g, r, d).transpose(1, 2).reshape(n, kvh, r, d)
-    out = o_pre + torch.matmul(p_own, ov)                                 # (N, kvh, r, d)
+    out = o_pre + torch.matmul(p_own, ov.to(acc))                         # (N, kvh, r, d)
     return out.reshape(n, h * d).to(dtype)                                # heads in HF order
 
 
 @torch.no_grad()
 def decode_layers(lm, state: PrefixDecodeState, tokens: torch.Tensor) -> torch.Tensor:
     """Tokens (N,) through ``lm``'s decoder layers → last hidden (N, 1, H); appends to the state."""
+    hidden = _layers(lm, state, tokens, _append)
+    state.length += 1
+    state.next_position = state.next_position + 1
+    return hidden
+
+
+@torch.no_grad()
+def decode_layers_static(lm, state: PrefixDecodeState, tokens: torch.Tensor) -> torch.Tensor:
+    """``decode_layers`` with fixed shapes (needs ``reserve``): every update in place, no host value
+    read, so a CUDA graph can replay it. The caller advances ``state.length`` (a host int)."""
+    hidden = _layers(lm, state, tokens, _write_static)
+    state.column.add_(1)
+    state.next_position.add_(1)
+    return hidden
+
+
+def _layers(lm, state: PrefixDecodeState, tokens: torch.Tensor, write) -> torch.Tensor:
+    """The decoder layers for one token per row; ``write(state, i, k, v)`` stores layer i's K/V and
+    returns (own K, own V, own mask or None) to attend to."""
     n = tokens.shape[0]
     rotate = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
     cfg = lm.config
@@ -129,11 +222,10 @@ def decode_layers(lm, state: PrefixDecodeState, tokens: torch.Tensor) -> torch.T
         k = attn.k_proj(x).view(n, 1, kvh, d).transpose(1, 2)            # (N, kvh, 1, d)
         v = attn.v_proj(x).view(n, 1, kvh, d).transpose(1, 2)
         q, k = rotate(q, k, cos, sin)
-        ok, ov = _append(state, i, k, v)
-        o = shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i], state.prefix_mask, ok, ov,
-                                    state.group_size, attn.scaling)      # (N, nh·d)
+        ok, ov, own_mask = write(state, i, k, v)
+        o = shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i], state.prefix_bias,
+                                    ok, ov, state.group_size, attn.scaling, own_mask)  # (N, nh·d)
+
         hidden = hidden + attn.o_proj(o.view(n, 1, nh * d))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    state.length += 1
-    state.next_position = state.next_position + 1
     return lm.norm(hidden)                                               # (N, 1, H)

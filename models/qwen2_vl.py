@@ -22,12 +22,13 @@ the HF full forward). We bypass ``Qwen2VLProcessor`` (needs torchvision) — see
 from __future__ import annotations
 
 import os
+import weakref
 from contextlib import AbstractContextManager
 from typing import Sequence
 
 import torch
 from grpo_models import policy_utils as pu
-from grpo_models import prefix_decode, prefix_train
+from grpo_models import prefix_decode, prefix_train, step_runner
 from grpo_models.qwen2_vl_encode import (
     VISION_TOKENS,
     Qwen2VLEncoded,
@@ -225,10 +226,41 @@ class Qwen2VLPolicy:
             return prefix_decode.from_prefill(state.cache, state.attention_mask, state.next_position, group_size)
         return pu.expand_state(state, group_size)
 
+    def plan_decode(self, state, capacity: int, graphs: str = "auto", compile: str = "auto"):
+        """Size the decode buffers for ``capacity`` steps, once, and pick how steps run
+        (``rollout.graphs`` / ``rollout.compile``: ``grpo_models.step_runner``). Optional protocol
+        method; a state it cannot plan (not shared-prefix) is returned unchanged."""
+        if not isinstance(state, prefix_decode.PrefixDecodeState):
+            return state
+        prefix_decode.reserve(state, capacity)
+        return self._with_runner(state, step_runner.resolve(graphs, compile, self.device))
+
+    def compact_state(self, state, prompts: torch.Tensor, rows: torch.Tensor, group_size: int):
+        """Keep prompts (b',) and rows (b'·g') of a decode state (finished rows leave the batch);
+        None where this state cannot be compacted. Optional protocol method."""
+        if not isinstance(state, prefix_decode.PrefixDecodeState):
+            return None
+        new = prefix_decode.select(state, prompts.to(self.device), rows.to(self.device), group_size)
+        return self._with_runner(new, state.runner.mode if state.runner is not None else None)
+
+    def _with_runner(self, state, mode: str | None):
+        """Attach a fixed-shape step runner; it holds the state weakly (no state ↔ runner cycle, so
+        a finished chunk's K/V buffers and graph are freed at once, not at the next gc)."""
+        if mode is not None:
+            layers, ref = prefix_decode.decode_layers_static, weakref.ref(state)
+            step = lambda tok: self._logits_last(layers(self._lm, ref(), tok))  # noqa: E731
+            state.runner = step_runner.StepRunner(step, mode, [state.column, state.next_position])
+        return state
+
     @torch.no_grad()
     def decode_step(self, state, tokens: torch.Tensor):
         n = tokens.shape[0]
         if isinstance(state, prefix_decode.PrefixDecodeState):
+            if state.runner is not None:                                   # graph / compiled
+
+                logits = state.runner(tokens)
+                state.length += 1
+                return logits, state
             return self._logits_last(prefix_decode.decode_layers(self._lm, state, tokens)), state
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(n, 1)], 1)  # (N, T+1)
         pos = state.next_position.view(1, n, 1).expand(3, n, 1)                           # (3, N, 1)

@@ -35,11 +35,13 @@ def fp32_logprob_tol(want: torch.Tensor) -> float:
     return tol(torch.float32, 1.0 + float(want.abs().max()), k=16)
 
 
-def recompute_logprobs(policy, ro: Rollout, T: float) -> torch.Tensor:
-    """Teacher-forced log_softmax((hidden @ W.T + bias) / T)[c_j] (what the trainer computes)."""
+def recompute_logprobs(policy, ro: Rollout, T: float, eos_shift: float = 0.0) -> torch.Tensor:
+    """Teacher-forced log_softmax((hidden @ W.T + bias) / T)[c_j] (what the trainer computes);
+    ``eos_shift``: what ``EosLeaning`` added to the EOS logits."""
     with torch.no_grad():
         h = policy.completion_hidden(ro.encoded, ro.completion_ids, ro.completion_mask, ro.group_size)
         z = policy._head(h) if hasattr(policy, "_head") else h.float() @ policy.lm_head_weight.float().T
+        z[..., list(policy.eos_token_ids)] += eos_shift
         if policy.lm_head_bias is not None:
             z = z + policy.lm_head_bias.to(z.device)
         lp = torch.log_softmax(z / T, -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
@@ -255,7 +257,8 @@ def test_vlm_eos_stops_rows_and_chunking_matches(tiny_vlm_policy64):
 
 
 def test_vlm_long_greedy_outgrows_the_kv_buffer(tiny_vlm_policy64):
-    """60+ steps on a ~30-token prompt pass the KV buffer's first capacity (T + 64): still == HF."""
+    """60+ steps on a ~30-token prompt (more than the 64 spare columns a plain expand reserves;
+    the rollout sizes the buffer for the budget): still == HF."""
     pol = tiny_vlm_policy64
     enc = pol.encode([Prompt("Short.", [img(56, 56, 7)])])
     no_eos = EosLeaning(pol, shift=-1e4)  # HF side: EOS suppressed as well, so both run 60 steps
@@ -275,9 +278,10 @@ def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, tmp_path, 
     at most twice the error of the plain bf16 path (HF forward on the fanned-out cache) — the
     project's bf16 rule.
     """
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+
     from grpo_models import policy_utils as pu
     from grpo_models import prefix_decode
-    from grpo_models.qwen2_vl import Qwen2VLPolicy
 
     def logits_over_steps(pol, shared, G=3, steps=4):
         enc = pol.encode(_vlm_prompts())
@@ -339,3 +343,316 @@ def test_non_finite_logits_are_a_clear_error(value, greedy):
     pol = NaNAfter(BigramPolicy(eos_logit=-60.0), k=3, rows=[5], value=value)
     with pytest.raises(NonFiniteLogitsError, match=r"decode step 3 in rows \[5\] \(prompts \[1\]"):
         generate_groups(pol, PROMPTS, 3, SamplingConfig(max_new_tokens=8, seed=0, greedy=greedy))
+
+
+# ── batch-independent sampling ───────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("cap", [1, 3, 7])
+def test_sampled_tokens_do_not_depend_on_the_batch(cap):
+    """Each row's draws are keyed by (seed, prompt, sample, position): chunking changes nothing."""
+    pol = BigramPolicy(eos_logit=1.0)
+    cfg = SamplingConfig(max_new_tokens=12, seed=11, temperature=1.2)
+    one = generate_groups(pol, PROMPTS, 3, cfg)
+    capped = SamplingConfig(**{**cfg.__dict__, "max_batch_sequences": cap})
+    many = generate_groups(pol, PROMPTS, 3, capped)
+    assert many.stats["chunks"] > 1 and one.finished.any()
+    for f in ("completion_ids", "completion_mask", "finished"):
+        assert torch.equal(getattr(one, f), getattr(many, f)), f
+    assert_close(many.logprobs, one.logprobs, "chunked vs one batch",
+                 atol=fp32_logprob_tol(one.logprobs))
+    # the prompt a row belongs to keys its stream: the same prompt alone gives the same rows
+    alone = generate_groups(pol, PROMPTS[:1], 3, cfg)
+    assert torch.equal(alone.completion_ids, one.completion_ids[:3, :alone.completion_ids.shape[1]])
+
+
+def test_vlm_sampled_tokens_do_not_depend_on_chunking(tiny_vlm_policy64):
+    """float64 model: logits of other batch shapes differ in the last fp64 bits: no draw flips."""
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.0)
+    enc = pol.encode(_vlm_prompts())
+    cfg = SamplingConfig(max_new_tokens=10, seed=4)
+    one = generate_groups(pol, enc, 4, cfg)
+    capped = SamplingConfig(max_new_tokens=10, seed=4, max_batch_sequences=5)
+    many = generate_groups(pol, enc, 4, capped)
+    assert many.stats["chunks"] == 3 and one.finished.any() and one.truncated.any()
+    assert torch.equal(one.completion_ids, many.completion_ids)
+    assert torch.equal(one.completion_mask, many.completion_mask)
+
+
+# ── finished rows leave the batch (compaction) and the fixed-shape decode step ──────────────────
+
+def test_compaction_changes_no_token():
+    pol = BigramPolicy(eos_logit=2.5)
+    base = dict(max_new_tokens=16, seed=5)
+    off = generate_groups(pol, PROMPTS, 4, SamplingConfig(**base, compact_below=0.0))
+    on = generate_groups(pol, PROMPTS, 4, SamplingConfig(**base, compact_below=1.0))
+    assert off.stats["compactions"] == 0 and on.stats["compactions"] >= 2
+    assert on.stats["rows_decoded"] < off.stats["rows_decoded"]
+    for f in ("completion_ids", "completion_mask", "finished", "truncated"):
+        assert torch.equal(getattr(off, f), getattr(on, f)), f
+    assert_close(on.logprobs, off.logprobs, "compacted vs not", atol=fp32_logprob_tol(off.logprobs))
+    check_layout(pol, on, 4, 4, 16)
+
+
+def test_compaction_plan_keeps_live_rows_prompt_major():
+    from grpo_core.rollout import _compaction
+
+    alive = torch.tensor([0, 1, 0, 1,   0, 0, 0, 0,   1, 0, 0, 0], dtype=torch.bool)  # b 3, g 4
+    keep, slots, g2 = _compaction(alive, 4, 3, 0.75)
+    assert keep.tolist() == [0, 2] and g2 == 2
+    assert slots.tolist() == [1, 3, 8, 9]                                # 9: filler (finished)
+    assert _compaction(alive, 4, 3, 0.3) is None                         # 4 slots > 0.3 · 12
+
+
+def _static_mode(monkeypatch, mode="static"):
+    """Make the Qwen2-VL policy run every decode step through the fixed-shape path."""
+    from grpo_models import step_runner
+
+    monkeypatch.setattr(step_runner, "resolve", lambda graphs, compile, device: mode)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_vlm_compaction_and_fixed_shapes_change_no_token(tiny_vlm_policy64, monkeypatch, static):
+    """float64: compaction on/off and eager/fixed-shape steps give the same tokens; log-probs ==
+    teacher forcing; greedy == HF generate."""
+    if static:
+        _static_mode(monkeypatch)
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    cfg = dict(max_new_tokens=14, seed=9)
+    off = generate_groups(pol, enc, 4, SamplingConfig(**cfg, compact_below=0.0))
+    on = generate_groups(pol, enc, 4, SamplingConfig(**cfg, compact_below=0.9))
+    assert on.stats["compactions"] >= 1 and on.finished.any() and on.truncated.any()
+    assert torch.equal(off.completion_ids, on.completion_ids)
+    assert torch.equal(off.completion_mask, on.completion_mask)
+    want = recompute_logprobs(tiny_vlm_policy64, on, 1.0, eos_shift=3.5)
+    assert_close(on.logprobs, want, "compacted rollout log-probs vs teacher forcing",
+                 atol=fp32_logprob_tol(want))
+    greedy_cfg = SamplingConfig(max_new_tokens=10, greedy=True)
+    greedy = generate_groups(tiny_vlm_policy64, enc, 2, greedy_cfg)
+    with torch.no_grad():
+        hf = _hf_generate(tiny_vlm_policy64, enc, 10, num_return_sequences=2)
+    C = max(hf.shape[1], greedy.completion_ids.shape[1])
+    fill = tiny_vlm_policy64.pad_token_id
+    pad = lambda x: torch.nn.functional.pad(x, (0, C - x.shape[1]), value=fill)  # noqa: E731
+    assert torch.equal(pad(greedy.completion_ids), pad(hf))
+
+
+def _steps_logits(pol, enc, G, ids, mode=None, compact_at=None):
+    """Prefill + expand + len(ids[0]) decode steps of given tokens → logits (N', steps, V) fp32.
+
+    ``mode``: the fixed-shape runner (None: eager); ``compact_at``: before that step, drop prompt 1
+    and keep 2 rows of every other prompt (as the rollout's compaction would)."""
+    from grpo_models import step_runner
+
+    rows = torch.arange(ids.shape[0])
+    with torch.no_grad():
+        logits, state = pol.prefill(enc)
+        state = pol.expand(state, G)
+        real = step_runner.resolve
+        step_runner.resolve = lambda graphs, compile, device: mode
+        try:
+            state = pol.plan_decode(state, ids.shape[1], "off", "off")
+        finally:
+            step_runner.resolve = real
+        assert (state.runner is None) == (mode is None)
+        out = []
+        for j in range(ids.shape[1]):
+            if j == compact_at:
+                keep = torch.tensor([b for b in range(len(enc)) if b != 1])
+                slots = (keep[:, None] * G + torch.tensor([G - 1, 0])).flatten()
+                state = pol.compact_state(state, keep, slots, 2)
+                rows = rows[slots]
+                out = [o[slots] for o in out]
+            logits, state = pol.decode_step(state, ids[rows, j])
+            out.append(logits.clone())
+    return torch.stack(out, 1), rows
+
+
+@pytest.mark.parametrize("compact_at", [None, 2])
+def test_fixed_shape_step_matches_eager(tiny_vlm_policy64, compact_at):
+    pol = tiny_vlm_policy64
+    enc = pol.encode(_vlm_prompts())
+    ids = torch.randint(10, 400, (len(enc) * 3, 5), generator=torch.Generator().manual_seed(1))
+    eager, rows = _steps_logits(pol, enc, 3, ids, None, compact_at)
+    static, rows2 = _steps_logits(pol, enc, 3, ids, "static", compact_at)
+    assert torch.equal(rows, rows2) and static.dtype == torch.float32
+    assert_close(static, eager, "fixed-shape vs eager decode",
+                 atol=tol(torch.float32, eager.abs().max(), k=2))
+    if compact_at is not None:                  # compaction changes no row's logits
+        full, _ = _steps_logits(pol, enc, 3, ids, None, None)
+        assert_close(eager, full[rows], "compacted vs full",
+                     atol=tol(torch.float32, full.abs().max(), k=2))
+
+
+def test_decode_under_bf16_autocast(tiny_vlm_path):
+    """fp32 weights, bf16 compute (the trainer's autocast): logits come back fp32; eager and
+    fixed-shape agree; the error against the fp64 model is at most 2× that of HF's own forward
+    under the same autocast (the plain bf16 path)."""
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+
+    from grpo_models import policy_utils as pu
+
+    ref_pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu")
+    pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float32, device="cpu")
+    enc = pol.encode(_vlm_prompts())
+    ids = torch.randint(10, 400, (len(enc) * 2, 4), generator=torch.Generator().manual_seed(2))
+    ref, _ = _steps_logits(ref_pol, enc, 2, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, _ = _steps_logits(pol, enc, 2, ids)
+        static, _ = _steps_logits(pol, enc, 2, ids, "static")
+        with torch.no_grad():                   # plain path: HF forward on a fanned-out cache
+            logits, state = pol.prefill(enc)
+            state = pu.expand_state(state, 2)
+            plain = []
+            for j in range(ids.shape[1]):
+                logits, state = pol.decode_step(state, ids[:, j])
+                plain.append(logits)
+    plain = torch.stack(plain, 1)
+    assert eager.dtype == static.dtype == torch.float32
+    err, plain_err = (eager - ref).abs().max(), (plain - ref).abs().max()
+    assert err <= 2 * plain_err + 1e-3, f"autocast error {err:.3g} > 2× plain {plain_err:.3g}"
+    assert (static - ref).abs().max() <= 2 * plain_err + 1e-3
+
+
+class _FakeGraph:
+    """CPU stand-in for torch.cuda.CUDAGraph: capture records the step; replay re-runs it into the
+    captured output buffer (what a real replay does to the same addresses)."""
+
+    runner = None                                        # the StepRunner capturing now
+
+    def __init__(self):
+        self.fn, self.out = None, None
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def _fake_cuda(monkeypatch):
+    import contextlib
+
+    from grpo_models import step_runner
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g):                                        # a real capture runs no kernel: undo it
+        runner = _FakeGraph.runner
+        before = [t.clone() for t in runner._mutable]
+        yield
+        for t, b in zip(runner._mutable, before):
+            t.copy_(b)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    orig = step_runner.StepRunner._capture
+
+    def capture(self, tokens):                           # after the real capture logic, bind replay
+        _FakeGraph.runner = self
+        orig(self, tokens)
+        self._graph.fn, self._graph.out = (lambda: self._fn(self._tokens)), self._logits
+
+    monkeypatch.setattr(step_runner.StepRunner, "_capture", capture)
+
+
+def test_graph_runner_protocol_with_a_fake_cuda_graph(tiny_vlm_policy64, monkeypatch):
+    """The CUDA-graph runner's bookkeeping (warm-up and capture leave the state as it was; static
+    input/output buffers; a new graph after compaction), on CPU with a stand-in for the graph."""
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    cfg = SamplingConfig(max_new_tokens=14, seed=9, compact_below=0.9)
+    want = generate_groups(pol, enc, 4, cfg)
+    _fake_cuda(monkeypatch)
+    _static_mode(monkeypatch, "graph")
+    got = generate_groups(pol, enc, 4, cfg)
+    assert got.stats["compactions"] >= 1
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    assert_close(got.logprobs, want.logprobs, "graph runner vs eager",
+                 atol=fp32_logprob_tol(want.logprobs))
+
+
+
+def test_vlm_plain_cache_fallback_is_not_compacted(tiny_vlm_policy64, monkeypatch):
+    """Where the shared-prefix decode is not taken, the policy cannot compact: the rollout goes on
+    with full batches and draws the same tokens."""
+    from grpo_models import prefix_decode
+
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    cfg = SamplingConfig(max_new_tokens=10, seed=3, compact_below=1.0)
+    shared = generate_groups(pol, enc, 4, cfg)
+    monkeypatch.setattr(prefix_decode, "supported", lambda lm: False)
+    plain = generate_groups(pol, enc, 4, cfg)
+    assert shared.stats["compactions"] >= 1 and plain.stats["compactions"] == 0
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
+
+
+def test_fixed_shape_state_is_freed_without_gc(tiny_vlm_policy64, monkeypatch):
+    """No state ↔ runner reference cycle: on a GPU a chunk's K/V buffers and graph would else
+    live until the next garbage collection."""
+    import gc
+    import weakref
+
+    _static_mode(monkeypatch)
+    pol = tiny_vlm_policy64
+    with torch.no_grad():
+        _, state = pol.prefill(pol.encode(_vlm_prompts()[:1]))
+        state = pol.plan_decode(pol.expand(state, 2), 4, "off", "off")
+    assert state.runner is not None
+    gone = weakref.ref(state)
+    gc.disable()
+    try:
+        del state
+        assert gone() is None, "the decode state is kept alive by a reference cycle"
+    finally:
+        gc.enable()
+
+
+@pytest.mark.slow
+def test_compiled_step_traces_and_changes_no_token(tiny_vlm_policy64, monkeypatch):
+    """rollout.compile=on: the fixed-shape step goes through torch.compile. Dynamo traces it with
+    the ``aot_eager`` backend here (same graph capture, no C++ codegen: seconds instead of
+    minutes on CPU); tokens equal the eager reference, with compaction re-tracing new shapes."""
+    import torch._dynamo
+
+    from grpo_models import step_runner
+
+    monkeypatch.setattr(step_runner, "_compiled", lambda fn: torch.compile(fn, backend="aot_eager"))
+    pol = EosLeaning(tiny_vlm_policy64, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    cfg = dict(max_new_tokens=10, seed=9, compact_below=0.9)
+    want = generate_groups(pol, enc, 4, SamplingConfig(**cfg))
+    torch._dynamo.reset()
+    got = generate_groups(pol, enc, 4, SamplingConfig(**cfg, compile="on"))
+    torch._dynamo.reset()
+    assert got.stats["compactions"] >= 1
+    assert torch.equal(got.completion_ids, want.completion_ids)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_vlm_lora_adapters_apply_in_every_decode_path(tiny_vlm_path, monkeypatch, static):
+    """LoRA (non-zero adapters, fp64): recorded log-probs == the teacher-forced forward with the
+    adapters on (and ≠ with them off), for the eager and the fixed-shape step, with compaction."""
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+
+    if static:
+        _static_mode(monkeypatch)
+    lora = {"r": 4, "lora_alpha": 16, "init_lora_weights": False}
+    base = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=torch.float64, device="cpu",
+                                         lora=lora)
+    pol = EosLeaning(base, shift=3.5)
+    enc = pol.encode(_vlm_prompts())
+    ro = generate_groups(pol, enc, 4, SamplingConfig(max_new_tokens=10, seed=2, compact_below=0.9))
+    assert ro.stats["compactions"] >= 1
+    want = recompute_logprobs(base, ro, 1.0, eos_shift=3.5)
+    assert_close(ro.logprobs, want, "LoRA rollout vs teacher forcing", atol=fp32_logprob_tol(want))
+    with base.disable_adapters():
+        off = recompute_logprobs(base, ro, 1.0, eos_shift=3.5)
+    assert (off - want).abs().max() > 1e-3, "adapters change nothing: the test cannot fail"

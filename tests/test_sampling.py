@@ -174,3 +174,67 @@ def test_inverse_cdf_never_draws_zero_weight_ids_and_follows_weights():
     assert set(draws[:, 0].tolist()) == {1, 3}
     assert (draws[:, 1] == 4).all() and (draws[:, 2] == 0).all()
     assert abs((draws[:, 0] == 3).float().mean().item() - 0.75) < 0.03
+
+
+# ── counter-based uniforms ───────────────────────────────────────────────────────────────────────
+
+def _lowbias32(x: int) -> int:
+    """Plain-Python reference of the hash (C. Wellons' lowbias32) on one 32-bit int."""
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def _uniform_ref(key: int, prompt: int, sample: int, t: int) -> float:
+    h = _lowbias32(_lowbias32(key & 0xFFFFFFFF) ^ (key >> 32))
+    h = _lowbias32(_lowbias32(_lowbias32(h ^ prompt) ^ sample) ^ t)
+    h2 = _lowbias32(h ^ 0x9E3779B9)
+    return ((h >> 5) * 2**26 + (h2 >> 6)) / 2.0**53
+
+
+def test_counter_uniforms_match_the_plain_reference():
+    from grpo_core.sampling import counter_uniforms
+
+    key = 0xDEADBEEF12345678
+    prompt, sample = torch.tensor([0, 0, 3, 70000]), torch.tensor([0, 1, 5, 2**31 + 7])
+    u = counter_uniforms(key, prompt, sample, 6)                           # (4, 6)
+    rows = zip(prompt.tolist(), sample.tolist())
+    want = [[_uniform_ref(key, p, s, t) for t in range(6)] for p, s in rows]
+    assert u.dtype == torch.float64 and u.tolist() == want
+
+
+def test_counter_uniforms_are_per_row_and_uniform():
+    from grpo_core.sampling import counter_uniforms
+
+    n, T = 512, 64
+    prompt, sample = torch.arange(n) // 8, torch.arange(n) % 8
+    u = counter_uniforms(7, prompt, sample, T)                             # (n, T)
+    sub = torch.tensor([5, 300, 17])
+    alone = counter_uniforms(7, prompt[sub], sample[sub], T)
+    assert torch.equal(alone, u[sub]), "depends on other rows"
+
+    assert ((u >= 0) & (u < 1)).all() and u.unique().numel() == n * T
+    assert not torch.equal(counter_uniforms(8, prompt, sample, T), u), "key ignored"
+    # 32 equal bins over 32,768 draws: each count is Binomial(32768, 1/32), sd ≈ 31; 6 sd apart
+    counts = torch.histc(u.float(), bins=32, min=0, max=1)
+    assert (counts - n * T / 32).abs().max() < 6 * math.sqrt(n * T / 32), counts
+    # neighbouring positions / samples are uncorrelated (|r| ~ 1/sqrt(n·T) ≈ 0.006 if independent)
+    for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1])):
+        r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+        assert abs(float(r)) < 0.03, f"correlation {float(r):.3f}"
+
+
+def test_given_uniforms_pick_the_first_id_whose_cdf_exceeds_u():
+    torch.manual_seed(1)
+    logits = torch.randn(40, 9)
+    u = torch.rand(40, dtype=torch.float64)
+    tok, _ = sample_next(logits, SamplingConfig(), None, None, u)
+    p = torch.softmax(logits.double(), -1)
+    cdf = p.cumsum(-1)
+    want = (cdf <= u[:, None]).sum(-1).clamp(max=8)                        # first j with cdf_j > u
+    # fp32 vs fp64 cdf: a draw may differ only when u lies within fp32 rounding of a boundary
+    near = ((cdf - u[:, None]).abs() < 1e-5).any(-1)
+    assert torch.equal(tok[~near], want[~near]) and (~near).sum() > 30
