@@ -54,10 +54,10 @@ def test_steps_run_and_learn_a_toy_reward(tiny_vlm_path, records, tmp_path):
     start = expected_vowel_reward(policy, records[-6:])
     cfg = _cfg(tmp_path)
     cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens = 8, 4, 2
-    cfg.run.steps, cfg.optim.lr = 8, 2e-2
+    cfg.run.steps, cfg.optim.lr = 16, 2e-2     # 16 steps: +0.67..+0.84 over seeds 0-3 (8 steps: +0.05..+0.22)
     tr = GRPOTrainer(policy, records[:-6], cfg, reward_specs=[RewardSpec("vowels", vowel_reward, 1.0)])
     hist = tr.train()
-    assert len(hist) == 8
+    assert len(hist) == 16
     for key in ("loss", "reward", "reward/vowels", "kl", "clip_low_frac", "clip_high_frac", "entropy",
                 "completion_len", "completion_len_max", "truncated_frac", "zero_std_frac", "tokens_per_s",
                 "time_rollout", "time_scoring", "time_update", "grad_norm", "lr"):
@@ -66,9 +66,9 @@ def test_steps_run_and_learn_a_toy_reward(tiny_vlm_path, records, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
     # learning, measured exactly (no sampling noise) on held-out prompts
     after = expected_vowel_reward(policy, records[-6:])
-    assert after > start + 0.05, (start, after)
+    assert after > start + 0.25, (start, after)
     lines = open(os.path.join(cfg.run.output_dir, "metrics.jsonl")).read().splitlines()
-    assert len(lines) == 8
+    assert len(lines) == 16
 
 
 def test_mu_gt_1_uses_old_logprobs(tiny_vlm_path, records, tmp_path, monkeypatch):
