@@ -355,8 +355,8 @@ def test_sampled_tokens_do_not_depend_on_the_batch(cap):
     one = generate_groups(pol, PROMPTS, 3, cfg)
     capped = SamplingConfig(**{**cfg.__dict__, "max_batch_sequences": cap})
     many = generate_groups(pol, PROMPTS, 3, capped)
-    assert many.stats["chunks"] > 1 and one.finished.any()
-    for f in ("completion_ids", "completion_mask", "finished"):
+    assert many.stats["chunks"] > 1 and (~one.truncated).any()
+    for f in ("completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(one, f), getattr(many, f)), f
     assert_close(many.logprobs, one.logprobs, "chunked vs one batch",
                  atol=fp32_logprob_tol(one.logprobs))
@@ -373,7 +373,7 @@ def test_vlm_sampled_tokens_do_not_depend_on_chunking(tiny_vlm_policy64):
     one = generate_groups(pol, enc, 4, cfg)
     capped = SamplingConfig(max_new_tokens=10, seed=4, max_batch_sequences=5)
     many = generate_groups(pol, enc, 4, capped)
-    assert many.stats["chunks"] == 3 and one.finished.any() and one.truncated.any()
+    assert many.stats["chunks"] == 3 and (~one.truncated).any() and one.truncated.any()
     assert torch.equal(one.completion_ids, many.completion_ids)
     assert torch.equal(one.completion_mask, many.completion_mask)
 
@@ -387,7 +387,7 @@ def test_compaction_changes_no_token():
     on = generate_groups(pol, PROMPTS, 4, SamplingConfig(**base, compact_below=1.0))
     assert off.stats["compactions"] == 0 and on.stats["compactions"] >= 2
     assert on.stats["rows_decoded"] < off.stats["rows_decoded"]
-    for f in ("completion_ids", "completion_mask", "finished", "truncated"):
+    for f in ("completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(off, f), getattr(on, f)), f
     assert_close(on.logprobs, off.logprobs, "compacted vs not", atol=fp32_logprob_tol(off.logprobs))
     check_layout(pol, on, 4, 4, 16)
@@ -421,7 +421,7 @@ def test_vlm_compaction_and_fixed_shapes_change_no_token(tiny_vlm_policy64, monk
     cfg = dict(max_new_tokens=14, seed=9)
     off = generate_groups(pol, enc, 4, SamplingConfig(**cfg, compact_below=0.0))
     on = generate_groups(pol, enc, 4, SamplingConfig(**cfg, compact_below=0.9))
-    assert on.stats["compactions"] >= 1 and on.finished.any() and on.truncated.any()
+    assert on.stats["compactions"] >= 1 and (~on.truncated).any() and on.truncated.any()
     assert torch.equal(off.completion_ids, on.completion_ids)
     assert torch.equal(off.completion_mask, on.completion_mask)
     want = recompute_logprobs(tiny_vlm_policy64, on, 1.0, eos_shift=3.5)
