@@ -61,7 +61,7 @@ bench: $(STAMP)  ## the full benchmark suite (on a GPU)
 	$(PY) -m bench
 
 lint: $(STAMP)  ## ruff over the code
-	$(PY) -m ruff check grpo_core grpo_app models bench tests examples
+	$(PY) -m ruff check grpo_core grpo_app models grpo_models bench tests examples
 
 # The CUDA library (csrc/) into build/cuda/, where grpo_core/kernels/cuda.py finds it. Plain
 # Python + nvcc; GRPO_CORE_CUDA_ARCHS="80;90a" picks architectures (default 80;90;90a).

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(f"{scale:5s} N={N:8d} G={G:5d} {name:12s} {ms:.4f} ms  {row['GB/s']:.2f} GB/s")
     meta = {"title": "group advantages: CUDA kernel vs torch", "device": device_label(device),
-            "torch": torch.__version__, "command": "python -m bench.bench_advantages" + (" --quick" if args.quick else ""),
+            "torch": torch.__version__,
+            "command": "python -m bench.bench_advantages" + (" --quick" if args.quick else ""),
             "bytes": "8·N (read rewards, write advantages)", "notes": notes}
     tag = "cuda" if device.type == "cuda" else "cpu"
     stem = write_table(os.path.join(results_dir(device, args.out), f"advantages_{tag}"), meta, rows,

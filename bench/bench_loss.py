@@ -163,7 +163,8 @@ def run(args):
     e = d["logits"].element_size()
     shape = dict(N=N, T=T, V=V, H=H, dtype=args.dtype)
     per_tok = 24 * N * T
-    logit_bytes = {"fwd": N * T * V * e + per_tok, "bwd": 2 * N * T * V * e + per_tok, "full": 3 * N * T * V * e + per_tok}
+    logit_bytes = {"fwd": N * T * V * e + per_tok, "bwd": 2 * N * T * V * e + per_tok,
+                   "full": 3 * N * T * V * e + per_tok}
     M = int(d["mask"].sum())
     lin_flops = {"fwd": 2 * M * V * H, "bwd": 4 * M * V * H, "full": 6 * M * V * H}
     results = []
@@ -176,7 +177,8 @@ def run(args):
     for name, prov in linear_providers(device).items():
         h = d["hidden"].detach().clone().requires_grad_()
         w = d["weight"].detach().clone().requires_grad_()
-        results += measure("linear", name, lambda p=prov, h=h, w=w: p(d, h, w), [h, w], shape, device, {}, lin_flops, args.quick)
+        results += measure("linear", name, lambda p=prov, h=h, w=w: p(d, h, w), [h, w], shape,
+                           device, {}, lin_flops, args.quick)
         print(_line(results[-1]))
     meta = dict(shape, tokens=N * T, valid_tokens=M, loss=LOSS_KW, temperature=TEMPERATURE,
                 command="python -m bench.bench_loss" + (" --quick" if args.quick else ""))

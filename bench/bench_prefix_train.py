@@ -24,11 +24,11 @@ import tempfile
 import time
 
 import torch
-from grpo_models import prefix_train as mod
 from grpo_models.qwen2_vl import Qwen2VLPolicy
 from grpo_models.tiny import build_tiny_qwen2_vl
 
 from grpo_core.data import make_synthetic_vqa, record_to_prompt
+from grpo_models import prefix_train as mod
 
 LAYOUTS = (("plain", False, "auto"), ("rows", True, "rows"), ("grouped", True, "grouped"))
 
@@ -106,7 +106,9 @@ def main(argv=None) -> None:
     attn = pol._lm.config._attn_implementation
     print(f"B={B} G={g} P={enc.input_ids.shape[1]} C={c}, {px}² images, "
           f"{'GPU wall' if gpu else 'CPU'} ms per forward+backward "
-          f"(plain: {attn}): " + ", ".join(f"{r['path']} {r['ms']:.0f}" if r["ms"] else f"{r['path']} OOM" for r in rows))
+          f"(plain: {attn}): "
+          + ", ".join(f"{r['path']} {r['ms']:.0f}" if r["ms"] else f"{r['path']} OOM"
+                      for r in rows))
     if args.out or gpu:
         from bench.common import device_label, results_dir, write_table
 

@@ -131,7 +131,8 @@ def qwen2_vl_2b_policy(cfg: dict, workdir: str):
 
     tok = build_tiny_tokenizer(os.path.join(workdir, "tok"))
     conf = qwen2_vl_2b_config()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    ids = {t: tok.convert_tokens_to_ids(t)
+           for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
     conf.image_token_id, conf.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
     conf.vision_start_token_id, conf.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
     conf.text_config.eos_token_id = conf.text_config.bos_token_id = conf.text_config.pad_token_id = tok.pad_token_id
@@ -332,8 +333,11 @@ def main(argv=None):
                       f"({row['ours_no_compaction_tokens_per_s']:.0f} tok/s), mean length "
                       f"{row['mean_len_ours']:.1f} (HF {row['mean_len_hf']:.1f})")
             print(f"[{name}] ours {row['ours_tokens_per_s']:.0f} tok/s vs HF {row['hf_tokens_per_s']:.0f} tok/s: "
-                  f"{row['speedup']:.2f}x wall" + (f", {row['speedup_cpu_time']:.2f}x CPU time" if row["speedup_cpu_time"] else "")
-                  + f" | ours prefill {row['ours_prefill_s']:.3f}s, decode {row['ours_decode_ms_per_step']:.2f} ms/step; "
+                  f"{row['speedup']:.2f}x wall"
+                  + (f", {row['speedup_cpu_time']:.2f}x CPU time" if row["speedup_cpu_time"]
+                     else "")
+                  + f" | ours prefill {row['ours_prefill_s']:.3f}s, "
+                  f"decode {row['ours_decode_ms_per_step']:.2f} ms/step; "
                   f"HF prefill ~{row['hf_prefill_s_est']:.3f}s, decode ~{row['hf_decode_ms_per_step_est']:.2f} ms/step")
             if row.get("fraction_of_bw_limit") is not None:
                 print(f"[{name}] decode step reaches {row['fraction_of_bw_limit']:.1%} of the HBM bandwidth limit")

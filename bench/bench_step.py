@@ -19,7 +19,8 @@ What each engine does with that step, for the reader of the ratio:
 
 Each provider runs in its own subprocess (clean peak-memory numbers, no shared threads/state).
 Timing: `warmup` untimed steps, then `steps` timed steps (wall clock, CUDA synchronised), median
-and 20/80 % quantiles; on CPU also the process CPU time per step (a second, load-robust measure). Peak memory: CUDA max allocated, or the process's peak RSS on CPU.
+and 20/80 % quantiles; on CPU also the process CPU time per step (a second, load-robust measure).
+Peak memory: CUDA max allocated, or the process's peak RSS on CPU.
 Deviations from TRL's own defaults, on purpose: gradient checkpointing off (TRL defaults it on),
 bf16 off on CPU. TRL needs a processor; transformers' Qwen2VLProcessor insists on a video
 processor that needs torchvision, so we hand TRL an image-only subclass (same tokenizer, same
@@ -96,7 +97,8 @@ def build_2b_shaped(path: str, seed: int, max_pixels: int, config=None, dev: str
 
     tok = build_tiny_tokenizer(path)
     conf = config or qwen2_vl_2b_config()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    ids = {t: tok.convert_tokens_to_ids(t)
+           for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
     conf.image_token_id, conf.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
     conf.vision_start_token_id, conf.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -105,7 +107,8 @@ def build_2b_shaped(path: str, seed: int, max_pixels: int, config=None, dev: str
     with torch.random.fork_rng(devices=[]), torch.device(dev):
         torch.manual_seed(seed)
         model = Qwen2VLForConditionalGeneration(conf).to(torch.bfloat16 if dev == "cuda" else torch.float32)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [eos, tok.pad_token_id], tok.pad_token_id
+    model.generation_config.eos_token_id = [eos, tok.pad_token_id]
+    model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2,
                              merge_size=2).save_pretrained(path)
@@ -118,7 +121,8 @@ def build_2b_shaped(path: str, seed: int, max_pixels: int, config=None, dev: str
 def make_records(shape: StepShape):
     from grpo_core.data import make_synthetic_vqa
 
-    return make_synthetic_vqa(shape.prompts * (shape.warmup + shape.steps), seed=shape.seed, image_size=shape.image_size)
+    return make_synthetic_vqa(shape.prompts * (shape.warmup + shape.steps), seed=shape.seed,
+                              image_size=shape.image_size)
 
 
 REWARDS = [{"name": "accuracy", "weight": 1.0}, {"name": "format_nothink", "weight": 0.5}]
@@ -187,7 +191,8 @@ def _image_only_processor(path: str):
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     tok = AutoTokenizer.from_pretrained(path)
-    return ImageOnlyQwen2VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), tok, chat_template=tok.chat_template)
+    return ImageOnlyQwen2VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), tok,
+                                     chat_template=tok.chat_template)
 
 
 def _trl_rewards(records):
@@ -214,7 +219,8 @@ def run_trl(path: str, shape: StepShape) -> dict:
 
     dev = device()
     records = make_records(shape)
-    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": render_text(r, TEMPLATE)}]}],
+    rows = [{"prompt": [{"role": "user", "content": [
+                 {"type": "image"}, {"type": "text", "text": render_text(r, TEMPLATE)}]}],
              "image": r.images[0].convert("RGB"), "record_idx": i} for i, r in enumerate(records)]
     funcs, weights = _trl_rewards(records)
     out = tempfile.mkdtemp(prefix="trl-step-")
@@ -296,8 +302,10 @@ def summarise(provider: str, res: dict, shape: StepShape) -> dict:
     t = torch.tensor(res["times"], dtype=torch.float64)
     q = t.quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
     cpu = torch.tensor(res["cpu_times"], dtype=torch.float64).median().item() if device().type == "cpu" else None
-    return {"provider": provider, "model": shape.model, "image_px": shape.image_size, "B": shape.prompts, "G": shape.group,
-            "new_tokens": shape.new_tokens, "s": q[0], "s_p20": q[1], "s_p80": q[2], "s_min": t.min().item(), "cpu_s": cpu, "steps": len(res["times"]),
+    return {"provider": provider, "model": shape.model, "image_px": shape.image_size,
+            "B": shape.prompts, "G": shape.group,
+            "new_tokens": shape.new_tokens, "s": q[0], "s_p20": q[1], "s_p80": q[2],
+            "s_min": t.min().item(), "cpu_s": cpu, "steps": len(res["times"]),
             "completion_len": res["completion_len"], "peak_mem_mb": res["peak_mem_mb"]}
 
 
@@ -346,7 +354,8 @@ def main(argv=None) -> int:
             for p in providers:
                 runs[p].append(run_provider(p, path, shape, args.timeout, isolate))
         for p, res in runs.items():
-            merged = {"times": [t for r in res for t in r["times"]], "cpu_times": [t for r in res for t in r["cpu_times"]],
+            merged = {"times": [t for r in res for t in r["times"]],
+                      "cpu_times": [t for r in res for t in r["cpu_times"]],
                       "completion_len": sum(r["completion_len"] for r in res) / len(res),
                       "peak_mem_mb": max(r["peak_mem_mb"] for r in res)}
             rows.append(summarise(p, merged, shape))
@@ -369,7 +378,8 @@ def main(argv=None) -> int:
     dev = device()
     meta = {"title": "one GRPO training step: grpo_core vs TRL GRPOTrainer", "device": device_label(dev),
             "torch": torch.__version__, "command": cmd.strip(), "shape": asdict(shape), "notes": notes,
-            "reference": REFERENCE, "time_unit": "s", "memory": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
+            "reference": REFERENCE, "time_unit": "s",
+            "memory": "cuda max allocated" if dev.type == "cuda" else "process peak RSS",
             "trl": package_version("trl"), "transformers": package_version("transformers"), "git": git_commit(),
             "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 

@@ -366,7 +366,9 @@ def main(argv=None) -> int:
                 f"Command: `python -m bench.compile_check{' --quick' if args.quick else ''}`; triton "
                 f"{meta['triton']}; {TOKENS} tokens, V = {V_QWEN}. ld128/ld64/ld32 = global loads by width "
                 "in the SASS; ldgsts = asynchronous global→shared copies (the dot operands on sm_80); ptx_mul64 = "
-                "64-bit integer multiplies in the PTX (the int64 row offsets); stl = local-memory stores in the SASS; stack = stack frame bytes; spill_bytes = ptxas's spill stores (csrc/ only).\n\n" + table)
+                "64-bit integer multiplies in the PTX (the int64 row offsets); stl = local-memory "
+                "stores in the SASS; stack = stack frame bytes; spill_bytes = ptxas's spill stores "
+                "(csrc/ only).\n\n" + table)
     print(table)
     print(f"compile check: {len(rows)} kernel rows in {meta['seconds']} s; table in {args.out}/compile_check.md")
     if bad:

@@ -39,7 +39,8 @@ def metric_keys(rows: list[dict]) -> set:
     for r in rows:
         for k, v in r.items():
             low = k.lower()
-            if v is None or isinstance(v, float) or any(s in low for s in ("ms", "mem", "gb", "bytes", "flops", "per_s")):
+            if v is None or isinstance(v, float) or any(
+                    s in low for s in ("ms", "mem", "gb", "bytes", "flops", "per_s")):
                 keys.add(k)
     return keys
 

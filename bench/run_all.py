@@ -64,7 +64,8 @@ class Bench:
 _LOSS_CPU = ["--cpu", "--dtype", "fp32", "--seqs", "4", "--hidden", "64"]
 BENCHES = [
     Bench("loss", "bench.bench_loss", "torch-eager",
-          quick=[_LOSS_CPU + ["--tokens-per-seq", t, "--vocab", v] for t, v in (("32", "4096"), ("64", "4096"), ("32", "1024"))],
+          quick=[_LOSS_CPU + ["--tokens-per-seq", t, "--vocab", v]
+                 for t, v in (("32", "4096"), ("64", "4096"), ("32", "1024"))],
           full=[[]] + [["--tokens-per-seq", t] for t in ("256", "512", "2048")]
           + [["--vocab", v] for v in ("16384", "32768", "65536")]),
     Bench("advantages", "bench.bench_advantages", "torch", quick=[["--quick"]], full=[[]]),
@@ -93,7 +94,8 @@ def load_average() -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                                text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "n/a"
@@ -191,7 +193,8 @@ def run_one(b: Bench, quick: bool, isolate: bool, timeout: float) -> dict:
         if isolate:
             with tempfile.TemporaryDirectory() as tmp:
                 res = os.path.join(tmp, "parts.json")
-                cmd = [sys.executable, "-m", "bench.run_all", "--child", b.name, "--child-out", res] + (["--quick"] if quick else [])
+                cmd = [sys.executable, "-m", "bench.run_all", "--child", b.name,
+                       "--child-out", res] + (["--quick"] if quick else [])
                 p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
                 print(p.stdout, end="")
                 if p.returncode != 0:

@@ -63,7 +63,8 @@ def make_eval_fn(cfg: TrainConfig, records, progress=False, samples_dir: str | N
                        progress=progress, samples=cfg.run.eval_samples,
                        temperature=cfg.rollout.temperature, sample_seed=cfg.run.seed)
         if samples_dir and cfg.run.log_completions:
-            write_samples(samples_dir, step_of() if step_of else 0, eval_rows(recs, res.items, 2 * cfg.run.log_completions),
+            write_samples(samples_dir, step_of() if step_of else 0,
+                          eval_rows(recs, res.items, 2 * cfg.run.log_completions),
                           split="eval")
         fn.last = res
         step = step_of() if step_of else 0
@@ -97,7 +98,8 @@ def cmd_train(cfg: TrainConfig) -> int:
         torch.manual_seed(cfg.run.seed)
         train, held = build_records(cfg.data, cfg.run.seed,   # data errors before any model loads
                                     progress=cfg.run.progress and main)
-        prepare_judges(cfg, progress=cfg.run.progress and main, build=main)   # a missing synthetic judge: rank 0 trains it
+        # a missing synthetic judge: rank 0 trains it
+        prepare_judges(cfg, progress=cfg.run.progress and main, build=main)
         dist.barrier()
         if cfg.model.tiny and not dist.is_main:
             dist.barrier()                    # rank 0 builds the tiny model first (same path for all)

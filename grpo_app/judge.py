@@ -66,7 +66,8 @@ def _batch_logit_gap(judge, prompts, model) -> torch.Tensor:
     for i, x in enumerate(ids):
         input_ids[i, T - len(x):] = torch.tensor(x)
         mask[i, T - len(x):] = 1
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    logits = model(input_ids=input_ids, attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
     return logits[:, judge.yes_id] - logits[:, judge.no_id]                      # (b,)
 
 
@@ -137,7 +138,8 @@ def prepare_judges(cfg, progress: bool = True, build: bool = True) -> None:
         if not path or os.path.exists(os.path.join(path, "config.json")):
             continue
         if cfg.data.source != "synthetic":
-            raise FileNotFoundError(f"semantic_judge: model_path={path!r} holds no checkpoint (config.json); point it at "
+            raise FileNotFoundError(f"semantic_judge: model_path={path!r} holds no checkpoint "
+                                    "(config.json); point it at "
                                     "a local judge LM (e.g. BioMistral-7B) in grpo.rewards")
         if not build:
             continue

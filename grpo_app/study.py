@@ -93,7 +93,8 @@ def load_grid(grid: str, only: list[str] | None = None) -> dict:
         settings = {}
         for name, e in entries.items():
             if not isinstance(e, dict) or e.get("command", "train") not in COMMANDS or "config" not in e:
-                raise ValueError(f"study: {grid}, setting {name!r}: needs config: <path> and command: train|sft, got {e!r}")
+                raise ValueError(f"study: {grid}, setting {name!r}: needs config: <path> and "
+                                 f"command: train|sft, got {e!r}")
             settings[name] = (e.get("command", "train"), config_path(e["config"]))
     if only:
         unknown = [s for s in only if s not in settings]
@@ -365,7 +366,8 @@ def _run_jobs(jobs, workers, gpus, done, total):
     for k, c in enumerate(_pool_map(run_cell, jobs, workers, gpus), done + 1):
         e = c["eval"]
         print(f"  [{k}/{total}] {c['setting']} seed {c['seed']}: accuracy {e['accuracy']:.1%}, format "
-              f"{e['format_rate']:.1%}, reasoning {e['mean_reasoning_words']:.1f} words ({c['seconds']:.0f} s)", flush=True)
+              f"{e['format_rate']:.1%}, reasoning {e['mean_reasoning_words']:.1f} words "
+              f"({c['seconds']:.0f} s)", flush=True)
         yield c
 
 

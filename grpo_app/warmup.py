@@ -44,7 +44,8 @@ def with_reasoning(records) -> list:
     """Records without ``extra["reasoning"]`` get ``GOLD_REASONING``, a sentence naming their gold answer
     (for ``sft.target: reasoning`` on data that carries no reasoning, e.g. the synthetic task)."""
     return [r if (r.extra or {}).get("reasoning") else
-            dataclasses.replace(r, extra=dict(r.extra, reasoning=GOLD_REASONING.format(a=r.answer_text or r.answer_letter)))
+            dataclasses.replace(r, extra=dict(
+                r.extra, reasoning=GOLD_REASONING.format(a=r.answer_text or r.answer_letter)))
             for r in records]
 
 

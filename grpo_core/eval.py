@@ -197,7 +197,8 @@ def evaluate(policy, records: Sequence, *, template: str = "think", batch_size: 
         for j, (rec, text, ln) in enumerate(zip(shown, texts, lengths)):
             items.append({
                 "id": rec.id, "modality": rec.modality, "question_type": rec.question_type,
-                "answer_type": rec.answer_type, "gold": rec.answer_letter if rec.answer_type == "mc" else rec.answer_text,
+                "answer_type": rec.answer_type,
+                "gold": rec.answer_letter if rec.answer_type == "mc" else rec.answer_text,
                 "prediction": extract_answer(text, require_tag=require_tag),
                 "accuracy": score_one(text, rec, require_tag=require_tag, open_metric=open_metric),
                 "format_ok": format_ok(text, rec, template), "completion_tokens": int(ln),

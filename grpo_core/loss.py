@@ -265,7 +265,8 @@ def _check(logprobs, old, ref, adv, mask, entropy, o: LossOptions, max_len):
         if t is not None and t.shape != logprobs.shape:
             raise ValueError(f"grpo_loss: {name} shape {tuple(t.shape)} != logprobs shape {tuple(logprobs.shape)}")
     if adv.shape not in (logprobs.shape[:1], logprobs.shape):
-        raise ValueError(f"grpo_loss: advantages must be (N,) or (N, T), got {tuple(adv.shape)} for logprobs {tuple(logprobs.shape)}")
+        raise ValueError(f"grpo_loss: advantages must be (N,) or (N, T), got {tuple(adv.shape)} "
+                         f"for logprobs {tuple(logprobs.shape)}")
     check_loss_options(o)
     if o.beta != 0 and ref is None:
         raise ValueError("grpo_loss: beta != 0 needs ref_logprobs (pass them, or set beta=0)")
@@ -284,7 +285,8 @@ def _check(logprobs, old, ref, adv, mask, entropy, o: LossOptions, max_len):
         v = float(logprobs[n, t])
         what = ("probability 0 under the policy: its logit is -inf (e.g. a suppressed vision/special token "
                 "that the sampler should never have emitted); fix the sampler's mask, or set mask=0 there"
-                if v == float("-inf") else "a non-finite log-prob: the forward pass overflowed (check dtype and logits)")
+                if v == float("-inf")
+                else "a non-finite log-prob: the forward pass overflowed (check dtype and logits)")
         raise ValueError(f"grpo_loss: counted token at row {n}, position {t} has log-prob {v} "
                          f"({int(bad.sum())} such token(s)); it has {what}")
 
@@ -345,7 +347,8 @@ def grpo_loss(
         ratio_t = ratio.detach().expand_as(logprobs)
         metrics = {
             "policy_loss": aggregate(pg.detach(), mask, **agg_kw),
-            "kl": (kl_tok.detach() * m).sum() / denom if kl_tok is not None else torch.zeros((), device=logprobs.device),
+            "kl": ((kl_tok.detach() * m).sum() / denom if kl_tok is not None
+                   else torch.zeros((), device=logprobs.device)),
             "clip_low_frac": (low.expand_as(m) & m).sum() / denom,
             "clip_high_frac": (high.expand_as(m) & m).sum() / denom,
             "clip_frac": ((low | high).expand_as(m) & m).sum() / denom,

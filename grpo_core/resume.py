@@ -217,7 +217,8 @@ def plan_resume(output_dir: str, current: dict, resume: bool = True, force: bool
             return ResumePlan(None, 0, [f"starting a new run in {output_dir}"])
         if not force:
             raise ResumeError(f"run.resume=false, but {output_dir} holds an earlier run ({', '.join(earlier[-3:])}); "
-                              "its checkpoints and metrics would mix with this run's. " + _how_to_start_over(output_dir))
+                              "its checkpoints and metrics would mix with this run's. "
+                              + _how_to_start_over(output_dir))
         dest = set_aside_previous_run(output_dir)
         return ResumePlan(None, 0, [f"starting a new run in {output_dir}; the earlier run's checkpoints and "
                                     f"metrics.jsonl were moved to {dest}"])
@@ -250,7 +251,8 @@ def set_base_lr(optimizer, scheduler, lr: float) -> None:
     With an unchanged lr this rewrites the same numbers (bit-identical resume)."""
     lams = getattr(scheduler, "lr_lambdas", None)
     if lams is None:
-        raise TypeError(f"set_base_lr: expects the LambdaLR of grpo_core.optim.make_scheduler, got {type(scheduler).__name__}")
+        raise TypeError(f"set_base_lr: expects the LambdaLR of grpo_core.optim.make_scheduler, "
+                        f"got {type(scheduler).__name__}")
     scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     for group, lam in zip(optimizer.param_groups, lams):
         group["initial_lr"] = lr

@@ -366,7 +366,8 @@ def check_reward_entries(entries: list[dict], where: str = "config: grpo.rewards
     for i, entry in enumerate(entries):
         at = f"{where}[{i}]"
         if not isinstance(entry, dict) or "name" not in entry:
-            raise ValueError(f"{at}: must be a mapping with a name, like {{name: accuracy, weight: 1.0}}, got {entry!r}")
+            raise ValueError(f"{at}: must be a mapping with a name, like "
+                             f"{{name: accuracy, weight: 1.0}}, got {entry!r}")
         name, weight = entry["name"], entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"{at}.weight: must be a finite number, got {weight!r}")

@@ -115,7 +115,8 @@ class LLMJudgeReward:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=dtype or torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True,
+                                                         dtype=dtype or torch.float32)
             if device is not None:
                 model = model.to(device)
         if tokenizer is None:
@@ -155,7 +156,8 @@ class LLMJudgeReward:
         need = max(self.yes_id, self.no_id) + 1
         if logits.dim() != 3 or logits.shape[0] != b or logits.shape[-1] < need:
             raise ValueError(f"LLMJudgeReward: the judge returned logits of shape {tuple(logits.shape)} for a batch of "
-                             f"{b}; expected ({b}, T, V) with V >= {need} (the Yes/No ids are {self.yes_id}/{self.no_id}): "
+                             f"{b}; expected ({b}, T, V) with V >= {need} "
+                             f"(the Yes/No ids are {self.yes_id}/{self.no_id}): "
                              "is the tokenizer the judge model's own?")
         yn = logits[:, -1, [self.yes_id, self.no_id]].float()                         # (b, 2)
         bad = (~torch.isfinite(yn)).any(-1).nonzero().flatten().tolist()

@@ -117,11 +117,13 @@ def _row_html(r: dict) -> str:
     opts = "<br>".join(f"{e(str(k))}) {e(str(v))}" for k, v in r.get("options", {}).items())
     rewards = "<br>".join(f"{e(k)}: {v:g}" for k, v in r.get("rewards", {}).items())
     if "total" in r:
-        rewards += f"<br><b>total {r['total']:g}</b>, group mean {r.get('group_mean', 0):g}, advantage {r.get('advantage', 0):+.3g}"
+        rewards += (f"<br><b>total {r['total']:g}</b>, group mean {r.get('group_mean', 0):g}, "
+                    f"advantage {r.get('advantage', 0):+.3g}")
     good = r.get("rewards", {}).get("accuracy", 0) >= 1
     return (f'<tr class="{"ok" if good else "bad"}"><td>{r["step"]}<br>{e(r["split"])}</td><td>{imgs}</td>'
             f'<td>{e(r.get("question", ""))}<br><small>{opts}</small><br><small>{e(r.get("id", ""))}</small></td>'
-            f'<td><pre>{e(r.get("completion", ""))}</pre></td><td>{e(str(r.get("gold", "")))}</td><td>{rewards}</td></tr>')
+            f'<td><pre>{e(r.get("completion", ""))}</pre></td>'
+            f'<td>{e(str(r.get("gold", "")))}</td><td>{rewards}</td></tr>')
 
 
 def write_html(out_dir: str, rows: list[dict]) -> str:
@@ -131,7 +133,8 @@ def write_html(out_dir: str, rows: list[dict]) -> str:
     page = (f"<!doctype html><meta charset='utf-8'><title>samples: {html.escape(out_dir)}</title><style>{_CSS}</style>"
             f"<h2>Samples of {html.escape(out_dir)}</h2><p>{len(shown)} of {len(rows)} rows (samples.jsonl has all); "
             "green: answer correct. Rewards are unweighted; total is the weighted sum that enters the advantage.</p>"
-            "<table><tr><th>step</th><th>image</th><th>question</th><th>completion</th><th>gold</th><th>rewards</th></tr>"
+            "<table><tr><th>step</th><th>image</th><th>question</th><th>completion</th><th>gold</th>"
+            "<th>rewards</th></tr>"
             f"\n{body}\n</table>")
     path = os.path.join(out_dir, "samples.html")
     with open(path, "w", encoding="utf-8") as f:

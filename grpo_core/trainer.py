@@ -298,7 +298,8 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
             for c in range(n_chunks):
-                (i, prompts), weight = (chunks[c], 1.0) if c < len(chunks) else ((0, [0]), 0.0)   # 0.0: a filler for sync
+                # 0.0: a filler for sync
+                (i, prompts), weight = (chunks[c], 1.0) if c < len(chunks) else ((0, [0]), 0.0)
                 with self.replica.accumulate(sync=c == n_chunks - 1):
                     with self.autocast:
                         loss, m = self.micro_loss(exps[i].groups(prompts), total_tokens, total_seqs)

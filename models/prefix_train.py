@@ -177,7 +177,7 @@ def _attend_grouped(q_c, k_c, v_c, k_p, v_p, sh: _Shared, scale: float) -> torch
     g, b = sh.group_size, k_p.shape[0]
     n, h, c, d = q_c.shape
 
-    def fold(t):                                                                         # (N, x, C', d) → (B, x, G·C', d)
+    def fold(t):                                                 # (N, x, C', d) → (B, x, G·C', d)
         return t.view(b, g, t.shape[1], c, d).transpose(1, 2).reshape(b, t.shape[1], g * c, d)
 
     k = torch.cat([k_p, fold(k_c)], 2)                                                 # (B, kvh, P+G·C', d)

@@ -27,8 +27,6 @@ from contextlib import AbstractContextManager
 from typing import Sequence
 
 import torch
-from grpo_models import policy_utils as pu
-from grpo_models import prefix_decode, prefix_train, step_runner
 from grpo_models.qwen2_vl_encode import (
     VISION_TOKENS,
     Qwen2VLEncoded,
@@ -40,6 +38,8 @@ from grpo_models.qwen2_vl_encode import (
 )
 
 from grpo_core.policy import Prompt
+from grpo_models import policy_utils as pu
+from grpo_models import prefix_decode, prefix_train, step_runner
 
 
 class Qwen2VLPolicy:

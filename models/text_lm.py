@@ -12,10 +12,10 @@ from contextlib import AbstractContextManager
 from typing import Sequence
 
 import torch
-from grpo_models import policy_utils as pu
 from grpo_models.qwen2_vl_encode import Qwen2VLEncoded, left_pad
 
 from grpo_core.policy import Prompt
+from grpo_models import policy_utils as pu
 
 TextEncoded = Qwen2VLEncoded  # pixel_values / image_grid_thw stay None
 

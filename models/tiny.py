@@ -91,7 +91,8 @@ def build_tiny_tokenizer(path: str, vocab_size: int = 1200):
     )
     tok.train_from_iterator(_corpus() * 4, trainer=trainer)
     # Option letters must be single tokens: add any that BPE did not learn as plain added tokens.
-    missing = [t for t in ["A", "B", "C", "D", " A", " B", " C", " D"] if tok.token_to_id(tok.pre_tokenizer.pre_tokenize_str(t)[0][0]) is None]
+    missing = [t for t in ["A", "B", "C", "D", " A", " B", " C", " D"]
+               if tok.token_to_id(tok.pre_tokenizer.pre_tokenize_str(t)[0][0]) is None]
     if missing:
         tok.add_tokens([AddedToken(t, normalized=False) for t in missing])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])

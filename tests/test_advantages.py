@@ -135,7 +135,8 @@ def test_leave_one_out_is_mean_baseline_times_g_over_g_minus_1(b, g, scale, data
     loo = group_advantages(r, g, scale=scale, baseline="leave_one_out", eps=1e-4).double()
     mean = group_advantages(r, g, scale=scale, baseline="mean", eps=1e-4).double()
     # r_i − (S − r_i)/(G − 1) = G/(G − 1)·(r_i − S/G); both stored in fp32 once
-    torch.testing.assert_close(loo, mean * g / (g - 1), rtol=4 * 2 ** -23, atol=1e-30 + 4 * 2 ** -23 * float(loo.abs().max()))
+    torch.testing.assert_close(loo, mean * g / (g - 1), rtol=4 * 2 ** -23,
+                               atol=1e-30 + 4 * 2 ** -23 * float(loo.abs().max()))
 
 
 def test_leave_one_out_equal_rewards_exactly_zero_and_bad_input():

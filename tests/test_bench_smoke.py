@@ -15,11 +15,13 @@ from bench import report, run_all
 
 def test_ratios_match_cases_across_providers():
     rows = [
-        {"op": "logits", "provider": "torch-eager", "mode": "full", "N": 4, "V": 1024, "ms": 8.0, "mem_mb": 4.0, "note": ""},
+        {"op": "logits", "provider": "torch-eager", "mode": "full", "N": 4, "V": 1024, "ms": 8.0,
+         "mem_mb": 4.0, "note": ""},
         {"op": "logits", "provider": "ours", "mode": "full", "N": 4, "V": 1024, "ms": 2.0, "mem_mb": 1.0, "note": "x"},
         {"op": "logits", "provider": "torch-eager", "mode": "full", "N": 8, "V": 1024, "ms": 10.0, "mem_mb": None},
         {"op": "logits", "provider": "ours", "mode": "full", "N": 8, "V": 1024, "ms": 20.0, "mem_mb": None},
-        {"op": "logits", "provider": "ours", "mode": "full", "N": 16, "V": 1024, "ms": 5.0, "mem_mb": None},  # no reference
+        {"op": "logits", "provider": "ours", "mode": "full", "N": 16, "V": 1024, "ms": 5.0,
+         "mem_mb": None},  # no reference
     ]
     added = report.add_ratios(rows, "torch-eager")
     assert added == ["speedup_vs_torch-eager", "mem_vs_torch-eager"]
@@ -37,7 +39,8 @@ def test_roofline_from_bytes_formula_only_on_known_bandwidth():
 
 def test_normalise_accepts_both_result_layouts():
     a = run_all.normalise({"meta": {"title": "t"}, "rows": [{"provider": "p", "ms": 1.0}]}, "a.json")
-    b = run_all.normalise({"command": "c", "results": [{"provider": "p", "shape": {"N": 2, "V": 3}, "ms": 1.0}]}, "b.json")
+    b = run_all.normalise({"command": "c", "results": [{"provider": "p", "shape": {"N": 2, "V": 3},
+                                                        "ms": 1.0}]}, "b.json")
     assert a["rows"] == [{"provider": "p", "ms": 1.0}] and a["meta"]["title"] == "t"
     assert b["rows"] == [{"provider": "p", "N": 2, "V": 3, "ms": 1.0}] and b["meta"] == {"command": "c"}
     assert run_all.normalise({"something": 1}, "c.json") is None

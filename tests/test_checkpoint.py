@@ -46,7 +46,8 @@ class StubPolicy:
 
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, os.path.join(path, "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
+                  os.path.join(path, "model.safetensors"))
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"model_type": "stub"}, f)
 
@@ -180,7 +181,8 @@ def test_damage_is_reported_by_checkpoint_and_file(tmp_path, case):
 def test_unverified_load_of_garbage_names_the_file(tmp_path):
     path = save(tmp_path, 1, StubPolicy())
     _garbage(os.path.join(path, "trainer_state.pt"))
-    with pytest.raises(C.CheckpointError, match=r"ckpt-000001, file trainer_state.pt: cannot be read \(\w+(Error|Exception)?: "):
+    with pytest.raises(C.CheckpointError, match=r"ckpt-000001, file trainer_state.pt: "
+                                                r"cannot be read \(\w+(Error|Exception)?: "):
         C.load_checkpoint(path, StubPolicy(), verify=False)
 
 
@@ -222,7 +224,9 @@ def test_find_resumable_falls_back_past_damaged_ones_and_says_so(tmp_path):
 def test_only_damaged_checkpoints_is_a_clear_error(tmp_path):
     path = save(tmp_path, 1, StubPolicy())
     _truncate(os.path.join(path, "weights.safetensors"))
-    with pytest.raises(C.CheckpointError, match=r"no usable checkpoint in .*every one is damaged:\n  - checkpoint .*ckpt-000001, file weights.safetensors"):
+    with pytest.raises(C.CheckpointError, match=r"no usable checkpoint in .*every one is damaged:\n"
+                                                r"  - checkpoint .*ckpt-000001, "
+                                                r"file weights.safetensors"):
         find_resumable_checkpoint(str(tmp_path))
 
 
@@ -277,7 +281,8 @@ def test_compare_configs_splits_errors_and_changes():
                        rollout__group_size=4, run__resume=False)
     errors, changes = compare_configs(saved, current)
     assert errors == ["model.path: '/m/a' in the checkpoint, '/m/b' now (the model the run trains)",
-                      "rollout.group_size: 8 in the checkpoint, 4 now (the sampling distribution and the shape of a step)"]
+                      "rollout.group_size: 8 in the checkpoint, 4 now "
+                      "(the sampling distribution and the shape of a step)"]
     assert changes == ["optim.lr: 1e-06 -> 2e-06 (the new peak LR applies from the resume step on)",
                        "run.eval_every: 10 -> 5 (applies from the resume step on)"]
     assert compare_configs(saved, json.loads(json.dumps(saved))) == ([], [])   # tuples vs JSON lists
@@ -295,7 +300,8 @@ def test_compare_configs_unknown_and_new_keys_are_notes_not_errors():
 
 
 def test_schedule_note_for_longer_run_hand_computed():
-    saved, current = cfg_dict(run__steps=100, optim__schedule="cosine"), cfg_dict(run__steps=200, optim__schedule="cosine")
+    saved = cfg_dict(run__steps=100, optim__schedule="cosine")
+    current = cfg_dict(run__steps=200, optim__schedule="cosine")
     # cosine, no warm-up: step 50 of 100 → ½(1 + cos(π/2)) = 0.5; of 200 → ½(1 + cos(π/4)) = 0.8536
     assert schedule_note(saved, current, 50) == ("cosine schedule re-stretched to 200 steps: at step 50 the LR goes "
                                                  "from 0.500·lr (old plan) to 0.854·lr, then decays to 0 at step 200")
@@ -322,7 +328,8 @@ def test_set_base_lr_applies_a_new_lr_and_is_exact_for_the_same(tmp_path):
     assert o3.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_factor(3, 0, 10, "cosine"))   # the old code's value
     set_base_lr(o3, s3, 5e-1)
     want = 0.5 * 0.5 * (1 + math.cos(math.pi * 3 / 20))
-    assert o3.param_groups[0]["lr"] == pytest.approx(want, rel=1e-15) and s3.get_last_lr()[0] == o3.param_groups[0]["lr"]
+    assert o3.param_groups[0]["lr"] == pytest.approx(want, rel=1e-15)
+    assert s3.get_last_lr()[0] == o3.param_groups[0]["lr"]
     o3.step()
     s3.step()
     assert o3.param_groups[0]["lr"] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 4 / 20)), rel=1e-15)

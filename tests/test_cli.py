@@ -61,7 +61,8 @@ def test_a_bad_reporter_is_reported_before_anything_runs(capsys):
 
 def test_resumed_run_is_plotted_and_logged_whole(tiny_vlm_path, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("grpo_app.plotting.plot_history", lambda h, path, **k: seen.setdefault("steps", [m["step"] for m in h]))
+    monkeypatch.setattr("grpo_app.plotting.plot_history",
+                        lambda h, path, **k: seen.setdefault("steps", [m["step"] for m in h]))
     over = [f"model.path={tiny_vlm_path}", "data.train_size=8", "data.eval_size=2", "rollout.prompts_per_step=2",
             "rollout.group_size=2", "rollout.max_new_tokens=4", "run.progress=false", f"run.output_dir={tmp_path}",
             "run.save_every=2", "data.prompt=direct", "grpo.beta=0.0", "run.log_completions=1",

@@ -39,7 +39,8 @@ def test_yaml_and_overrides(tmp_path):
         ("optim:\n  betas: [0.9, 1.5]\n", r"optim.betas\[1\] must be ≥ 0 and < 1"),
         ("grpo:\n  micro_batch_prompts: -1\n", "grpo.micro_batch_prompts must be ≥ 0"),
         ("rollout:\n  min_p: 1.0\n", "rollout.min_p must be ≥ 0 and < 1"),
-        ("grpo:\n  agg: constant\n  max_len: 8\nrollout:\n  max_new_tokens: 16\n", "shorter than rollout.max_new_tokens"),
+        ("grpo:\n  agg: constant\n  max_len: 8\nrollout:\n  max_new_tokens: 16\n",
+         "shorter than rollout.max_new_tokens"),
         ("sft:\n  optim:\n    lr: 0\n", "sft.optim.lr must be > 0"),
         # absurd or mistyped values: refused at load, not as raw errors after the model loads
         ("model:\n  device: gpu\n", r"model.device='gpu' is not a device; write auto .* cuda:N"),

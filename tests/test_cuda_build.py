@@ -336,7 +336,8 @@ def test_emulated_group_advantages_match_reference(emu, scale, B, G):
     r[:G] = 0.7                    # a group of equal rewards: exactly 0 here (fp64 sums), while
     # torch's fp32 mean of 33 × 0.7 is off by an ulp, which /(0 + eps) turns into ~6e-4 there
     adv = torch.empty_like(r)
-    assert emu.grpo_emulate_group_advantages(r.data_ptr(), adv.data_ptr(), B, G, ["group", "batch", "none"].index(scale), 1e-4) == 0
+    kind = ["group", "batch", "none"].index(scale)
+    assert emu.grpo_emulate_group_advantages(r.data_ptr(), adv.data_ptr(), B, G, kind, 1e-4) == 0
     want = group_advantages(r, G, scale)[G:]
     assert_close(adv[G:], want, f"advantages ({scale})", atol=tol(torch.float32, 1 + want.abs().max(), k=16))
     assert (adv[:G] == 0).all(), "a group of equal rewards must get exactly 0"

@@ -85,7 +85,8 @@ def test_bad_image_errors_name_file_row_and_path(bad_pmc):
                             (3, "huge.png", "13000×13000 = 169,000,000 pixels > max_image_pixels=40,000,000")]:
         recs = load_dataset(bad_pmc, check_images="none")
         (index, e), = check_dataset([recs[row]], "decode").bad
-        assert isinstance(e, ImageLoadError) and isinstance(e, BadRowError) and e.file == bad_pmc and e.row == row and e.path.endswith(name)
+        assert isinstance(e, ImageLoadError) and isinstance(e, BadRowError)
+        assert e.file == bad_pmc and e.row == row and e.path.endswith(name)
         assert f"train.csv, row {row}: " in str(e) and what in str(e) and name in str(e)
     with pytest.raises(ImageLoadError, match=r"train\.csv, row 1: unreadable image .*zero\.jpg: empty"):
         load_dataset(bad_pmc, check_images="decode")                  # without skip_bad: the first bad row
@@ -204,7 +205,8 @@ def test_paths_outside_the_dataset_root(tmp_path):
     recs = load_dataset(path, skip_bad=True)
     assert [r.source_row for r in recs] == [0] and skipped(recs) == {"image outside dataset root": 3}
     assert len(load_dataset(path, allow_outside_root=True, check_images="decode")) == 4
-    assert len(load_dataset(path, image_root=str(outside), skip_bad=True)) == 1   # image_root is a root too: only the absolute path
+    # image_root is a root too: only the absolute path
+    assert len(load_dataset(path, image_root=str(outside), skip_bad=True)) == 1
 
 
 def test_symlink_loops_do_not_repeat_or_hang(tmp_path):
@@ -220,7 +222,8 @@ def test_symlink_loops_do_not_repeat_or_hang(tmp_path):
     os.symlink("CT_test.json", test_dir / "CT_copy_test.json")        # the same file under another name
     out = {}
     worker = threading.Thread(target=lambda: out.update(
-        recs=load_dataset(str(root / "Splits"), format="med_r1", split="test"), fmt=detect_format(str(root / "Splits"))),
+        recs=load_dataset(str(root / "Splits"), format="med_r1", split="test"),
+        fmt=detect_format(str(root / "Splits"))),
         daemon=True)
     worker.start()
     worker.join(timeout=60)                                           # a looping walk fails here instead of hanging CI
@@ -360,7 +363,8 @@ def dup_dataset(tmp_path, n=12):
 def test_duplicates_counted_at_load(tmp_path):
     recs = load_dataset(dup_dataset(tmp_path))
     assert len(recs) == 26 and recs.report.duplicates == 12            # each of the 12 repeats counted once
-    assert recs.report.duplicate_examples[0].endswith("train.csv, row 1 repeats " + str(tmp_path / "train.csv") + ", row 0")
+    assert recs.report.duplicate_examples[0].endswith(
+        "train.csv, row 1 repeats " + str(tmp_path / "train.csv") + ", row 0")
     assert "duplicates kept: 12" in recs.report.summary()
 
 
@@ -405,7 +409,8 @@ def test_unexpected_cell_types_are_named_rows(tmp_path):
 def test_config_checks_the_new_data_options():
     from grpo_core.config import load_config
 
-    with pytest.raises(ValueError, match=r"data\.check_images='full' is not one of \('none', 'exists', 'open', 'decode'\)"):
+    with pytest.raises(ValueError, match=r"data\.check_images='full' is not one of "
+                                         r"\('none', 'exists', 'open', 'decode'\)"):
         load_config(None, ["data.check_images=full"])
     with pytest.raises(ValueError, match=r"data\.max_image_pixels must be ≥ 1, got 0"):
         load_config(None, ["data.max_image_pixels=0"])

@@ -57,7 +57,8 @@ def test_timed_training_excludes_evals_from_the_budget_and_evaluates_on_schedule
     real = demo.time.perf_counter
     demo.time.perf_counter = lambda: clock["t"]
     try:
-        hist, spent = demo.timed_training(Trainer().step, 10.0, 10**6, {"e": {"fn": ev, "points": []}}, "t", progress=False)
+        hist, spent = demo.timed_training(Trainer().step, 10.0, 10**6,
+                                          {"e": {"fn": ev, "points": []}}, "t", progress=False)
     finally:
         demo.time.perf_counter = real
     assert len(hist) == 10 and spent == 10.0
@@ -79,7 +80,8 @@ def test_sft_lowers_the_loss_on_gold_answers(tiny_vlm_path):
     assert policy.decode(ids[:1], mask[:1].long())[0].startswith("<answer>")
     with torch.no_grad():
         before = sft_loss(policy, enc, ids, mask).item()
-    SFTTrainer(policy, records, SFTConfig(steps=6, batch_size=8, optim=OptimConfig(lr=3e-3)), prompt_fn, "nothink").train(progress=False)
+    SFTTrainer(policy, records, SFTConfig(steps=6, batch_size=8, optim=OptimConfig(lr=3e-3)),
+               prompt_fn, "nothink").train(progress=False)
     with torch.no_grad():
         after = sft_loss(policy, enc, ids, mask).item()
     assert after < before - 0.5, (before, after)

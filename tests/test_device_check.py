@@ -72,11 +72,13 @@ def test_compile_check_budgets():
     assert compile_check.problems([ok]) == []
     assert "no 128-bit" in compile_check.problems([dict(ok, ld128=0)])[0]
     assert "budget 0" in compile_check.problems([dict(ok, stack=16, stl=2)])[0]
-    fp32_linear = dict(ok, kernel="_linear_fwd_kernel", variant="linear_fwd fp32 H=1536 bias=1 entropy=1", stack=16, stl=2)
+    fp32_linear = dict(ok, kernel="_linear_fwd_kernel",
+                       variant="linear_fwd fp32 H=1536 bias=1 entropy=1", stack=16, stl=2)
     assert compile_check.problems([fp32_linear]) == []       # within the fp32 fused-linear budget
     cuda = dict(kind="cuda", kernel="k", arch="sm_80", regs=64, stack=8, spill_bytes=4)
     assert "budget 0" in compile_check.problems([cuda])[0]
-    assert "nvcc failed" in compile_check.problems([dict(kind="cuda", kernel="k", arch="sm_80", error="nvcc failed")])[0]
+    failed = dict(kind="cuda", kernel="k", arch="sm_80", error="nvcc failed")
+    assert "nvcc failed" in compile_check.problems([failed])[0]
 
 
 def _alive(pid: int) -> bool:

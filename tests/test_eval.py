@@ -32,7 +32,8 @@ def test_oracle_scores_perfectly_and_swapped_images_drop_to_chance(template):
     res = evaluate(None, recs, template=template, batch_size=10, generate_fn=oracle_gen(template), progress=False)
     assert isinstance(res, EvalResult) and res.n == 48
     assert res.accuracy == 1.0 and res.format_rate == 1.0 and res.mean_completion_tokens == 7.0
-    swapped = evaluate(None, swap_images(recs, seed=1), template=template, generate_fn=oracle_gen(template), progress=False)
+    swapped = evaluate(None, swap_images(recs, seed=1), template=template,
+                       generate_fn=oracle_gen(template), progress=False)
     assert swapped.accuracy < 0.5
 
 
@@ -66,8 +67,10 @@ def test_groups_format_rate_and_lengths():
 
 def test_mixed_answer_types():
     img = make_synthetic_vqa(1, seed=0)[0].images[0]
-    recs = [VQARecord(id="y", images=[img], question="Is there a lesion?", answer_text="Yes", answer_type="yesno", modality="CT"),
-            VQARecord(id="o", images=[img], question="Which organ?", answer_text="left lung", answer_type="open", modality="MR")]
+    recs = [VQARecord(id="y", images=[img], question="Is there a lesion?", answer_text="Yes",
+                      answer_type="yesno", modality="CT"),
+            VQARecord(id="o", images=[img], question="Which organ?", answer_text="left lung",
+                      answer_type="open", modality="MR")]
     res = evaluate(None, recs, template="nothink", progress=False,
                    generate_fn=lambda ps: (["<answer>yes.</answer>", "<answer>The left lung</answer>"], [3, 4]))
     assert res.accuracy == 1.0 and res.by_modality["MR"]["accuracy"] == 1.0

@@ -106,7 +106,8 @@ def test_kill_while_pruning_leaves_no_half_checkpoint(tmp_path, monkeypatch):
             save(tmp_path, 3, pol, keep_last=2)
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000001.del", "ckpt-000002", "ckpt-000003"]
     path, notes = find_resumable_checkpoint(str(tmp_path))
-    assert path.endswith("ckpt-000003") and notes == ["finished deleting ckpt-000001.del (an interrupted prune of old checkpoints)"]
+    assert path.endswith("ckpt-000003")
+    assert notes == ["finished deleting ckpt-000001.del (an interrupted prune of old checkpoints)"]
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000002", "ckpt-000003"]
 
 

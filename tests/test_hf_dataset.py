@@ -123,7 +123,8 @@ def test_bad_image_bytes_and_files_are_named_rows(tmp_path):
         load_dataset(ds)
     recs = load_dataset(ds, skip_bad=True, check_images="decode")
     assert [r.source_row for r in recs] == [0, 3] and dict(recs.report.skipped) == {"unreadable image": 2}
-    datasets.Dataset.from_dict({"image": ["z.png"], "question": ["Q?"], "answer": ["no"]}).save_to_disk(str(tmp_path / "ds"))
+    ds = datasets.Dataset.from_dict({"image": ["z.png"], "question": ["Q?"], "answer": ["no"]})
+    ds.save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(ImageLoadError) as ei:
         load_dataset(str(tmp_path / "ds"), check_images="open")
     assert ei.value.path == zero and ei.value.row == 0 and "empty (0 bytes)" in str(ei.value)
@@ -142,7 +143,8 @@ def test_column_mapping_errors_name_the_column_and_list_the_found_ones(tmp_path)
         load_dataset(ds, columns="problem")
     with pytest.raises(ValueError, match="applies to formats"):
         load_dataset(os.path.join(os.path.dirname(__file__), "fixtures", "pmc_vqa", "test_2.csv"), columns=MAP)
-    bad = datasets.Dataset.from_dict({"img": [image_bytes(1)], "problem": ["Q?"], "choices": [["x", "y"]], "solution": ["z"]})
+    bad = datasets.Dataset.from_dict({"img": [image_bytes(1)], "problem": ["Q?"],
+                                      "choices": [["x", "y"]], "solution": ["z"]})
     with pytest.raises(BadRowError, match=r"row 0: unknown answer letter .*'z' matches no single option"):
         load_dataset(bad, columns=MAP)
 
@@ -156,7 +158,8 @@ def test_build_records_from_config(tmp_path):
     cfg = load_config(None, [f"data.source={tmp_path / 'ds'}", "data.format=hf_dataset", "data.eval_size=3",
                              "data.columns={question: problem, answer: solution, image: img, options: choices}"])
     train, held = build_records(cfg.data, seed=0)
-    assert len(train) == 9 and len(held) == 3 and train.report.images_checked == 1   # the same image bytes, decoded once
+    # the same image bytes, decoded once
+    assert len(train) == 9 and len(held) == 3 and train.report.images_checked == 1
     assert not {r.question for r in train} & {r.question for r in held}
 
 

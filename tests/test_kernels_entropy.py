@@ -163,7 +163,8 @@ def test_entropy_bonus_through_the_fused_loss(backend):
     want.backward()
     assert ent.grad.abs().max() > 0, "the bonus must put a gradient on the entropy"
     z = logits
-    loss_tol = float(((lp.grad.abs() + ent.grad.abs()) * logp_tol(z)).sum()) + 4 * torch.finfo(torch.float32).eps * abs(float(want.detach()))
+    loss_tol = (float(((lp.grad.abs() + ent.grad.abs()) * logp_tol(z)).sum())
+                + 4 * torch.finfo(torch.float32).eps * abs(float(want.detach())))
     assert_close(loss, want, "loss with entropy bonus", atol=loss_tol)
     bound = logit_grad_bound(xr.grad, z, labels, mask, lp.grad, 1.0, g_ent=ent.grad)
     assert_close(x.grad, xr.grad, "d logits with entropy bonus", atol=bound)

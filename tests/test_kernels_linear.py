@@ -70,7 +70,8 @@ def check_fp32(lp, dh, dw, hidden, weight, labels, temperature, mask, bias, up, 
     assert_close(dh, h.grad, "d hidden", atol=bdh)
     assert_close(dw, w.grad, "d weight", atol=bdw)
     if ent is not None:
-        assert_close(ent, token_entropy(z, temperature).nan_to_num(0.0) * mask, "entropy", atol=logp_tol(z, temperature))
+        assert_close(ent, token_entropy(z, temperature).nan_to_num(0.0) * mask, "entropy",
+                     atol=logp_tol(z, temperature))
 
 
 def grads(fn, hidden, weight, up, *args, **kw):

@@ -1,7 +1,8 @@
 """Fused token log-probs (torch chunked + Triton under the interpreter) vs the reference in fp64.
 
 Values, gradients and entropy; fp32 held to bounds derived from the inputs (kernel_helpers), bf16
-held to ≤ 2× the error of torch doing the same computation in bf16. Odd vocab sizes (not tile multiples), T = 1, fully masked rows, a single
+held to ≤ 2× the error of torch doing the same computation in bf16. Odd vocab sizes (not tile
+multiples), T = 1, fully masked rows, a single
 valid token, N·T odd, extreme and −inf logits, boundary and invalid labels, non-contiguous views,
 in-place backward.
 """

@@ -64,9 +64,11 @@ def check(backend, dtype=torch.float32, temperature=1.0, old_none=False, **kw):
     want.backward()
     z = xr.detach()
     # the loss moves by Σ_t |∂L/∂logp_t| · (error of logp_t), plus its own fp32 rounding
-    loss_tol = float((lp.grad.abs() * logp_tol(z, temperature)).sum()) + tol(torch.float32, abs(float(want.detach())), k=4)
+    loss_tol = (float((lp.grad.abs() * logp_tol(z, temperature)).sum())
+                + tol(torch.float32, abs(float(want.detach())), k=4))
     assert_close(loss, want, "loss", atol=loss_tol)
-    assert_close(x.grad, xr.grad, "d logits", atol=logit_grad_bound(xr.grad, z, labels, mask, lp.grad, temperature, dtype))
+    assert_close(x.grad, xr.grad, "d logits",
+                 atol=logit_grad_bound(xr.grad, z, labels, mask, lp.grad, temperature, dtype))
     for k, v in want_m.items():   # fp32 means of per-token values each within logp_tol of the truth
         assert_close(metrics[k], v, f"metric {k}", atol=float(logp_tol(z, temperature).max()) * (1 + abs(float(v))))
     ent = (token_entropy(z, temperature) * mask).sum() / mask.sum()
@@ -171,7 +173,8 @@ def test_gpu_qwen_vocab_bf16(backend):
         want = grpo_loss(ref_logprobs(xr[0] if len(xr) == 1 else xr[0] @ xr[1].t(), labels, 1.0, mask),
                          old, ref, adv, mask, **kw)[0]
         want.backward()
-        return [(loss.float() - want).abs().item()] + [(x.grad.float() - r.grad).abs().max().item() for x, r in zip(xs, xr)]
+        return ([(loss.float() - want).abs().item()]
+                + [(x.grad.float() - r.grad).abs().max().item() for x, r in zip(xs, xr)])
 
     def torch_bf16(x):
         lp = torch.log_softmax(x, -1).gather(-1, labels[..., None]).squeeze(-1).float()
@@ -183,6 +186,7 @@ def test_gpu_qwen_vocab_bf16(backend):
     assert all(o <= 2 * t + 1e-6 for o, t in zip(ours, theirs)), (ours, theirs)
     if backend == "triton":
         from grpo_core.kernels import fused_linear_grpo_loss
-        ours = errs(lambda h, w: fused_linear_grpo_loss(h, w, labels, old, ref, adv, mask, backend="triton", **kw)[0], hb, wb)
+        ours = errs(lambda h, w: fused_linear_grpo_loss(h, w, labels, old, ref, adv, mask,
+                                                        backend="triton", **kw)[0], hb, wb)
         theirs = errs(lambda h, w: torch_bf16(h @ w.t()), hb, wb)
         assert all(o <= 2 * t + 1e-6 for o, t in zip(ours, theirs)), (ours, theirs)

@@ -174,7 +174,8 @@ def test_top_entropy_quantile_loss_by_hand():
     # same H as above, A = [1, −1], on-policy: only the two kept tokens carry −A; KL and denominators see all 5
     H = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 5.0]], dtype=F64)
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]], dtype=F64)
-    loss, g, m = grad_of(torch.zeros(2, 3, dtype=F64), old=torch.zeros(2, 3, dtype=F64), adv=torch.tensor([1.0, -1.0], dtype=F64),
+    loss, g, m = grad_of(torch.zeros(2, 3, dtype=F64), old=torch.zeros(2, 3, dtype=F64),
+                         adv=torch.tensor([1.0, -1.0], dtype=F64),
                          mask=mask, entropy=H, top_entropy_quantile=0.4)
     assert loss == pytest.approx((-1.0 + 1.0) / 5)
     assert_equiv(g, torch.tensor([[0, 0, -1 / 5], [0, 1 / 5, 0]], dtype=F64), "only high-entropy tokens")
@@ -202,7 +203,8 @@ def test_kl_estimators_stay_finite_on_minus_inf_reference():
     assert kl_k2(logp, ref).item() == pytest.approx(0.5 * 20.0 ** 2)       # d clamped at ±20, as k3
     lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     for kl in ("k1", "k2", "k3"):
-        loss, _ = grpo_loss(lp, None, torch.tensor([[-float("inf"), -2.0]]), torch.ones(1), torch.ones(1, 2), beta=0.1, kl=kl)
+        loss, _ = grpo_loss(lp, None, torch.tensor([[-float("inf"), -2.0]]), torch.ones(1),
+                            torch.ones(1, 2), beta=0.1, kl=kl)
         (g,) = torch.autograd.grad(loss, lp)
         assert torch.isfinite(loss) and torch.isfinite(g).all(), kl
 
@@ -301,7 +303,8 @@ def test_matches_trl_restatement(case, agg):
 
 # gradcheck compares with finite differences of the loss VALUE, so it applies to the variants whose
 # gradient is that of their value; cispo and sequence_token stop gradients on purpose (hand tests above)
-@pytest.mark.parametrize("opts", [dict(ratio_level="sequence"), dict(policy_loss="sapo"), dict(delta=1.5, dual_clip=2.0),
+@pytest.mark.parametrize("opts", [dict(ratio_level="sequence"), dict(policy_loss="sapo"),
+                                  dict(delta=1.5, dual_clip=2.0),
                                   dict(kl_bias_correction=True), dict(kl_bias_correction=True, ratio_level="sequence")])
 @pytest.mark.parametrize("agg", ["seq_mean", "token_mean", "constant"])
 def test_gradcheck_variants(opts, agg):
@@ -344,8 +347,10 @@ def test_entropy_options_need_the_entropy():
             grpo_loss(torch.zeros(1, 2), None, None, torch.ones(1), torch.ones(1, 2), beta=0.0, **kw)
     lp = torch.zeros(1, 2, requires_grad=True)
     with pytest.raises(ValueError, match="entropy carries no gradient, so the bonus would change the loss value only"):
-        grpo_loss(lp, None, None, torch.ones(1), torch.ones(1, 2), beta=0.0, entropy=torch.ones(1, 2), entropy_coef=0.01)
-    grpo_loss(lp, None, None, torch.ones(1), torch.ones(1, 2), beta=0.0, entropy=torch.ones(1, 2), top_entropy_quantile=0.5)
+        grpo_loss(lp, None, None, torch.ones(1), torch.ones(1, 2), beta=0.0,
+                  entropy=torch.ones(1, 2), entropy_coef=0.01)
+    grpo_loss(lp, None, None, torch.ones(1), torch.ones(1, 2), beta=0.0, entropy=torch.ones(1, 2),
+              top_entropy_quantile=0.5)
 
 
 def test_loss_options_are_declared_once_and_are_the_config_keys():

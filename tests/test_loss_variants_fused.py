@@ -143,7 +143,8 @@ def test_linear_path(opts, backend, path):
     if path == "compose":
         loss, _ = grpo_loss(lp_f, old, ref, adv, mask, entropy=ent_f, **opts)
     else:
-        loss, _ = _fused_or_skip(lambda: kernels.fused_linear_grpo_loss(h, w, labels, old, ref, adv, mask, temperature=T,
+        loss, _ = _fused_or_skip(lambda: kernels.fused_linear_grpo_loss(h, w, labels, old, ref, adv,
+                                                                         mask, temperature=T,
                                                                          backend=backend, **opts))
     loss.backward()
     h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
@@ -170,5 +171,6 @@ def test_counted_label_on_minus_inf_logit_is_a_clear_error(backend):
     bias[0] = -float("inf")                                                  # id 0 never to be sampled …
     lab[2, 3] = 0                                                            # … and yet it was
     with pytest.raises(ValueError, match=r"row 2, position 3 has log-prob -inf"):
-        kernels.fused_linear_grpo_loss(hidden.requires_grad_(), weight, lab, None, None, torch.ones(4), torch.ones(4, 5),
+        kernels.fused_linear_grpo_loss(hidden.requires_grad_(), weight, lab, None, None,
+                                       torch.ones(4), torch.ones(4, 5),
                                        bias=bias, beta=0.0, backend=backend)

@@ -39,10 +39,12 @@ def test_protocol_and_special_ids(tiny_vlm_policy):
     pol = tiny_vlm_policy
     assert isinstance(pol, Policy)
     tok = pol.tokenizer
-    assert set(pol.eos_token_ids) == {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+    assert set(pol.eos_token_ids) == {tok.convert_tokens_to_ids("<|im_end|>"),
+                                      tok.convert_tokens_to_ids("<|endoftext|>")}
     bias = pol.lm_head_bias
     assert bias.shape == (pol.vocab_size,) and bias.dtype == torch.float32
-    never = {tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    never = {tok.convert_tokens_to_ids(t)
+             for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
     assert set(torch.nonzero(torch.isinf(bias)).flatten().tolist()) == never
     assert (bias[torch.isfinite(bias)] == 0).all()
     assert pol.vocab_size == pol.lm_head_weight.shape[0] >= len(tok)
@@ -307,11 +309,13 @@ def test_lora_adapters_disable_and_merged_save(tiny_vlm_path, tmp_path):
         tuned = pol.prefill(enc)[0]
         with pol.disable_adapters():
             off = pol.prefill(enc)[0]
-        assert_close(off, base.prefill(enc)[0], "adapters off = base model", atol=tol(torch.float32, off.abs().max(), k=2))
+        assert_close(off, base.prefill(enc)[0], "adapters off = base model",
+                     atol=tol(torch.float32, off.abs().max(), k=2))
         assert (tuned - off).abs().max() > 1e-3                          # the adapters do something
         pol.save_pretrained(str(tmp_path / "merged"))
         merged = Qwen2VLPolicy.from_pretrained(str(tmp_path / "merged"), **F64)
-        assert_close(merged.prefill(enc)[0], tuned, "merged save = LoRA model", atol=tol(torch.float32, tuned.abs().max(), k=2))
+        assert_close(merged.prefill(enc)[0], tuned, "merged save = LoRA model",
+                     atol=tol(torch.float32, tuned.abs().max(), k=2))
 
 
 @pytest.mark.gpu
@@ -367,4 +371,5 @@ def test_freeze_vision_and_pixel_overrides(tiny_vlm_path, tmp_path):
     assert all(g is None for k, g in grads.items() if ".visual." in k)
     assert all(g is not None for k, g in grads.items() if ".language_model.layers." in k)
     pol.save_pretrained(str(tmp_path / "p"))                            # the overrides are saved too
-    assert Qwen2VLPolicy.from_pretrained(str(tmp_path / "p"), device="cpu").image_processor.size["longest_edge"] == 112 * 112
+    loaded = Qwen2VLPolicy.from_pretrained(str(tmp_path / "p"), device="cpu")
+    assert loaded.image_processor.size["longest_edge"] == 112 * 112

@@ -26,7 +26,8 @@ STEPS = 6
 
 
 def _assert_same_update(res: dict, what: str):
-    assert res["moved_of_fp32"] >= 0.99, f"{what}: only {res['moved_of_fp32']:.1%} of the fp32 run's moved weights moved"
+    assert res["moved_of_fp32"] >= 0.99, (
+        f"{what}: only {res['moved_of_fp32']:.1%} of the fp32 run's moved weights moved")
     assert res["cos"] >= 1 - 4 * U_BF16, f"{what}: delta cosine {res['cos']:.4f} < {1 - 4 * U_BF16:.4f}"
     assert res["rel_err"] <= 32 * U_BF16, f"{what}: delta relative error {res['rel_err']:.3g} > {32 * U_BF16:.3g}"
 
@@ -62,8 +63,9 @@ def test_optimizer_refuses_16bit_trainable_weights():
 
 
 def test_fp16_training_is_refused_with_what_to_set(tiny_vlm_path):
-    from grpo_core.trainer import GRPOTrainer
     from helpers import tiny_policy
+
+    from grpo_core.trainer import GRPOTrainer
 
     policy = tiny_policy(tiny_vlm_path)
     with pytest.raises(ValueError, match="model.dtype=float16 cannot train.*bfloat16"):

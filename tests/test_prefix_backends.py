@@ -10,10 +10,11 @@ and must still equal the plain path run with sdpa. Equivalences in float64 (nume
 
 import pytest
 import torch
-from grpo_models import prefix_decode, prefix_train
 from grpo_models.qwen2_vl import Qwen2VLPolicy
 from helpers import ragged_prompts
 from numerics import assert_equiv
+
+from grpo_models import prefix_decode, prefix_train
 
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 

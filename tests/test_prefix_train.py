@@ -12,10 +12,11 @@ which moves fp32 results by ~1e-6 on some CPUs; in fp64 they agree to ~1e-15 of 
 
 import pytest
 import torch
-from grpo_models import prefix_train
 from grpo_models.qwen2_vl import Qwen2VLPolicy
 from helpers import ragged_prompts
 from numerics import assert_equiv
+
+from grpo_models import prefix_train
 
 pytestmark = pytest.mark.numerics   # also run under other CPUs' kernel paths (make test-numerics)
 

@@ -141,7 +141,8 @@ def test_accuracy_mc_strict_and_graded():
 
 
 def test_accuracy_yesno_normalised():
-    texts = ["<answer>yes</answer>", "<answer> YES. </answer>", "<answer>No</answer>", "<answer>Yes, there is</answer>", "yes"]
+    texts = ["<answer>yes</answer>", "<answer> YES. </answer>", "<answer>No</answer>",
+             "<answer>Yes, there is</answer>", "yes"]
     assert accuracy_reward(texts, [yn("Yes")] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert accuracy_reward(["<answer>是的</answer>", "<answer>no</answer>"], [yn("yes"), yn("不是")]) == [1.0, 1.0]
 
@@ -347,7 +348,8 @@ def test_graded_accuracy_matches_restatement_on_any_text(s, gold):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("ab c d 胸部.,")), max_size=40), st.text(alphabet=st.sampled_from(list("ab c d 胸部.,")), max_size=40))
+@given(st.text(alphabet=st.sampled_from(list("ab c d 胸部.,")), max_size=40),
+       st.text(alphabet=st.sampled_from(list("ab c d 胸部.,")), max_size=40))
 def test_token_f1_equals_the_quadratic_definition(a, g):
     from grpo_core.rewards import _tokens
 
@@ -356,7 +358,8 @@ def test_token_f1_equals_the_quadratic_definition(a, g):
         want = float(ta == tg)
     else:
         common = sum(min(ta.count(t), tg.count(t)) for t in set(ta))
-        want = 0.0 if common == 0 else 2 * (common / len(ta)) * (common / len(tg)) / (common / len(ta) + common / len(tg))
+        want = 0.0 if common == 0 else (2 * (common / len(ta)) * (common / len(tg))
+                                        / (common / len(ta) + common / len(tg)))
     assert token_f1(a, g) == pytest.approx(want, rel=1e-12)
 
 

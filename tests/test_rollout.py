@@ -84,7 +84,8 @@ def test_prefill_once_per_prompt_and_layout():
         assert len({tuple(r.tolist()) for r in rows}) > 1
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig(max_new_tokens=10, seed=1), SamplingConfig(max_new_tokens=10, seed=1, temperature=0.6),
+@pytest.mark.parametrize("cfg", [SamplingConfig(max_new_tokens=10, seed=1),
+                                 SamplingConfig(max_new_tokens=10, seed=1, temperature=0.6),
                                  SamplingConfig(max_new_tokens=10, seed=1, temperature=1.3, top_k=5, top_p=0.9)])
 def test_logprobs_match_teacher_forced_recomputation(cfg):
     pol = BigramPolicy(eos_logit=1.0)
@@ -131,7 +132,8 @@ def test_accepts_encoded_and_progress_hook():
     pol = BigramPolicy()
     enc = pol.encode(PROMPTS[:2])
     seen = []
-    ro = generate_groups(pol, enc, 2, SamplingConfig(max_new_tokens=5, seed=0), progress=lambda s, t: seen.append((s, t)))
+    ro = generate_groups(pol, enc, 2, SamplingConfig(max_new_tokens=5, seed=0),
+                         progress=lambda s, t: seen.append((s, t)))
     assert ro.encoded is enc and seen[-1][1] == 5 and [s for s, _ in seen] == list(range(1, len(seen) + 1))
 
 
@@ -252,7 +254,8 @@ def test_vlm_eos_stops_rows_and_chunking_matches(tiny_vlm_policy64):
     one = generate_groups(pol, enc, 4, greedy)
     many = generate_groups(pol, enc, 4, SamplingConfig(max_new_tokens=12, greedy=True, max_batch_sequences=5))
     assert many.stats["chunks"] == 3
-    assert torch.equal(one.completion_ids, many.completion_ids) and torch.equal(one.completion_mask, many.completion_mask)
+    assert torch.equal(one.completion_ids, many.completion_ids)
+    assert torch.equal(one.completion_mask, many.completion_mask)
     assert_close(many.logprobs, one.logprobs, "chunked vs one batch", atol=fp32_logprob_tol(one.logprobs))
 
 
@@ -305,7 +308,8 @@ def test_shared_prefix_decode_matches_fanned_out_cache(tiny_vlm_path, tmp_path, 
     ours = logits_over_steps(pol, True)
     err = (ours - ref).abs()
     if dtype == torch.float64:
-        assert_close(ours, ref, "shared-prefix decode vs fanned-out cache", atol=tol(torch.float32, ref.abs().max(), k=2))
+        assert_close(ours, ref, "shared-prefix decode vs fanned-out cache",
+                     atol=tol(torch.float32, ref.abs().max(), k=2))
     else:
         plain = (logits_over_steps(pol, False) - ref).abs()
         assert err.max() <= 2 * plain.max() + 1e-3, (

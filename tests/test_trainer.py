@@ -226,7 +226,8 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_nothing_is_saved(tiny_vlm_
 
 
 def test_save_refuses_nonfinite_weights(tiny_vlm_path, records, tmp_path):
-    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, _cfg(tmp_path), reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
+    tr = GRPOTrainer(tiny_policy(tiny_vlm_path), records, _cfg(tmp_path),
+                     reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
     with torch.no_grad():
         next(tr.policy.model.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(ckpt_mod.CheckpointError, match="NaN/inf"):   # the writer refuses too
@@ -256,7 +257,8 @@ def test_unusable_image_is_skipped_counted_and_never_met_again(tiny_vlm_path, tm
     cfg2 = _cfg(tmp_path / "b")
     cfg2.rollout.prompts_per_step, cfg2.run.steps, cfg2.run.resume = 2, 3, True
     os.makedirs(cfg2.run.output_dir)
-    shutil.copytree(os.path.join(cfg.run.output_dir, f"ckpt-{k:06d}"), os.path.join(cfg2.run.output_dir, f"ckpt-{k:06d}"))
+    shutil.copytree(os.path.join(cfg.run.output_dir, f"ckpt-{k:06d}"),
+                    os.path.join(cfg2.run.output_dir, f"ckpt-{k:06d}"))
     again = GRPOTrainer(tiny_policy(tiny_vlm_path), recs, cfg2, reward_specs=[RewardSpec("v", vowel_reward, 1.0)])
     rest = again.train()
     assert [m["step"] for m in rest] == list(range(k + 1, 4)) and sum(m["skipped_records"] for m in rest) == 0

@@ -124,7 +124,8 @@ class ImageRoots:
             return (existing or cands)[0]
         inside = [c for c in (existing or cands) if self.contains(c)]
         if not inside:
-            where = f"the dataset's image folders {list(self.folders)}" if self.folders else "any image_root (none given)"
+            where = (f"the dataset's image folders {list(self.folders)}" if self.folders
+                     else "any image_root (none given)")
             raise ImageProblem(
                 "image outside dataset root",
                 f"{rel!r} resolves to {real_path((existing or cands)[0])}, outside {where}; if that is "
@@ -207,7 +208,8 @@ def decode_image(src: Any, max_pixels: int | None) -> Image.Image:
         img.load()
         return img
     except Exception as exc:  # noqa: BLE001 - truncated data: OSError; broken streams: SyntaxError, ValueError
-        raise ImageProblem("unreadable image", f"{describe(src)}: {type(exc).__name__}: {exc}", path=_path_of(src)) from None
+        raise ImageProblem("unreadable image", f"{describe(src)}: {type(exc).__name__}: {exc}",
+                           path=_path_of(src)) from None
 
 
 def check_image(src: Any, check: str, max_pixels: int | None) -> None:

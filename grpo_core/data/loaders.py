@@ -16,7 +16,8 @@ Two passes, in chunks of rows:
   2. at "open" / "decode", ``images.check_dataset`` opens or decodes each distinct image once,
      in threads, under the pixel cap (``max_image_pixels``).
 A bad row raises ``BadRowError`` (``ImageLoadError`` for an image) naming the file, the 0-based
-data row and the path (pass 1 problems of a chunk surface before its image problems); with ``skip_bad=True`` it is skipped, counted by reason in
+data row and the path (pass 1 problems of a chunk surface before its image problems); with
+``skip_bad=True`` it is skipped, counted by reason in
 ``records.report.skipped`` and logged once as a warning. A bad *file* (a required column that
 no row has, JSON that does not parse) is always a ``BadFileError``. Rows that repeat an earlier
 row (same question, options, answer and images) are kept and counted in ``report.duplicates``;
@@ -132,7 +133,8 @@ def _format_and_path(path, format):
     """(format name, path as str or the datasets object); clear errors for absent paths / formats."""
     if is_hf_object(path):
         if format not in (None, "hf_dataset"):
-            raise ValueError(f"load_dataset: a {type(path).__name__} object loads with format='hf_dataset', not {format!r}")
+            raise ValueError(f"load_dataset: a {type(path).__name__} object loads with "
+                             f"format='hf_dataset', not {format!r}")
         return "hf_dataset", path
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -121,7 +121,8 @@ def _options(cell) -> dict:
     if isinstance(cell, (list, tuple)) or hasattr(cell, "tolist"):
         items = [clean_cell(t) for t in (cell.tolist() if hasattr(cell, "tolist") else cell)]
         return dict(zip(letters_for(len(items)), items))
-    raise RowProblem("cannot parse options", f"options cell is {type(cell).__name__}; use a list or a letter->text dict")
+    raise RowProblem("cannot parse options",
+                     f"options cell is {type(cell).__name__}; use a list or a letter->text dict")
 
 
 def _inline_options(question: str, answer: str) -> tuple[str, dict]:

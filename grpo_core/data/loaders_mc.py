@@ -71,7 +71,8 @@ def _col_key(name: str) -> str:
     return re.sub(r"[\s_]+", "", str(name)).lower().replace("anwser", "answer")
 
 
-_PMC_V2_ORDER = ["index", "figurepath", "caption", "question", "choicea", "choiceb", "choicec", "choiced", "answer", "split"]
+_PMC_V2_ORDER = ["index", "figurepath", "caption", "question", "choicea", "choiceb", "choicec",
+                 "choiced", "answer", "split"]
 _PMC_NAMES = {"figurepath": "Figure_path", "question": "Question", "answer": "Answer", "answerlabel": "Answer_label",
               "choicea": "Choice A", "choiceb": "Choice B"}
 
@@ -150,7 +151,8 @@ def iter_omnimedvqa(path, split=None, image_root=None, access="open", subsets=No
     if os.path.isfile(path):
         files = [path]
     else:
-        files = [f for a in _ACCESS[access] for f in sorted(glob.glob(os.path.join(root, "QA_information", a, "*.json")))]
+        files = [f for a in _ACCESS[access]
+                 for f in sorted(glob.glob(os.path.join(root, "QA_information", a, "*.json")))]
     if subsets is not None:
         files = [f for f in files if os.path.splitext(os.path.basename(f))[0] in set(subsets)]
     if not files:

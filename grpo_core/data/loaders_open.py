@@ -89,7 +89,8 @@ def iter_slake(path, split=None, image_root=None, lang="en", allow_outside_root=
     if os.path.isdir(path):
         if split is None:
             raise ValueError(f"slake: {path} is a directory; pass split='train', 'validation' or 'test'")
-        names = ["validation.json", "validate.json"] if split in ("validation", "validate", "val") else [f"{split}.json"]
+        names = (["validation.json", "validate.json"] if split in ("validation", "validate", "val")
+                 else [f"{split}.json"])
         hits = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
         if not hits:
             raise FileNotFoundError(f"slake: none of {names} in {path}")
@@ -165,7 +166,9 @@ def _read_pickle(pkl: str):
             fh.seek(0)
             rows = pickle.load(fh, encoding="bytes")  # noqa: S301
     key = lambda k: k.decode("utf-8", "replace") if isinstance(k, bytes) else k  # noqa: E731
-    return [{key(k): v for k, v in r.items()} if isinstance(r, dict) else r for r in rows] if isinstance(rows, list) else rows
+    if not isinstance(rows, list):
+        return rows
+    return [{key(k): v for k, v in r.items()} if isinstance(r, dict) else r for r in rows]
 
 
 def _pkl_row(raw, roots, split, i):
@@ -173,6 +176,7 @@ def _pkl_row(raw, roots, split, i):
         raise RowProblem("not a dict", type(raw).__name__)
     stem = clean_cell(raw.get("image"))
     answer = clean_cell(raw.get("answer"))
-    return VQARecord(id=f"PathVQA/{split}/{i}", images=[roots.resolve(stem if stem.lower().endswith(".jpg") else stem + ".jpg")],
+    image = roots.resolve(stem if stem.lower().endswith(".jpg") else stem + ".jpg")
+    return VQARecord(id=f"PathVQA/{split}/{i}", images=[image],
                      question=clean_cell(raw.get("question")), answer_text=answer,
                      answer_type=_answer_type(answer, None), dataset="PathVQA", extra={"split": split})

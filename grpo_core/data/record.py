@@ -46,7 +46,8 @@ class VQARecord:
     source_row: int | None = None                      # its 0-based data row there (None = unknown)
 
 
-SKIP_HINT = "Fix the row, or pass skip_bad=True to load_dataset (data.skip_bad: true) to skip such rows (they are counted)"
+SKIP_HINT = ("Fix the row, or pass skip_bad=True to load_dataset (data.skip_bad: true) to skip "
+             "such rows (they are counted)")
 
 
 class BadRowError(ValueError):
@@ -95,7 +96,8 @@ class LoadReport:
     skipped: Counter = field(default_factory=Counter)        # reason -> count (skip_bad=True)
     filtered: Counter = field(default_factory=Counter)       # reason -> count (requested filters)
     examples: list = field(default_factory=list)             # first few skipped-row messages
-    duplicates: int = 0                                      # kept rows repeating an earlier one (same question, options, answer, images)
+    # kept rows repeating an earlier one (same question, options, answer, images)
+    duplicates: int = 0
     duplicate_examples: list = field(default_factory=list)   # first few "file, row 7 repeats file, row 2"
     images_checked: int = 0                                  # distinct images opened/decoded (check_images open|decode)
     check_seconds: float = 0.0                               # wall time of that image check

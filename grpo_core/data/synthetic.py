@@ -66,7 +66,8 @@ def _lesion_center(quadrant: int, size: int, rng: np.random.Generator) -> tuple[
     return c + sy * dy, c + sx * dx
 
 
-def _render(size: int, lesions: list, style: dict, rng: np.random.Generator, amplitude: float = _AMPLITUDE) -> Image.Image:
+def _render(size: int, lesions: list, style: dict, rng: np.random.Generator,
+            amplitude: float = _AMPLITUDE) -> Image.Image:
     """lesions: [(cy, cx, sigma_px)] -> 8-bit grey PIL image."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)      # (S, S) each
     c = (size - 1) / 2
@@ -119,7 +120,8 @@ def make_synthetic_vqa(n: int, seed: int = 0, image_size: int = 56, task: str = 
         raise ValueError(f"make_synthetic_vqa: image_size must be >= 16 px, got {image_size}")
     unknown = [m for m in modalities if m not in STYLES]
     if unknown or not modalities:
-        raise ValueError(f"make_synthetic_vqa: modalities must be a non-empty subset of {list(STYLES)}, got {list(modalities)}")
+        raise ValueError(f"make_synthetic_vqa: modalities must be a non-empty subset of "
+                         f"{list(STYLES)}, got {list(modalities)}")
     answers, phrasings = TASKS[task]
     labels = _balanced(n, len(answers), np.random.default_rng([seed, 0]))           # answer stream
     text_rng = np.random.default_rng([seed, 1])                                       # text/modality stream
@@ -147,7 +149,8 @@ def make_synthetic_vqa(n: int, seed: int = 0, image_size: int = 56, task: str = 
 
 def _smooth(a: np.ndarray) -> np.ndarray:
     p = np.pad(a, 1, mode="edge")
-    return sum(p[1 + dy: 1 + dy + a.shape[0], 1 + dx: 1 + dx + a.shape[1]] for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+    return sum(p[1 + dy: 1 + dy + a.shape[0], 1 + dx: 1 + dx + a.shape[1]]
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
 
 
 def oracle_answer(image, task: str) -> str:
