@@ -6,6 +6,7 @@
     grpo eval  --config examples/configs/pmc_vqa_grpo_instruct.yaml --whole data.split=test model.path=...
     grpo demo  [--seed 0] [--quick]
     grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 150]
+    grpo plan  --config examples/configs/pmc_vqa_grpo_ddp.yaml --model qwen2-vl-7b --gpus 8
 
 The subcommands' work is in grpo_app.commands (train, sft, eval), grpo_app.demo and grpo_app.study.
 """
@@ -42,6 +43,10 @@ COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NA
               "GRPO from the instruct- and base-style init, + semantic judge, ECR, CWR, Dr. GRPO and SFT, each "
               "from the same starting model with the same budget, over several seeds; writes study.md / "
               "study.json / study.png and skips cells already done (docs/STUDY.md)."),
+    "plan": ("the per-GPU memory table of a config, before anything is loaded",
+             "Weights (fp32 masters, bf16 copies), gradients, optimizer states, the reference, activations per "
+             "micro-batch, the rollout's KV cache, the loss buffers and host RAM for the config's step; the peak, "
+             "whether it fits --gpu-mem, and the cheapest change that makes it fit (grpo_core.memory_plan)."),
 }
 
 
@@ -73,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpo-seconds", type=float, default=None, help="GRPO training-time budget (default 270)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
     add_study_arguments(sub.add_parser("study", help=COMMANDS["study"][0], description=COMMANDS["study"][1]))
+    from .plan import add_plan_arguments
+    add_plan_arguments(sub.add_parser("plan", help=COMMANDS["plan"][0], description=COMMANDS["plan"][1]))
     return ap
 
 
@@ -85,6 +92,9 @@ def main(argv=None) -> int:
         if args.cmd == "study":
             from .study import run_study_cli
             return run_study_cli(args)
+        if args.cmd == "plan":
+            from .plan import run_plan_cli
+            return run_plan_cli(args)
         overrides = list(args.overrides)
         if getattr(args, "fresh", False):
             overrides += ["run.resume=false", "run.resume_force=true"]

@@ -1,0 +1,74 @@
+"""`grpo plan`: the per-GPU memory table of a config before anything is loaded (grpo_core.memory_plan).
+
+    grpo plan --config examples/configs/pmc_vqa_grpo_instruct.yaml --model qwen2-vl-2b
+    grpo plan --config examples/configs/pmc_vqa_grpo_ddp.yaml --model qwen2-vl-7b --gpus 8 dist.mode=fsdp2
+
+The model's sizes come from ``--model NAME`` (published shapes: grpo_models.shapes) or else from
+``model.path``'s config.json (no weights read). ``grpo train`` prints the same table at its start
+(``log_plan``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from grpo_core.memory_plan import Arch, Precision, plan, setup_from_config
+
+
+def add_plan_arguments(p) -> None:
+    from grpo_models.shapes import ARCHITECTURES
+
+    p.add_argument("--config", help="YAML config (examples/configs/; keys in docs/CONFIG.md)")
+    p.add_argument("--model", choices=sorted(ARCHITECTURES),
+                   help="a published architecture's shapes (default: model.path's config.json)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the job (dist.mode none + >1 GPU: ddp)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--prompt-tokens", type=int, default=200,
+                   help="text tokens of a prompt, images excluded (default 200: PMC-VQA question + options)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.lora_rank=64")
+
+
+def arch_for(cfg, model: str | None = None) -> Arch:
+    """Sizes of a named architecture, or of model.path's config.json; the error says which to give."""
+    if model:
+        from grpo_models.shapes import architecture
+        return Arch.from_config(architecture(model), model)
+    path = os.path.join(cfg.model.path or "", "config.json")
+    if not os.path.isfile(path):
+        from grpo_models.shapes import ARCHITECTURES
+        raise FileNotFoundError(f"grpo plan: {path!r} does not exist; point model.path at a checkpoint, or name "
+                                f"the architecture with --model ({', '.join(sorted(ARCHITECTURES))})")
+    with open(path) as f:
+        return Arch.from_config(json.load(f), os.path.basename(os.path.normpath(cfg.model.path)))
+
+
+def precision_for(cfg, device: str) -> Precision:
+    """fp32 master weights; compute in bf16 unless the config asks fp32 (or "auto" on a CPU)."""
+    fp32 = cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device == "cpu")
+    return Precision(compute=4 if fp32 else 2, master=4)
+
+
+def run_plan_cli(args) -> int:
+    from grpo_core.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    a = arch_for(cfg, args.model)
+    s = setup_from_config(cfg, gpus=args.gpus, prompt_text_tokens=args.prompt_tokens)
+    print(plan(a, s, precision_for(cfg, "gpu")).table(args.gpu_mem))
+    return 0
+
+
+def log_plan(cfg, world: int) -> None:
+    """The plan of this run, printed by rank 0 at the start of `grpo train`; never stops training."""
+    import torch
+
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    try:
+        a = arch_for(cfg)
+        s = setup_from_config(cfg, gpus=world, device=device)
+        mem = torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if device == "gpu" else None
+        print(plan(a, s, precision_for(cfg, device)).table(mem), flush=True)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        print(f"grpo: no memory plan for this model ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
