@@ -316,8 +316,12 @@ def optimizer(a: Arch, s: Setup) -> list:
     Pt = trainable_params(a, s) / s.shard
     if s.offload_optimizer:
         return [Line("optimizer states", 0.0, f"offloaded: {Pt * OPTIM_STATE_BYTES / GiB:.1f} GiB in host RAM")]
-    return [Line("optimizer states", Pt * OPTIM_STATE_BYTES, "AdamW m, v in fp32"),
-            Line("optimizer step temporary", Pt * 4, "foreach AdamW: one fp32 tensor per parameter")]
+    if s.device == "cpu":      # torch's AdamW runs per tensor on CPU: sqrt(v) and its quotient
+        big = a.lora_params(s.lora_rank) / a.layers / 7 if s.lora_rank else a.vocab * a.hidden
+        temp = Line("optimizer step temporary", 2 * big * 4, "per-tensor AdamW: 2 fp32 copies of the largest")
+    else:                      # foreach AdamW (CUDA): one fp32 tensor list as large as all parameters
+        temp = Line("optimizer step temporary", Pt * 4, "foreach AdamW: one fp32 tensor per parameter")
+    return [Line("optimizer states", Pt * OPTIM_STATE_BYTES, "AdamW m, v in fp32"), temp]
 
 
 def loss_buffers(a: Arch, s: Setup, pr: Precision) -> Line:
