@@ -72,3 +72,36 @@ def log_plan(cfg, world: int) -> None:
         print(plan(a, s, precision_for(cfg, device)).table(mem), flush=True)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
         print(f"grpo: no memory plan for this model ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+
+
+def memory_grid(gpu_gib: float = 80.0) -> str:
+    """docs/TRAINING.md's table: 2B / 3B / 7B × full / LoRA × 1 GPU / 8 GPUs (ddp, fsdp2) × optimizer
+    on the GPU / offloaded, at the study's step (pmc_vqa_grpo_instruct.yaml: 16 prompts × G=8 on one
+    GPU, pmc_vqa_grpo_ddp.yaml: 64 on eight; 512 new tokens, 2 prompts per micro-batch,
+    checkpointing, 401408 px). ``python -m grpo_app.plan`` prints it."""
+    import dataclasses
+
+    from grpo_core.config import load_config
+    from grpo_core.memory_plan import GiB
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+    rows = ["| model | method | GPUs | peak GiB/GPU | phase | offloaded optimizer: peak | host GiB/process |",
+            "|---|---|---|---|---|---|---|"]
+    for model in ("qwen2-vl-2b", "qwen2.5-vl-3b", "qwen2-vl-7b"):
+        a = arch_for(None, model)
+        for lora in (0, 64):
+            for gpus, mode in ((1, "none"), (8, "ddp"), (8, "fsdp2")):
+                name = "pmc_vqa_grpo_instruct.yaml" if gpus == 1 else "pmc_vqa_grpo_ddp.yaml"
+                cfg = load_config(os.path.join(here, name), [f"model.lora_rank={lora}", f"dist.mode={mode}"])
+                s = setup_from_config(cfg, gpus=gpus)
+                p, q = plan(a, s), plan(a, dataclasses.replace(s, offload_optimizer=True))
+
+                def cell(x):
+                    return f"{x.peak / GiB:.1f}" + ("" if x.fits(gpu_gib) else " ✗")
+                rows.append(f"| {model} | {'LoRA r=64' if lora else 'full'} | {gpus} ({mode}) | {cell(p)} | "
+                            f"{p.peak_phase} | {cell(q)} | {p.host_total / GiB:.0f} / {q.host_total / GiB:.0f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(memory_grid())
