@@ -255,22 +255,19 @@ def activations(a: Arch, s: Setup, c: int) -> list:
     grouped = s.group * C <= p                                     # prefix_train.use_grouped
     kv_keys = b * (p + s.group * C) if grouped else n * (p + C)    # [prompt ; own] keys per layer
     kv = a.layers * kv_keys * 2 * a.kv_dim * c
-    if s.checkpointing:
-        lm = tokens * a.layers * a.hidden * c + tokens * per_layer + kv / a.layers
-        lm_note = f"{tokens} tokens × {a.layers} layer inputs + one layer recomputed"
-    else:
-        lm = tokens * a.layers * per_layer + kv
-        lm_note = f"{tokens} tokens × {a.layers} layers × {per_layer / 1024:.0f} KiB"
-    out = [Line("activations: language model", lm, lm_note)]
+    lm_on = tokens * a.layers * a.hidden * c + tokens * per_layer + kv / a.layers
+    lm_off = tokens * a.layers * per_layer + kv
+    other = f"; {gib(lm_off if s.checkpointing else lm_on)} GiB {'without' if s.checkpointing else 'with'} checkpointing"
+    lm_note = (f"{tokens} tokens × {a.layers} layer inputs + one layer recomputed" if s.checkpointing
+               else f"{tokens} tokens × {a.layers} layers × {per_layer / 1024:.0f} KiB") + other
+    out = [Line("activations: language model", lm_on if s.checkpointing else lm_off, lm_note)]
     if not (s.lora_rank or s.freeze_vision):
         patches = b * s.images * image_patches(s, a)
         pb = vision_patch_bytes(a, c)
-        if s.checkpointing:
-            v = patches * (a.v_depth * a.v_dim * c + pb)
-        else:
-            v = patches * a.v_depth * pb
-        out.append(Line("activations: vision tower", v, f"{patches} patches × {a.v_depth} blocks"
-                        + (" (checkpointed)" if s.checkpointing else "")))
+        v_on, v_off = patches * (a.v_depth * a.v_dim * c + pb), patches * a.v_depth * pb
+        out.append(Line("activations: vision tower", v_on if s.checkpointing else v_off,
+                        f"{patches} patches × {a.v_depth} blocks; {gib(v_off if s.checkpointing else v_on)} GiB "
+                        f"{'without' if s.checkpointing else 'with'} checkpointing"))
     masks = c * (b * p * p + (b * s.group * C * (p + s.group * C) if grouped else n * C * (p + C)))
     out.append(Line("attention masks + final hidden", masks + 3 * n * C * a.hidden * c,
                     "prefix_train's additive masks; (N, C, H) normed output"))
