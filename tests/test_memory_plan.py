@@ -134,3 +134,16 @@ def test_gpu_configs_checkpoint_by_default(name):
         s = setup_from_config(cfg)
         off = plan(A2B, dataclasses.replace(s, checkpointing=False))
         assert plan(A2B, s).peak < 0.7 * off.peak
+
+
+def test_training_doc_holds_the_current_plan():
+    """docs/TRAINING.md's memory table and 7B plan are the planner's output (regenerate them with
+    `python -m grpo_app.plan` and `grpo plan ... --model qwen2-vl-7b --gpus 8 dist.mode=fsdp2`)."""
+    from grpo_app.plan import memory_grid
+
+    with open("docs/TRAINING.md", encoding="utf-8") as f:
+        doc = f.read()
+    assert memory_grid() in doc
+    cfg = load_config("examples/configs/pmc_vqa_grpo_ddp.yaml", ["dist.mode=fsdp2"])
+    a7 = Arch.from_config(architecture("qwen2-vl-7b"), "qwen2-vl-7b")
+    assert plan(a7, setup_from_config(cfg, gpus=8)).table(80) in doc
