@@ -109,7 +109,7 @@ class GRPOConfig:
     kl_placement: str = option("loss", choices=KL_PLACEMENTS)  # "loss" (GRPO) | "reward" (PPO-style penalty in the reward)
     mu: int = option(1, ge=1)                              # optimizer steps per batch of rollouts (μ); > 1 uses old log-probs
     micro_batch_prompts: int = option(0, ge=0)             # prompts (whole groups) per forward/backward; 0 = all
-    micro_batch_tokens: int = option(0, ge=0)              # token budget per forward/backward (prompt + completion tokens of whole groups); 0 = off
+    micro_batch_tokens: int = option(0, ge=0)              # tokens per forward/backward (whole groups); 0 = off
     skip_zero_std_groups: bool = False                     # drop groups whose rewards are all equal (always counted)
     max_len: int | None = option(None, ge=1)               # Dr. GRPO constant; None = rollout.max_new_tokens
     rewards: list = field(default_factory=lambda: [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 0.5}])  # {name, weight, [role], options…} each (grpo_core.rewards.REWARDS)
@@ -141,7 +141,7 @@ class OptimConfig:
     warmup_steps: int = option(0, ge=0)                    # linear warm-up, in optimizer steps
     schedule: str = option("constant", choices=SCHEDULES)  # "constant" | "cosine" | "linear" after warm-up (grpo_core.optim)
     max_grad_norm: float = option(1.0, ge=0)               # clip the global grad norm; 0 = no clipping
-    offload_states: bool = False                           # AdamW moments in host RAM, step on the CPU (grpo_core.optim.OffloadedAdamW)
+    offload_states: bool = False                           # AdamW moments in host RAM (OffloadedAdamW)
 
 
 @dataclass

@@ -305,7 +305,7 @@ def _fully_shard(root: _Root, ctx: DistContext, reshard_after_forward: bool) -> 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = root.model                          # LoRA: the peft wrapper; its units hold adapters + frozen base
+    model = root.model                          # LoRA: the peft wrapper (adapters + frozen base)
     mesh = init_device_mesh(ctx._comm_device().type, (ctx.world,))
     names = set(getattr(model, "_no_split_modules", None) or ())
     units = [m for m in model.modules() if type(m).__name__ in names]

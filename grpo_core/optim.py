@@ -18,7 +18,8 @@ import torch
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def make_optimizer(model: torch.nn.Module, lr, weight_decay, betas=(0.9, 0.99), offload: bool = False):
+def make_optimizer(model: torch.nn.Module, lr, weight_decay, betas=(0.9, 0.99),
+                   offload: bool = False):
     """AdamW over the trainable parameters; ``offload``: its states in host RAM (OffloadedAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -51,7 +52,7 @@ class OffloadedAdamW(torch.optim.AdamW):
 
     @staticmethod
     def _dtype(p: torch.Tensor) -> torch.dtype:
-        """Host dtype of the copy and the moments: fp32, or the parameter's when wider (fp64 tests)."""
+        """Host dtype of the copy and moments: fp32, or the parameter's when wider (fp64)."""
         return torch.promote_types(p.dtype, torch.float32)
 
     def _host_state(self, p: torch.Tensor) -> dict:

@@ -47,7 +47,7 @@ def test_token_budget_gives_the_one_batch_gradient(tiny_vlm_path):
     want, _, _, _ = _update(tiny_vlm_path)
     got, _, tr, exp = _update(tiny_vlm_path, grpo__micro_batch_tokens=60)
     chunks = tr._micro_batches([exp], 0)
-    assert len(chunks) >= 3, chunks                      # the budget really split the batch
+    assert len(chunks) >= 3, chunks  # the budget really split the batch
     assert sorted(p for _, ps in chunks for p in ps) == list(range(B))
     for n in want[0]:
         assert_equiv(got[0][n], want[0][n], n)
@@ -58,20 +58,25 @@ def test_token_budget_packs_whole_groups_in_order(tiny_vlm_path):
     plain = [p for _, ps in _update(tiny_vlm_path)[2]._micro_batches([exp], 0) for p in ps]
 
     def tokens(ps):
-        return sum(int(exp.encoded.attention_mask[p].sum()) + int(exp.mask[exp.rows([p])].sum()) for p in ps)
+        return sum(
+            int(exp.encoded.attention_mask[p].sum()) + int(exp.mask[exp.rows([p])].sum())
+            for p in ps
+        )
 
     chunks = [ps for _, ps in tr._micro_batches([exp], 0)]
-    assert [p for ps in chunks for p in ps] == plain     # same shuffled order, only cut differently
+    assert [p for ps in chunks for p in ps] == plain  # same shuffled order, only cut differently
     assert all(tokens(ps) <= 60 or len(ps) == 1 for ps in chunks)
-    assert all(tokens(a + b[:1]) > 60 for a, b in zip(chunks, chunks[1:]))   # greedy: nothing fitted
-    tr.cfg.grpo.micro_batch_prompts = 1                   # both limits: the count one binds here
+    assert all(tokens(a + b[:1]) > 60 for a, b in zip(chunks, chunks[1:]))  # greedy: nothing fitted
+    tr.cfg.grpo.micro_batch_prompts = 1  # both limits: the count one binds here
     assert all(len(ps) == 1 for _, ps in tr._micro_batches([exp], 0))
 
 
 def _params(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(5, 3, generator=g, dtype=torch.float64)),
-            torch.nn.Parameter(torch.randn(7, generator=g, dtype=torch.float64))]
+    return [
+        torch.nn.Parameter(torch.randn(5, 3, generator=g, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(7, generator=g, dtype=torch.float64)),
+    ]
 
 
 def _run(opt, params, steps, seed=1):
@@ -105,12 +110,12 @@ def test_offloaded_adamw_is_adamw():
     for cls in (torch.optim.AdamW, OffloadedAdamW):
         c = [torch.nn.Parameter(x.detach().clone()) for x in a]
         opt = cls(c, **kw)
-        opt.load_state_dict(copy.deepcopy(ref.state_dict()))   # (load aliases same-device tensors)
+        opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # (load aliases same-device tensors)
         _run(opt, c, 2, seed=5)
         resumed.append(c)
     for x, y in zip(*resumed):
         assert_equiv(y.detach(), x.detach(), "resumed weights")
-    assert (resumed[0][0] - a[0]).abs().max() > 1e-4          # (the 2 steps did move the weights)
+    assert (resumed[0][0] - a[0]).abs().max() > 1e-4  # (the 2 steps did move the weights)
 
 
 def test_offload_states_trainer_equals_plain(tiny_vlm_path):

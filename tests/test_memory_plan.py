@@ -14,13 +14,20 @@ import dataclasses
 
 import pytest
 import torch
-
-from grpo_core.config import load_config
-from grpo_core.memory_plan import GiB, Arch, Precision, Setup, advise, plan, setup_from_config
 from grpo_models.shapes import ARCHITECTURES, architecture, hf_config
 
-GPU_CONFIGS = ("pmc_vqa_grpo_instruct", "pmc_vqa_grpo_base", "pmc_vqa_drgrpo", "pmc_vqa_grpo_ecr",
-               "pmc_vqa_grpo_cwr", "pmc_vqa_grpo_semantic", "pmc_vqa_grpo_ddp")
+from grpo_core.config import load_config
+from grpo_core.memory_plan import Arch, GiB, Precision, Setup, advise, plan, setup_from_config
+
+GPU_CONFIGS = (
+    "pmc_vqa_grpo_instruct",
+    "pmc_vqa_grpo_base",
+    "pmc_vqa_drgrpo",
+    "pmc_vqa_grpo_ecr",
+    "pmc_vqa_grpo_cwr",
+    "pmc_vqa_grpo_semantic",
+    "pmc_vqa_grpo_ddp",
+)
 
 
 def _meta_model(cfg):
@@ -36,33 +43,57 @@ def test_param_counts_match_transformers(name):
     a = dataclasses.replace(Arch.from_config(architecture(name)), layers=2, v_depth=2)
     assert a.params() == sum(p.numel() for p in model.parameters())
     assert a.vision_params() == sum(p.numel() for p in model.model.visual.parameters())
-    assert a.embed_params() == sum(p.numel() for n, p in model.named_parameters()
-                                   if "embed_tokens" in n or "lm_head" in n or n.endswith("language_model.norm.weight"))
+    assert a.embed_params() == sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if "embed_tokens" in n or "lm_head" in n or n.endswith("language_model.norm.weight")
+    )
 
 
 def test_published_sizes():
     """The named architectures are the published ones (2.21 B, 3.75 B, 8.29 B parameters)."""
     sizes = {n: Arch.from_config(d).params() / 1e9 for n, d in ARCHITECTURES.items()}
-    assert sizes == pytest.approx({"qwen2-vl-2b": 2.209, "qwen2.5-vl-3b": 3.755, "qwen2-vl-7b": 8.291,
-                                   "qwen2.5-vl-7b": 8.292}, abs=1e-3)
+    assert sizes == pytest.approx(
+        {
+            "qwen2-vl-2b": 2.209,
+            "qwen2.5-vl-3b": 3.755,
+            "qwen2-vl-7b": 8.291,
+            "qwen2.5-vl-7b": 8.292,
+        },
+        abs=1e-3,
+    )
 
 
 @pytest.mark.parametrize("name", ["qwen2-vl-2b", "qwen2.5-vl-3b"])
 def test_lora_count_matches_peft(name):
-    """Real layout (kv heads, biases), narrow widths so the model is small: peft's trainable count."""
+    """Real layout (kv heads, biases), narrow widths (a small model): peft's trainable count."""
     from grpo_models.policy_utils import apply_lora
 
-    d = {**architecture(name), "text_config": {**architecture(name)["text_config"], "vocab_size": 512,
-                                               "hidden_size": 128, "intermediate_size": 320,
-                                               "num_attention_heads": 4, "num_key_value_heads": 2}}
-    d["vision_config"] = {**d["vision_config"], "hidden_size" if "intermediate_size" in d["vision_config"]
-                          else "embed_dim": 64, "num_heads": 2, "out_hidden_size": 128}
+    d = {
+        **architecture(name),
+        "text_config": {
+            **architecture(name)["text_config"],
+            "vocab_size": 512,
+            "hidden_size": 128,
+            "intermediate_size": 320,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+    }
+    d["vision_config"] = {
+        **d["vision_config"],
+        "hidden_size" if "intermediate_size" in d["vision_config"] else "embed_dim": 64,
+        "num_heads": 2,
+        "out_hidden_size": 128,
+    }
     if "intermediate_size" in d["vision_config"]:
         d["vision_config"]["intermediate_size"] = 96
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_config(hf_config(d, layers=2, vision_depth=1))
-    n_trainable = sum(p.numel() for p in apply_lora(model, {"r": 4}).parameters() if p.requires_grad)
+    n_trainable = sum(
+        p.numel() for p in apply_lora(model, {"r": 4}).parameters() if p.requires_grad
+    )
     a = dataclasses.replace(Arch.from_config(d), layers=2)
     assert a.lora_params(4) == n_trainable
 
@@ -92,9 +123,11 @@ def test_rules():
     # LoRA: no reference copy, trainable = adapters only
     lora = plan(A7B, _setup(lora_rank=64, reference=False))
     resident = [sum(x.bytes for x in p.resident) for p in (lora, plan(A7B, _setup()))]
-    assert resident[0] < 0.2 * resident[1]          # bf16 base (2 B) vs 4 + 2 + 8 B
+    assert resident[0] < 0.2 * resident[1]  # bf16 base (2 B) vs 4 + 2 + 8 B
     # fp32 everywhere (the CPU case): no compute copies
-    assert not [x for x in plan(A2B, _setup(), Precision(4, 4)).phases["backward"] if "copies" in x.what]
+    assert not [
+        x for x in plan(A2B, _setup(), Precision(4, 4)).phases["backward"] if "copies" in x.what
+    ]
 
 
 def test_advice_fits_and_is_minimal():
@@ -110,7 +143,15 @@ def test_advice_fits_and_is_minimal():
 def test_grpo_plan_prints_every_gpu_config(name, capsys):
     from grpo_app.cli import main
 
-    args = ["plan", "--config", f"examples/configs/{name}.yaml", "--model", "qwen2-vl-2b", "--gpu-mem", "80"]
+    args = [
+        "plan",
+        "--config",
+        f"examples/configs/{name}.yaml",
+        "--model",
+        "qwen2-vl-2b",
+        "--gpu-mem",
+        "80",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "PEAK" in out and "fits 80 GiB" in out
@@ -119,8 +160,16 @@ def test_grpo_plan_prints_every_gpu_config(name, capsys):
 def test_setup_from_config_reads_every_key():
     cfg = load_config("examples/configs/pmc_vqa_grpo_ddp.yaml", ["model.lora_rank=16"])
     s = setup_from_config(cfg, gpus=8)
-    assert (s.mode, s.lora_rank, s.reference, s.prompts, s.local_prompts, s.micro_prompts, s.checkpointing,
-            s.image_pixels) == ("ddp", 16, False, 64, 8, 2, True, 401408)
+    assert (
+        s.mode,
+        s.lora_rank,
+        s.reference,
+        s.prompts,
+        s.local_prompts,
+        s.micro_prompts,
+        s.checkpointing,
+        s.image_pixels,
+    ) == ("ddp", 16, False, 64, 8, 2, True, 401408)
     assert plan(A2B, s).peak < 80 * GiB
 
 

@@ -5,7 +5,7 @@ kv heads, vocabulary 151,936, vision tower 1280 × 32 with its merger), the tiny
 for the ids, bf16 as on a GPU. Two runs, each one ``GRPOTrainer.step`` (rollout with the shared
 prefix decode, reference log-probs, fused loss over the full vocabulary, backward, AdamW):
   - LoRA at full depth (28 decoder layers, 32 vision blocks; reference = adapters off),
-  - full fine-tuning at reduced depth (2 layers, 2 vision blocks; reference = a frozen copy).
+  - full fine-tuning at reduced depth (2 layers, 1 vision block; reference = a frozen copy).
 Small shapes elsewhere (one 56×56 image per prompt, B = 2, G = 2, 4 new tokens) keep it to a
 few minutes and ~8 GB of RAM, so shape, dtype and memory bugs at real widths show up in CI.
 """
@@ -21,25 +21,28 @@ pytestmark = pytest.mark.slow
 
 
 def _step(tok_dir, layers=None, vision_depth=None, lora=0):
+    from grpo_models.policy_utils import apply_lora
+    from grpo_models.qwen2_vl import Qwen2VLPolicy
+    from grpo_models.shapes import hf_config
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
 
     from grpo_core.config import TrainConfig
     from grpo_core.data import make_synthetic_vqa
     from grpo_core.rewards import RewardSpec
     from grpo_core.trainer import GRPOTrainer
-    from grpo_models.policy_utils import apply_lora
-    from grpo_models.qwen2_vl import Qwen2VLPolicy
-    from grpo_models.shapes import hf_config
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     config = hf_config("qwen2-vl-2b", tok, layers, vision_depth)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = AutoModelForImageTextToText.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
     if lora:
         model = apply_lora(model, {"r": lora, "lora_alpha": 2 * lora})
-    proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14,
-                                    temporal_patch_size=2, merge_size=2)
+    proc = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
     policy = Qwen2VLPolicy(model, tok, proc)
     cfg = TrainConfig()
     cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens = 2, 2, 4
@@ -48,12 +51,16 @@ def _step(tok_dir, layers=None, vision_depth=None, lora=0):
     cfg.run.progress, cfg.run.resume, cfg.run.output_dir = False, False, str(tok_dir) + "-run"
     flip = [0.0]
 
-    def alternating(completions, records):          # unequal rewards in each group: a real gradient
+    def alternating(completions, records):  # unequal rewards in each group: a real gradient
         flip[0] = 1 - flip[0]
         return [float((i + flip[0]) % 2) for i in range(len(completions))]
 
-    tr = GRPOTrainer(policy, make_synthetic_vqa(4, seed=0, image_size=56), cfg.validate(),
-                     reward_specs=[RewardSpec("alt", alternating, 1.0, "accuracy")])
+    tr = GRPOTrainer(
+        policy,
+        make_synthetic_vqa(4, seed=0, image_size=56),
+        cfg.validate(),
+        reward_specs=[RewardSpec("alt", alternating, 1.0, "accuracy")],
+    )
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     m = tr.step()
     return model, trained, m, policy
@@ -71,9 +78,11 @@ def tok_dir(tmp_path_factory):
 def _check(model, before, m, policy):
     assert policy.vocab_size == 151936 and policy.lm_head_weight.shape == (151936, 1536)
     assert m["nonfinite_steps"] == 0 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
-    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    moved = [
+        n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
+    ]
     assert moved, "no trainable weight changed"
-    for n, p in model.named_parameters():          # bf16 compute; trained weights may be fp32 masters
+    for n, p in model.named_parameters():  # bf16 compute; trained weights may be fp32 masters
         want = (torch.bfloat16, torch.float32) if n in before else (torch.bfloat16,)
         assert p.dtype in want and bool(torch.isfinite(p).all()), n
 
@@ -86,7 +95,7 @@ def test_qwen2_vl_2b_lora_full_depth(tok_dir):
 
 
 def test_qwen2_vl_2b_full_finetune_reduced_depth(tok_dir):
-    model, before, m, policy = _step(tok_dir, layers=2, vision_depth=2)
-    assert len(before) == len(list(model.parameters()))            # everything trains, vision too
+    model, before, m, policy = _step(tok_dir, layers=2, vision_depth=1)
+    assert len(before) == len(list(model.parameters()))  # everything trains, vision too
     _check(model, before, m, policy)
-    assert m["kl"] == pytest.approx(0.0, abs=1e-6)                 # frozen copy = the policy at step 1
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # frozen copy = the policy at step 1
