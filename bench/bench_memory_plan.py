@@ -48,12 +48,19 @@ CASES = {  # name → architecture, depth, method; each sized to run in about a 
     ),
 }
 HISTORY = (
-    "History: in the first run every full fine-tuning case was within ±1 %, but LoRA (2B widths, 6 "
-    "layers) was −17 %: the planner assumed the fused loss skips the lm_head's dW when the "
-    "lm_head is frozen, and it does not (grpo_core/kernels: the fp32 (V, H) accumulator is "
-    "allocated and filled, "
-    "then dropped). The planner now counts it; the predictions below were recomputed from the same "
-    "measurements with `--replan`."
+    "History: in the first run every full fine-tuning case was within ±1 %, but LoRA (2B widths, "
+    "6 layers) was −17 % and LoRA (7B widths) −20 %: the planner assumed the fused loss skips the "
+    "lm_head's dW when the lm_head is frozen, and it does not (grpo_core/kernels: the fp32 (V, H) "
+    "accumulator is allocated and filled, then dropped). The planner now counts it; the "
+    "predictions below were recomputed from the same measurements with `--replan`.\n\n"
+    "Reading the phase columns: the measured step is the first one, so AdamW's moments (8 B per "
+    "trainable parameter, created lazily by the first `optimizer.step`) do not exist yet during "
+    "its rollout and backward, while the plan's phases are those of a later step (resident "
+    "moments): full fine-tuning's rollout/backward predictions are higher by exactly those bytes. "
+    "The measured 'backward' also covers the moment after the optimizer step, before `zero_grad` "
+    "(weights + gradients + moments). The full fine-tuning peaks are the optimizer step; the LoRA "
+    "peaks are the backward (activations, frozen weights, loss buffers), which checks the "
+    "activation formulas."
 )
 B, G, C, IMAGE = 2, 4, 32, 448  # prompts, group size, new tokens, image side (1024 patches)
 

@@ -63,6 +63,16 @@ def arch_for(cfg, model: str | None = None) -> Arch:
         return Arch.from_config(json.load(f), os.path.basename(os.path.normpath(cfg.model.path)))
 
 
+def checkpoint_max_pixels(cfg) -> int | None:
+    """The image processor's max pixels saved with the checkpoint (None when there is none)."""
+    path = os.path.join(cfg.model.path or "", "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        pre = json.load(f)
+    return pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge")
+
+
 def precision_for(cfg, device: str) -> Precision:
     """fp32 master weights; compute in bf16 unless the config asks fp32 (or "auto" on a CPU)."""
     fp32 = cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device == "cpu")
@@ -74,7 +84,8 @@ def run_plan_cli(args) -> int:
 
     cfg = load_config(args.config, list(args.overrides))
     a = arch_for(cfg, args.model)
-    s = setup_from_config(cfg, gpus=args.gpus, prompt_text_tokens=args.prompt_tokens)
+    s = setup_from_config(cfg, gpus=args.gpus, prompt_text_tokens=args.prompt_tokens,
+                          checkpoint_max_pixels=None if args.model else checkpoint_max_pixels(cfg))
     print(plan(a, s, precision_for(cfg, "gpu")).table(args.gpu_mem))
     return 0
 
@@ -86,7 +97,8 @@ def log_plan(cfg, world: int) -> None:
     device = "gpu" if torch.cuda.is_available() else "cpu"
     try:
         a = arch_for(cfg)
-        s = setup_from_config(cfg, gpus=world, device=device)
+        s = setup_from_config(cfg, gpus=world, device=device,
+                              checkpoint_max_pixels=checkpoint_max_pixels(cfg))
         mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "gpu" else None
         print(plan(a, s, precision_for(cfg, device)).table(mem), flush=True)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as e:

@@ -492,9 +492,17 @@ def setup_from_config(
     prompt_text_tokens: int = 200,
     images: int = 1,
     device: str = "gpu",
+    checkpoint_max_pixels: int | None = None,
 ) -> Setup:
-    """A Setup from a TrainConfig (``gpus`` defaults to 1; dist.mode none with gpus > 1 = ddp)."""
+    """A Setup from a TrainConfig (``gpus`` defaults to 1; dist.mode none with gpus > 1 = ddp).
+
+    Pixels per image: model.max_pixels, else the checkpoint's image processor bound
+    (``checkpoint_max_pixels``), else Qwen's default; synthetic images are image_size² at most.
+    """
     m, r, g = cfg.model, cfg.rollout, cfg.grpo
+    pixels = m.max_pixels or checkpoint_max_pixels or QWEN_DEFAULT_MAX_PIXELS
+    if cfg.data.source == "synthetic":
+        pixels = min(pixels, cfg.data.image_size**2)
     n = gpus or 1
     mode = cfg.dist.mode if cfg.dist.mode != "none" or n == 1 else "ddp"
     ref_copy = g.beta > 0 and (g.ref == "copy" or (g.ref == "auto" and m.lora_rank == 0))
@@ -514,7 +522,7 @@ def setup_from_config(
         rollout_rows=r.max_batch_sequences,
         prompt_text_tokens=prompt_text_tokens,
         images=images,
-        image_pixels=m.max_pixels or QWEN_DEFAULT_MAX_PIXELS,
+        image_pixels=pixels,
         device=device,
     )
 

@@ -196,3 +196,16 @@ def test_training_doc_holds_the_current_plan():
     cfg = load_config("examples/configs/pmc_vqa_grpo_ddp.yaml", ["dist.mode=fsdp2"])
     a7 = Arch.from_config(architecture("qwen2-vl-7b"), "qwen2-vl-7b")
     assert plan(a7, setup_from_config(cfg, gpus=8)).table(80) in doc
+
+
+def test_plan_from_a_checkpoint_config(tiny_vlm_path, tiny_vlm_policy, capsys):
+    """model.path's config.json (no weights read) gives the exact parameter count, and `grpo train`'s
+    start-up line prints the plan with the checkpoint's own image bound."""
+    from grpo_app.plan import arch_for, log_plan
+
+    cfg = load_config("examples/configs/synthetic_grpo_instruct.yaml", [f"model.path={tiny_vlm_path}"])
+    a = arch_for(cfg)
+    assert a.params() == sum(p.numel() for p in tiny_vlm_policy.model.parameters())
+    log_plan(cfg, 1)
+    out = capsys.readouterr().out
+    assert "PEAK" in out and "(3136 px/image)" in out      # min(56² synthetic, 224² processor)
