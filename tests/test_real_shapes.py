@@ -2,12 +2,15 @@
 
 Random weights built locally (grpo_models.shapes.hf_config: the published config's widths, heads,
 kv heads, vocabulary 151,936, vision tower 1280 × 32 with its merger), the tiny offline tokenizer
-for the ids, bf16 as on a GPU. Two runs, each one ``GRPOTrainer.step`` (rollout with the shared
-prefix decode, reference log-probs, fused loss over the full vocabulary, backward, AdamW):
-  - LoRA at full depth (28 decoder layers, 32 vision blocks; reference = adapters off),
-  - full fine-tuning at reduced depth (2 layers, 1 vision block; reference = a frozen copy).
+for the ids. Two runs, each one ``GRPOTrainer.step`` (rollout with the shared prefix decode,
+reference log-probs, fused loss over the full vocabulary, backward, AdamW):
+  - full fine-tuning at reduced depth (2 layers, 1 vision block; reference = a frozen copy), in
+    bf16 as on a GPU;
+  - LoRA at full depth (28 decoder layers, 32 vision blocks; reference = adapters off), in fp32:
+    this CPU's bf16 matmuls run ~4× slower than fp32 (no bf16 units), which would make this run
+    ~20 min; the dtype paths are covered by the bf16 run above.
 Small shapes elsewhere (one 56×56 image per prompt, B = 2, G = 2, 4 new tokens) keep it to a
-few minutes and ~8 GB of RAM, so shape, dtype and memory bugs at real widths show up in CI.
+few minutes and ≤ ~10 GB of RAM, so shape, dtype and memory bugs at real widths show up in CI.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def _step(tok_dir, layers=None, vision_depth=None, lora=0):
+def _step(tok_dir, layers=None, vision_depth=None, lora=0, dtype=torch.bfloat16):
     from grpo_models.policy_utils import apply_lora
     from grpo_models.qwen2_vl import Qwen2VLPolicy
     from grpo_models.shapes import hf_config
@@ -36,7 +39,7 @@ def _step(tok_dir, layers=None, vision_depth=None, lora=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(
-            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+            config, dtype=dtype, attn_implementation="sdpa"
         )
     if lora:
         model = apply_lora(model, {"r": lora, "lora_alpha": 2 * lora})
@@ -75,7 +78,7 @@ def tok_dir(tmp_path_factory):
     return path
 
 
-def _check(model, before, m, policy):
+def _check(model, before, m, policy, dtype=torch.bfloat16):
     assert policy.vocab_size == 151936 and policy.lm_head_weight.shape == (151936, 1536)
     assert m["nonfinite_steps"] == 0 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
     moved = [
@@ -83,15 +86,8 @@ def _check(model, before, m, policy):
     ]
     assert moved, "no trainable weight changed"
     for n, p in model.named_parameters():  # bf16 compute; trained weights may be fp32 masters
-        want = (torch.bfloat16, torch.float32) if n in before else (torch.bfloat16,)
+        want = (dtype, torch.float32) if n in before else (dtype,)
         assert p.dtype in want and bool(torch.isfinite(p).all()), n
-
-
-def test_qwen2_vl_2b_lora_full_depth(tok_dir):
-    model, before, m, policy = _step(tok_dir, lora=8)
-    assert len(policy._lm.layers) == 28 and len(policy._core.visual.blocks) == 32
-    assert all("lora_" in n for n in before)
-    _check(model, before, m, policy)
 
 
 def test_qwen2_vl_2b_full_finetune_reduced_depth(tok_dir):
@@ -99,3 +95,10 @@ def test_qwen2_vl_2b_full_finetune_reduced_depth(tok_dir):
     assert len(before) == len(list(model.parameters()))  # everything trains, vision too
     _check(model, before, m, policy)
     assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # frozen copy = the policy at step 1
+
+
+def test_qwen2_vl_2b_lora_full_depth(tok_dir):
+    model, before, m, policy = _step(tok_dir, lora=8, dtype=torch.float32)
+    assert len(policy._lm.layers) == 28 and len(policy._core.visual.blocks) == 32
+    assert all("lora_" in n for n in before)
+    _check(model, before, m, policy, torch.float32)
