@@ -51,6 +51,7 @@ def _step(tok_dir, layers=None, vision_depth=None, lora=0, dtype=torch.bfloat16)
     cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens = 2, 2, 4
     cfg.grpo.beta, cfg.grpo.backend, cfg.model.lora_rank = 0.04, "torch", lora
     cfg.optim.lr = 1e-3
+    cfg.model.dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"   # the compute dtype
     cfg.run.progress, cfg.run.resume, cfg.run.output_dir = False, False, str(tok_dir) + "-run"
     flip = [0.0]
 
