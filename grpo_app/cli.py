@@ -9,6 +9,7 @@
     grpo demo  [--seed 0] [--quick]
     grpo study [--grid synthetic] [--seeds 0 1 2] [--steps 2000]
     grpo resume-plan runs/grpo [--config ...] [overrides]     (or: --seal runs/grpo/ckpt-N)
+    grpo plan  --config examples/configs/pmc_vqa_grpo_ddp.yaml --model qwen2-vl-7b --gpus 8
 
 The subcommands' work is in grpo_app.commands (train, sft, eval), grpo_app.demo and grpo_app.study.
 Nothing here imports torch or grpo_core before the arguments are parsed: ``grpo --help`` and a
@@ -63,6 +64,11 @@ COMMANDS = {   # name → (one line for `grpo --help`, the paragraph of `grpo NA
                     "would), names damaged checkpoints, compares the newest good one's settings "
                     "with the config (docs/CHECKPOINTS.md). --seal writes the manifest of a "
                     "checkpoint from before manifests, once its trainer state loads."),
+    "plan": ("the per-GPU memory table of a config, before anything is loaded",
+             "Weights (fp32 masters, bf16 copies), gradients, optimizer states, the reference, "
+             "activations per micro-batch, the rollout's KV cache, the loss buffers and host RAM "
+             "for the config's step; the peak, whether it fits --gpu-mem, and the cheapest change "
+             "that makes it fit (grpo_core.memory_plan)."),
 }
 
 
@@ -126,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the run's YAML config")
     p.add_argument("--seal", action="store_true",
                    help="write manifest.json for a checkpoint that loads")
+    from .plan import add_plan_arguments
+    add_plan_arguments(sub.add_parser("plan", help=COMMANDS["plan"][0],
+                                      description=COMMANDS["plan"][1]))
     return ap
 
 
@@ -145,6 +154,9 @@ def main(argv=None) -> int:
         if args.cmd == "resume-plan":
             from .commands import cmd_resume_plan
             return cmd_resume_plan(args.output_dir, args.config, args.overrides, args.seal)
+        if args.cmd == "plan":
+            from .plan import run_plan_cli
+            return run_plan_cli(args)
         overrides = list(args.overrides)
         if getattr(args, "fresh", False):
             overrides += ["run.resume=false", "run.resume_force=true"]

@@ -106,6 +106,9 @@ def cmd_train(cfg: TrainConfig) -> int:
         policy = load_policy(cfg.model, seed=cfg.run.seed)
         if cfg.model.tiny and dist.is_main:
             dist.barrier()
+        if main:                              # the memory plan of this run (grpo_app.plan)
+            from .plan import log_plan
+            log_plan(cfg, dist.world)
         resuming = bool(cfg.run.resume and latest_checkpoint(out))
         if cfg.warmup.steps and not resuming:  # every rank the same deterministic warm-up
             w = format_warmup(policy, train, cfg, progress=cfg.run.progress and main)

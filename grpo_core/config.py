@@ -157,6 +157,8 @@ class GRPOConfig(LossOptions):
     mu: int = option(1, ge=1, resume=OBJECTIVE)
     #: prompts (whole groups) per forward/backward; 0 = all
     micro_batch_prompts: int = option(0, ge=0, resume=_HOW)
+    #: tokens (prompt + completion) per forward/backward, whole groups; 0 = no token budget
+    micro_batch_tokens: int = option(0, ge=0, resume=_HOW)
     #: drop groups whose rewards are all equal (always counted)
     skip_zero_std_groups: bool = option(False, resume=OBJECTIVE)
     #: Dr. GRPO constant; None = rollout.max_new_tokens
@@ -193,6 +195,8 @@ class OptimConfig:
     schedule: str = option("constant", choices=SCHEDULES, resume=_SCHEDULE)
     #: clip the global grad norm; 0 = no clipping
     max_grad_norm: float = option(1.0, ge=0, resume=_NEXT)
+    #: AdamW's moments (and a host copy of the weights) in host RAM (optim.OffloadedAdamW)
+    offload_states: bool = option(False, resume=_HOW)
 
 
 @dataclass

@@ -112,8 +112,10 @@ class GRPOTrainer:
         self.ref_replica = (self.dist.replicate(self.ref_policy, trainable=False, compute_dtype=self.compute_dtype)
                             if self.ref_policy not in (None, "adapters") else None)
         o = cfg.optim
-        self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas)
-        self.scheduler = make_scheduler(self.optimizer, o.lr_warmup_steps, cfg.run.steps * cfg.grpo.mu, o.schedule)
+        self.optimizer = make_optimizer(policy.model, o.lr, o.weight_decay, o.betas,
+                                        offload=o.offload_states)
+        self.scheduler = make_scheduler(self.optimizer, o.lr_warmup_steps,
+                                        cfg.run.steps * cfg.grpo.mu, o.schedule)
         self.step_idx, self.data_pos, self.history = 0, 0, []
         self._last_scored: tuple | None = None   # the last scored batch, for samples.jsonl (last_samples)
         self.autocast = autocast(self.device, self.compute_dtype)
@@ -326,12 +328,24 @@ class GRPOTrainer:
 
     def _micro_batches(self, exps: list[Experience], it: int) -> list[tuple[int, list[int]]]:
         """Pass ``it``: each Experience's kept prompts shuffled (seeded by step, pass and round) and cut
-        into micro-batches of ``grpo.micro_batch_prompts`` whole groups (0 = all of one round)."""
-        out = []
+        into micro-batches of ``grpo.micro_batch_prompts`` whole groups (0 = all of one round);
+        with ``grpo.micro_batch_tokens`` > 0 a micro-batch also closes before its tokens (prompt +
+        counted completion tokens of its groups) would pass that budget (a larger group goes
+        alone)."""
+        out, budget = [], self.cfg.grpo.micro_batch_tokens
         for i, e in enumerate(exps):
             mb = self.cfg.grpo.micro_batch_prompts or max(len(e.keep), 1)
-            order = torch.randperm(len(e.keep), generator=self._generator(100 + it + 1000 * i)).tolist()
-            out += [(i, [e.keep[j] for j in order[s:s + mb]]) for s in range(0, len(order), mb)]
+            perm = torch.randperm(len(e.keep), generator=self._generator(100 + it + 1000 * i))
+            order = [e.keep[j] for j in perm]
+            cur, used = [], 0
+            for p in order:
+                n = 0 if not budget else (int(e.encoded.attention_mask[p].sum())
+                                          + int(e.mask[e.rows([p])].sum()))   # group's tokens
+                if cur and (len(cur) == mb or used + n > budget > 0):
+                    out.append((i, cur))
+                    cur, used = [], 0
+                cur, used = cur + [p], used + n
+            out += [(i, cur)] if cur else []
         return out
 
     def _compute(self, h: torch.Tensor) -> torch.Tensor:

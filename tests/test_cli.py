@@ -14,7 +14,8 @@ from grpo_core.data import make_synthetic_vqa
 def test_every_subcommand_has_a_description(capsys):
     ap = build_parser()
     sub = next(a for a in ap._actions if a.dest == "cmd")
-    assert set(sub.choices) == set(COMMANDS) == {"train", "sft", "eval", "demo", "study", "resume-plan"}
+    assert set(sub.choices) == set(COMMANDS) == {"train", "sft", "eval", "demo", "study",
+                                                 "resume-plan", "plan"}
     for name, p in sub.choices.items():
         assert p.description and len(p.description) > 40, name
     with pytest.raises(SystemExit):

@@ -55,8 +55,12 @@ def _cfg(out, agg="token_mean", beta=0.0, mu=1, mb=0, mode="none", steps=1):
     return cfg.validate()
 
 
-def _policy(path):
-    return tiny_policy(path, torch.float64)                                         # fp64: see module doc
+def _policy(path, lora: bool = False):
+    if not lora:
+        return tiny_policy(path, torch.float64)                       # fp64: see module doc
+    with torch.random.fork_rng(devices=[]):          # the same random adapters in every process
+        torch.manual_seed(0)
+        return tiny_policy(path, torch.float64, lora={"r": 4, "lora_alpha": 8})
 
 
 def _records():
@@ -96,15 +100,18 @@ def _full_weights(trainer):
     return out
 
 
-def run_update(path, agg, ctx):
-    """One ``update`` on fixed rollouts: this rank's share of them. Returns grads per optimizer step."""
+def run_update(path, agg, ctx, lora: bool = False):
+    """One ``update`` on fixed rollouts: this rank's share of them; grads per optimizer step.
+    ``lora``: LoRA adapters on the language model (frozen base and vision tower; reference =
+    adapters off)."""
     from grpo_core.experience import Experience
     from grpo_core.trainer import GRPOTrainer
 
     beta, mu, keep_all, mb = CASES[agg]
     world, rank = ctx.world, ctx.rank
     cfg = _cfg("/tmp/unused", agg, beta, mu, mb if world > 1 else 0, ctx.mode)
-    policy = _policy(path)
+    cfg.model.lora_rank = 4 if lora else 0
+    policy = _policy(path, lora)
     prompts, ids, mask, adv, ref = _fixed_rollouts(policy, cfg)
     tr = GRPOTrainer(policy, _records(), cfg, reward_specs=[], dist=ctx)
     k = B // world
@@ -162,6 +169,8 @@ def _worker(scenario, path, out):
             mctx = D.DistContext(ctx.rank, ctx.world, ctx.local_rank, mode, ctx.backend)
             for agg in CASES:
                 res[(mode, agg)] = run_update(path, agg, mctx)
+            # LoRA: frozen base
+            res[(mode, "lora")] = run_update(path, "token_mean", mctx, lora=True)
             full = run_train(path, os.path.join(out, f"{mode}_full"), mctx, steps=2)
             resumed = run_train(path, os.path.join(out, f"{mode}_resumed"), mctx, steps=2,
                                 resume_from=os.path.join(out, f"{mode}_full", "ckpt-000001"))
@@ -214,6 +223,25 @@ def test_two_ranks_equal_one_rank_on_concatenated_batch(two_ranks, tiny_vlm_path
             assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-9, abs=1e-12), key
         for key in ("kl", "clip_frac"):       # grpo_loss reports these metrics in fp32 on any input
             assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=tol(torch.float32), abs=1e-12), key
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_lora_two_ranks_equal_one_rank(two_ranks, tiny_vlm_path, mode):
+    """LoRA (frozen base and vision tower, reference = adapters off) under DDP and FSDP2: the
+    adapters' gradients on 2 ranks equal 1 process on the concatenated batch, at both μ steps."""
+    results, _ = two_ranks
+    from grpo_core.distributed import DistContext
+
+    ref = run_update(tiny_vlm_path, "token_mean", DistContext(), lora=True)
+    for r in (0, 1):
+        got = results[r][(mode, "lora")]
+        assert len(got["grads"]) == len(ref["grads"]) == 2
+        for k, (gg, rg) in enumerate(zip(got["grads"], ref["grads"])):
+            assert gg.keys() == rg.keys() and all("lora_" in n for n in rg)   # only adapters train
+            assert any(v.abs().max() > 0 for v in rg.values())
+            for n in rg:
+                assert_equiv(gg[n], rg[n], f"lora {mode} rank {r} step {k} grad {n}")
+        assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
