@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from grpo_core.memory_plan import Arch, Precision, plan, setup_from_config
+if TYPE_CHECKING:                       # grpo_core imports torch: loaded only when a plan is made
+    from grpo_core.memory_plan import Arch, Precision
 
 
 def add_plan_arguments(p) -> None:
@@ -47,6 +49,8 @@ def add_plan_arguments(p) -> None:
 
 def arch_for(cfg, model: str | None = None) -> Arch:
     """Sizes of a named architecture, or of model.path's config.json (the error says which)."""
+    from grpo_core.memory_plan import Arch
+
     if model:
         from grpo_models.shapes import architecture
 
@@ -75,18 +79,22 @@ def checkpoint_max_pixels(cfg) -> int | None:
 
 def precision_for(cfg, device: str) -> Precision:
     """fp32 master weights; compute in bf16 unless the config asks fp32 (or "auto" on a CPU)."""
+    from grpo_core.memory_plan import Precision
+
     fp32 = cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and device == "cpu")
     return Precision(compute=4 if fp32 else 2, master=4)
 
 
 def run_plan_cli(args) -> int:
     from grpo_core.config import load_config
+    from grpo_core.memory_plan import plan, setup_from_config
+    from grpo_core.memory_plan_table import render
 
     cfg = load_config(args.config, list(args.overrides))
     a = arch_for(cfg, args.model)
     s = setup_from_config(cfg, gpus=args.gpus, prompt_text_tokens=args.prompt_tokens,
                           checkpoint_max_pixels=None if args.model else checkpoint_max_pixels(cfg))
-    print(plan(a, s, precision_for(cfg, "gpu")).table(args.gpu_mem))
+    print(render(plan(a, s, precision_for(cfg, "gpu")), args.gpu_mem))
     return 0
 
 
@@ -94,13 +102,16 @@ def log_plan(cfg, world: int) -> None:
     """The plan of this run, printed by rank 0 as `grpo train` starts; never stops training."""
     import torch
 
+    from grpo_core.memory_plan import plan, setup_from_config
+    from grpo_core.memory_plan_table import render
+
     device = "gpu" if torch.cuda.is_available() else "cpu"
     try:
         a = arch_for(cfg)
         s = setup_from_config(cfg, gpus=world, device=device,
                               checkpoint_max_pixels=checkpoint_max_pixels(cfg))
         mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "gpu" else None
-        print(plan(a, s, precision_for(cfg, device)).table(mem), flush=True)
+        print(render(plan(a, s, precision_for(cfg, device)), mem), flush=True)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
         print(
             f"grpo: no memory plan for this model ({type(e).__name__}: {e})",
@@ -117,7 +128,7 @@ def memory_grid(gpu_gib: float = 80.0) -> str:
     import dataclasses
 
     from grpo_core.config import load_config
-    from grpo_core.memory_plan import GiB
+    from grpo_core.memory_plan import GiB, plan, setup_from_config
 
     here = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs"

@@ -3,7 +3,7 @@ loads.
 
     arch = Arch.from_config(json.load(open(f"{model.path}/config.json")))   # sizes only, no weights
     plan = plan_memory(arch, cfg, gpus=8)                                  # cfg: a TrainConfig
-    print(plan.table(gpu_gib=80))
+    print(memory_plan_table.render(plan, gpu_gib=80))
 
 Inputs are numbers: the architecture's sizes (``Arch``, read from a checkpoint's config.json or a
 named architecture the app layer supplies) and the config. The result is a list of ``Line``s
@@ -225,11 +225,6 @@ class Plan:
     def fits(self, gpu_gib: float, headroom: float = 0.9) -> bool:
         """Peak ≤ 90 % of the card: allocator fragmentation and CUDA workspaces need the rest."""
         return self.peak <= headroom * gpu_gib * GiB
-
-    def table(self, gpu_gib: float | None = None) -> str:
-        from .memory_plan_table import render
-
-        return render(self, gpu_gib)
 
 
 # ---- the plan ------------------------------------------------------------------------------

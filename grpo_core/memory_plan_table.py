@@ -1,11 +1,12 @@
-"""Text rendering of a memory plan (grpo_core.memory_plan.Plan.table)."""
+"""Text rendering of a memory plan (a grpo_core.memory_plan.Plan): ``render(plan, gpu_gib)``."""
 
 from __future__ import annotations
+
+from .memory_plan import advise, gib, micro_batch, prompt_tokens
 
 
 def render(plan, gpu_gib: float | None = None) -> str:
     """Resident lines, each phase's extra lines and total, the peak, host RAM, fit and advice."""
-    from .memory_plan import advise, gib, micro_batch, prompt_tokens
 
     a, s, pr = plan.arch, plan.setup, plan.precision
     b, tokens = micro_batch(a, s)

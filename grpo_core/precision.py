@@ -78,12 +78,31 @@ def check_master_weights(model: torch.nn.Module, where: str) -> None:
             "(the trainers do), and choose the compute dtype with model.dtype=bfloat16")
 
 
-def cast_frozen_(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Store a frozen model's floating parameters in ``dtype`` (the reference model in bf16: half the
-    memory, same arithmetic as the policy's compute). Buffers (rotary frequencies) keep their dtype."""
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
+MATMUL_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def store_for_compute_(model: torch.nn.Module, dtype: torch.dtype, like: torch.nn.Module) -> None:
+    """Store a frozen copy of ``like`` (the policy, after ``master_weights_``): its matmul weights
+    (Linear / Conv weights and biases) in ``dtype``, every other parameter (embeddings, norms) in
+    the dtype ``like`` holds it in (fp32 where the policy trains it); buffers untouched.
+
+    Autocast casts exactly these to ``dtype`` at every use, and an fp32 → bf16 cast is the same
+    rounding whenever it happens: so the frozen copy computes bit for bit what the fp32 policy
+    computed under autocast when it was copied (the reference's KL to the policy is exactly 0 at
+    the first step), at about half the memory. Storing everything in bf16 would not: a bf16
+    embedding makes the residual stream bf16 where the policy's is fp32 (measured: KL 5.7e-5 at
+    step 1 on the 2B-shaped model). A weight tied to an embedding (Qwen2-VL-2B's lm_head) is not
+    a matmul-only weight and keeps the policy's dtype."""
+    owners: dict[int, set] = {}                  # a tied lm_head is also the embedding: not only matmul
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(isinstance(m, MATMUL_MODULES))
+    matmul = {i for i, kinds in owners.items() if kinds == {True}}
+    target = dict(like.named_parameters())
+    for name, p in model.named_parameters():
+        want = dtype if id(p) in matmul else target[name].dtype
+        if p.is_floating_point() and p.dtype != want:
+            p.data = p.data.to(want)
 
 
 def uses_autocast(dtype: torch.dtype) -> bool:

@@ -52,12 +52,12 @@ from .loss import kl_penalized_rewards, loss_options, mask_truncated
 from .optim import make_optimizer, make_scheduler
 from .precision import (
     autocast,
-    cast_frozen_,
     check_trainable_compute,
     compute_cast,
     master_weights_,
     resolve_compute_dtype,
     resolve_export_dtype,
+    store_for_compute_,
     uses_autocast,
 )
 from .ref_sync import sync_reference_
@@ -104,8 +104,11 @@ class GRPOTrainer:
         self.device = policy.device
         self.compute_dtype = resolve_compute_dtype(cfg.model.dtype, self.device)
         check_trainable_compute(self.compute_dtype, "GRPOTrainer")
-        self.ref_policy = self._make_reference(ref_policy)        # copied before the upcast: may stay bf16
+        self.ref_policy = self._make_reference(ref_policy)        # a frozen copy of the loaded policy
         master_weights_(policy.model)
+        built_ref = ref_policy is None and self.ref_policy not in (None, "adapters")
+        if built_ref and uses_autocast(self.compute_dtype):   # bf16 matmul weights, exact (precision.py)
+            store_for_compute_(self.ref_policy.model, self.compute_dtype, like=policy.model)
         # data parallelism: wrap (DDP / FSDP2 or nothing) before the optimizer sees the parameters
         self.replica = self.dist.replicate(policy, reshard_after_forward=cfg.dist.reshard_after_forward,
                                            compute_dtype=self.compute_dtype)
@@ -134,8 +137,6 @@ class GRPOTrainer:
         ref = copy.deepcopy(self.policy)     # a frozen copy of the initial policy
         for p in ref.model.parameters():
             p.requires_grad_(False)
-        if uses_autocast(self.compute_dtype):
-            cast_frozen_(ref.model, self.compute_dtype)   # stored as it computes: half the memory of fp32
         ref.model.eval()
         return ref
 

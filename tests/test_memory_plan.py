@@ -18,6 +18,7 @@ from grpo_models.shapes import ARCHITECTURES, architecture, hf_config
 
 from grpo_core.config import load_config
 from grpo_core.memory_plan import Arch, GiB, Precision, Setup, advise, plan, setup_from_config
+from grpo_core.memory_plan_table import render
 
 GPU_CONFIGS = (
     "pmc_vqa_grpo_instruct",
@@ -195,7 +196,7 @@ def test_training_doc_holds_the_current_plan():
     assert memory_grid() in doc
     cfg = load_config("examples/configs/pmc_vqa_grpo_ddp.yaml", ["dist.mode=fsdp2"])
     a7 = Arch.from_config(architecture("qwen2-vl-7b"), "qwen2-vl-7b")
-    assert plan(a7, setup_from_config(cfg, gpus=8)).table(80) in doc
+    assert render(plan(a7, setup_from_config(cfg, gpus=8)), 80) in doc
 
 
 def test_plan_from_a_checkpoint_config(tiny_vlm_path, tiny_vlm_policy, capsys):

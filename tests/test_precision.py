@@ -136,6 +136,24 @@ def test_ddp_and_fsdp2_updates_in_bf16_equal_the_single_fp32_update():
         _assert_same_update(v, k)
 
 
+def test_the_bf16_reference_computes_exactly_the_policy_it_was_copied_from(tiny_vlm_path):
+    """Reference log-probs == the policy's at step 0, bit for bit (KL exactly 0): the reference keeps
+    bf16 matmul weights and fp32 embeddings/norms, so autocast computes the same arithmetic."""
+    from bench.bench_precision import load
+    from grpo_core.trainer import GRPOTrainer
+
+    policy = load(tiny_vlm_path, "bfloat16")
+    cfg = train_config("bfloat16", 1e-6)
+    cfg.grpo.beta = 0.04
+    tr = GRPOTrainer(policy, fixed_batch(policy)[1], cfg.validate(), reward_specs=[])
+    exp, _ = fixed_batch(policy)
+    ref = tr.logprobs(exp.encoded, exp.completion_ids, exp.mask, "reference")
+    cur = tr.logprobs(exp.encoded, exp.completion_ids, exp.mask)
+    assert torch.equal(ref[exp.mask], cur[exp.mask])
+    dtypes = {p.dtype for p in tr.ref_policy.model.parameters()}
+    assert dtypes == {torch.bfloat16, torch.float32}          # matmul weights bf16, the rest fp32
+
+
 # ---- a short run, resume and export --------------------------------------------------------------
 def _length_reward(completions, records):
     """Longer is better: every group has spread, so every step has a gradient."""
