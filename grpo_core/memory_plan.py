@@ -16,7 +16,9 @@ Precision (the design of issue #22): every trainable parameter is kept in fp32 (
 (``compute`` = 2 B), so a bf16 copy of each weight exists while it is used (autocast's cast
 cache: the whole trainable model for one micro-batch's forward+backward; FSDP2's
 ``MixedPrecisionPolicy(param_dtype=bf16)``: the gathered units). Frozen parameters (the LoRA base,
-a frozen vision tower) and the reference stay in the compute dtype. ``Precision(4, 4)`` plans an
+a frozen vision tower) stay in the compute dtype; the reference keeps its matmul weights in the
+compute dtype and its embedding (a tied lm_head) in the master dtype (precision.store_for_compute_,
+so it computes exactly what the policy did). ``Precision(4, 4)`` plans an
 fp32 CPU run (no copies), which is what ``bench/bench_memory_plan.py`` measures.
 
 Phases (the peak is the largest):
@@ -335,8 +337,8 @@ def weights(a: Arch, s: Setup, pr: Precision) -> list:
         out.append(
             Line(
                 "reference (frozen copy)",
-                P * pr.compute / k,
-                "β > 0, no LoRA: a copy of the policy",
+                (P * pr.compute + a.vocab * a.hidden * (pr.master - pr.compute)) / k,
+                "β > 0, no LoRA: matmul weights in compute dtype, embedding as the master",
             )
         )
     return out
