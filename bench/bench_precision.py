@@ -47,7 +47,9 @@ def fixed_batch(policy, rank: int = 0, world: int = 1):
     k = B // world
     rows = slice(rank * k * G, (rank + 1) * k * G)
     enc = policy.encode(prompts[rank * k:(rank + 1) * k])
-    return Experience(enc, ids[rows], mask[rows], adv[rows], None, None, G, list(range(k))), records
+    dev = policy.device
+    return Experience(enc, ids[rows].to(dev), mask[rows].to(dev), adv[rows].to(dev), None, None, G,
+                      list(range(k))), records
 
 
 def train_config(dtype: str, lr: float, mode: str = "none"):
@@ -63,13 +65,13 @@ def train_config(dtype: str, lr: float, mode: str = "none"):
     return cfg.validate()
 
 
-def load(path: str, dtype: str, lora: int = 0):
+def load(path: str, dtype: str, lora: int = 0, device: str = "cpu"):
     """The user's loading path: a bf16 checkpoint; fp32 runs get its exact fp32 copy."""
     from grpo_app.factory import load_policy
     from grpo_core.config import ModelConfig
 
     torch.manual_seed(0)                          # the same LoRA initialisation in both runs
-    policy = load_policy(ModelConfig(path=path, dtype="bfloat16", device="cpu", lora_rank=lora))
+    policy = load_policy(ModelConfig(path=path, dtype="bfloat16", device=device, lora_rank=lora))
     if dtype == "float32":
         for p in policy.model.parameters():
             p.data = p.data.float()
@@ -102,11 +104,11 @@ def compare(d_lo: dict, d_ref: dict) -> dict:
             "rel_err": ((a - r).norm() / r.norm().clamp(min=1e-300)).item()}
 
 
-def grpo_delta(path, dtype, lr, steps, lora=0, ctx=None):
+def grpo_delta(path, dtype, lr, steps, lora=0, ctx=None, device="cpu"):
     """Weight delta of ``steps`` GRPO updates on the fixed batch (this rank's share under ``ctx``)."""
     from grpo_core.trainer import GRPOTrainer
 
-    policy = load(path, dtype, lora)
+    policy = load(path, dtype, lora, device)
     mode = ctx.mode if ctx is not None else "none"
     tr = GRPOTrainer(policy, fixed_batch(policy)[1], train_config(dtype, lr, mode), reward_specs=[], dist=ctx)
     exp, _ = fixed_batch(policy, ctx.rank if ctx else 0, ctx.world if ctx else 1)

@@ -3,11 +3,10 @@
     python -m bench.device_stages precision --out DIR [--dry-run]
     python -m bench.device_stages learn --out DIR [--dry-run] [--seconds 60]
 
-precision: does a bf16 run update the weights as an fp32 run does? One ``Experience`` (a rollout of
-  the tiny Qwen2-VL, scored, advantages set to a fixed ±1 pattern so every group counts) is replayed
-  ``UPDATES`` times through ``GRPOTrainer.update`` of two trainers built from the same checkpoint,
-  ``model.dtype=float32`` and ``bfloat16``, at lr 1e-6 (a real fine-tuning rate). The weight
-  deltas d = θ_after − θ_before of the trainable parameters are compared:
+precision: does a bf16 run update the weights as an fp32 run does? bench.bench_precision's fixed
+  batch is replayed ``UPDATES`` times through ``GRPOTrainer.update`` of two trainers built from
+  the same bf16 checkpoint, ``model.dtype=float32`` and ``bfloat16``, at lr 1e-6 (a real
+  fine-tuning rate). The weight deltas d = θ_after − θ_before of the trainable parameters:
       moved     = fraction of bf16 trainable elements with d ≠ 0        (pass ≥ 0.9)
       cosine    = ⟨d_bf16, d_fp32⟩ / (‖d_bf16‖ ‖d_fp32‖)                (pass ≥ 0.9)
       rel_error = ‖d_bf16 − d_fp32‖ / ‖d_fp32‖                          (reported)
@@ -48,49 +47,20 @@ def _config(out: str, dtype: str, device: str, quick: bool):
     return cfg
 
 
-def _trainable(policy) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().clone()
-            for n, p in policy.model.named_parameters() if p.requires_grad}
-
-
-def _experience(trainer):
-    """One scored rollout of the trainer's first prompts, every group kept, advantages ±1."""
-    prompts, records, _ = trainer._next_prompts()
-    exp, _ = trainer.score(trainer.rollout(prompts), records)
-    n = exp.advantages.numel()
-    sign = torch.tensor([1.0, -1.0]).repeat((n + 1) // 2)[:n]                # (N,) ±1 in each group
-    exp.advantages = sign.to(exp.advantages.device)
-    exp.keep = list(range(exp.num_prompts))
-    return exp
-
-
 def precision(out: str, dry_run: bool) -> dict:
-    from grpo_app.factory import load_policy
-    from grpo_core.data import build_records
-    from grpo_core.trainer import GRPOTrainer
+    """bench.bench_precision's comparison (the same fixed batch, metrics and loading path as its
+    CPU tests), on the GPU: a bf16 checkpoint of the tiny Qwen2-VL trained in bf16 vs fp32."""
+    from grpo_models.tiny import build_tiny_qwen2_vl
+
+    from bench.bench_precision import compare, grpo_delta
 
     device = "cpu" if dry_run else "cuda"
-    cfgs = {d: _config(out, d, device, quick=True) for d in ("float32", "bfloat16")}
-    deltas, exp = {}, None
-    for dtype, cfg in cfgs.items():
-        cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_grad_norm = LR, 0, 0.0
-        torch.manual_seed(0)
-        policy = load_policy(cfg.model, seed=0)                  # the same tiny checkpoint for both
-        train, _ = build_records(cfg.data, 0)
-        trainer = GRPOTrainer(policy, train, cfg)
-        exp = exp if exp is not None else _experience(trainer)    # rolled out once, by fp32
-        before = _trainable(policy)
-        for _ in range(UPDATES):
-            trainer.update(exp)
-        after = _trainable(policy)
-        deltas[dtype] = torch.cat([(after[n] - before[n]).flatten() for n in before]).double()
-        del trainer, policy
-    d32, d16 = deltas["float32"], deltas["bfloat16"]
-    facts = {"updates": UPDATES, "lr": LR, "elements": d32.numel(),
-             "moved_fp32": (d32 != 0).double().mean().item(),
-             "moved_bf16": (d16 != 0).double().mean().item(),
-             "cosine": (d16 @ d32 / (d16.norm() * d32.norm()).clamp(min=1e-300)).item(),
-             "rel_error": ((d16 - d32).norm() / d32.norm().clamp(min=1e-300)).item()}
+    torch.manual_seed(0)
+    path = build_tiny_qwen2_vl(os.path.join(out, "tiny"), seed=0)
+    res = compare(grpo_delta(path, "bfloat16", LR, UPDATES, device=device),
+                  grpo_delta(path, "float32", LR, UPDATES, device=device))
+    facts = {"updates": UPDATES, "lr": LR, "moved_fp32": res["fp32_moved"],
+             "moved_bf16": res["moved"], "cosine": res["cos"], "rel_error": res["rel_err"]}
     facts["pass"] = facts["moved_bf16"] >= PASS_MOVED and facts["cosine"] >= PASS_COSINE
     return facts
 
