@@ -20,6 +20,8 @@ Two ways to run a step, the same math:
     (column j counts iff j ≤ length), positions and length advance in place. Nothing depends on a
     host value, so ``StepRunner`` can replay it as one CUDA graph per batch shape, or compile it.
 Finished rows leave the batch through ``select`` (whole groups dropped, the survivors' rows kept).
+Either way the layers run as the modules (the reference, below) or, once a state is planned, as
+plain calls on weights prepared for the chunk (``lean_step``: fused projections, rotary tables).
 
 Scope: Qwen2-VL and Qwen2.5-VL text decoder layers (the same layout: pre-norm, q/k/v/o
 projections, rotary from the model's own ``apply_rotary_pos_emb``, MLP), whatever attention
@@ -35,6 +37,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
+from . import lean_step
 
 
 @dataclass
@@ -52,6 +56,7 @@ class PrefixDecodeState:
     column: torch.Tensor | None = None  # (1,) int64 on device: ``length`` for the fixed-shape step
     runner: object | None = None  # step_runner.StepRunner: how steps run (None: eager reference)
     prefix_bias: torch.Tensor | None = None  # (B, 1, 1, P) fp32 0 / −inf: the mask, added to scores
+    lean: object | None = None    # lean_step.LeanWeights: layers as plain calls (None: the modules)
 
     def __post_init__(self):
         if self.prefix_bias is None:
@@ -114,7 +119,7 @@ def select(state: PrefixDecodeState, prompts: torch.Tensor, rows: torch.Tensor, 
         prefix_mask=state.prefix_mask.index_select(0, prompts),
         own_k=pick(state.own_k, rows), own_v=pick(state.own_v, rows), length=state.length,
         next_position=state.next_position.index_select(0, rows), group_size=group_size,
-        column=None if state.column is None else state.column.clone(),
+        column=None if state.column is None else state.column.clone(), lean=state.lean,
     )
 
 
@@ -188,6 +193,8 @@ def _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_ma
 @torch.no_grad()
 def decode_layers(lm, state: PrefixDecodeState, tokens: torch.Tensor) -> torch.Tensor:
     """Tokens (N,) through ``lm``'s decoder layers → last hidden (N, 1, H); appends to the state."""
+    if state.lean is not None and state.length > state.lean.steps:     # past the planned budget
+        state.lean = None                                                # (rotary tables): modules
     hidden = _layers(lm, state, tokens, _append)
     state.length += 1
     state.next_position = state.next_position + 1
@@ -206,7 +213,10 @@ def decode_layers_static(lm, state: PrefixDecodeState, tokens: torch.Tensor) -> 
 
 def _layers(lm, state: PrefixDecodeState, tokens: torch.Tensor, write) -> torch.Tensor:
     """The decoder layers for one token per row; ``write(state, i, k, v)`` stores layer i's K/V and
-    returns (own K, own V, own mask or None) to attend to."""
+    returns (own K, own V, own mask or None) to attend to. With ``state.lean`` the same math runs
+    as plain calls on prepared weights (``lean_step``); below, the modules (the reference)."""
+    if state.lean is not None:
+        return lean_step.layers(state.lean, state, tokens, write, shared_prefix_attention)
     n = tokens.shape[0]
     rotate = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
     cfg = lm.config

@@ -38,8 +38,8 @@ from grpo_models.qwen2_vl_encode import (
 )
 
 from grpo_core.policy import Prompt
+from grpo_models import lean_step, prefix_decode, prefix_train, step_runner
 from grpo_models import policy_utils as pu
-from grpo_models import prefix_decode, prefix_train, step_runner
 
 
 class Qwen2VLPolicy:
@@ -233,6 +233,8 @@ class Qwen2VLPolicy:
         if not isinstance(state, prefix_decode.PrefixDecodeState):
             return state
         prefix_decode.reserve(state, capacity)
+        if os.environ.get("GRPO_LEAN_DECODE", "1") != "0":    # 0: the modules (the reference)
+            state.lean = lean_step.prepare(self._lm, state.next_position, capacity)
         return self._with_runner(state, step_runner.resolve(graphs, compile, self.device))
 
     def compact_state(self, state, prompts: torch.Tensor, rows: torch.Tensor, group_size: int):
