@@ -55,12 +55,12 @@ class PrefixDecodeState:
     group_size: int           # G (rows per prompt; after ``select``, slots per kept prompt)
     column: torch.Tensor | None = None  # (1,) int64 on device: ``length`` for the fixed-shape step
     runner: object | None = None  # step_runner.StepRunner: how steps run (None: eager reference)
-    prefix_bias: torch.Tensor | None = None  # (B, 1, 1, P) fp32 0 / −inf: the mask, added to scores
+    prefix_bias: torch.Tensor | None = None  # (B·kvh, 1, P) fp32 0 / −inf: the mask, added to scores
     lean: object | None = None    # lean_step.LeanWeights: layers as plain calls (None: the modules)
 
     def __post_init__(self):
         if self.prefix_bias is None:
-            self.prefix_bias = prefix_bias(self.prefix_mask)
+            self.prefix_bias = prefix_bias(self.prefix_mask, self.prefix_k[0].shape[1])
 
     def __len__(self) -> int:
         return self.next_position.shape[0]
@@ -84,8 +84,8 @@ def supported(lm) -> bool:
 def from_prefill(cache, attention_mask: torch.Tensor, next_position: torch.Tensor, group_size: int,
                  spare: int = 64) -> PrefixDecodeState:
     """B-row prefill cache + prompt mask (B, P) → a state for B·G rows (prompt-major)."""
-    keys = [layer.keys for layer in cache.layers]                       # (B, kvh, P, d) each
-    values = [layer.values for layer in cache.layers]
+    keys = [layer.keys.contiguous() for layer in cache.layers]          # (B, kvh, P, d) each
+    values = [layer.values.contiguous() for layer in cache.layers]      # (a no-op for HF's cache)
     n = keys[0].shape[0] * group_size
     own = lambda t: t.new_empty(n, t.shape[1], spare, t.shape[3])      # noqa: E731  (N, kvh, cap, d)
     return PrefixDecodeState(
@@ -146,48 +146,47 @@ def _write_static(state: PrefixDecodeState, i: int, k: torch.Tensor, v: torch.Te
     return state.own_k[i], state.own_v[i], valid.view(1, 1, 1, cap)
 
 
-def shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size: int, scale: float,
+def shared_prefix_attention(q, pk, pv, pbias, ok, ov, group_size: int, scale: float,
                             own_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q (N, h, 1, d); prompt K/V (B, kvh, P, d) + mask (B, 1, 1, P); own K/V (N, kvh, t, d)
-    [+ own_mask (1, 1, 1, t), False: column not written yet] → (N, h·d).
-
-    ``pmask`` is bool (True = attend) or an additive fp32 bias (0 / −inf, ``prefix_bias``)."""
-    with torch.autocast(q.device.type, enabled=False):                   # fp32 scores: no autocast
-
-        return _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_mask)
-
-
-def prefix_bias(pmask: torch.Tensor) -> torch.Tensor:
-    """Bool mask (B, 1, 1, P) → additive fp32 bias: 0 where attended, −inf on left padding."""
-    bias = torch.zeros(pmask.shape, dtype=torch.float32, device=pmask.device)
-    return bias.masked_fill_(~pmask, float("-inf"))
+    """q (N, h, 1, d); prompt K/V (B, kvh, P, d) + additive bias (B·kvh, 1, P) (``prefix_bias``);
+    own K/V (N, kvh, t, d) [+ own_mask (1, 1, 1, t), False: column not written yet] → (N, h·d)."""
+    if torch.is_autocast_enabled(q.device.type):                         # fp32 scores: no autocast
+        with torch.autocast(q.device.type, enabled=False):
+            return _shared_prefix_attention(q, pk, pv, pbias, ok, ov, group_size, scale, own_mask)
+    return _shared_prefix_attention(q, pk, pv, pbias, ok, ov, group_size, scale, own_mask)
 
 
-def _shared_prefix_attention(q, pk, pv, pmask, ok, ov, group_size, scale, own_mask):
-    """Scores and softmax in the group layout (B, kvh, G·r, ·): the large prompt block needs no
-    transpose; only the small own block (t columns) and the (N, h, d) output change layout."""
+def prefix_bias(pmask: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Bool mask (B, 1, 1, P) → additive fp32 bias (B·kvh, 1, P): 0 where attended, −inf on left
+    padding, one row per (prompt, KV head): the batch layout of the prompt block's scores."""
+    b, p = pmask.shape[0], pmask.shape[-1]
+    bias = torch.zeros((b, kv_heads, 1, p), dtype=torch.float32, device=pmask.device)
+    return bias.masked_fill_(~pmask.view(b, 1, 1, p), float("-inf")).view(b * kv_heads, 1, p)
+
+
+def _shared_prefix_attention(q, pk, pv, pbias, ok, ov, group_size, scale, own_mask):
+    """Scores and softmax in the group layout (B·kvh, G·r, ·), as batched 3-D GEMMs: the large
+    prompt block needs no transpose (its bias added by the GEMM itself); only the small own block
+    (t columns) and the (N, h, d) output change layout."""
     dtype = q.dtype   # scores and softmax in ≥ fp32 (as flash/sdpa kernels do); a no-op for fp32/fp64
     acc = torch.promote_types(dtype, torch.float32)
     n, h, _, d = q.shape
     b, kvh, p, _ = pk.shape
     g, r, t = group_size, h // kvh, ok.shape[2]                          # head j: KV head j // r
     q = q.to(acc) * scale                                                # (N, h, 1, d) scaled once
-    q_grp = q.view(b, g, kvh, r, d).transpose(1, 2).reshape(b, kvh, g * r, d)   # (B, kvh, G·r, d)
-    s_pre = torch.matmul(q_grp, pk.to(acc).transpose(-1, -2))           # (B, kvh, G·r, P)
-    if pmask.dtype == torch.bool:
-        s_pre = s_pre.masked_fill_(~pmask, float("-inf"))
-    else:
-        s_pre = s_pre.add_(pmask.to(acc))
-    s_own = torch.matmul(q.view(n, kvh, r, d), ok.to(acc).transpose(-1, -2))   # (N, kvh, r, t)
-    if own_mask is not None:
-        s_own = s_own.masked_fill_(~own_mask, float("-inf"))
-    s_own = s_own.view(b, g, kvh, r, t).transpose(1, 2).reshape(b, kvh, g * r, t)  # group layout
-    probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (B, kvh, G·r, P+t)
-    o_pre = torch.matmul(probs[..., :p], pv.to(acc))                     # (B, kvh, G·r, d)
-    p_own = probs[..., p:].reshape(b, kvh, g, r, t).transpose(1, 2).reshape(n, kvh, r, t)
-    o_pre = o_pre.view(b, kvh, g, r, d).transpose(1, 2).reshape(n, kvh, r, d)
-    out = o_pre + torch.matmul(p_own, ov.to(acc))                         # (N, kvh, r, d)
-    return out.reshape(n, h * d).to(dtype)                                # heads in HF order
+    q_grp = q.view(b, g, kvh, r, d).transpose(1, 2).reshape(b * kvh, g * r, d)  # (B·kvh, G·r, d)
+    k_pre = pk.to(acc).view(b * kvh, p, d).transpose(1, 2)               # (B·kvh, d, P)
+    s_pre = torch.baddbmm(pbias.to(acc), q_grp, k_pre)                   # (B·kvh, G·r, P) + bias
+    s_own = torch.bmm(q.view(n * kvh, r, d), ok.to(acc).reshape(n * kvh, t, d).transpose(1, 2))
+    if own_mask is not None:                                             # (N·kvh, r, t)
+        s_own = s_own.masked_fill_(~own_mask.view(1, 1, t), float("-inf"))
+    s_own = s_own.view(b, g, kvh, r, t).transpose(1, 2).reshape(b * kvh, g * r, t)  # group layout
+    probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (B·kvh, G·r, P+t)
+    o_pre = torch.bmm(probs[..., :p], pv.to(acc).view(b * kvh, p, d))   # (B·kvh, G·r, d)
+    p_own = probs[..., p:].reshape(b, kvh, g, r, t).transpose(1, 2).reshape(n * kvh, r, t)
+    o_own = torch.bmm(p_own, ov.to(acc).reshape(n * kvh, t, d))          # (N·kvh, r, d)
+    out = torch.add(o_own.view(b, g, kvh, r, d), o_pre.view(b, kvh, g, r, d).transpose(1, 2))
+    return out.view(n, h * d).to(dtype)                                  # heads in HF order
 
 
 @torch.no_grad()
