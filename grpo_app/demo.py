@@ -131,6 +131,10 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
                                  max_new_tokens=cfg.rollout.max_new_tokens)
     after, swapped, blank = ({"accuracy": r.accuracy, "format_rate": r.format_rate}
                              for r in (cf.variants[k] for k in ("image", "swapped", "blank")))
+    saved = os.path.join(out, f"grpo-seed{seed}", "policy")              # for grpo eval, before SFT
+    policy.save_pretrained(saved)                                        # overwrites the weights
+    print(f"      GRPO policy saved to {saved}: grpo eval --config {DEMO_CONFIG} "
+          f"model.path={saved} --counterfactual")
 
     print(f"[4/5] SFT-only baseline: gold letters, same init, same training time ({grpo_time:.0f} s)")
     policy.model.load_state_dict(init_state)
@@ -151,7 +155,7 @@ def run_demo(seed: int = 0, out: str = "runs/demo", grpo_seconds: float | None =
     first80 = next((t for t, a in grpo_evals["GRPO"]["points"] if a >= 0.8), None)
     result = {"seed": seed, "grpo_steps": len(history), "grpo_seconds": grpo_time, "sft_steps": len(sft_hist),
               **{name: r for name, r in rows}, "chance": 0.25, "first_80pct_eval_s": first80,
-              "counterfactual": cf.summary(),
+              "counterfactual": cf.summary(), "grpo_policy": saved,
               "curves": {k: v["points"] for k, v in {**grpo_evals, **sft_evals}.items()},
               "load_average": list(os.getloadavg()), "total_seconds": time.perf_counter() - t_all}
     png = plot_demo(result, history, os.path.join(out, f"demo-seed{seed}.png"))

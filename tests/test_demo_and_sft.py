@@ -33,6 +33,18 @@ def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):
         assert len(pts) >= 2 and pts[0][0] == 0.0, name
     assert res["curves"]["GRPO"][-1][0] == pytest.approx(res["grpo_seconds"], abs=0.01)
     assert os.path.getsize(tmp_path / "demo-seed0.png") > 1000
+    # the GRPO policy is saved for grpo eval, and scores there what the table says
+    from grpo_app.demo import EVAL_ITEMS, demo_config
+    from grpo_app.factory import load_policy
+    from grpo_core.data import build_records
+    from grpo_core.eval import evaluate
+
+    cfg = demo_config(0, str(tmp_path), quick=True)
+    cfg.model.path = res["grpo_policy"]
+    _, held = build_records(cfg.data, 0)
+    again = evaluate(load_policy(cfg.model, seed=0), held, template=cfg.data.prompt,
+                     max_new_tokens=cfg.rollout.max_new_tokens, batch_size=50, progress=False)
+    assert len(held) >= EVAL_ITEMS and again.accuracy == res["GRPO"]["accuracy"]
 
 
 def test_timed_training_excludes_evals_from_the_budget_and_evaluates_on_schedule():
