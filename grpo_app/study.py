@@ -290,8 +290,11 @@ def _init_worker(gpu_queue):
 
 
 def run_study(grid_name="synthetic", seeds=(0, 1, 2), steps=DEFAULT_STEPS, out="runs/study", only=None, overrides=(),
-              workers=1, threads=1, gpus=None, eval_size=None, save_every=50) -> dict:
-    """Every cell of the grid (those already done are read back), then the table and plot."""
+              workers=1, threads=1, gpus=None, eval_size=None, save_every=50,
+              table_only=False) -> dict:
+    """Every cell of the grid (those already done are read back), then the table and plot.
+    ``table_only``: run nothing (no start model, judge or cell); the table of the finished cells,
+    e.g. while another ``grpo study`` is still running the rest."""
     import torch
 
     torch.set_num_threads(threads)
@@ -303,8 +306,8 @@ def run_study(grid_name="synthetic", seeds=(0, 1, 2), steps=DEFAULT_STEPS, out="
     # must not race); the whole grid's start, so that a subset (--only) starts where it does
     prep = [("start", s, whole, out, list(overrides), eval_size) for s in seeds] + \
         [("judge", seeds[0], grid, list(overrides), out)]
-    done = dict(_pool_map(_prepare, prep, workers, gpus))
-    inits = {s: done[("start", s)] for s in seeds}
+    done = {} if table_only else dict(_pool_map(_prepare, prep, workers, gpus))
+    inits = {s: done.get(("start", s)) for s in seeds}
     jobs, cells = [], []
     for s in seeds:
         for name, (command, path) in whole.items():
@@ -324,6 +327,11 @@ def run_study(grid_name="synthetic", seeds=(0, 1, 2), steps=DEFAULT_STEPS, out="
                                  steps=steps, init=inits[s], overrides=list(overrides),
                                  threads=threads, eval_size=eval_size, save_every=save_every,
                                  out=out))
+    if table_only:
+        print(f"  {len(cells)} cells done; {len(jobs)} not run (--table-only): "
+              + ", ".join(f"{j['setting']} seed {j['seed']}" for j in jobs[:12])
+              + (" …" if len(jobs) > 12 else ""), flush=True)
+        jobs = []
     print(f"  {len(cells)} cells already done, {len(jobs)} to run", flush=True)
     for cell in _run_jobs(jobs, workers, gpus, len(cells), len(cells) + len(jobs)):
         cells.append(cell)
@@ -388,6 +396,9 @@ def add_study_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids, one per worker (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--save-every", type=int, default=50, help="GRPO checkpoint interval, for resuming a cell")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: write the table of the cells finished so far (e.g. while "
+                        "another grpo study still runs the rest into the same --out)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every cell")
 
 
@@ -422,5 +433,6 @@ def run_study_cli(args) -> int:
         raise ValueError("study: --steps, --workers and --threads must be ≥ 1 and --seeds non-empty")
     run_study(args.grid, tuple(seeds), args.steps, args.out,
               args.only.split(",") if args.only else None, list(args.overrides) + more,
-              args.workers, args.threads, args.gpus, args.eval_size, args.save_every)
+              args.workers, args.threads, args.gpus, args.eval_size, args.save_every,
+              table_only=args.table_only)
     return 0

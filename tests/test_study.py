@@ -151,13 +151,19 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_vlm_path, monkeypatch)
     with pytest.raises(ValueError, match="overrides="):
         study.run_study("synthetic", seeds=(0,), steps=1, out=out, only=["sft"],
                         overrides=over + ["optim.lr=1e-3"])
+    # --table-only: a seed with no start and no cell is neither prepared nor run, only reported
+    monkeypatch.setattr(study, "_prepare", lambda task: (_ for _ in ()).throw(AssertionError(task)))
+    table = study.run_study("synthetic", seeds=(0, 1), steps=1, out=out, only=["sft"], overrides=over,
+                            table_only=True)
+    assert [r["setting"] for r in table["settings"]] == ["grpo_instruct", "sft"]
+    assert table["settings"][0]["accuracy"] == s["settings"][0]["accuracy"]
 
 
 def test_cli_defaults_budget_items_and_workers(monkeypatch):
     from grpo_app.cli import build_parser
 
     seen = {}
-    monkeypatch.setattr(study, "run_study", lambda *a: seen.setdefault("args", a))
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: seen.setdefault("args", a))
     args = build_parser().parse_args(["study"])
     study.run_study_cli(args)
     grid, seeds, steps, out, only, over, workers, threads, gpus, eval_size, _ = seen["args"]
