@@ -55,7 +55,7 @@ class PrefixDecodeState:
     group_size: int           # G (rows per prompt; after ``select``, slots per kept prompt)
     column: torch.Tensor | None = None  # (1,) int64 on device: ``length`` for the fixed-shape step
     runner: object | None = None  # step_runner.StepRunner: how steps run (None: eager reference)
-    prefix_bias: torch.Tensor | None = None  # (B·kvh, 1, P) fp32 0 / −inf: the mask, added to scores
+    prefix_bias: torch.Tensor | None = None  # (B·kvh, 1, P) fp32 0 / −inf: mask added to scores
     lean: object | None = None    # lean_step.LeanWeights: layers as plain calls (None: the modules)
 
     def __post_init__(self):

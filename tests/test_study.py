@@ -153,8 +153,8 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_vlm_path, monkeypatch)
                         overrides=over + ["optim.lr=1e-3"])
     # --table-only: a seed with no start and no cell is neither prepared nor run, only reported
     monkeypatch.setattr(study, "_prepare", lambda task: (_ for _ in ()).throw(AssertionError(task)))
-    table = study.run_study("synthetic", seeds=(0, 1), steps=1, out=out, only=["sft"], overrides=over,
-                            table_only=True)
+    table = study.run_study("synthetic", seeds=(0, 1), steps=1, out=out, only=["sft"],
+                            overrides=over, table_only=True)
     assert [r["setting"] for r in table["settings"]] == ["grpo_instruct", "sft"]
     assert table["settings"][0]["accuracy"] == s["settings"][0]["accuracy"]
 
