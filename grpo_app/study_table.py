@@ -226,6 +226,13 @@ def _pct(d: dict | None) -> str:
     return f"{100 * d['mean']:.1f} ± {100 * d['sd']:.1f}"
 
 
+def _unfinished(rows: list[dict], seeds) -> list[str]:
+    """A line naming the seeds a setting's row lacks (cells not finished yet), or nothing."""
+    lacking = [f"{r['setting']} ({', '.join(str(s) for s in seeds if s not in r['seeds'])})"
+               for r in rows if set(seeds) - set(r["seeds"])]
+    return ["", "**Not finished yet**, missing seeds: " + "; ".join(lacking) + "."] if lacking else []
+
+
 def markdown(summary: dict) -> str:
     """The study's table, the orderings, and the by-modality table when the data has modalities."""
     rows, start = summary["settings"], summary.get("start")
@@ -235,8 +242,9 @@ def markdown(summary: dict) -> str:
         f"cell (grid `{summary.get('grid', '?')}`): mean [95 % bootstrap interval over seeds and "
         "items]; every cell and its start scored on the same items. Reliance: accuracy drop "
         "when each item's image is blanked / swapped with another item's (points).",
+        *_unfinished(rows, summary["seeds"]),
         "",
-        "| setting | accuracy % | ± sd (seeds) | Δ vs start (points) | reliance: blank "
+        "| setting | accuracy % | ± sd (n seeds) | Δ vs start (points) | reliance: blank "
         "| reliance: swapped | format % | completion tokens | reasoning words "
         "| PMC-VQA reported % |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -261,7 +269,7 @@ def markdown(summary: dict) -> str:
         delta = _ci(d, True) if d and d.get("ci") else (f"{100 * d['mean']:+.1f}" if d else "–")
         rel = r.get("reliance", {})
         out.append(
-            f"| {r['setting']} | {acc} | {100 * r['accuracy']['sd']:.1f} | {delta} | "
+            f"| {r['setting']} | {acc} | {100 * r['accuracy']['sd']:.1f} ({len(r['seeds'])}) | {delta} | "
             f"{_ci(rel.get('blank'), True)} | {_ci(rel.get('swapped'), True)} | "
             f"{_pct(r['format_rate'])} | "
             f"{r['completion_tokens']['mean']:.1f} | {r['reasoning_words']['mean']:.1f} | "

@@ -60,7 +60,7 @@ def test_summary_and_table_by_hand():
     assert set(g["by_modality"]) == {"CT", "MR"} and g["by_question_type"] == {}   # one question type: no column
     s["grid"] = "synthetic"
     md = markdown(s)
-    assert "| grpo_instruct | 60.0 | 14.1 | +35.0 |" in md and "| 58.0 |" in md
+    assert "| grpo_instruct | 60.0 | 14.1 (2) | +35.0 |" in md and "| 58.0 |" in md
     assert "| start (format-warmed model) | 25.0 |" in md and "by modality" in md
 
 
