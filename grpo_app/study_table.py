@@ -230,7 +230,9 @@ def _unfinished(rows: list[dict], seeds) -> list[str]:
     """A line naming the seeds a setting's row lacks (cells not finished yet), or nothing."""
     lacking = [f"{r['setting']} ({', '.join(str(s) for s in seeds if s not in r['seeds'])})"
                for r in rows if set(seeds) - set(r["seeds"])]
-    return ["", "**Not finished yet**, missing seeds: " + "; ".join(lacking) + "."] if lacking else []
+    if not lacking:
+        return []
+    return ["", "**Not finished yet**, missing seeds: " + "; ".join(lacking) + "."]
 
 
 def markdown(summary: dict) -> str:
@@ -269,7 +271,8 @@ def markdown(summary: dict) -> str:
         delta = _ci(d, True) if d and d.get("ci") else (f"{100 * d['mean']:+.1f}" if d else "–")
         rel = r.get("reliance", {})
         out.append(
-            f"| {r['setting']} | {acc} | {100 * r['accuracy']['sd']:.1f} ({len(r['seeds'])}) | {delta} | "
+            f"| {r['setting']} | {acc} | {100 * r['accuracy']['sd']:.1f} ({len(r['seeds'])}) | "
+            f"{delta} | "
             f"{_ci(rel.get('blank'), True)} | {_ci(rel.get('swapped'), True)} | "
             f"{_pct(r['format_rate'])} | "
             f"{r['completion_tokens']['mean']:.1f} | {r['reasoning_words']['mean']:.1f} | "
