@@ -215,6 +215,21 @@ def cmd_compare(cfg: TrainConfig, run_a: str, run_b: str, out: str | None) -> in
     return 0
 
 
+def _run_start(cfg: TrainConfig, ckpt: str):
+    """The model a run started from: its checkpoint's recorded model.path (a study cell starts
+    from its seed's warmed model, not the config's), else the config's."""
+    import dataclasses
+
+    try:
+        with open(os.path.join(ckpt, "run_config.json")) as f:
+            path = json.load(f)["model"]["path"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return cfg.model
+    if not os.path.exists(os.path.join(path, "config.json")):
+        return cfg.model
+    return dataclasses.replace(cfg.model, path=path, tiny=False)
+
+
 def over_time(cfg: TrainConfig, run_dir: str) -> list[dict]:
     """The start (model.path) and every checkpoint of ``run_dir``, each on the same items →
     [{"step", "path", "n", "accuracy", "ci", "format_rate"}], by step."""
@@ -234,9 +249,10 @@ def over_time(cfg: TrainConfig, run_dir: str) -> list[dict]:
             f"grpo eval --over-time: {run_dir!r} holds no checkpoint with a policy/ "
             "(ckpt-N/policy); set run.save_every > 0 and run.keep_last: 0 to keep them all"
         )
+    model = _run_start(cfg, ckpts[0])
     starts = (
-        [(0, cfg.model.path, lambda: load_policy(cfg.model, seed=cfg.run.seed))]
-        if os.path.exists(os.path.join(cfg.model.path, "config.json"))
+        [(0, model.path, lambda: load_policy(model, seed=cfg.run.seed))]
+        if os.path.exists(os.path.join(model.path, "config.json"))
         else []
     )
     for step, path, make in starts + [
@@ -253,10 +269,9 @@ def over_time(cfg: TrainConfig, run_dir: str) -> list[dict]:
                 "format_rate": res.format_rate,
             }
         )
-        print(
-            f"  step {step:>6}: accuracy {res.accuracy:.2%} {points[-1]['ci']}  ({path})",
-            flush=True,
-        )
+        lo, hi = (100 * x for x in res.accuracy_ci)
+        print(f"  step {step:>6}: accuracy {res.accuracy:.2%} [{lo:.1f}, {hi:.1f}]  ({path})",
+              flush=True)
     return points
 
 

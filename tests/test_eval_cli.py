@@ -143,6 +143,11 @@ def test_over_time_scores_every_checkpoint_on_the_same_items(tiny_run, capsys):
     assert os.path.exists(os.path.join(run, "eval_over_time.md"))
     assert os.path.getsize(os.path.join(run, "eval_over_time.png")) > 1000
     cfg = ["--config", "examples/configs/synthetic_grpo_instruct.yaml"]
+    # a config whose model.path is not the run's start (a study cell): the start is still the
+    # run's own (its checkpoints' recorded model.path)
+    assert main(["eval", "--over-time", run, *cfg, "model.path=/nonexistent", *BASE]) == 0
+    again = json.load(open(os.path.join(run, "eval_over_time.json")))
+    assert [p["step"] for p in again] == [0, 1, 2] and again[0]["path"] == pts[0]["path"]
     assert main(["eval", "--over-time", str(tiny_run), *cfg, *BASE]) == 2  # no checkpoints there
     assert "holds no checkpoint" in capsys.readouterr().err
     assert main(["eval", "--over-time", str(tiny_run), *BASE]) == 2  # and no run config either
