@@ -105,12 +105,13 @@ def prepare(lm, next_position: torch.Tensor, steps: int) -> LeanWeights:
     for layer in lm.layers:
         a, m = layer.self_attn, layer.mlp
         qkv_mods, gu_mods = (a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)
-        fused &= fuse and all(map(_plain, qkv_mods + gu_mods))
+        fuse_qkv, fuse_gu = (fuse and all(map(_plain, mods)) for mods in (qkv_mods, gu_mods))
+        fused &= fuse_qkv and fuse_gu
         layers.append(LeanLayer(
             norm1=_norm(layer.input_layernorm),
-            qkv=_fused(qkv_mods) if fuse and all(map(_plain, qkv_mods)) else _joined(qkv_mods),
+            qkv=_fused(qkv_mods) if fuse_qkv else _joined(qkv_mods),
             o=_call(a.o_proj), norm2=_norm(layer.post_attention_layernorm),
-            gate_up=_fused(gu_mods) if fuse and all(map(_plain, gu_mods)) else _joined(gu_mods),
+            gate_up=_fused(gu_mods) if fuse_gu else _joined(gu_mods),
             down=_call(m.down_proj), act=_activation(m), scale=a.scaling,
         ))
     cfg, emb = lm.config, lm.embed_tokens.weight
