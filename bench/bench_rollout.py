@@ -4,7 +4,8 @@
 
 Same model, same encoded prompts, same sampling (T = 1, top-k off, top-p off), same work: every
 row generates exactly ``new`` tokens (EOS and the vision tokens are suppressed on both sides:
-``suppress_tokens`` for HF, an −inf ``lm_head_bias`` for ours). Runs alternate HF / ours so a
+``suppress_tokens`` for HF, an −inf ``lm_head_bias`` for ours). HF runs as shipped (its
+patch embedding as the stock Conv3d, not our ``PatchGemm``). Runs alternate HF / ours so a
 noisy machine slows both alike; we report medians, and on CPU also the ratio of process CPU time
 (robust to other processes sharing the cores).
 
@@ -35,6 +36,7 @@ import time
 
 import numpy as np
 import torch
+from grpo_models.vision_patch import stock_patch_embed
 
 from bench.common import device_label, peak_bandwidth, results_dir, write_table
 from grpo_core.policy import Prompt
@@ -167,7 +169,7 @@ def hf_generate(policy, enc, G: int, new: int, eos: dict | None = None):
         proc = _hf_eos_processor(enc.input_ids.shape[1], eos_ids, eos["after"], eos["shift"])
         extra = {"suppress_tokens": never, "logits_processor": [proc], "eos_token_id": eos_ids}
     e = enc.to(policy.device)
-    with torch.no_grad():
+    with torch.no_grad(), stock_patch_embed(policy.model):       # HF as shipped: its Conv3d
         return policy.model.generate(
             input_ids=e.input_ids, attention_mask=e.attention_mask, pixel_values=e.pixel_values,
             image_grid_thw=e.image_grid_thw, mm_token_type_ids=(e.input_ids == policy.image_token_id).int(),

@@ -21,6 +21,8 @@ equal to rounding). A conv that slides, pads, dilates or groups is left as it is
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,13 @@ class PatchGemm(nn.Module):
         m = x.shape[0]
         y = F.linear(x.reshape(m, -1), self.weight.reshape(self.out_channels, -1), self.bias)
         return y.view(m, self.out_channels, 1, 1, 1)
+
+    def as_conv(self) -> nn.Conv3d:
+        """The stock ``nn.Conv3d`` on the same Parameters (the reference this module replaces)."""
+        conv = nn.Conv3d(self.in_channels, self.out_channels, self.kernel_size, stride=self.kernel_size,
+                         bias=self.bias is not None, device="meta")
+        conv.weight, conv.bias = self.weight, self.bias
+        return conv
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size} (as a GEMM)"
@@ -71,3 +80,18 @@ def use_gemm_patch_embed(model: nn.Module) -> int:
             module.proj = PatchGemm(proj)
             swapped += 1
     return swapped
+
+
+@contextlib.contextmanager
+def stock_patch_embed(model: nn.Module):
+    """Within the block, ``model``'s patch embeddings run as the stock ``nn.Conv3d`` again (same
+    Parameters): the reference for tests, and stock HF for the benches' HF ``generate`` baseline."""
+    swapped = [(m, m.proj) for n, m in model.named_modules()
+               if n.split(".")[-1] == "patch_embed" and isinstance(getattr(m, "proj", None), PatchGemm)]
+    for module, gemm in swapped:
+        module.proj = gemm.as_conv()
+    try:
+        yield
+    finally:
+        for module, gemm in swapped:
+            module.proj = gemm

@@ -9,7 +9,7 @@ not change when it is applied.
 
 import pytest
 import torch
-from grpo_models.vision_patch import PatchGemm, is_patchwise, use_gemm_patch_embed
+from grpo_models.vision_patch import PatchGemm, is_patchwise, stock_patch_embed, use_gemm_patch_embed
 from numerics import assert_close, assert_equiv, rounding, tol
 from torch import nn
 
@@ -107,16 +107,12 @@ def test_tiny_policy_runs_the_gemm_and_its_image_features_are_the_convs(tiny_vlm
     pol = tiny_vlm_policy64
     embed = pol.model.model.visual.patch_embed
     assert isinstance(embed.proj, PatchGemm)
+    gemm_weight = embed.proj.weight
     enc = pol.encode([Prompt("What is shown?", [img(56, 84, 1)]), Prompt("Where?", [img(70, 70, 2)])])
     with torch.no_grad():
         got = pol._prompt_embeds(enc)
-        gemm = embed.proj
-        conv = nn.Conv3d(gemm.in_channels, gemm.out_channels, gemm.kernel_size, stride=gemm.kernel_size,
-                         bias=gemm.bias is not None).to(gemm.weight.dtype)
-        conv.weight = gemm.weight
-        embed.proj = conv
-        try:
+        with stock_patch_embed(pol.model):
+            assert type(embed.proj) is nn.Conv3d and embed.proj.weight is gemm_weight
             want = pol._prompt_embeds(enc)
-        finally:
-            embed.proj = gemm
+    assert embed.proj.weight is gemm_weight and isinstance(embed.proj, PatchGemm)
     assert_equiv(got, want, "prompt embeddings with image features")
