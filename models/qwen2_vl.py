@@ -54,7 +54,7 @@ class Qwen2VLPolicy:
             raise TypeError(f"{type(self._hf).__name__} is not a Qwen2-VL-style model (no .model.visual / "
                             ".model.language_model)")
         self._core, self._lm, self._head = core, core.language_model, self._hf.lm_head
-        vision_patch.use_gemm_patch_embed(core.visual)     # the patch Conv3d as its GEMM (same weights)
+        vision_patch.use_gemm_patch_embed(core.visual)   # patch Conv3d as its GEMM, same weights
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.max_prompt_len = template, max_prompt_len
         self.chat_template = None if tokenizer.chat_template else _fallback_chat_template()

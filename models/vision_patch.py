@@ -50,13 +50,14 @@ class PatchGemm(nn.Module):
 
     def as_conv(self) -> nn.Conv3d:
         """The stock ``nn.Conv3d`` on the same Parameters (the reference this module replaces)."""
-        conv = nn.Conv3d(self.in_channels, self.out_channels, self.kernel_size, stride=self.kernel_size,
-                         bias=self.bias is not None, device="meta")
+        conv = nn.Conv3d(self.in_channels, self.out_channels, self.kernel_size,
+                         stride=self.kernel_size, bias=self.bias is not None, device="meta")
         conv.weight, conv.bias = self.weight, self.bias
         return conv
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size} (as a GEMM)"
+        return (f"{self.in_channels}, {self.out_channels}, "
+                f"kernel_size={self.kernel_size} (as a GEMM)")
 
 
 def is_patchwise(conv: nn.Module) -> bool:
@@ -87,7 +88,8 @@ def stock_patch_embed(model: nn.Module):
     """Within the block, ``model``'s patch embeddings run as the stock ``nn.Conv3d`` again (same
     Parameters): the reference for tests, and stock HF for the benches' HF ``generate`` baseline."""
     swapped = [(m, m.proj) for n, m in model.named_modules()
-               if n.split(".")[-1] == "patch_embed" and isinstance(getattr(m, "proj", None), PatchGemm)]
+               if n.split(".")[-1] == "patch_embed"
+               and isinstance(getattr(m, "proj", None), PatchGemm)]
     for module, gemm in swapped:
         module.proj = gemm.as_conv()
     try:

@@ -9,11 +9,13 @@ not change when it is applied.
 
 import pytest
 import torch
-from grpo_models.vision_patch import PatchGemm, is_patchwise, stock_patch_embed, use_gemm_patch_embed
+from grpo_models.vision_patch import PatchGemm, is_patchwise
 from numerics import assert_close, assert_equiv, rounding, tol
 from torch import nn
 
-C, T, P, E = 3, 2, 14, 40          # Qwen2-VL's patch: 3 channels × 2 frames × 14 × 14 = 1176 inputs
+from grpo_models import vision_patch
+
+C, T, P, E = 3, 2, 14, 40    # Qwen2-VL's patch: 3 channels × 2 frames × 14 × 14 = 1176 inputs
 
 
 def _conv(dtype=torch.float64, bias=False, seed=0):
@@ -51,9 +53,11 @@ def test_low_precision_within_rounding_of_the_fp64_conv(dtype):
     conv, x = _conv(dtype, bias=True), _patches().to(dtype)
     # the fp64 reference sees the same rounded inputs and weights: only the arithmetic differs
     with torch.no_grad():
-        ref = nn.functional.conv3d(x.double(), conv.weight.double(), conv.bias.double(), stride=(T, P, P))
+        ref = nn.functional.conv3d(x.double(), conv.weight.double(), conv.bias.double(),
+                                   stride=(T, P, P))
     n = C * T * P * P
-    scale = float((x.double().abs().flatten(1) @ conv.weight.detach().double().abs().flatten(1).T).max())
+    w_abs = conv.weight.detach().double().abs().flatten(1)
+    scale = float((x.double().abs().flatten(1) @ w_abs.T).max())
     # fp32 accumulation of n products (worst case n roundings) + the output's own rounding
     bound = tol(torch.float32, scale, k=n) + rounding(ref, dtype)
     with torch.no_grad():
@@ -68,13 +72,13 @@ def test_swap_keeps_parameters_and_state_dict():
     model.patch_embed.proj = _conv(torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     weight = model.patch_embed.proj.weight
-    assert use_gemm_patch_embed(model) == 1
+    assert vision_patch.use_gemm_patch_embed(model) == 1
     assert isinstance(model.patch_embed.proj, PatchGemm)
     assert model.patch_embed.proj.weight is weight
     after = model.state_dict()
     assert list(after) == list(before) == ["patch_embed.proj.weight"]
     assert torch.equal(after["patch_embed.proj.weight"], before["patch_embed.proj.weight"])
-    assert use_gemm_patch_embed(model) == 0                  # idempotent: nothing left to swap
+    assert vision_patch.use_gemm_patch_embed(model) == 0     # idempotent: nothing left to swap
 
 
 @pytest.mark.parametrize("make", [
@@ -90,7 +94,7 @@ def test_sliding_or_other_convs_are_left_alone(make):
     model = nn.Module()
     model.patch_embed = nn.Module()
     model.patch_embed.proj = conv
-    assert use_gemm_patch_embed(model) == 0 and model.patch_embed.proj is conv
+    assert vision_patch.use_gemm_patch_embed(model) == 0 and model.patch_embed.proj is conv
 
 
 def test_input_that_is_not_one_kernel_per_patch_is_an_error():
@@ -108,10 +112,11 @@ def test_tiny_policy_runs_the_gemm_and_its_image_features_are_the_convs(tiny_vlm
     embed = pol.model.model.visual.patch_embed
     assert isinstance(embed.proj, PatchGemm)
     gemm_weight = embed.proj.weight
-    enc = pol.encode([Prompt("What is shown?", [img(56, 84, 1)]), Prompt("Where?", [img(70, 70, 2)])])
+    enc = pol.encode([Prompt("What is shown?", [img(56, 84, 1)]),
+                      Prompt("Where?", [img(70, 70, 2)])])
     with torch.no_grad():
         got = pol._prompt_embeds(enc)
-        with stock_patch_embed(pol.model):
+        with vision_patch.stock_patch_embed(pol.model):
             assert type(embed.proj) is nn.Conv3d and embed.proj.weight is gemm_weight
             want = pol._prompt_embeds(enc)
     assert embed.proj.weight is gemm_weight and isinstance(embed.proj, PatchGemm)
