@@ -216,6 +216,8 @@ def sample_next(
     """
     if logits.dim() != 2:
         raise ValueError(f"sample_next: logits must be (N, V), got shape {tuple(logits.shape)}")
+    if not torch.is_autocast_enabled(logits.device.type):                # the common case: no
+        return _sample_next(logits, cfg, generator, bias, uniforms)       # context per token
     with torch.autocast(logits.device.type, enabled=False):
         return _sample_next(logits, cfg, generator, bias, uniforms)
 

@@ -136,6 +136,8 @@ def _norm(mod) -> tuple:
 def rms_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
     """Qwen2 RMSNorm: weight · (x / √(mean(x²) + eps)) in fp32, cast back to x's dtype first."""
     weight, eps = norm
+    if x.dtype == weight.dtype == torch.float32:                         # one op, the same products
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
     return weight * y.to(x.dtype)
 

@@ -173,20 +173,26 @@ def _shared_prefix_attention(q, pk, pv, pbias, ok, ov, group_size, scale, own_ma
     n, h, _, d = q.shape
     b, kvh, p, _ = pk.shape
     g, r, t = group_size, h // kvh, ok.shape[2]                          # head j: KV head j // r
-    q = q.to(acc) * scale                                                # (N, h, 1, d) scaled once
+    q = _as(q, acc) * scale                                              # (N, h, 1, d) scaled once
     q_grp = q.view(b, g, kvh, r, d).transpose(1, 2).reshape(b * kvh, g * r, d)  # (B·kvh, G·r, d)
-    k_pre = pk.to(acc).view(b * kvh, p, d).transpose(1, 2)               # (B·kvh, d, P)
-    s_pre = torch.baddbmm(pbias.to(acc), q_grp, k_pre)                   # (B·kvh, G·r, P) + bias
-    s_own = torch.bmm(q.view(n * kvh, r, d), ok.to(acc).reshape(n * kvh, t, d).transpose(1, 2))
+    k_pre = _as(pk, acc).view(b * kvh, p, d).transpose(1, 2)             # (B·kvh, d, P)
+    s_pre = torch.baddbmm(_as(pbias, acc), q_grp, k_pre)                 # (B·kvh, G·r, P) + bias
+    s_own = torch.bmm(q.view(n * kvh, r, d), _as(ok, acc).reshape(n * kvh, t, d).transpose(1, 2))
     if own_mask is not None:                                             # (N·kvh, r, t)
         s_own = s_own.masked_fill_(~own_mask.view(1, 1, t), float("-inf"))
     s_own = s_own.view(b, g, kvh, r, t).transpose(1, 2).reshape(b * kvh, g * r, t)  # group layout
     probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (B·kvh, G·r, P+t)
-    o_pre = torch.bmm(probs[..., :p], pv.to(acc).view(b * kvh, p, d))   # (B·kvh, G·r, d)
+    o_pre = torch.bmm(probs[..., :p], _as(pv, acc).view(b * kvh, p, d))  # (B·kvh, G·r, d)
     p_own = probs[..., p:].reshape(b, kvh, g, r, t).transpose(1, 2).reshape(n * kvh, r, t)
-    o_own = torch.bmm(p_own, ov.to(acc).reshape(n * kvh, t, d))          # (N·kvh, r, d)
+    o_own = torch.bmm(p_own, _as(ov, acc).reshape(n * kvh, t, d))        # (N·kvh, r, d)
     out = torch.add(o_own.view(b, g, kvh, r, d), o_pre.view(b, kvh, g, r, d).transpose(1, 2))
-    return out.view(n, h * d).to(dtype)                                  # heads in HF order
+    return _as(out.view(n, h * d), dtype)                                # heads in HF order
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` without the dispatcher call when it is one already (a decode step makes
+    dozens of these no-op casts: each costs more than the check)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 @torch.no_grad()
