@@ -136,3 +136,18 @@ def test_prefix_train_records_a_paths_out_of_memory(tmp_path, monkeypatch):
     assert calls == [False, True, True] and rows["plain"]["ms"] is None
     assert "out of memory" in rows["plain"]["note"]
     assert rows["rows"]["ms"] == rows["grouped"]["ms"] == 1.0
+
+
+def test_patch_embed_bench_times_conv_and_gemm_on_the_same_weights(tmp_path):
+    """Both rows (projection alone, the tiny vision tower) run the stock conv and the GEMM on the
+    same weights: the outputs agree to fp32 rounding (a bench on different weights would not),
+    and the policy keeps its GEMM afterwards."""
+    from bench import bench_patch_embed as bpe
+
+    stem = bpe.main(["--rounds", "1", "--out", str(tmp_path)])
+    rows = {r["row"]: r for r in json.load(open(stem + ".json"))["rows"]}
+    assert sorted(rows) == ["proj", "vision"]
+    for r in rows.values():
+        assert r["conv_ms"] > 0 and r["gemm_ms"] > 0 and r["conv_over_gemm"] > 0
+        assert r["max_abs_diff"] < 1e-4, r               # outputs are O(1): fp32 rounding only
+    assert rows["proj"]["patches"] == 4096 and rows["vision"]["patches"] == 4096
