@@ -26,7 +26,7 @@ import tempfile
 import torch
 from grpo_models.vision_patch import PatchGemm
 
-from bench.common import device_label, results_dir, time_ms, write_table
+from bench.common import device_label, loadavg, results_dir, time_ms, write_table
 
 PATCH = (3, 2, 14, 14)                 # channels, frames, height, width: 1176 inputs a patch
 COLUMNS = ["row", "dtype", "patches", "embed", "conv_ms", "conv_p20", "conv_p80", "gemm_ms",
@@ -51,15 +51,7 @@ def _row(name: str, conv, gemm, x: torch.Tensor, device, rounds: int, patches: i
             "embed": embed, "conv_ms": t["conv"][0], "conv_p20": t["conv"][1],
             "conv_p80": t["conv"][2], "gemm_ms": t["gemm"][0], "gemm_p20": t["gemm"][1],
             "gemm_p80": t["gemm"][2], "conv_over_gemm": t["conv"][0] / t["gemm"][0],
-            "max_abs_diff": diff, "loadavg": _loadavg()}
-
-
-def _loadavg() -> str | None:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return None
+            "max_abs_diff": diff, "loadavg": loadavg()}
 
 
 def _proj_row(images: int, embed: int, dtype, device, rounds: int) -> dict:

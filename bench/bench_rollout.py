@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from grpo_models.vision_patch import stock_patch_embed
 
-from bench.common import device_label, peak_bandwidth, results_dir, write_table
+from bench.common import device_label, loadavg, peak_bandwidth, results_dir, write_table
 from grpo_core.policy import Prompt
 from grpo_core.rollout import generate_groups
 from grpo_core.sampling import SamplingConfig
@@ -228,7 +228,7 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "au
         "config": name, "device": device, "prompts": B, "G": G, "new_tokens": new,
         "prompt_len": int(P),
         "image_tokens": int((enc.input_ids == policy.image_token_id).sum() // B),
-        "reps": reps, "threads": torch.get_num_threads(), "loadavg": _loadavg(),
+        "reps": reps, "threads": torch.get_num_threads(), "loadavg": loadavg(),
         "compile": compile, "ours_warmup_s": warmup_s,
         "hf_s": med(hf_w), "ours_s": med(our_w),
         "hf_tokens_per_s": med(hf_tps), "ours_tokens_per_s": med(our_tps),
@@ -257,14 +257,6 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "au
         row["graphs_gain"] = row["ours_tokens_per_s"] / row["ours_eager_tokens_per_s"]
         row.update(_bandwidth(policy, enc, B * G, new, row["ours_decode_ms_per_step"]))
     return row
-
-
-def _loadavg() -> str | None:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return None
 
 
 def _bandwidth(policy, enc, n_rows: int, new: int, ms_per_step: float) -> dict:

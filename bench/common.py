@@ -8,6 +8,7 @@ Every script takes these from here (one definition each):
   device_label(device)  the human-readable line for a report ("NVIDIA H200", "CPU (AMD EPYC
                         7B13, 2 threads)").
   results_dir(device)   bench/results/<device_name>/ (created).
+  loadavg()             "1.02 0.87 0.66": the load averages, published beside CPU timings.
   time_ms(fn, device)   (median, q20, q80) ms.
   write_table(stem, meta, rows, columns)   {"meta", "rows"} JSON + a markdown table.
 
@@ -52,6 +53,16 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({_cpu_model() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def loadavg() -> str | None:
+    """The 1/5/15-minute load averages as written in /proc/loadavg (None where there is none):
+    published beside every CPU timing, since these machines are shared."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return None
 
 
 def results_dir(device: torch.device, root: str | None = None) -> str:
