@@ -4,7 +4,7 @@ After prefill the prompt keys/values stay as B rows; the N = B·G sampled rows a
 tokens to per-row buffers. A decode token's attention over [its prompt ; its own completion] is
 one softmax over both score blocks:
 
-    s_pre = q · K_prompt(b)ᵀ · scale      the G·r queries of group b against its prompt keys: one matmul
+    s_pre = q · K_prompt(b)ᵀ · scale      the G·r queries of group b vs its prompt keys: one matmul
     s_own = q · K_own(i)ᵀ · scale         (r = query heads per KV head, GQA)
     p = softmax([s_pre ; s_own]),   out = p_pre · V_prompt(b) + p_own · V_own(i)
 
@@ -67,7 +67,8 @@ class PrefixDecodeState:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        """(N, P + length) int64, as ``DecodeState.attention_mask`` (built on demand, not used by decode)."""
+        """(N, P + length) int64, as ``DecodeState.attention_mask`` (built on demand; decode does
+        not use it)."""
         prompt = self.prefix_mask[:, 0, 0].long().repeat_interleave(self.group_size, 0)  # (N, P)
         return torch.cat([prompt, prompt.new_ones(prompt.shape[0], self.length)], 1)
 
@@ -76,7 +77,8 @@ _TEXT_MODELS = ("Qwen2VLTextModel", "Qwen2_5_VLTextModel")
 
 
 def supported(lm) -> bool:
-    """True for a Qwen2-VL / Qwen2.5-VL text model with plain full attention (the layout coded below)."""
+    """True for a Qwen2-VL / Qwen2.5-VL text model with plain full attention (the layout coded
+    below)."""
     return (type(lm).__name__ in _TEXT_MODELS and not getattr(lm, "has_sliding_layers", False)
             and all(hasattr(layer.self_attn, "q_proj") for layer in lm.layers))
 
@@ -87,7 +89,7 @@ def from_prefill(cache, attention_mask: torch.Tensor, next_position: torch.Tenso
     keys = [layer.keys.contiguous() for layer in cache.layers]          # (B, kvh, P, d) each
     values = [layer.values.contiguous() for layer in cache.layers]      # (a no-op for HF's cache)
     n = keys[0].shape[0] * group_size
-    own = lambda t: t.new_empty(n, t.shape[1], spare, t.shape[3])      # noqa: E731  (N, kvh, cap, d)
+    own = lambda t: t.new_empty(n, t.shape[1], spare, t.shape[3])  # noqa: E731  (N, kvh, cap, d)
     return PrefixDecodeState(
         prefix_k=keys, prefix_v=values, prefix_mask=attention_mask.bool()[:, None, None, :],
         own_k=[own(k) for k in keys], own_v=[own(v) for v in values], length=0,
@@ -168,7 +170,7 @@ def _shared_prefix_attention(q, pk, pv, pbias, ok, ov, group_size, scale, own_ma
     """Scores and softmax in the group layout (B·kvh, G·r, ·), as batched 3-D GEMMs: the large
     prompt block needs no transpose (its bias added by the GEMM itself); only the small own block
     (t columns) and the (N, h, d) output change layout."""
-    dtype = q.dtype   # scores and softmax in ≥ fp32 (as flash/sdpa kernels do); a no-op for fp32/fp64
+    dtype = q.dtype   # scores and softmax in ≥ fp32 (as flash/sdpa kernels do); no-op for fp32/64
     acc = torch.promote_types(dtype, torch.float32)
     n, h, _, d = q.shape
     b, kvh, p, _ = pk.shape
@@ -227,7 +229,7 @@ def _layers(lm, state: PrefixDecodeState, tokens: torch.Tensor, write) -> torch.
     cfg = lm.config
     nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
     hidden = lm.embed_tokens(tokens.view(n, 1))                          # (N, 1, H)
-    pos = state.next_position.view(1, n, 1).expand(3, n, 1)              # (3, N, 1) text token: t = h = w
+    pos = state.next_position.view(1, n, 1).expand(3, n, 1)      # (3, N, 1) text token: t = h = w
     cos, sin = lm.rotary_emb(hidden, pos)                                # (N, 1, d) each
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
