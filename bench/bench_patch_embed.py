@@ -117,11 +117,11 @@ def main(argv=None) -> str:
             "notes": ["conv and GEMM timed alternately, medians over rounds; same weights"]}
     stem = write_table(os.path.join(results_dir(device, args.out), "patch_embed"), meta, rows,
                        COLUMNS)
-    for r in rows:
+    print(f"results in {stem}.md")
+    for r in rows:                               # last: the device check's summary keeps it
         print(f"[{r['row']}] conv {r['conv_ms']:.2f} ms vs GEMM {r['gemm_ms']:.2f} ms: "
               f"{r['conv_over_gemm']:.2f}x (max |diff| {r['max_abs_diff']:.2e}, "
               f"load {r['loadavg']})")
-    print(f"results in {stem}.md")
     return stem
 
 

@@ -24,6 +24,7 @@ H100 estimate per stage) is ≤ 6 minutes estimated; ``--budget-s`` (default 420
   bench-prefix  the shared-prefix training forward vs the plain one at Qwen2-VL-2B's shapes, 448²
               images (the plain path's out-of-memory is a result, not a crash)
   bench-rollout  the Qwen2-VL-2B-shaped rollout vs HF generate
+  bench-patch  Qwen2-VL-2B's vision patch embedding in bf16: the stock Conv3d vs its GEMM
 then ``summary.md`` / ``summary.json``: one row per stage (status, seconds, the key numbers); with
 ``--only`` the other stages' rows of an earlier summary in the folder are kept (a warm rerun).
 With ``--pack`` everything but the summary and the log goes into ``device_check.tar.gz`` (the
@@ -65,6 +66,7 @@ PLAN = {
     "bench-step":    (70, 40),    # 2B-shaped model built (~10 s), 1 warm-up + 2 timed steps
     "bench-prefix":  (60, 30),    # 448² images; the plain path OOMs (≈ 99 GiB) at once on 80 GB
     "bench-rollout": (60, 35),    # one repetition of ours vs HF generate
+    "bench-patch":   (45, 5),     # 8192 × 1176 · 1176 × 1280 bf16; a slow cuDNN conv: ~7 s a round
 }
 STAGES = tuple(PLAN)
 BUDGET_S = 420.0          # the whole run on a GPU (the dry run: 900, a loaded CI box)
@@ -260,6 +262,9 @@ def _command(args, out: str, name: str) -> list[str]:
         cmd = [py, "-m", "bench.bench_prefix_train", "--out", root]
         dry_args = ["--steps", "1", "--prompts", "2", "--group", "4"]
         return cmd + (dry_args if dry else ["--model", "2b"])
+    if name == "bench-patch":
+        cmd = [py, "-m", "bench.bench_patch_embed", "--out", root]
+        return cmd + (["--rounds", "1"] if dry else ["--model", "2b", "--rounds", "2"])
     cmd = [py, "-m", "bench.bench_rollout", "--out", root, "--quick"]
     tiny = ["prompts=1", "G=2", "new=4", "image=112", "hidden=64", "layers=2"]
     sets = [a for kv in tiny for a in ("--set", kv)]
