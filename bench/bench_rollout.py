@@ -6,8 +6,9 @@ Same model, same encoded prompts, same sampling (T = 1, top-k off, top-p off), s
 row generates exactly ``new`` tokens (EOS and the vision tokens are suppressed on both sides:
 ``suppress_tokens`` for HF, an −inf ``lm_head_bias`` for ours). HF runs as shipped (its
 patch embedding as the stock Conv3d, not our ``PatchGemm``). Runs alternate HF / ours so a
-noisy machine slows both alike; we report medians, and on CPU also the ratio of process CPU time
-(robust to other processes sharing the cores).
+noisy machine slows both alike; we report medians, the median of the per-repetition ratios
+(each HF / ours pair back to back, with their range), and on CPU also the ratio of process CPU
+time (robust to other processes sharing the cores).
 
 Configs:
   tiny-eos  realistic lengths (CPU): the tiny model, 128 new tokens, EOS allowed: impossible for the
@@ -238,6 +239,11 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "au
         "speedup_cpu_time": None if device != "cpu" else (
             med(t / c for t, c in zip(our_tok, our_c)) / med(t / c for t, c in zip(hf_tok, hf_c))),
         "speedup_best": max(our_tps) / max(hf_tps),
+        # per repetition ours / HF, each pair run back to back: drift of the machine's speed
+        # between repetitions cancels; the spread shows how far one pair can be trusted
+        "speedup_paired": med(o / h for o, h in zip(our_tps, hf_tps)),
+        "speedup_paired_min": min(o / h for o, h in zip(our_tps, hf_tps)),
+        "speedup_paired_max": max(o / h for o, h in zip(our_tps, hf_tps)),
         "ours_prefill_s": med(s["prefill_s"] for s in stats),
         "ours_decode_ms_per_step": med(s["decode_ms_per_step"] for s in stats),
         "hf_decode_ms_per_step_est": 1e3 * (med(hf_w) - hf_prefill) / (new - 1),
@@ -286,7 +292,8 @@ def write_results(rows: list[dict], command: str, root: str | None = None) -> st
             "transformers": transformers.__version__,
             "notes": ["medians over reps, HF and ours alternating"]}
     cols = ["config", "compile", "prompts", "G", "new_tokens", "prompt_len", "threads", "loadavg",
-            "hf_tokens_per_s", "ours_tokens_per_s", "speedup", "speedup_cpu_time", "ours_prefill_s",
+            "hf_tokens_per_s", "ours_tokens_per_s", "speedup", "speedup_cpu_time", "speedup_paired",
+            "speedup_paired_min", "speedup_paired_max", "ours_prefill_s",
             "hf_prefill_s_est", "ours_decode_ms_per_step", "hf_decode_ms_per_step_est",
             "mean_len_ours", "mean_len_hf", "ours_no_compaction_tokens_per_s", "compaction_gain",
             "ours_eager_tokens_per_s", "graphs_gain", "fraction_of_bw_limit", "ours_warmup_s"]
@@ -330,6 +337,8 @@ def main(argv=None):
                   f"{row['speedup']:.2f}x wall"
                   + (f", {row['speedup_cpu_time']:.2f}x CPU time" if row["speedup_cpu_time"]
                      else "")
+                  + f"; per pair {row['speedup_paired']:.2f}x "
+                  f"({row['speedup_paired_min']:.2f}-{row['speedup_paired_max']:.2f})"
                   + f" | ours prefill {row['ours_prefill_s']:.3f}s, "
                   f"decode {row['ours_decode_ms_per_step']:.2f} ms/step; "
                   f"HF prefill ~{row['hf_prefill_s_est']:.3f}s, decode ~{row['hf_decode_ms_per_step_est']:.2f} ms/step")
