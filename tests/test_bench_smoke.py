@@ -59,7 +59,12 @@ def test_broken_or_missing_benchmark_is_reported_not_fatal(tmp_path, monkeypatch
     assert run_all.main(["--quick", "--only", "broken", "--out", str(tmp_path)]) == 1
 
 
-def test_quick_suite_writes_json_markdown_and_plots(tmp_path):
+def test_quick_suite_writes_json_markdown_and_plots(tmp_path, monkeypatch):
+    # the suite reads back whatever changes under bench/results while it runs; a private folder
+    # keeps a benchmark run elsewhere on this checkout meanwhile out of this test's report
+    from bench import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path / "results"))
     suite = run_all.run_suite(quick=True, out=str(tmp_path), only="loss,advantages,step")
     paths = suite["paths"]
     assert os.path.dirname(paths["json"]) == os.path.join(str(tmp_path), run_all.device_dir())
