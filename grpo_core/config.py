@@ -389,7 +389,17 @@ def _apply(obj, data: dict, where: str):
                 raise ValueError(f"config: {where + key} must be a mapping, got {value!r}")
             _apply(current, value, f"{where}{key}.")
         else:
+            value = _yaml_switch(value, fields[key])
             setattr(obj, key, _coerce(value, hints[key], where + key))
+
+
+def _yaml_switch(value, field: dataclasses.Field):
+    """YAML 1.1 reads the words on / off (and yes / no) as booleans: ``compile: on`` arrives as
+    True. For a field whose choices are the words "on" and "off" the word is what was meant."""
+    choices = field.metadata.get("choices") or ()
+    if isinstance(value, bool) and "on" in choices and "off" in choices:
+        return "on" if value else "off"
+    return value
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:

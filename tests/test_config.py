@@ -70,3 +70,14 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(None, ["grpo.nope=1"])
     with pytest.raises(FileNotFoundError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_on_off_switches_survive_yaml_booleans(tmp_path):
+    """YAML 1.1 reads on/off as booleans: ``compile: on`` (as the docs write it) is the word "on",
+    in a file and as an override; a boolean for a field without on/off choices is still refused."""
+    cfg = load_config(_write(tmp_path, "rollout:\n  compile: on\n  graphs: off\n"))
+    assert (cfg.rollout.compile, cfg.rollout.graphs) == ("on", "off")
+    cfg = load_config(None, ["rollout.compile=off", "rollout.graphs=auto"])
+    assert (cfg.rollout.compile, cfg.rollout.graphs) == ("off", "auto")
+    with pytest.raises(ValueError, match="model.template must be a string, got True"):
+        load_config(None, ["model.template=on"])
