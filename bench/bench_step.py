@@ -18,8 +18,10 @@ What each engine does with that step, for the reader of the ratio:
   trl   HF `generate` on B·G rows (each row re-encodes its prompt and image); full-logit loss.
 
 Each provider runs in its own subprocess (clean peak-memory numbers, no shared threads/state).
-Timing: `warmup` untimed steps, then `steps` timed steps (wall clock, CUDA synchronised), median
-and 20/80 % quantiles; on CPU also the process CPU time per step (a second, load-robust measure).
+Timing: `warmup` untimed steps (their total: warmup_s), then `steps` timed steps (wall clock, CUDA
+synchronised), median, 20/80 % quantiles and mean (a recompile when a shape changes mid-run shows
+in the mean, not the median); on CPU also the process CPU time per step (a second, load-robust
+measure). `--rollout-compile on` runs ours with `rollout.compile: on` (the warm-up compiles).
 Peak memory: CUDA max allocated, or the process's peak RSS on CPU.
 Deviations from TRL's own defaults, on purpose: gradient checkpointing off (TRL defaults it on),
 bf16 off on CPU. TRL needs a processor; transformers' Qwen2VLProcessor insists on a video
@@ -63,6 +65,7 @@ class StepShape:
     warmup: int = 1               # untimed steps first
     seed: int = 0
     lr: float = 1e-6
+    rollout_compile: str = "auto"  # ours: rollout.compile (auto|on|off); "on" compiles in warm-up
 
 
 QUICK = dict(image_size=112, prompts=1, group=4, new_tokens=8, steps=2, warmup=1)
@@ -153,6 +156,7 @@ def run_ours(path: str, shape: StepShape) -> dict:
     cfg.data.prompt = TEMPLATE
     cfg.rollout.group_size, cfg.rollout.prompts_per_step = shape.group, shape.prompts
     cfg.rollout.max_new_tokens, cfg.rollout.temperature = shape.new_tokens, 1.0
+    cfg.rollout.compile = shape.rollout_compile
     cfg.grpo.beta, cfg.grpo.mu, cfg.grpo.rewards = shape.beta, shape.mu, REWARDS
     cfg.grpo.agg, cfg.grpo.adv_scale = "token_mean", "group"          # = TRL loss_type="dapo", scale_rewards="group"
     cfg.optim.lr = shape.lr
@@ -160,7 +164,7 @@ def run_ours(path: str, shape: StepShape) -> dict:
     policy = load_policy(cfg.model, seed=shape.seed)
     trainer = GRPOTrainer(policy, make_records(shape), cfg)
     dev = policy.device
-    times, cpu, lengths = [], [], []
+    times, cpu, lengths, warm = [], [], [], 0.0
     for i in range(shape.warmup + shape.steps):
         if i == shape.warmup and dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -172,7 +176,10 @@ def run_ours(path: str, shape: StepShape) -> dict:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
             lengths.append(m["completion_len"])
-    return {"times": times, "cpu_times": cpu, "completion_len": sum(lengths) / len(lengths)}
+        else:
+            warm += time.perf_counter() - t0
+    return {"times": times, "cpu_times": cpu, "completion_len": sum(lengths) / len(lengths),
+            "warmup_s": warm}
 
 
 # ---- TRL -------------------------------------------------------------------------------------
@@ -305,15 +312,18 @@ def summarise(provider: str, res: dict, shape: StepShape) -> dict:
     return {"provider": provider, "model": shape.model, "image_px": shape.image_size,
             "B": shape.prompts, "G": shape.group,
             "new_tokens": shape.new_tokens, "s": q[0], "s_p20": q[1], "s_p80": q[2],
-            "s_min": t.min().item(), "cpu_s": cpu, "steps": len(res["times"]),
+            "s_min": t.min().item(), "s_mean": t.mean().item(), "cpu_s": cpu,
+            "steps": len(res["times"]), "warmup_s": res.get("warmup_s"),
+            "rollout_compile": shape.rollout_compile if provider == "ours" else None,
             "completion_len": res["completion_len"], "peak_mem_mb": res["peak_mem_mb"]}
 
 
 def write(out_dir: str, meta: dict, rows: list[dict]) -> str:
     from bench.common import write_table
 
-    cols = ["provider", "model", "image_px", "B", "G", "new_tokens", "s", "s_p20", "s_p80", "s_min", "speedup_vs_trl",
-            "cpu_s", "cpu_speedup_vs_trl", "completion_len", "peak_mem_mb"]
+    cols = ["provider", "rollout_compile", "model", "image_px", "B", "G", "new_tokens", "s", "s_p20",
+            "s_p80", "s_min", "s_mean", "warmup_s", "speedup_vs_trl", "cpu_s", "cpu_speedup_vs_trl",
+            "completion_len", "peak_mem_mb"]
     return write_table(os.path.join(out_dir, f"step_{'cuda' if device().type == 'cuda' else 'cpu'}"), meta, rows, cols)
 
 
@@ -357,6 +367,7 @@ def main(argv=None) -> int:
             merged = {"times": [t for r in res for t in r["times"]],
                       "cpu_times": [t for r in res for t in r["cpu_times"]],
                       "completion_len": sum(r["completion_len"] for r in res) / len(res),
+                      "warmup_s": sum(r.get("warmup_s") or 0.0 for r in res) or None,
                       "peak_mem_mb": max(r["peak_mem_mb"] for r in res)}
             rows.append(summarise(p, merged, shape))
             print(f"{p:5s} {rows[-1]['s']:.3f} s/step (p20 {rows[-1]['s_p20']:.3f}, p80 {rows[-1]['s_p80']:.3f}), "

@@ -27,8 +27,11 @@ MODES = ("static", "compile", "graph")
 def resolve(graphs: str, compile: str, device: torch.device) -> str | None:
     """``rollout.graphs`` / ``rollout.compile`` (auto|on|off) on ``device`` → a MODE, None = eager.
 
-    auto: eager, for both. Compile did not pay on CPU (bench/bench_rollout.py: 47–178 s of compile
-    for ~2× per step); the graph path has not yet run on a GPU (no GPU was lent when it was
+    auto: eager, for both. Compile does not pay on CPU: the rollout bench's decode step gets ~1.3×
+    faster (3.0 vs 3.7–4.3 ms), but a whole GRPO step does not (bench_step --rollout-compile on,
+    448 px: median 0.255–0.266 s vs 0.259–0.273 s eager) while compiling costs 4–15 s (cached /
+    cold; 45 s+ under load), recompiles when a shape changes mid-run and holds ~100 MB more.
+    The graph path has not yet run on a GPU (no GPU was lent when it was
     written), so it is opt-in (``graphs: on``) until the device check has measured it against
     eager (bench_rollout --config 2b reports both); then "auto" may turn it on for CUDA."""
     if graphs == "on" and device.type != "cuda":
