@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 import torch
-from grpo_models.vision_patch import PatchGemm
+from grpo_models.vision_patch import PatchGemm, stock_patch_embed
 
 from bench.common import device_label, loadavg, results_dir, time_ms, write_table
 
@@ -43,11 +43,12 @@ def _alternating(fns: dict, device: torch.device, rounds: int) -> dict:
             for name, rs in runs.items()}
 
 
-def _row(name: str, conv, gemm, x: torch.Tensor, device, rounds: int, patches: int, embed: int):
+def _row(name: str, conv, gemm, dtype, device, rounds: int, patches: int, embed: int) -> dict:
+    """``conv`` / ``gemm``: fn() → output, the same computation with either projection."""
     with torch.no_grad():
-        t = _alternating({"conv": lambda: conv(x), "gemm": lambda: gemm(x)}, device, rounds)
-        diff = (conv(x).float() - gemm(x).float()).abs().max().item()
-    return {"row": name, "dtype": str(x.dtype).replace("torch.", ""), "patches": patches,
+        t = _alternating({"conv": conv, "gemm": gemm}, device, rounds)
+        diff = (conv().float() - gemm().float()).abs().max().item()
+    return {"row": name, "dtype": str(dtype).replace("torch.", ""), "patches": patches,
             "embed": embed, "conv_ms": t["conv"][0], "conv_p20": t["conv"][1],
             "conv_p80": t["conv"][2], "gemm_ms": t["gemm"][0], "gemm_p20": t["gemm"][1],
             "gemm_p80": t["gemm"][2], "conv_over_gemm": t["conv"][0] / t["gemm"][0],
@@ -61,7 +62,7 @@ def _proj_row(images: int, embed: int, dtype, device, rounds: int) -> dict:
     gemm = PatchGemm(conv)
     n = images * 1024
     x = torch.randn(n, *PATCH, device=device, dtype=dtype)
-    return _row("proj", conv, gemm, x, device, rounds, n, embed)
+    return _row("proj", lambda: conv(x), lambda: gemm(x), dtype, device, rounds, n, embed)
 
 
 def _vision_row(rounds: int) -> dict:
@@ -70,29 +71,24 @@ def _vision_row(rounds: int) -> dict:
     from grpo_core.policy import Prompt
 
     cfg = CONFIGS["tiny"]
-    policy = tiny_policy(cfg, tempfile.mkdtemp(prefix="bench_patch_embed_"))
-    prompts = [Prompt(TEXTS[i % len(TEXTS)], [im])
-               for i, im in enumerate(_images(cfg["prompts"], cfg["image"]))]
-    enc = policy.encode(prompts)
-    core = policy.model.model                 # the HF Qwen2-VL model under the LM head
-    visual = core.visual
-    gemm = visual.patch_embed.proj
-    conv = gemm.as_conv()
+    with tempfile.TemporaryDirectory(prefix="bench_patch_embed_") as workdir:
+        policy = tiny_policy(cfg, workdir)
+        prompts = [Prompt(TEXTS[i % len(TEXTS)], [im])
+                   for i, im in enumerate(_images(cfg["prompts"], cfg["image"]))]
+        enc = policy.encode(prompts)
+        core = policy.model.model             # the HF Qwen2-VL model under the LM head
 
-    class Tower(torch.nn.Module):           # the tower with a given patch projection in place
-        def __init__(self, proj):
-            super().__init__()
-            self.proj = proj
-
-        def forward(self, pixels):                          # (Σ image tokens, H) features
-            visual.patch_embed.proj = self.proj
-            feats = core.get_image_features(pixels, enc.image_grid_thw).pooler_output
+        def tower():                          # (Σ image tokens, H) image features
+            feats = core.get_image_features(enc.pixel_values, enc.image_grid_thw).pooler_output
             return torch.cat(list(feats), 0)
 
-    row = _row("vision", Tower(conv), Tower(gemm), enc.pixel_values, torch.device("cpu"),
-               rounds, int(enc.pixel_values.shape[0]), gemm.out_channels)
-    visual.patch_embed.proj = gemm
-    return row
+        def tower_stock():                    # the same with the stock Conv3d (same weights)
+            with stock_patch_embed(core.visual):
+                return tower()
+
+        return _row("vision", tower_stock, tower, enc.pixel_values.dtype, torch.device("cpu"),
+                    rounds, int(enc.pixel_values.shape[0]),
+                    core.visual.patch_embed.proj.out_channels)
 
 
 def main(argv=None) -> str:
