@@ -104,6 +104,26 @@ def peak_bandwidth(device: torch.device) -> float | None:
     return next((bw for key, bw in PEAK_BYTES_PER_S.items() if key in name), None)
 
 
+def matmul_rate(device: torch.device) -> float:
+    """Matrix-multiply FLOP/s of the device: the device check's measured bf16 rate where it set
+    one (``GRPO_CORE_MEASURED_MATMUL``), else measured now: the best of 5 square matmuls (GPU:
+    8192³ bf16; CPU: 1024³ fp32, in this process's thread setting)."""
+    if os.environ.get("GRPO_CORE_MEASURED_MATMUL"):            # set by bench/device_check.py
+        return float(os.environ["GRPO_CORE_MEASURED_MATMUL"])
+    cuda = device.type == "cuda"
+    k, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a = torch.randn(k, k, device=device, dtype=dtype)
+    b = torch.randn(k, k, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):                                          # the first one warms up
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * k ** 3 / best
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -23,7 +23,8 @@ H100 estimate per stage) is ≤ 6 minutes estimated; ``--budget-s`` (default 420
   bench-step  one GRPO training step at Qwen2-VL-2B's shapes (random bf16 weights), peak memory
   bench-prefix  the shared-prefix training forward vs the plain one at Qwen2-VL-2B's shapes, 448²
               images (the plain path's out-of-memory is a result, not a crash)
-  bench-rollout  the Qwen2-VL-2B-shaped rollout vs HF generate
+  bench-rollout  the Qwen2-VL-2B-shaped rollout (128 rows × 256 tokens): HF generate, ours
+              eager and as a CUDA graph, and the fraction of the decode step's bound reached
   bench-patch  Qwen2-VL-2B's vision patch embedding in bf16: the stock Conv3d vs its GEMM
 then ``summary.md`` / ``summary.json``: one row per stage (status, seconds, the key numbers); with
 ``--only`` the other stages' rows of an earlier summary in the folder are kept (a warm rerun).
@@ -65,7 +66,7 @@ PLAN = {
     "bench-loss":    (70, 40),    # 16 × 1024 tokens × 151,936 vocab, each provider fwd/bwd/full
     "bench-step":    (70, 40),    # 2B-shaped model built (~10 s), 1 warm-up + 2 timed steps
     "bench-prefix":  (60, 30),    # 448² images; the plain path OOMs (≈ 99 GiB) at once on 80 GB
-    "bench-rollout": (60, 35),    # one repetition of ours vs HF generate
+    "bench-rollout": (75, 40),    # 128 rows × 256 tokens: one repetition of HF, eager, graph
     "bench-patch":   (45, 5),     # 8192 × 1176 · 1176 × 1280 bf16; a slow cuDNN conv: ~7 s a round
 }
 STAGES = tuple(PLAN)
@@ -274,9 +275,11 @@ def _command(args, out: str, name: str) -> list[str]:
 def run_stage(args, out: str, name: str, timeout: float) -> dict:
     """Run one stage's process; its facts: the <out>/<name>.json it wrote, else its last line."""
     env = dict(_lib_env())
-    bw = _ceiling(out, "copy_GBps")
+    bw, rate = _ceiling(out, "copy_GBps"), _ceiling(out, "matmul_TFLOPs")
     if bw and name.startswith("bench"):
         env["GRPO_CORE_MEASURED_BW"] = str(bw * 1e9)                  # roofline = measured copy bandwidth
+    if rate and name.startswith("bench"):
+        env["GRPO_CORE_MEASURED_MATMUL"] = str(rate * 1e12)          # and measured matmul rate
     log = os.path.join(out, name.replace("-", "_") + ".log")
     facts_file = os.path.join(out, name + ".json")
     if os.path.exists(facts_file):

@@ -260,7 +260,6 @@ class Qwen2VLPolicy:
         n = tokens.shape[0]
         if isinstance(state, prefix_decode.PrefixDecodeState):
             if state.runner is not None:                                   # graph / compiled
-
                 logits = state.runner(tokens)
                 state.length += 1
                 return logits, state
