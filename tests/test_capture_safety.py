@@ -7,7 +7,8 @@ arguments at every step: a slice bound or an index taken from a host counter wou
 its captured value and replay the wrong column. The CPU fake graph in test_rollout.py re-runs the
 Python step, so it cannot see (2); here a dispatch mode records every aten op of two consecutive
 steps and compares them. fp32 and bf16 weights (the 2B rollout runs bf16), the lean step and
-the module reference.
+the module reference. Last, the rollout loop around the step (sampler, bookkeeping) makes no
+host-waiting op per token either: the issue's "no host synchronisation per token".
 """
 
 import pytest
@@ -86,3 +87,32 @@ def test_the_trace_sees_a_host_dependent_slice():
     assert ops[0] != ops[1]
     with pytest.raises(AssertionError, match="waits for the host"), _Trace():
         torch.tensor([1.0, 0.0]).nonzero()
+
+
+@pytest.mark.parametrize("sampling", [{}, {"greedy": True}, {"top_k": 5, "top_p": 0.9, "min_p": 0.05}])
+def test_no_host_sync_per_token(tiny_vlm_policy, sampling):
+    """The rollout's per-token work (sampler, bookkeeping, decode step) holds no op that waits for
+    the host on a GPU: 9 and 17 new tokens make the same such ops (prefill and planning only; the
+    stop check's ``.tolist()``, every 8 steps on a GPU, is not an aten op)."""
+    from grpo_core.rollout import generate_groups
+    from grpo_core.sampling import SamplingConfig
+
+    pol = tiny_vlm_policy
+    enc = pol.encode([Prompt("What is shown in this scan?", [img(56, 56, 1)])])
+    counts = []
+    for new in (9, 17):
+        with _Counting() as c:
+            generate_groups(pol, enc, 2, SamplingConfig(max_new_tokens=new, seed=1, **sampling))
+        counts.append(c.syncs)
+    assert counts[0] == counts[1], f"host syncs grow with the tokens: {counts}"
+
+
+class _Counting(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in HOST_SYNC:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
