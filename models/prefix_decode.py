@@ -33,6 +33,7 @@ decoding against HF ``generate`` token for token and log-probs against a teacher
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -169,26 +170,68 @@ def prefix_bias(pmask: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def _shared_prefix_attention(q, pk, pv, pbias, ok, ov, group_size, scale, own_mask):
     """Scores and softmax in the group layout (B·kvh, G·r, ·), as batched 3-D GEMMs: the large
     prompt block needs no transpose (its bias added by the GEMM itself); only the small own block
-    (t columns) and the (N, h, d) output change layout."""
-    dtype = q.dtype   # scores and softmax in ≥ fp32 (as flash/sdpa kernels do); no-op for fp32/64
+    (t columns) and the (N, h, d) output change layout.
+
+    Scores, softmax and outputs are ≥ fp32 (as flash / sdpa kernels). A bf16 / fp16 cache on a GPU
+    is read as stored (``_direct``): GEMMs with fp32 results, the probabilities cast to the cache's
+    dtype for p·V (as flash attention and HF's eager attention do). Elsewhere the operands are
+    cast to fp32 first, which for the fixed-shape step's whole-budget own K/V buffers would write
+    and read an fp32 copy of the cache every layer and step: ~2× the bytes a 2B decode step must
+    move (bench/decode_bound.py)."""
+    dtype = q.dtype
     acc = torch.promote_types(dtype, torch.float32)
     n, h, _, d = q.shape
     b, kvh, p, _ = pk.shape
     g, r, t = group_size, h // kvh, ok.shape[2]                          # head j: KV head j // r
-    q = _as(q, acc) * scale                                              # (N, h, 1, d) scaled once
+    direct = _direct(q, pk, ok)
+    if direct:                                         # read as stored; scale the fp32 scores
+        mm, kv, q = _bmm_f32, (lambda x: x), q.contiguous()
+    else:                                              # fp32 operands; q scaled once (exact-ish)
+        mm, kv, q = torch.bmm, (lambda x: _as(x, acc)), _as(q, acc) * scale
     q_grp = q.view(b, g, kvh, r, d).transpose(1, 2).reshape(b * kvh, g * r, d)  # (B·kvh, G·r, d)
-    k_pre = _as(pk, acc).view(b * kvh, p, d).transpose(1, 2)             # (B·kvh, d, P)
-    s_pre = torch.baddbmm(_as(pbias, acc), q_grp, k_pre)                 # (B·kvh, G·r, P) + bias
-    s_own = torch.bmm(q.view(n * kvh, r, d), _as(ok, acc).reshape(n * kvh, t, d).transpose(1, 2))
-    if own_mask is not None:                                             # (N·kvh, r, t)
+    k_pre = kv(pk).view(b * kvh, p, d).transpose(1, 2)                   # (B·kvh, d, P)
+    if direct:
+        s_pre = torch.add(pbias, mm(q_grp, k_pre), alpha=scale)          # (B·kvh, G·r, P) + bias
+    else:
+        s_pre = torch.baddbmm(_as(pbias, acc), q_grp, k_pre)             # (B·kvh, G·r, P) + bias
+    s_own = mm(q.view(n * kvh, r, d), kv(ok).reshape(n * kvh, t, d).transpose(1, 2))
+    if direct:
+        s_own = s_own.mul_(scale)                                        # (N·kvh, r, t)
+    if own_mask is not None:
         s_own = s_own.masked_fill_(~own_mask.view(1, 1, t), float("-inf"))
     s_own = s_own.view(b, g, kvh, r, t).transpose(1, 2).reshape(b * kvh, g * r, t)  # group layout
     probs = torch.softmax(torch.cat([s_pre, s_own], -1), dim=-1)         # (B·kvh, G·r, P+t)
-    o_pre = torch.bmm(probs[..., :p], _as(pv, acc).view(b * kvh, p, d))  # (B·kvh, G·r, d)
+    if direct:
+        probs = probs.to(pv.dtype)
+    o_pre = mm(probs[..., :p], kv(pv).view(b * kvh, p, d))               # (B·kvh, G·r, d)
     p_own = probs[..., p:].reshape(b, kvh, g, r, t).transpose(1, 2).reshape(n * kvh, r, t)
-    o_own = torch.bmm(p_own, _as(ov, acc).reshape(n * kvh, t, d))        # (N·kvh, r, d)
+    o_own = mm(p_own, kv(ov).reshape(n * kvh, t, d))                     # (N·kvh, r, d)
     out = torch.add(o_own.view(b, g, kvh, r, d), o_pre.view(b, kvh, g, r, d).transpose(1, 2))
     return _as(out.view(n, h * d), dtype)                                # heads in HF order
+
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _direct(q, pk, ok) -> bool:
+    """A bf16 / fp16 cache on a GPU whose torch has fp32-result GEMMs (``bmm(..., out_dtype)``)."""
+    return (q.device.type == "cuda" and q.dtype in _LOW and pk.dtype == ok.dtype == q.dtype
+            and _out_dtype_gemms(q.device.index))
+
+
+@functools.cache
+def _out_dtype_gemms(index) -> bool:
+    """Probed once per GPU (outside any graph capture: the first step is a plain warm-up run)."""
+    x = torch.ones(1, 1, 1, dtype=torch.bfloat16, device=torch.device("cuda", index))
+    try:
+        return torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched GEMM of bf16 / fp16 operands with an fp32 result (fp32 accumulation)."""
+    return torch.bmm(a, b, out_dtype=torch.float32)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
