@@ -250,7 +250,7 @@ def _sample_unfiltered(scores: torch.Tensor, generator, uniforms
     inverse CDF cannot pick an id of mass < 2⁻²⁴). NaN/inf rows give a NaN p, hence a NaN log-prob.
     """
     probs = torch.softmax(scores, dim=-1)                                 # (N, V)
-    tokens = draw_inverse_cdf(probs.clone(), generator, uniforms)         # (N,)
+    tokens = draw_inverse_cdf(probs, generator, uniforms)                 # (N,)
     tokens = tokens.clamp_(max=scores.shape[-1] - 1)                      # a NaN row's draw: V
 
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log_()
@@ -258,13 +258,13 @@ def _sample_unfiltered(scores: torch.Tensor, generator, uniforms
 
 def draw_inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None = None,
                      uniforms: torch.Tensor | None = None) -> torch.Tensor:
-    """One id per row with P(j) ∝ weights[:, j] ≥ 0 (need not sum to 1; consumed in place).
+    """One id per row with P(j) ∝ weights[:, j] ≥ 0 (need not sum to 1; left unchanged).
 
     cdf_j = Σ_{i≤j} w_i,  u ~ U[0, cdf_V),  y = min{j : cdf_j > u}.  A zero-weight id j has
     cdf_j = cdf_{j−1}, so it is never the first to exceed u. ``uniforms`` (N,) gives u / cdf_V
     per row; None draws it from ``generator``.
     """
-    cdf = weights.cumsum_(-1)                                             # (N, V) in place
+    cdf = weights.cumsum(-1)          # (N, V): a new tensor, so callers keep p without a copy
     total = cdf[:, -1:]                                                   # (N, 1)
     if uniforms is None:
         u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype)

@@ -170,7 +170,9 @@ def test_inverse_cdf_never_draws_zero_weight_ids_and_follows_weights():
     w = torch.tensor([[0.0, 2.0, 0.0, 6.0, 0.0],     # unnormalised, zeros between and at both ends
                       [0.0, 0.0, 0.0, 0.0, 1e-3],    # all mass on the last id
                       [5.0, 0.0, 0.0, 0.0, 0.0]])    # all mass on the first id
-    draws = torch.stack([draw_inverse_cdf(w.clone(), g) for _ in range(4000)])  # (4000, 3)
+    before = w.clone()
+    draws = torch.stack([draw_inverse_cdf(w, g) for _ in range(4000)])  # (4000, 3)
+    assert torch.equal(w, before)                                     # the weights are not consumed
     assert set(draws[:, 0].tolist()) == {1, 3}
     assert (draws[:, 1] == 4).all() and (draws[:, 2] == 0).all()
     assert abs((draws[:, 0] == 3).float().mean().item() - 0.75) < 0.03
