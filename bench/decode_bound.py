@@ -7,14 +7,16 @@ tokens attended per row, the new one included) must at least
             + layers · B · P · 2 · kvh · d · e_kv           the prompt K/V, once per prompt (shared)
             + layers · N · t · 2 · kvh · d · e_kv           each row's own completion K/V
             + N · H · e_emb                                 the N embedding rows gathered
+            + 2 · N · V · 4                                 the fp32 logits, written and read once
     compute 2 · N · (Σ_layers |W_linear| + |W_head|)        the projections and the lm_head
             + layers · 4 · N · nh · d · (P + t)             q·Kᵀ and p·V over prompt + own columns
 
     bound_s = max(bytes / bandwidth, FLOPs / matmul rate)   whichever resource runs out first
 
 Left out (each ≪ the terms above at real sizes): activations in and out of every op, the new
-K/V written, the softmax / norm / activation arithmetic, the sampler. The prompt counts its
-left padding (the step reads the padded block). A rollout's steps attend to t = 1 … new − 1 own
+K/V written, the softmax / norm / activation arithmetic, the sampler's passes over the logits
+beyond one read (the rollout bench's time per forward includes the sampler). The prompt counts
+its left padding (the step reads the padded block). A rollout's steps attend to t = 1 … new − 1 own
 columns; ``t = new / 2`` gives the mean of the bytes and of the FLOPs (both are linear in t).
 The FLOP count equals what ``torch.utils.flop_counter`` counts for an eager step
 (tests/test_decode_bound.py), the K/V bytes equal the prefill cache's.
@@ -56,7 +58,8 @@ def decode_step_cost(lm, head_weight: torch.Tensor, prompts: int, group_size: in
     weights = nbytes(lm.layers.parameters()) + nbytes(lm.norm.parameters()) + nbytes([head_weight])
     kv = layers * 2 * kvh * d * kv_e * (prompts * prompt_len + n * own)
     emb = n * cfg.hidden_size * lm.embed_tokens.weight.element_size()
+    logits = 2 * n * head_weight.shape[0] * 4
     gemm = 2 * n * (_linear_numel(lm.layers) + head_weight.numel())
     attention = layers * 4 * n * nh * d * (prompt_len + own)
-    return StepCost(bytes=weights + kv + emb, flops=gemm + attention)
+    return StepCost(bytes=weights + kv + emb + logits, flops=gemm + attention)
 

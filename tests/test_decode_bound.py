@@ -66,7 +66,8 @@ def test_bytes_are_the_weights_touched_and_the_kv_read(tiny_vlm_policy, monkeypa
     touched = sum(q.numel() * q.element_size() for ptr, q in params.items() if ptr in seen.ptrs)
     zero = decode_step_cost(pol._lm, pol.lm_head_weight, b, G, 0, own=0)
     emb = b * G * pol._lm.config.hidden_size * 4
-    assert zero.bytes - emb == touched                  # tied: the embedding is the lm_head
+    logits = 2 * b * G * pol.lm_head_weight.shape[0] * 4
+    assert zero.bytes - emb - logits == touched         # tied: the embedding is the lm_head
 
     prompt_kv = sum(t.numel() * t.element_size() for t in state.prefix_k + state.prefix_v)
     with_prompt = decode_step_cost(pol._lm, pol.lm_head_weight, b, G, p, own=0)
