@@ -16,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from grpo_core.policy import Prompt
 
+pytestmark = pytest.mark.numerics
+
 LOW = (torch.bfloat16, torch.float16)
 
 
