@@ -26,7 +26,8 @@ Every config reports how close a decode step comes to its physical bound (bench/
 the weights + the shared prompt K/V + each row's own K/V read once over the memory bandwidth, or
 the GEMM FLOPs over the matmul rate, whichever is larger; the rates are the device check's
 measured ones where it set them, else measured here: a 1024³ fp32 matmul on CPU, whose memory
-bandwidth is not used) against the decode loop's time per forward (sampler included).
+bandwidth is not used) against the decode loop's time per forward (sampler included); not for
+tiny-eos, whose batch shrinks as rows finish.
 
 Results: bench/results/<device>/rollout.{json,md} (bench/common.py's folder rule).
 """
@@ -267,7 +268,8 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "au
     row["ours_ms_per_forward"] = med(_ms_per_forward(s) for s in stats)
     if device == "cuda":                                       # the step as one CUDA graph
         row.update(_graph_run(ours_policy, enc, G, sampling, reps))
-    row.update(_bound(policy, B, G, int(P), new, torch.device(device), row))
+    if eos is None:                 # every row runs the budget: the bound's shapes (not compacted)
+        row.update(_bound(policy, B, G, int(P), new, torch.device(device), row))
     return row
 
 
@@ -330,6 +332,8 @@ def write_results(rows: list[dict], command: str, root: str | None = None) -> st
 
 
 def _bound_line(row: dict) -> str:
+    if row.get("bound_ms") is None:
+        return "no bound: rows finish early (EOS) and leave the batch"
     text = (f"bound {row['bound_ms']:.3g} ms/step ({row['bound_by']}); a forward takes "
             f"{row['ours_ms_per_forward']:.3g} ms: {row['fraction_of_bound']:.1%} of the bound")
     if row.get("fraction_of_bound_graph") is not None:
