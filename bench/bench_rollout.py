@@ -159,13 +159,20 @@ def qwen2_vl_2b_policy(cfg: dict, workdir: str):
 # ── timing ───────────────────────────────────────────────────────────────────────────────────────
 
 def _timed(fn, device: str):
+    """(wall s, process CPU s, fn's result); on CUDA the peak memory of the call is kept in
+    ``PEAK_GIB[-1]`` (allocated tensors, GiB)."""
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     w, c = time.perf_counter(), time.process_time()
     out = fn()
     if device == "cuda":
         torch.cuda.synchronize()
+        PEAK_GIB.append(torch.cuda.max_memory_allocated() / 2**30)
     return time.perf_counter() - w, time.process_time() - c, out
+
+
+PEAK_GIB: list = []
 
 
 def hf_generate(policy, enc, G: int, new: int, eos: dict | None = None):
@@ -208,6 +215,7 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "au
     no_compact = SamplingConfig(**{**sampling.__dict__, "compact_below": 0.0})
 
     hf_w, hf_c, hf_tok, our_w, our_c, our_tok, stats, nc_w, nc_tok = ([] for _ in range(9))
+    peaks = {"hf": None, "ours": None}                             # GiB, last repetition (CUDA)
     hf_generate(policy, enc, G, 2)                                          # warm-up both paths
     t0 = time.perf_counter()                                                # (compile=on: compiles)
     # compile=on: warm up at the timed shapes (the K/V buffers' size is the budget), so the
@@ -220,8 +228,10 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "au
         if eos is None:
             assert out.shape == (B * G, P + new), "HF stopped early: EOS not suppressed?"
         hf_w.append(w), hf_c.append(c), hf_tok.append(_hf_tokens(out, P, policy.eos_token_ids))
+        peaks["hf"] = PEAK_GIB[-1] if device == "cuda" else None
         key = SamplingConfig(**{**sampling.__dict__, "seed": rep})          # fresh draws per rep
         w, c, ro = _timed(lambda key=key: generate_groups(ours_policy, enc, G, key), device)
+        peaks["ours"] = PEAK_GIB[-1] if device == "cuda" else None
         if eos is None:
             assert int(ro.completion_mask.sum()) == B * G * new
         our_w.append(w), our_c.append(c), stats.append(ro.stats), our_tok.append(ro.stats["tokens"])
@@ -241,6 +251,7 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "au
         "image_tokens": int((enc.input_ids == policy.image_token_id).sum() // B),
         "reps": reps, "threads": torch.get_num_threads(), "loadavg": loadavg(),
         "compile": compile, "ours_warmup_s": warmup_s,
+        "hf_peak_GiB": peaks["hf"], "ours_peak_GiB": peaks["ours"],
         "hf_s": med(hf_w), "ours_s": med(our_w),
         "hf_tokens_per_s": med(hf_tps), "ours_tokens_per_s": med(our_tps),
         "mean_len_hf": sum(hf_tok) / (len(hf_tok) * B * G),
@@ -282,14 +293,29 @@ def _ms_per_forward(stats: dict) -> float:
 def _graph_run(policy, enc, G: int, sampling: SamplingConfig, reps: int) -> dict:
     """Ours with ``rollout.graphs: on`` (one capture per chunk, in the timing): tokens/s and ms per
     forward, or the error (the eager and HF numbers of the run still count)."""
+    from grpo_models import step_runner
+
     cfg = SamplingConfig(**{**sampling.__dict__, "graphs": "on"})
+    capture, captures = step_runner.StepRunner._capture, []
+
+    def timed_capture(runner, tokens):               # warm-up step + capture, once per chunk
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        capture(runner, tokens)
+        torch.cuda.synchronize()
+        captures.append(time.perf_counter() - t)
+
+    step_runner.StepRunner._capture = timed_capture
     try:
         generate_groups(policy, enc, G, SamplingConfig(**{**cfg.__dict__, "max_new_tokens": 3}))
         runs = [_timed(lambda: generate_groups(policy, enc, G, cfg), "cuda") for _ in range(reps)]
     except Exception as exc:  # noqa: BLE001 - recorded: the device run must keep its other numbers
         return {"graphs_error": f"{type(exc).__name__}: {exc}"[:400]}
+    finally:
+        step_runner.StepRunner._capture = capture
     tps = statistics.median(ro.stats["tokens"] / w for w, _, ro in runs)
-    return {"ours_graph_tokens_per_s": tps,
+    return {"ours_graph_tokens_per_s": tps, "ours_graph_peak_GiB": PEAK_GIB[-1],
+            "ours_graph_capture_ms": 1e3 * statistics.median(captures[1:] or captures),
             "ours_graph_ms_per_forward": statistics.median(_ms_per_forward(ro.stats)
                                                            for _, _, ro in runs)}
 
@@ -326,8 +352,9 @@ def write_results(rows: list[dict], command: str, root: str | None = None) -> st
             "hf_prefill_s_est", "ours_decode_ms_per_step", "hf_decode_ms_per_step_est",
             "mean_len_ours", "mean_len_hf", "ours_no_compaction_tokens_per_s", "compaction_gain",
             "ours_graph_tokens_per_s", "graphs_gain", "graphs_error", "ours_ms_per_forward",
-            "ours_graph_ms_per_forward", "bound_ms", "bound_by", "fraction_of_bound",
-            "fraction_of_bound_graph", "ours_warmup_s"]
+            "ours_graph_ms_per_forward", "ours_graph_capture_ms", "bound_ms", "bound_by",
+            "fraction_of_bound", "fraction_of_bound_graph", "hf_peak_GiB", "ours_peak_GiB",
+            "ours_graph_peak_GiB", "ours_warmup_s"]
     return write_table(os.path.join(results_dir(dev, root), "rollout"), meta, rows, cols)
 
 
@@ -387,6 +414,11 @@ def main(argv=None):
                   f"decode {row['ours_decode_ms_per_step']:.2f} ms/step; "
                   f"HF prefill ~{row['hf_prefill_s_est']:.3f}s, decode ~{row['hf_decode_ms_per_step_est']:.2f} ms/step")
             print(f"[{name}] {_bound_line(row)}")
+            if row.get("ours_peak_GiB") is not None:
+                print(f"[{name}] peak GPU memory: HF {row['hf_peak_GiB']:.1f} GiB, ours "
+                      f"{row['ours_peak_GiB']:.1f} GiB (CUDA graph: "
+                      f"{row.get('ours_graph_peak_GiB') or float('nan'):.1f} GiB, capture "
+                      f"{row.get('ours_graph_capture_ms') or float('nan'):.0f} ms per chunk)")
     if rows:
         cmd = "python -m bench.bench_rollout " + " ".join(argv if argv is not None else sys.argv[1:])
         print("results in", write_results(rows, cmd, args.out))
