@@ -20,7 +20,8 @@ def test_row_has_both_sides_and_the_bound(row):
     assert row["bound_by"] == "compute" and row["bandwidth_GBps"] is None   # CPU: FLOPs only
     assert row["bound_flops"] > 0 and row["bound_bytes"] > 0
     assert 0 < row["fraction_of_bound"] < 1, row
-    assert row["bound_ms"] == pytest.approx(1e3 * row["bound_flops"] / (row["matmul_TFLOPs"] * 1e12))
+    rate = row["matmul_TFLOPs"] * 1e12
+    assert row["bound_ms"] == pytest.approx(1e3 * row["bound_flops"] / rate)
 
 
 def test_graph_run_failure_is_recorded(tmp_path):
@@ -55,4 +56,4 @@ def test_graph_run_times_capture_and_memory_with_a_fake_cuda(tmp_path, monkeypat
     assert "graphs_error" not in got, got
     assert got["ours_graph_tokens_per_s"] > 0 and got["ours_graph_ms_per_forward"] > 0
     assert got["ours_graph_capture_ms"] > 0 and got["ours_graph_peak_GiB"] == 3.0
-    assert step_runner.StepRunner._capture.__name__ != "timed_capture"   # the bench's wrapper undone
+    assert step_runner.StepRunner._capture.__name__ != "timed_capture"   # the wrapper is undone

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("grpo_core", "grpo_app", "models", "bench", "tests", "examples")
 LIMIT = 100      # the house line length, in characters (as ruff counts them for ASCII text)
-CEILING = 1765   # lines over LIMIT today; lower it when lines are shortened, never raise it
+CEILING = 1764   # lines over LIMIT today; lower it when lines are shortened, never raise it
 
 
 def long_lines(root: Path = ROOT) -> list[str]:
