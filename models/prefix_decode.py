@@ -216,17 +216,25 @@ _LOW = (torch.bfloat16, torch.float16)
 def _direct(q, pk, ok) -> bool:
     """A bf16 / fp16 cache on a GPU whose torch has fp32-result GEMMs (``bmm(..., out_dtype)``)."""
     return (q.device.type == "cuda" and q.dtype in _LOW and pk.dtype == ok.dtype == q.dtype
-            and _out_dtype_gemms(q.device.index))
+            and _out_dtype_gemms(q.device, q.dtype))
 
 
 @functools.cache
-def _out_dtype_gemms(index) -> bool:
-    """Probed once per GPU (outside any graph capture: the first step is a plain warm-up run)."""
-    x = torch.ones(1, 1, 1, dtype=torch.bfloat16, device=torch.device("cuda", index))
+def _out_dtype_gemms(device: torch.device, dtype: torch.dtype) -> bool:
+    """Probed once per device and dtype, outside any graph capture (a graph's first step is a plain
+    warm-up run), on the operand layouts the attention uses (a column slice on the left, a
+    transposed view on the right, and plain ones). An error or a wrong result: the cast path."""
+    a = torch.linspace(-2, 2, 2 * 3 * 12, device=device).view(2, 3, 12).to(dtype)
+    b = torch.linspace(3, -1, 2 * 5 * 8, device=device).view(2, 5, 8).to(dtype)
+    pairs = [(a[..., :8], b.transpose(1, 2)),
+             (a[..., :8].contiguous(), b.transpose(1, 2).contiguous())]
     try:
-        return torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        got = [_bmm_f32(x, y) for x, y in pairs]
     except (TypeError, RuntimeError, NotImplementedError):
         return False
+    want = torch.bmm(a[..., :8].float(), b.float().transpose(1, 2))   # bf16 · bf16 in fp32
+    close = lambda g: torch.allclose(g, want, rtol=1e-5, atol=1e-5)  # noqa: E731
+    return all(g.dtype == torch.float32 and close(g) for g in got)
 
 
 def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -138,3 +138,20 @@ def test_direct_attention_matches_fp64_within_its_dtype(monkeypatch, dtype):
     eps = torch.finfo(dtype).eps
     err = (got.double() - want).abs().max()
     assert err <= 4 * eps * want.abs().max(), f"{err:.3g} vs max |out| {want.abs().max():.3g}"
+
+
+@pytest.mark.parametrize("behaviour", ["right", "raises", "wrong"])
+def test_probe_takes_the_direct_path_only_where_it_works(monkeypatch, behaviour):
+    """The once-per-GPU probe, run on CPU with its GEMM replaced: a working fp32-result GEMM is
+    used; one that raises (an older torch) or computes wrongly is not."""
+    from grpo_models import prefix_decode
+
+    def gemm(a, b):
+        if behaviour == "raises":
+            raise RuntimeError("bmm.dtype: not available")
+        out = _emulated_bmm_f32(a, b)
+        return out if behaviour == "right" else out + 1e-2
+
+    monkeypatch.setattr(prefix_decode, "_bmm_f32", gemm)
+    probe = prefix_decode._out_dtype_gemms.__wrapped__                 # uncached
+    assert probe(torch.device("cpu"), torch.bfloat16) == (behaviour == "right")
