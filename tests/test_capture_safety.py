@@ -58,11 +58,17 @@ def _static_state(pol, monkeypatch, lean: bool):
 
 
 @pytest.mark.parametrize("lean", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16-gpu-attention"])
 def test_fixed_shape_step_is_the_same_ops_every_step_and_never_syncs(tiny_vlm_path, monkeypatch,
                                                                      lean, dtype):
+    """bf16-gpu-attention: the attention's GPU path for a bf16 cache (its GEMM emulated, as in
+    test_decode_attention_lowp.py)."""
     from grpo_models.qwen2_vl import Qwen2VLPolicy
+    from test_decode_attention_lowp import _force_direct
 
+    if dtype == "bf16-gpu-attention":
+        _force_direct(monkeypatch)
+        dtype = torch.bfloat16
     pol = Qwen2VLPolicy.from_pretrained(tiny_vlm_path, dtype=dtype, device="cpu")
     state = _static_state(pol, monkeypatch, lean)
     assert (state.lean is not None) == lean
