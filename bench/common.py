@@ -9,6 +9,7 @@ Every script takes these from here (one definition each):
                         7B13, 2 threads)").
   results_dir(device)   bench/results/<device_name>/ (created).
   loadavg()             "1.02 0.87 0.66": the load averages, published beside CPU timings.
+  matmul_flops(device, k, dtype) / matmul_rate(device)   the measured matrix rate (roofline).
   time_ms(fn, device)   (median, q20, q80) ms.
   write_table(stem, meta, rows, columns)   {"meta", "rows"} JSON + a markdown table.
 
@@ -104,24 +105,23 @@ def peak_bandwidth(device: torch.device) -> float | None:
     return next((bw for key, bw in PEAK_BYTES_PER_S.items() if key in name), None)
 
 
-def matmul_rate(device: torch.device) -> float:
-    """Matrix-multiply FLOP/s of the device: the device check's measured bf16 rate where it set
-    one (``GRPO_CORE_MEASURED_MATMUL``), else measured now: the best of 5 square matmuls (GPU:
-    8192³ bf16; CPU: 1024³ fp32, in this process's thread setting)."""
-    if os.environ.get("GRPO_CORE_MEASURED_MATMUL"):            # set by bench/device_check.py
-        return float(os.environ["GRPO_CORE_MEASURED_MATMUL"])
-    cuda = device.type == "cuda"
-    k, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+def matmul_flops(device: torch.device, k: int, dtype: torch.dtype) -> float:
+    """FLOP/s of a k³ matrix product on random data (median of ``time_ms``)."""
     a = torch.randn(k, k, device=device, dtype=dtype)
     b = torch.randn(k, k, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(6):                                          # the first one warms up
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * k ** 3 / best
+    ms, _, _ = time_ms(lambda: a @ b, device)
+    return 2 * k ** 3 / (ms * 1e-3)
+
+
+def matmul_rate(device: torch.device) -> float:
+    """Matrix-multiply FLOP/s of the device: the device check's measured bf16 rate where it set
+    one (``GRPO_CORE_MEASURED_MATMUL``), else measured now (GPU: 8192³ bf16; CPU: 1024³ fp32, in
+    this process's thread setting)."""
+    if os.environ.get("GRPO_CORE_MEASURED_MATMUL"):            # set by bench/device_check.py
+        return float(os.environ["GRPO_CORE_MEASURED_MATMUL"])
+    if device.type == "cuda":
+        return matmul_flops(device, 8192, torch.bfloat16)
+    return matmul_flops(device, 1024, torch.float32)
 
 
 def sync(device: torch.device) -> None:

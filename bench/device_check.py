@@ -135,16 +135,6 @@ def _copy_bps(dev, n: int) -> float:
     return 2 * n * 4 / (ms * 1e-3)                                     # tensors freed on return
 
 
-def _matmul_flops(dev, k: int, dtype) -> float:
-    """FLOP/s of a k³ matrix product on random data."""
-    from bench.common import sync, time_ms
-
-    a, b = _randn((k, k), dev, dtype), _randn((k, k), dev, dtype)
-    ms, _, _ = time_ms(lambda: a @ b, dev)
-    sync(dev)
-    return 2 * k ** 3 / (ms * 1e-3)
-
-
 def _randn(shape, dev, dtype=None):
     import torch
 
@@ -156,10 +146,12 @@ def stage_ceilings(args) -> dict:
     8 GiB of copy buffers and the matmul operands are freed, the CUDA cache emptied, on return."""
     import torch
 
+    from bench.common import matmul_flops
+
     dev = torch.device("cpu" if args.dry_run else "cuda")
     copy_bps = _copy_bps(dev, (1 << 20) if args.dry_run else (1 << 30))   # fp32: 4 MiB / 4 GiB
     k = 256 if args.dry_run else 8192
-    flops = _matmul_flops(dev, k, torch.float32 if args.dry_run else torch.bfloat16)
+    flops = matmul_flops(dev, k, torch.float32 if args.dry_run else torch.bfloat16)
     if dev.type == "cuda":
         torch.cuda.empty_cache()                                     # nothing held for later stages
     return {"copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": flops / 1e12,
