@@ -159,8 +159,8 @@ def qwen2_vl_2b_policy(cfg: dict, workdir: str):
 # ── timing ───────────────────────────────────────────────────────────────────────────────────────
 
 def _timed(fn, device: str):
-    """(wall s, process CPU s, fn's result); on CUDA the peak memory of the call is kept in
-    ``PEAK_GIB[-1]`` (allocated tensors, GiB)."""
+    """(wall s, process CPU s, fn's result); on CUDA the peak-memory counter starts with the call
+    (``_peak_gib`` reads it)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -168,11 +168,12 @@ def _timed(fn, device: str):
     out = fn()
     if device == "cuda":
         torch.cuda.synchronize()
-        PEAK_GIB.append(torch.cuda.max_memory_allocated() / 2**30)
     return time.perf_counter() - w, time.process_time() - c, out
 
 
-PEAK_GIB: list = []
+def _peak_gib(device: str) -> float | None:
+    """Peak allocated GiB of the last ``_timed`` call on CUDA; None on CPU."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
 def hf_generate(policy, enc, G: int, new: int, eos: dict | None = None):
@@ -228,10 +229,10 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "au
         if eos is None:
             assert out.shape == (B * G, P + new), "HF stopped early: EOS not suppressed?"
         hf_w.append(w), hf_c.append(c), hf_tok.append(_hf_tokens(out, P, policy.eos_token_ids))
-        peaks["hf"] = PEAK_GIB[-1] if device == "cuda" else None
+        peaks["hf"] = _peak_gib(device)
         key = SamplingConfig(**{**sampling.__dict__, "seed": rep})          # fresh draws per rep
         w, c, ro = _timed(lambda key=key: generate_groups(ours_policy, enc, G, key), device)
-        peaks["ours"] = PEAK_GIB[-1] if device == "cuda" else None
+        peaks["ours"] = _peak_gib(device)
         if eos is None:
             assert int(ro.completion_mask.sum()) == B * G * new
         our_w.append(w), our_c.append(c), stats.append(ro.stats), our_tok.append(ro.stats["tokens"])
@@ -279,6 +280,8 @@ def run_config(name: str, cfg: dict, reps: int, workdir: str, compile: str = "au
     row["ours_ms_per_forward"] = med(_ms_per_forward(s) for s in stats)
     if device == "cuda":                                       # the step as one CUDA graph
         row.update(_graph_run(ours_policy, enc, G, sampling, reps))
+        if row.get("ours_graph_tokens_per_s"):
+            row["graphs_gain"] = row["ours_graph_tokens_per_s"] / row["ours_tokens_per_s"]
     if eos is None:                 # every row runs the budget: the bound's shapes (not compacted)
         row.update(_bound(policy, B, G, int(P), new, torch.device(device), row))
     return row
@@ -314,7 +317,7 @@ def _graph_run(policy, enc, G: int, sampling: SamplingConfig, reps: int) -> dict
     finally:
         step_runner.StepRunner._capture = capture
     tps = statistics.median(ro.stats["tokens"] / w for w, _, ro in runs)
-    return {"ours_graph_tokens_per_s": tps, "ours_graph_peak_GiB": PEAK_GIB[-1],
+    return {"ours_graph_tokens_per_s": tps, "ours_graph_peak_GiB": _peak_gib("cuda"),
             "ours_graph_capture_ms": 1e3 * statistics.median(captures[1:] or captures),
             "ours_graph_ms_per_forward": statistics.median(_ms_per_forward(ro.stats)
                                                            for _, _, ro in runs)}
@@ -332,7 +335,6 @@ def _bound(policy, B: int, G: int, P: int, new: int, device: torch.device, row: 
            else "compute", "fraction_of_bound": 1e3 * bound_s / row["ours_ms_per_forward"]}
     if row.get("ours_graph_ms_per_forward"):
         out["fraction_of_bound_graph"] = 1e3 * bound_s / row["ours_graph_ms_per_forward"]
-        out["graphs_gain"] = row["ours_graph_tokens_per_s"] / row["ours_tokens_per_s"]
     return out
 
 
