@@ -190,13 +190,12 @@ def _shared_prefix_attention(q, pk, pv, pbias, ok, ov, group_size, scale, own_ma
         mm, kv, q = torch.bmm, (lambda x: _as(x, acc)), _as(q, acc) * scale
     q_grp = q.view(b, g, kvh, r, d).transpose(1, 2).reshape(b * kvh, g * r, d)  # (B·kvh, G·r, d)
     k_pre = kv(pk).view(b * kvh, p, d).transpose(1, 2)                   # (B·kvh, d, P)
-    if direct:
-        s_pre = torch.add(pbias, mm(q_grp, k_pre), alpha=scale)          # (B·kvh, G·r, P) + bias
-    else:
-        s_pre = torch.baddbmm(_as(pbias, acc), q_grp, k_pre)             # (B·kvh, G·r, P) + bias
-    s_own = mm(q.view(n * kvh, r, d), kv(ok).reshape(n * kvh, t, d).transpose(1, 2))
-    if direct:
-        s_own = s_own.mul_(scale)                                        # (N·kvh, r, t)
+    k_own = kv(ok).reshape(n * kvh, t, d).transpose(1, 2)                # (N·kvh, d, t)
+    s_own = mm(q.view(n * kvh, r, d), k_own)                             # (N·kvh, r, t)
+    if direct:                                   # s_pre (B·kvh, G·r, P) + bias, both scaled here
+        s_pre, s_own = torch.add(pbias, mm(q_grp, k_pre), alpha=scale), s_own.mul_(scale)
+    else:                                        # the bias added by the GEMM (q already scaled)
+        s_pre = torch.baddbmm(_as(pbias, acc), q_grp, k_pre)
     if own_mask is not None:
         s_own = s_own.masked_fill_(~own_mask.view(1, 1, t), float("-inf"))
     s_own = s_own.view(b, g, kvh, r, t).transpose(1, 2).reshape(b * kvh, g * r, t)  # group layout
