@@ -403,7 +403,6 @@ def main(argv=None):
             rows.append(row)
             if row.get("compaction_gain") is not None:
                 print(f"[{name}] compaction: {row['compaction_gain']:.2f}x tokens/s over none "
-
                       f"({row['ours_no_compaction_tokens_per_s']:.0f} tok/s), mean length "
                       f"{row['mean_len_ours']:.1f} (HF {row['mean_len_hf']:.1f})")
             print(f"[{name}] ours {row['ours_tokens_per_s']:.0f} tok/s vs HF {row['hf_tokens_per_s']:.0f} tok/s: "
